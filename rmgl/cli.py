@@ -14,6 +14,7 @@ import sys
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
 COMMAND_MODULES = [
     "rmgl.data.commands",  # synth, data-info
+    "rmgl.model.commands",  # rf
 ]
 
 

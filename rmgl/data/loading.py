@@ -1,0 +1,124 @@
+"""Image datasets and loaders.
+
+Training must survive a bad file: a corrupt or unreadable image is logged with its path,
+counted, and replaced by another image of the same identity (so the PK batch keeps its
+shape). Evaluation must not change the metric quietly: there an unreadable image is an error
+that names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.functional import pil_to_tensor
+
+from rmgl.data.records import ImageRecord
+from rmgl.data.sampler import PKSampler
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be read or decoded."""
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode ``path`` to a (3, H, W) uint8 RGB tensor, or raise :class:`UnreadableImageError`."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as err:
+        first_error = err
+    try:  # formats torchvision does not decode (e.g. BMP)
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except OSError:
+        raise UnreadableImageError(f"cannot read image {path}: {first_error}") from first_error
+
+
+class ReidImageDataset(Dataset):
+    """``(image, pid, camid)`` items from records; ``train`` selects the skip-on-error policy."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable | None = None, train: bool = False):
+        self.records = list(records)
+        self.transform = transform
+        self.train = train
+        self._skipped = multiprocessing.Value("i", 0)  # shared with DataLoader workers
+        self._bad: set[int] = set()
+        self._same_pid: dict[int, list[int]] = defaultdict(list)
+        for index, record in enumerate(self.records):
+            self._same_pid[record.pid].append(index)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images met so far, in this process and its workers."""
+        return self._skipped.value
+
+    def _load(self, index: int) -> torch.Tensor:
+        image = read_image(self.records[index].path)
+        return self.transform(image) if self.transform is not None else image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        record = self.records[index]
+        if not self.train:
+            return self._load(index), record.pid, record.camid
+        candidates = self._same_pid[record.pid]
+        start = candidates.index(index)
+        for candidate in candidates[start:] + candidates[:start]:
+            if candidate in self._bad:
+                continue
+            try:
+                return self._load(candidate), record.pid, record.camid
+            except UnreadableImageError as err:
+                self._bad.add(candidate)
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("skipping unreadable training image (%s); using another image of identity %d", err, record.pid)
+        raise UnreadableImageError(
+            f"every image of training identity {record.pid} is unreadable "
+            f"({len(candidates)} files, e.g. {record.path}); fix or remove them"
+        )
+
+
+def train_loader(
+    records: Sequence[ImageRecord],
+    transform: Callable,
+    num_identities: int = 12,
+    num_instances: int = 4,
+    workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """PK-sampled training loader; call ``loader.sampler.set_epoch(e)`` every epoch."""
+    dataset = ReidImageDataset(records, transform, train=True)
+    sampler = PKSampler([r.pid for r in records], num_identities, num_instances, seed, rank, world_size)
+    return DataLoader(
+        dataset,
+        batch_size=num_identities * num_instances,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def eval_loader(records: Sequence[ImageRecord], transform: Callable, batch_size: int = 128, workers: int = 2) -> DataLoader:
+    """Loader over query or gallery records in their given order (never shuffled)."""
+    return DataLoader(
+        ReidImageDataset(records, transform, train=False),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
