@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from rmgl.data.datasets import DatasetLayoutError, load_dataset, read_dukemtmcreid, read_folder, read_market1501
+from rmgl.data.datasets import (
+    DatasetLayoutError,
+    load_dataset,
+    read_dukemtmcreid,
+    read_folder,
+    read_market1501,
+)
 from rmgl.data.records import ImageRecord
 
 MARKET_FILES = {

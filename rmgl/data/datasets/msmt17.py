@@ -56,11 +56,11 @@ def read_list(list_file: Path, image_dir: Path) -> list[ImageRecord]:
 
 def read_msmt17(root: str | Path, combine_val: bool = True) -> ReidDataset:
     base = find_dataset_dir(root, LIST_FILES, LAYOUT_HINT)
-    for version, (train_dir, test_dir) in IMAGE_FOLDERS.items():
-        if (base / train_dir).is_dir() and (base / test_dir).is_dir():
-            break
-    else:
+    found = [v for v, dirs in IMAGE_FOLDERS.items() if all((base / d).is_dir() for d in dirs)]
+    if not found:
         raise DatasetLayoutError(f"MSMT17 list files found in {base} but no image folders. {LAYOUT_HINT}")
+    version = found[0]
+    train_dir, test_dir = IMAGE_FOLDERS[version]
     train = read_list(base / "list_train.txt", base / train_dir)
     if combine_val:
         train += read_list(base / "list_val.txt", base / train_dir)

@@ -20,7 +20,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rmgl.data.synthetic.attributes import Camera, Identity, make_identities, random_camera, random_identity
+from rmgl.data.synthetic.attributes import (
+    Camera,
+    Identity,
+    make_identities,
+    random_camera,
+    random_identity,
+)
 from rmgl.data.synthetic.render import Misalignment, render_shot
 
 log = logging.getLogger(__name__)

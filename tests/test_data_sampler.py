@@ -1,0 +1,89 @@
+"""PK sampler: batch structure, exact epoch length, reproducibility, DDP partition, errors."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from rmgl.data.sampler import PKSampler
+
+
+def uneven_pids(num_ids=40, seed=0):
+    counts = np.random.default_rng(seed).integers(1, 25, size=num_ids)  # some ids have < K images
+    return np.repeat(np.arange(num_ids), counts)
+
+
+def batches(sampler, P, K):
+    indices = list(sampler)
+    assert len(indices) == len(sampler), "len() must be the exact number of indices yielded"
+    assert len(indices) % (P * K) == 0
+    return np.array(indices).reshape(-1, P * K)
+
+
+@pytest.mark.parametrize("P,K", [(12, 4), (5, 2), (8, 6)])
+def test_every_batch_is_p_distinct_ids_times_k(P, K):
+    pids = uneven_pids()
+    sampler = PKSampler(pids, P, K, seed=1)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for batch in batches(sampler, P, K):
+            counts = Counter(pids[batch].tolist())
+            assert len(counts) == P and set(counts.values()) == {K}
+
+
+def test_epoch_covers_the_data():
+    pids = uneven_pids()
+    P, K = 6, 4
+    sampler = PKSampler(pids, P, K)
+    seen = set(np.asarray(list(sampler)).tolist())
+    groups = sum(max(1, -(-c // K)) for c in np.bincount(pids))
+    # all groups but at most P - 1 are used, so nearly every image is visited each epoch
+    assert len(sampler) >= (groups - P + 1) * K
+    assert len(seen) >= 0.85 * len(pids)
+
+
+def test_reproducible_and_epoch_dependent():
+    pids = uneven_pids()
+    a, b = PKSampler(pids, 8, 4, seed=7), PKSampler(pids, 8, 4, seed=7)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert list(PKSampler(pids, 8, 4, seed=8)) != first
+    state = a.state_dict()
+    c = PKSampler(pids, 8, 4)
+    c.load_state_dict(state)
+    assert list(c) == list(a)
+
+
+def test_identity_with_fewer_than_k_images_is_resampled():
+    pids = np.array([0] + [1] * 4 + [2] * 4 + [3] * 4)  # id 0 has one image
+    sampler = PKSampler(pids, 4, 4)
+    (batch,) = batches(sampler, 4, 4)
+    assert Counter(batch.tolist())[0] == 4  # the single image of id 0, four times
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_ranks_get_disjoint_ids_and_equal_batches(world_size):
+    pids = uneven_pids(num_ids=60, seed=2)
+    P, K = 6, 4
+    for epoch in range(2):
+        per_rank = []
+        for rank in range(world_size):
+            sampler = PKSampler(pids, P, K, seed=5, rank=rank, world_size=world_size)
+            sampler.set_epoch(epoch)
+            per_rank.append(batches(sampler, P, K))
+        assert len({len(b) for b in per_rank}) == 1, "every rank must run the same number of steps"
+        id_sets = [set(pids[b.ravel()].tolist()) for b in per_rank]
+        for i in range(world_size):
+            for j in range(i + 1, world_size):
+                assert not id_sets[i] & id_sets[j]
+
+
+def test_too_few_identities_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least P=12 identities.*leave 10"):
+        PKSampler(np.arange(10), 12, 4)
+    with pytest.raises(ValueError, match="2 process"):
+        PKSampler(np.repeat(np.arange(20), 4), 12, 4, world_size=2)
+    with pytest.raises(ValueError, match="rank 2"):
+        PKSampler(np.arange(40), 4, 4, rank=2, world_size=2)
