@@ -1,0 +1,17 @@
+"""Evaluation: features, distances, ranking metrics, re-ranking and reports."""
+
+from rmgl.metrics.features import ExtractedFeatures, extract_features, pairwise_distance
+from rmgl.metrics.ranking import RankResult, evaluate_cuhk03_single_shot, evaluate_rank
+from rmgl.metrics.report import plot_cmc
+from rmgl.metrics.rerank import k_reciprocal_rerank
+
+__all__ = [
+    "ExtractedFeatures",
+    "RankResult",
+    "evaluate_cuhk03_single_shot",
+    "evaluate_rank",
+    "extract_features",
+    "k_reciprocal_rerank",
+    "pairwise_distance",
+    "plot_cmc",
+]

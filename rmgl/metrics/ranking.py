@@ -1,0 +1,401 @@
+"""CMC, mAP and mINP under the standard re-ID protocol, without sorting the gallery.
+
+Protocol (Market-1501, DukeMTMC-reID, MSMT17, CUHK03 new split): for each query the gallery
+samples with the same identity *and* the same camera are ignored ("junk"); every other
+gallery sample is a candidate, distractors (pid 0) included. Queries left without a true
+match are skipped and counted.
+
+Tie rule: the gallery of a query is ordered by distance, and samples at exactly the same
+distance are ordered by gallery index. This is the order ``np.argsort(row, kind="stable")``
+gives, so results never depend on the sorting algorithm.
+
+Why no full sort: CMC, AP and INP only need the rank of each true match, i.e. how many
+valid samples precede it, and only samples no farther than a query's last true match can
+precede any of its matches. Per chunk of query rows:
+
+* when those samples are few (the usual case with a trained model), they are picked with
+  one comparison pass and sorted by (query, distance, gallery index);
+* otherwise each row is cut into ``NUM_BUCKETS`` equal-width distance buckets (a monotone
+  map, so a sample in a lower bucket always has a smaller distance); one histogram gives
+  the number of samples in all lower buckets, and only the samples sharing a bucket with a
+  true match are compared exactly.
+
+Both are exact; work per row is a few linear passes instead of an O(G log G) sort.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["RankResult", "evaluate_rank", "evaluate_cuhk03_single_shot"]
+
+NUM_BUCKETS = 4096
+# Elements of the distance matrix processed at once; bounds the temporary memory to a few
+# int32/float32 copies of one chunk (tens of MB), independent of the matrix size.
+CHUNK_ELEMENTS = 1 << 22
+# Below this fraction of a chunk, ranking the samples nearer than the last true match by a
+# plain sort is cheaper than the bucket histogram.
+SMALL_SORT_FRACTION = 0.05
+
+
+@dataclass
+class RankResult:
+    """Ranking metrics of one evaluation. ``cmc[k]`` is the rank-(k+1) accuracy."""
+
+    cmc: np.ndarray
+    mAP: float
+    mINP: float
+    num_valid_queries: int
+    num_skipped_queries: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return len(self.cmc)
+
+    def rank(self, k: int) -> float:
+        """Rank-k accuracy (1-based k), as a fraction."""
+        if not 1 <= k <= self.max_rank:
+            raise ValueError(f"rank {k} is outside 1..{self.max_rank}")
+        return float(self.cmc[k - 1])
+
+    def __str__(self) -> str:
+        ranks = [k for k in (1, 5, 10, 20) if k <= self.max_rank]
+        header = (
+            "".join(f"{'R' + str(k):>8}" for k in ranks) + f"{'mAP':>8}{'mINP':>8}{'queries':>10}"
+        )
+        values = "".join(f"{100 * self.rank(k):>8.2f}" for k in ranks)
+        values += f"{100 * self.mAP:>8.2f}{100 * self.mINP:>8.2f}{self.num_valid_queries:>10d}"
+        lines = [header, values]
+        if self.num_skipped_queries:
+            lines.append(f"({self.num_skipped_queries} queries without a valid match skipped)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "cmc": [float(v) for v in self.cmc],
+            "mAP": float(self.mAP),
+            "mINP": float(self.mINP),
+            "num_valid_queries": int(self.num_valid_queries),
+            "num_skipped_queries": int(self.num_skipped_queries),
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def as_distance_array(distmat: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32/float64 numpy matrix, sharing memory with ``distmat`` when it can."""
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach().cpu()
+        if distmat.dtype not in (torch.float32, torch.float64):
+            distmat = distmat.float()
+        distmat = distmat.numpy()
+    elif not isinstance(distmat, np.ndarray):
+        raise ValueError(
+            f"distmat must be a numpy array or torch tensor, got {type(distmat).__name__}"
+        )
+    if distmat.dtype not in (np.float32, np.float64):
+        distmat = distmat.astype(np.float32)
+    if distmat.ndim != 2:
+        raise ValueError(f"distmat must be 2-D (queries x gallery), got shape {distmat.shape}")
+    return np.ascontiguousarray(distmat)
+
+
+def _as_labels(values: Sequence[int] | np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids):
+    dist = as_distance_array(distmat)
+    q_pids, g_pids = _as_labels(q_pids, "q_pids"), _as_labels(g_pids, "g_pids")
+    q_camids, g_camids = _as_labels(q_camids, "q_camids"), _as_labels(g_camids, "g_camids")
+    num_q, num_g = dist.shape
+    if num_q == 0 or num_g == 0:
+        raise ValueError(f"empty evaluation: distmat has shape {dist.shape}")
+    for name, labels, expected, axis in (
+        ("q_pids", q_pids, num_q, "rows"),
+        ("q_camids", q_camids, num_q, "rows"),
+        ("g_pids", g_pids, num_g, "columns"),
+        ("g_camids", g_camids, num_g, "columns"),
+    ):
+        if len(labels) != expected:
+            raise ValueError(f"{name} has {len(labels)} entries but distmat has {expected} {axis}")
+    return dist, q_pids, g_pids, q_camids, g_camids
+
+
+def _same_pid_pairs(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (query, gallery) index pairs sharing an identity, ordered by query.
+
+    Gallery indices are grouped by pid once, so this costs O(Q + G + pairs), not O(Q * G).
+    """
+    order = np.argsort(g_pids, kind="stable")
+    sorted_pids = g_pids[order]
+    start = np.searchsorted(sorted_pids, q_pids, side="left")
+    count = np.searchsorted(sorted_pids, q_pids, side="right") - start
+    pair_query = np.repeat(np.arange(len(q_pids)), count)
+    first_of_query = np.repeat(np.cumsum(count) - count, count)
+    pair_gallery = order[np.repeat(start, count) + np.arange(count.sum()) - first_of_query]
+    return pair_query, pair_gallery
+
+
+def _match_ranks(
+    dist: np.ndarray,
+    row_pids: np.ndarray,
+    g_pids: np.ndarray,
+    match_rows: np.ndarray,
+    match_cols: np.ndarray,
+    junk_rows: np.ndarray,
+    junk_cols: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of every true match among the valid samples of its row (one chunk).
+
+    Returns (rows, ranks) of all matches, sorted by row and then by rank.
+    """
+    num_rows, num_cols = dist.shape
+    if len(match_rows) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    # Only samples no farther than a row's last true match can precede one of its matches.
+    # With a useful model these are few: rank them exactly with a small sort.
+    last_match = np.full(num_rows, -np.inf, dtype=dist.dtype)
+    np.maximum.at(last_match, match_rows, dist[match_rows, match_cols])
+    near = dist <= last_match[:, None]
+    if np.count_nonzero(near) <= SMALL_SORT_FRACTION * near.size:
+        return _ranks_by_small_sort(dist, near, row_pids, g_pids, junk_rows, junk_cols)
+    del near
+    lo, hi = dist.min(axis=1), dist.max(axis=1)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        # Infinite distances would break the bucket map; such chunks are ranked by a sort.
+        return _match_ranks_by_sort(dist, match_rows, match_cols, junk_rows, junk_cols)
+    span = hi - lo
+    with np.errstate(divide="ignore", over="ignore"):
+        scale = np.where(span > 0, NUM_BUCKETS / span, 0).astype(dist.dtype)
+    scale[~np.isfinite(scale)] = 0  # a span so small that NUM_BUCKETS / span overflows
+    # bucket = trunc((d - lo) * scale) is monotone non-decreasing in d (every rounded float
+    # step is), so a sample in a lower bucket is strictly closer than any sample in a higher
+    # bucket. As 0 <= d - lo <= span, values land in 0..NUM_BUCKETS even for distances far
+    # from zero; one more bin per row collects the ignored (junk) samples, so they are never
+    # counted and never compared.
+    bins_per_row = NUM_BUCKETS + 2
+    scaled = np.subtract(dist, lo[:, None])
+    scaled *= scale[:, None]
+    bucket = scaled.astype(np.int32).reshape(-1)  # flat, row-major
+    del scaled
+    bucket[junk_rows * num_cols + junk_cols] = NUM_BUCKETS + 1
+    bucket.reshape(num_rows, num_cols)[...] += np.arange(
+        0, num_rows * bins_per_row, bins_per_row, dtype=np.int32
+    )[:, None]
+    histogram = np.bincount(bucket, minlength=num_rows * bins_per_row).reshape(num_rows, -1)
+    samples_below = (np.cumsum(histogram, axis=1) - histogram).reshape(-1)  # same row only
+
+    # Only samples sharing a bucket with a true match need an exact comparison.
+    shared = np.zeros(num_rows * bins_per_row, dtype=bool)
+    shared[bucket[match_rows * num_cols + match_cols]] = True
+    cand_flat = np.flatnonzero(shared[bucket])
+    cand_bins = bucket[cand_flat]
+    cand_dist = dist.reshape(-1)[cand_flat]
+    cand_rows, cand_cols = np.divmod(cand_flat, num_cols)
+
+    # Within a bucket, order by (distance, gallery index): the tie rule.
+    order = np.lexsort((cand_cols, cand_dist, cand_bins))
+    cand_bins, cand_rows, cand_cols = cand_bins[order], cand_rows[order], cand_cols[order]
+    group_start = np.flatnonzero(np.r_[True, cand_bins[1:] != cand_bins[:-1]])
+    group_size = np.diff(np.r_[group_start, len(cand_bins)])
+    position_in_bucket = np.arange(len(cand_bins)) - np.repeat(group_start, group_size)
+
+    # Junk is never a candidate, so a candidate with the query's pid is a true match.
+    is_match = g_pids[cand_cols] == row_pids[cand_rows]
+    ranks = samples_below[cand_bins[is_match]] + position_in_bucket[is_match]
+    return cand_rows[is_match], ranks
+
+
+def _ranks_by_small_sort(dist, near, row_pids, g_pids, junk_rows, junk_cols):
+    """Exact ranks from a lexicographic sort of the few samples marked ``near``."""
+    num_cols = dist.shape[1]
+    flat = np.flatnonzero(near)  # ascending
+    junk_flat = junk_rows * num_cols + junk_cols
+    slot = np.minimum(np.searchsorted(flat, junk_flat), max(len(flat) - 1, 0))
+    keep = np.ones(len(flat), dtype=bool)
+    if len(flat):
+        keep[slot[flat[slot] == junk_flat]] = False
+    flat = flat[keep]
+    rows, cols = np.divmod(flat, num_cols)
+    order = np.lexsort((cols, dist.reshape(-1)[flat], rows))  # the tie rule: stable by index
+    rows, cols = rows[order], cols[order]
+    row_start = np.searchsorted(rows, rows, side="left")
+    position = np.arange(len(rows)) - row_start
+    is_match = g_pids[cols] == row_pids[rows]
+    return rows[is_match], position[is_match]
+
+
+def _match_ranks_by_sort(dist, match_rows, match_cols, junk_rows, junk_cols):
+    """Exact fallback for chunks with infinite distances: a stable sort of those rows."""
+    valid = np.ones(dist.shape, dtype=bool)
+    valid[junk_rows, junk_cols] = False
+    order = np.argsort(dist, axis=1, kind="stable")
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.cumsum(np.take_along_axis(valid, order, 1), 1) - 1, 1)
+    ranks = position[match_rows, match_cols]
+    order = np.lexsort((ranks, match_rows))
+    return match_rows[order], ranks[order]
+
+
+def _summarise(rows, ranks, num_rows, max_rank):
+    """Per-row first rank, AP and INP from the sorted (row, rank) lists of true matches."""
+    counts = np.bincount(rows, minlength=num_rows)
+    valid = counts > 0
+    starts = np.cumsum(counts) - counts
+    hit_number = np.arange(1, len(ranks) + 1) - np.repeat(starts, counts)  # 1-based per row
+    precision = hit_number / (ranks + 1.0)
+    ap = np.bincount(rows, weights=precision, minlength=num_rows)[valid] / counts[valid]
+    last = ranks[starts[valid] + counts[valid] - 1]
+    inp = counts[valid] / (last + 1.0)
+    first = ranks[starts[valid]]
+    first_hits = np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)[:max_rank]
+    return valid, ap, inp, first_hits
+
+
+def evaluate_rank(
+    distmat: np.ndarray | torch.Tensor,
+    q_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    q_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    max_rank: int = 50,
+) -> RankResult:
+    """CMC (ranks 1..max_rank), mAP and mINP of a (num_query, num_gallery) distance matrix.
+
+    Smaller distance = more similar. Gallery samples with the query's pid and camera are
+    ignored; queries without a remaining true match are skipped (``num_skipped_queries``).
+    Ties are ordered by gallery index (stable sort). Raises ``ValueError`` on empty or
+    mismatched inputs, NaN distances, or when no query has a valid match.
+    """
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    dist, q_pids, g_pids, q_camids, g_camids = _check_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids
+    )
+    num_q, num_g = dist.shape
+
+    pair_query, pair_gallery = _same_pid_pairs(q_pids, g_pids)
+    is_junk = q_camids[pair_query] == g_camids[pair_gallery]
+
+    # the per-row histogram (NUM_BUCKETS bins) also bounds the rows of a chunk
+    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // num_g, CHUNK_ELEMENTS // (4 * NUM_BUCKETS)))
+    chunk_of_pair = pair_query // rows_per_chunk
+    bounds = np.searchsorted(chunk_of_pair, np.arange(num_q // rows_per_chunk + 2))
+    ap_sum = inp_sum = 0.0
+    num_valid = 0
+    first_hits = np.zeros(max_rank, dtype=np.int64)
+    for chunk, start in enumerate(range(0, num_q, rows_per_chunk)):
+        stop = min(start + rows_per_chunk, num_q)
+        block = dist[start:stop]
+        row_nan = np.isnan(block.max(axis=1))  # NaN anywhere in a row propagates
+        if row_nan.any():
+            bad = start + int(np.flatnonzero(row_nan)[0])
+            raise ValueError(f"distmat contains NaN (first in query row {bad})")
+        pairs = slice(bounds[chunk], bounds[chunk + 1])
+        rows, cols, junk = pair_query[pairs] - start, pair_gallery[pairs], is_junk[pairs]
+        match_rows, match_ranks = _match_ranks(
+            block,
+            q_pids[start:stop],
+            g_pids,
+            rows[~junk],
+            cols[~junk],
+            rows[junk],
+            cols[junk],
+        )
+        valid, ap, inp, hits = _summarise(match_rows, match_ranks, stop - start, max_rank)
+        ap_sum += ap.sum()
+        inp_sum += inp.sum()
+        num_valid += int(valid.sum())
+        first_hits += hits
+
+    if num_valid == 0:
+        raise ValueError(
+            "no query has a valid true match in the gallery (every same-pid gallery sample "
+            "is from the query's camera, or pids do not overlap)"
+        )
+    return RankResult(
+        cmc=np.cumsum(first_hits) / num_valid,
+        mAP=ap_sum / num_valid,
+        mINP=inp_sum / num_valid,
+        num_valid_queries=num_valid,
+        num_skipped_queries=num_q - num_valid,
+    )
+
+
+def evaluate_cuhk03_single_shot(
+    distmat: np.ndarray | torch.Tensor,
+    q_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    q_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    max_rank: int = 50,
+    num_repeats: int = 10,
+    seed: int = 0,
+) -> RankResult:
+    """Classic CUHK03 single-gallery-shot protocol.
+
+    For each query and each repeat, one random valid gallery image of every identity is
+    kept (same-pid same-camera images are ignored as in ``evaluate_rank``); the CMC is the
+    mean over ``num_repeats`` of the rank of the query's own kept image. mAP and mINP use the
+    whole valid gallery, as in the classic evaluation scripts. Seeded, hence reproducible.
+    """
+    if num_repeats < 1:
+        raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+    full = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
+    dist, q_pids, g_pids, q_camids, g_camids = _check_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids
+    )
+    num_q, num_g = dist.shape
+    rng = np.random.default_rng(seed)
+    by_pid = np.argsort(g_pids, kind="stable")
+    group_start = np.flatnonzero(np.r_[True, g_pids[by_pid][1:] != g_pids[by_pid][:-1]])
+    group_of_column = np.repeat(np.arange(len(group_start)), np.diff(np.r_[group_start, num_g]))
+    first_hits = np.zeros(max_rank, dtype=np.float64)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // num_g)
+    for start in range(0, num_q, rows_per_chunk):
+        block = dist[start : start + rows_per_chunk][:, by_pid]  # gallery grouped by pid
+        same_pid = g_pids[by_pid][None, :] == q_pids[start : start + len(block), None]
+        valid = ~(
+            same_pid & (g_camids[by_pid][None, :] == q_camids[start : start + len(block), None])
+        )
+        has_match = (same_pid & valid).any(axis=1)
+        block, same_pid, valid = block[has_match], same_pid[has_match], valid[has_match]
+        gallery_index = np.broadcast_to(by_pid, block.shape)
+        for _ in range(num_repeats):
+            # one random valid image per identity: the largest random key of its group
+            key = np.where(valid, rng.random(block.shape), -1.0)
+            group_max = np.maximum.reduceat(key, group_start, axis=1)[:, group_of_column]
+            kept = (key == group_max) & valid
+            match_col = np.argmax(kept & same_pid, axis=1)
+            rows = np.arange(len(block))
+            match_dist = block[rows, match_col][:, None]
+            match_index = gallery_index[rows, match_col][:, None]
+            before = (block < match_dist) | ((block == match_dist) & (gallery_index < match_index))
+            rank = (before & kept).sum(axis=1)
+            first_hits += np.bincount(np.minimum(rank, max_rank), minlength=max_rank + 1)[:max_rank]
+    cmc = np.cumsum(first_hits) / (num_repeats * full.num_valid_queries)
+    return RankResult(
+        cmc=cmc,
+        mAP=full.mAP,
+        mINP=full.mINP,
+        num_valid_queries=full.num_valid_queries,
+        num_skipped_queries=full.num_skipped_queries,
+        extra={"protocol": "cuhk03-single-gallery-shot", "num_repeats": num_repeats, "seed": seed},
+    )

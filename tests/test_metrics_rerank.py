@@ -1,0 +1,113 @@
+"""k-reciprocal re-ranking against a plain dense implementation of the published algorithm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rmgl.metrics import k_reciprocal_rerank
+
+
+def dense_reference_rerank(query, gallery, k1, k2, lambda_value):
+    """Zhong et al. (CVPR 2017) step by step on dense N x N float64 matrices: slow, plain."""
+    features = np.concatenate([query, gallery]).astype(np.float64)
+    num_query, num = len(query), len(features)
+    squared = (features**2).sum(1)
+    dist = squared[:, None] + squared[None, :] - 2 * features @ features.T
+    original = (dist / dist.max(axis=0)).T
+    initial_rank = np.argsort(original, axis=1, kind="stable")
+
+    def reciprocal_set(i, k):
+        forward = initial_rank[i, : k + 1]
+        backward = initial_rank[forward, : k + 1]
+        return forward[(backward == i).any(axis=1)]
+
+    encoding = np.zeros((num, num))
+    for i in range(num):
+        own = reciprocal_set(i, k1)
+        expanded = list(own)
+        for candidate in own:
+            candidate_set = reciprocal_set(candidate, int(np.around(k1 / 2)))
+            if len(np.intersect1d(candidate_set, own)) > 2 / 3 * len(candidate_set):
+                expanded.extend(candidate_set)
+        expanded = np.unique(expanded)
+        weight = np.exp(-original[i, expanded])
+        encoding[i, expanded] = weight / weight.sum()
+    if k2 != 1:
+        encoding = np.stack([encoding[initial_rank[i, :k2]].mean(axis=0) for i in range(num)])
+
+    jaccard = np.zeros((num_query, num))
+    for i in range(num_query):
+        min_sum = np.minimum(encoding[i][None, :], encoding).sum(axis=1)
+        jaccard[i] = 1 - min_sum / (2 - min_sum)
+    final = jaccard * (1 - lambda_value) + original[:num_query] * lambda_value
+    return final[:, num_query:]
+
+
+def clustered_features(seed, num_ids, per_id, dim, num_query):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_ids, dim))
+    labels = np.repeat(np.arange(num_ids), per_id)
+    features = centres[labels] + 0.7 * rng.normal(size=(len(labels), dim))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    features = features[rng.permutation(len(features))]
+    return features[:num_query], features[num_query:]
+
+
+@pytest.mark.parametrize(
+    "seed, num_ids, per_id, dim, num_query, k1, k2, lambda_value",
+    [
+        (0, 12, 6, 16, 20, 20, 6, 0.3),  # k1 = 20 > 6 images per identity
+        (1, 30, 4, 32, 40, 20, 6, 0.3),
+        (2, 8, 10, 8, 15, 5, 3, 0.5),  # odd k1: round(5 / 2) = 2 (round half to even)
+        (3, 20, 5, 24, 30, 7, 1, 0.0),  # k2 = 1 skips expansion; pure Jaccard
+        (4, 10, 3, 12, 12, 4, 6, 1.0),  # k2 > k1 + 1, pure original distance
+        (5, 5, 4, 6, 7, 30, 6, 0.3),  # k1 + 1 > N: every sample is a neighbour
+        (6, 2, 2, 5, 2, 3, 6, 0.3),  # k2 > N = 4
+    ],
+)
+def test_equals_dense_reference(seed, num_ids, per_id, dim, num_query, k1, k2, lambda_value):
+    query, gallery = clustered_features(seed, num_ids, per_id, dim, num_query)
+    expected = dense_reference_rerank(query, gallery, k1, k2, lambda_value)
+    result = k_reciprocal_rerank(query, gallery, k1=k1, k2=k2, lambda_value=lambda_value)
+    assert result.shape == expected.shape
+    assert np.abs(result - expected).max() <= 1e-5
+
+
+def test_float32_features_and_small_memory_budget():
+    query, gallery = clustered_features(7, 15, 6, 16, 25)
+    expected = dense_reference_rerank(query, gallery, 20, 6, 0.3)
+    # A tiny budget forces many chunks in every stage.
+    result = k_reciprocal_rerank(
+        torch.from_numpy(query).float(), torch.from_numpy(gallery).float(), memory_budget_mb=0
+    )
+    assert result.dtype == np.float32
+    assert np.abs(result - expected).max() <= 1e-5
+
+
+def test_rejects_bad_inputs():
+    good = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="4-d"):
+        k_reciprocal_rerank(good, np.ones((3, 5)))
+    with pytest.raises(ValueError, match="non-empty"):
+        k_reciprocal_rerank(np.ones((0, 4)), good)
+    with pytest.raises(ValueError, match="NaN"):
+        k_reciprocal_rerank(np.full((3, 4), np.nan), good)
+    with pytest.raises(ValueError, match="lambda"):
+        k_reciprocal_rerank(good, good, lambda_value=2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_path_equals_cpu_path():
+    query, gallery = clustered_features(8, 20, 5, 32, 30)
+    on_cpu = k_reciprocal_rerank(query, gallery, device="cpu")
+    on_gpu = k_reciprocal_rerank(query, gallery, device="cuda")
+    assert np.abs(on_cpu - on_gpu).max() <= 1e-5
+
+
+def test_identical_features_give_finite_distances():
+    """A collapsed model (every descriptor equal) must not turn re-ranking into NaN."""
+    features = np.ones((7, 5), dtype=np.float32)
+    out = k_reciprocal_rerank(features[:3], features[3:], k1=4, k2=2)
+    assert out.shape == (3, 4) and np.isfinite(out).all()
