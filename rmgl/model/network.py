@@ -1,0 +1,327 @@
+"""The RMGL network (paper §III, Fig. 2-3; SPEC §3-§5).
+
+Reading guide, top to bottom:
+
+* a shared trunk (``stem`` + ``layer1``) runs once per image;
+* each branch owns a deep copy of ``layer2..layer4`` and cuts its maps into K stripes;
+* inside a branch there are two paths through the same weights: the *original* path (the
+  full map, striped only at the output, uniformly or by ABP) and the *receptive-partitioned*
+  (RP) path (the map is cut once at the RP position and the stripes continue as separate
+  images, so no stripe can see the others);
+* every pooled vector gets its own 1x1 conv + BN + ReLU reduction to 256-d and its own
+  classifier. The test descriptor is the concatenation of all reduced features.
+
+Feature order (= descriptor order), per branch in the order of ``branches``::
+
+    b{K}.orig.global, b{K}.orig.s1 .. b{K}.orig.sK, b{K}.rp.global, b{K}.rp.s1 .. b{K}.rp.sK
+
+``only_rp`` drops ``b{K}.orig.s*``; ``rp_position='output'`` drops ``b{K}.rp.*``; a K = 1
+branch is global-only: ``b1.orig.global`` (its stripe and its RP path would repeat it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rmgl.model.backbone import ResNetBackbone, build_backbone
+from rmgl.model.partition import (
+    GlobalPool,
+    activation_balanced_pool,
+    run_partitioned,
+    uniform_pool,
+)
+from rmgl.model.receptive_field import RP_POSITIONS, stage_fields
+
+ABP_MODES = ("off", "train", "test", "both")
+
+
+@dataclass
+class BranchMaps:
+    """Final maps of one branch: ``original`` (N, C, H, W) and, unless there is no RP path,
+    ``cut`` (the map where the RP path was cut) and ``partitioned`` (K maps (N, C, H/K, W))."""
+
+    original: Tensor
+    cut: Tensor | None = None
+    partitioned: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class RMGLOutput:
+    """What the training losses need: per-feature logits and reduced features (by name, in
+    descriptor order) and, per branch, the concatenation of its features (for the triplet)."""
+
+    logits: dict[str, Tensor]
+    features: dict[str, Tensor]
+    branch_features: dict[str, Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.features)
+
+    @property
+    def descriptor(self) -> Tensor:
+        return torch.cat(list(self.features.values()), dim=1)
+
+
+class ReductionHead(nn.Module):
+    """1x1 conv + BN + ReLU from the pooled C-d vector to ``dim``, then a linear classifier.
+
+    Separate per feature (as MGN): each stripe of each path learns its own embedding.
+    """
+
+    def __init__(self, in_channels: int, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.reduction = nn.Sequential(
+            nn.Conv2d(in_channels, dim, kernel_size=1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(dim, num_classes)
+        nn.init.kaiming_normal_(self.reduction[0].weight, mode="fan_in")
+        nn.init.ones_(self.reduction[1].weight)
+        nn.init.zeros_(self.reduction[1].bias)
+        # small classifier weights: every softmax starts near uniform (CE ~ log(num_classes))
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """The reduced feature (N, dim); ``classifier`` is applied by the caller in training."""
+        return self.reduction(pooled[:, :, None, None]).flatten(1)
+
+
+class Trunk(nn.Module):
+    """Shared ``stem`` + ``layer1`` (torchvision attribute names, so weights load by name)."""
+
+    def __init__(self, backbone: ResNetBackbone) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            backbone.conv1,
+            backbone.bn1,
+            backbone.relu,
+            backbone.maxpool,
+        )
+        self.layer1 = backbone.layer1
+
+    @property
+    def stem(self) -> nn.Sequential:
+        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+
+
+class Branch(nn.Module):
+    """One granularity: its own ``layer2..layer4`` and one head per feature it produces."""
+
+    def __init__(
+        self,
+        stripes: int,
+        backbone: ResNetBackbone,
+        num_classes: int,
+        reduction_dim: int,
+        rp_path: bool,
+        only_rp: bool,
+    ) -> None:
+        super().__init__()
+        self.stripes = stripes
+        # Own copies, initialised from the same weights (the paper's "after res_conv2c").
+        self.layer2 = copy.deepcopy(backbone.layer2)
+        self.layer3 = copy.deepcopy(backbone.layer3)
+        self.layer4 = copy.deepcopy(backbone.layer4)
+        self.rp_path = rp_path and stripes > 1
+        self.orig_stripes = stripes > 1 and not (only_rp and self.rp_path)
+        parts = ["orig_global"]
+        if self.orig_stripes:
+            parts += [f"orig_s{k}" for k in range(1, stripes + 1)]
+        if self.rp_path:
+            parts += ["rp_global"] + [f"rp_s{k}" for k in range(1, stripes + 1)]
+        channels = backbone.out_channels
+        self.heads = nn.ModuleDict(
+            {p: ReductionHead(channels, reduction_dim, num_classes) for p in parts}
+        )
+
+    @property
+    def name(self) -> str:
+        return f"b{self.stripes}"
+
+    def feature_names(self) -> list[str]:
+        return [f"{self.name}.{p.replace('_', '.')}" for p in self.heads]
+
+
+class RMGL(nn.Module):
+    """Receptive multi-granularity learning network; build it with :func:`build_model`.
+
+    ``forward`` returns the (N, 256 * num_features) descriptor in eval mode and an
+    :class:`RMGLOutput` in training mode.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNetBackbone,
+        num_classes: int,
+        branches: Sequence[int] = (2, 3),
+        rp_position: str = "layer2",
+        only_rp: bool = False,
+        abp: str = "both",
+        abp_pool: str = "avg",
+        pooling: str = "max",
+        reduction_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        branches = [int(k) for k in branches]
+        if not branches or min(branches) < 1 or len(set(branches)) != len(branches):
+            raise ValueError(f"branches must be distinct stripe counts >= 1, got {branches}")
+        if rp_position not in RP_POSITIONS:
+            raise ValueError(f"rp_position must be one of {RP_POSITIONS}, got {rp_position!r}")
+        if abp not in ABP_MODES:
+            raise ValueError(f"abp must be one of {ABP_MODES}, got {abp!r}")
+        if abp_pool not in ("avg", "max"):
+            raise ValueError(f"abp_pool must be 'avg' or 'max', got {abp_pool!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.arch = backbone.arch
+        self.last_stride = backbone.last_stride
+        self.num_classes = num_classes
+        self.rp_position = rp_position
+        self.cut = RP_POSITIONS.index(rp_position)  # the cut is made before stage number `cut`
+        self.abp = abp
+        self.abp_pool = abp_pool
+        self.reduction_dim = reduction_dim
+        self.trunk = Trunk(backbone)
+        has_rp = rp_position != "output"
+        self.branches = nn.ModuleList(
+            Branch(k, backbone, num_classes, reduction_dim, has_rp, only_rp) for k in branches
+        )
+        self.pool = GlobalPool(pooling)
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the 256-d features in descriptor order."""
+        return [name for branch in self.branches for name in branch.feature_names()]
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.reduction_dim * len(self.feature_names)
+
+    def stages(self, branch: Branch) -> list[tuple[str, nn.Module]]:
+        """The five stages one branch's images go through (the first two are shared)."""
+        return [
+            ("stem", self.trunk.stem),
+            ("layer1", self.trunk.layer1),
+            ("layer2", branch.layer2),
+            ("layer3", branch.layer3),
+            ("layer4", branch.layer4),
+        ]
+
+    def working_heights(self, near: int, count: int = 6) -> list[int]:
+        """Input heights close to ``near``, multiples of the stride at the RP cut, whose map at
+        the cut divides by every branch's K."""
+        stages = self.stages(self.branches[0])[: self.cut]
+        ks = [b.stripes for b in self.branches if b.rp_path]
+        stride = stage_fields(stages, near, 8)[-1].stride
+        found = []
+        candidates = range(stride, 2 * near + 64 * stride, stride)
+        for h in sorted(candidates, key=lambda h: (abs(h - near), h)):
+            rows = stage_fields(stages, h, 8)[-1].height
+            if rows > 0 and all(rows % k == 0 for k in ks):
+                found.append(h)
+            if len(found) == count:
+                break
+        return sorted(found)
+
+    # ------------------------------------------------------------------------------ forward
+    def branch_maps(self, images: Tensor) -> list[BranchMaps]:
+        """Final maps of both paths of every branch (exposed so tests can probe locality)."""
+        x = images
+        trunk_inputs = [x]  # trunk_inputs[i] = input of stage i, for i = 0 (stem), 1, 2
+        for module in (self.trunk.stem, self.trunk.layer1):
+            x = module(x)
+            trunk_inputs.append(x)
+        result = []
+        for branch in self.branches:
+            layers = [m for _, m in self.stages(branch)]
+            inputs = list(trunk_inputs)
+            y = inputs[-1]
+            for module in layers[2:]:
+                y = module(y)
+                inputs.append(y)  # inputs[i] = input of stage i; inputs[5] = final map
+            maps = BranchMaps(original=inputs[5])
+            if branch.rp_path:
+                maps.cut = inputs[self.cut]
+                self._check_divisible(maps.cut, branch.stripes, images.shape[2])
+                maps.partitioned = run_partitioned(layers[self.cut :], maps.cut, branch.stripes)
+            result.append(maps)
+        return result
+
+    def _check_divisible(self, cut_map: Tensor, stripes: int, input_height: int) -> None:
+        rows = cut_map.shape[2]
+        if rows % stripes:
+            raise ValueError(
+                f"the map before {self.rp_position} has {rows} rows for an input of height "
+                f"{input_height}, not divisible by K={stripes}; input heights that work: "
+                f"{self.working_heights(input_height)}"
+            )
+
+    def _use_abp(self) -> bool:
+        return self.abp == "both" or self.abp == ("train" if self.training else "test")
+
+    def forward(self, images: Tensor) -> Tensor | RMGLOutput:
+        use_abp = self._use_abp()
+        features: dict[str, Tensor] = {}
+        for branch, maps in zip(self.branches, self.branch_maps(images), strict=True):
+            pooled = {"orig_global": self.pool(maps.original)}
+            if branch.orig_stripes:
+                if use_abp:
+                    stripes = activation_balanced_pool(maps.original, branch.stripes, self.abp_pool)
+                else:
+                    stripes = uniform_pool(maps.original, branch.stripes, self.pool)
+                pooled.update({f"orig_s{k + 1}": v for k, v in enumerate(stripes)})
+            if branch.rp_path:
+                pooled["rp_global"] = self.pool(torch.cat(maps.partitioned, dim=2))
+                pooled.update(
+                    {f"rp_s{k + 1}": self.pool(m) for k, m in enumerate(maps.partitioned)}
+                )
+            for part, head in branch.heads.items():
+                features[f"{branch.name}.{part.replace('_', '.')}"] = head(pooled[part])
+        if not self.training:
+            return torch.cat(list(features.values()), dim=1)
+        logits, branch_features = {}, {}
+        for branch in self.branches:
+            names = branch.feature_names()
+            for name, head in zip(names, branch.heads.values(), strict=True):
+                logits[name] = head.classifier(features[name])
+            branch_features[branch.name] = torch.cat([features[n] for n in names], dim=1)
+        return RMGLOutput(logits=logits, features=features, branch_features=branch_features)
+
+
+def build_model(
+    num_classes: int,
+    backbone: str = "resnet50",
+    pretrained: str | os.PathLike = "imagenet",
+    last_stride: int = 1,
+    branches: Sequence[int] = (2, 3),
+    rp_position: str = "layer2",
+    only_rp: bool = False,
+    abp: str = "both",
+    abp_pool: str = "avg",
+    pooling: str = "max",
+    reduction_dim: int = 256,
+) -> RMGL:
+    """The RMGL model; the defaults are the paper's (ResNet-50, last stride 1, Local-2 and
+    Local-3 branches, RP after layer1, ABP in training and test, max pooling, 256-d)."""
+    net = build_backbone(backbone, pretrained, last_stride)
+    return RMGL(
+        net,
+        num_classes,
+        branches=branches,
+        rp_position=rp_position,
+        only_rp=only_rp,
+        abp=abp,
+        abp_pool=abp_pool,
+        pooling=pooling,
+        reduction_dim=reduction_dim,
+    )

@@ -1,0 +1,134 @@
+"""Receptive partition (paper §III-B), stripe pooling and activation balanced pooling (§III-C).
+
+Everything here is a plain function of tensors, so each piece can be tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+POOLINGS = ("max", "avg", "gem")
+
+
+def receptive_partition(x: Tensor, stripes: int) -> Tensor:
+    """Cut a map (N, C, H, W) along H into ``stripes`` equal stripes stacked on the batch
+    axis: (K*N, C, H/K, W), stripe-major (rows 0..N-1 are stripe 1 of every sample).
+
+    Later layers then see each stripe as a separate image, so nothing outside the stripe can
+    reach its outputs (zero padding takes the place of the neighbouring rows).
+    """
+    n, c, h, w = x.shape
+    if h % stripes:
+        raise ValueError(f"map height {h} is not divisible by {stripes} stripes")
+    return torch.cat(x.chunk(stripes, dim=2), dim=0)
+
+
+def split_partitions(x: Tensor, stripes: int) -> list[Tensor]:
+    """Undo the batch stacking of :func:`receptive_partition`: K maps of shape (N, C, h, W)."""
+    return list(x.chunk(stripes, dim=0))
+
+
+def run_partitioned(layers: Sequence[nn.Module], x: Tensor, stripes: int) -> list[Tensor]:
+    """The RP path: cut ``x`` once, run ``layers`` on the stacked stripes, split back."""
+    y = receptive_partition(x, stripes)
+    for layer in layers:
+        y = layer(y)
+    return split_partitions(y, stripes)
+
+
+def uniform_boundaries(height: int, stripes: int) -> list[int]:
+    """Row boundaries h_0 = 0 < h_1 < ... < h_K = H of K equal (to one row) stripes."""
+    if height < stripes:
+        raise ValueError(f"cannot cut a map of {height} rows into {stripes} stripes")
+    return [k * height // stripes for k in range(stripes + 1)]
+
+
+def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
+    """Activation balanced stripe boundaries, (N, K+1) long, per sample (SPEC §5).
+
+    Each channel votes for the row of its spatial maximum (first occurrence on ties); a
+    channel whose maximum is <= 0 has no significant activation and does not vote. Boundary
+    h_k is the largest h whose cumulative vote count Hx(h) <= ceil(k*M/K) (Eq. 10), then
+    clamped so that every stripe keeps at least one row. M = 0 gives uniform stripes.
+    Computed without gradient: the boundaries are a discrete choice.
+    """
+    n, c, h, w = x.shape
+    uniform = torch.tensor(uniform_boundaries(h, stripes), device=x.device)
+    with torch.no_grad():
+        flat = x.detach().flatten(2)  # (N, C, H*W), row-major: index = row * W + col
+        peak = flat.amax(dim=2, keepdim=True)
+        positions = torch.arange(h * w, device=x.device)
+        # first occurrence of the maximum, spelled out instead of relying on argmax tie rules
+        first = torch.where(flat == peak, positions, h * w).amin(dim=2)
+        votes = (peak.squeeze(2) > 0).to(torch.long)  # (N, C)
+        counts = torch.zeros(n, h, dtype=torch.long, device=x.device)
+        counts.scatter_add_(1, first // w, votes)
+        hx = counts.cumsum(dim=1)  # hx[:, i] = Hx(i + 1)
+        total = hx[:, -1:]  # M, (N, 1)
+        bounds = torch.zeros(n, stripes + 1, dtype=torch.long, device=x.device)
+        bounds[:, stripes] = h
+        for k in range(1, stripes):
+            target = (k * total + stripes - 1) // stripes  # ceil(k*M/K) in integers
+            hk = (hx <= target).sum(dim=1)  # Hx is non-decreasing: count of rows = largest h
+            lowest = bounds[:, k - 1] + 1
+            bounds[:, k] = torch.minimum(
+                torch.maximum(hk, lowest), torch.full_like(hk, h - stripes + k)
+            )
+        return torch.where(total == 0, uniform.expand(n, -1), bounds)
+
+
+def stripe_pool(x: Tensor, bounds: Tensor, mode: str = "avg") -> list[Tensor]:
+    """Pool rows bounds[:, k] .. bounds[:, k+1]-1 of every sample: K tensors (N, C).
+
+    ``bounds`` (N, K+1) may differ per sample; masks keep it vectorised over the batch.
+    """
+    n, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device)
+    pooled = []
+    for k in range(bounds.shape[1] - 1):
+        inside = (rows >= bounds[:, k : k + 1]) & (rows < bounds[:, k + 1 : k + 2])  # (N, H)
+        mask = inside[:, None, :, None]
+        if mode == "avg":
+            area = (inside.sum(dim=1, keepdim=True) * w).to(x.dtype)
+            pooled.append((x * mask).sum(dim=(2, 3)) / area)
+        elif mode == "max":
+            pooled.append(x.masked_fill(~mask, float("-inf")).amax(dim=(2, 3)))
+        else:
+            raise ValueError(f"stripe pooling must be 'avg' or 'max', got {mode!r}")
+    return pooled
+
+
+def activation_balanced_pool(x: Tensor, stripes: int, mode: str = "avg") -> list[Tensor]:
+    """ABP: K pooled vectors (N, C) over per-sample activation balanced stripes (Eq. 8-11)."""
+    return stripe_pool(x, abp_boundaries(x, stripes), mode)
+
+
+class GlobalPool(nn.Module):
+    """Spatial pooling of a map to a vector: max (the paper's), avg, or GeM (learned p)."""
+
+    def __init__(self, mode: str = "max", p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if mode not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
+        self.mode = mode
+        self.eps = eps
+        self.p = nn.Parameter(torch.tensor(float(p))) if mode == "gem" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "max":
+            return x.amax(dim=(2, 3))
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+def uniform_pool(x: Tensor, stripes: int, pool: GlobalPool) -> list[Tensor]:
+    """Pool K uniform stripes of one map with ``pool`` (the baseline without ABP)."""
+    b = uniform_boundaries(x.shape[2], stripes)
+    return [pool(x[:, :, b[k] : b[k + 1]]) for k in range(stripes)]

@@ -1,0 +1,200 @@
+"""Activation balanced pooling (SPEC §5) against a plain per-sample reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rmgl.model import abp_boundaries, activation_balanced_pool, build_model, stripe_pool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: as fast for these small tensors, and no stalls waiting for a second
+    thread on a busy shared machine (2 threads made this suite 10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_boundaries(x: torch.Tensor, stripes: int) -> list[int]:
+    """SPEC §5 written as loops over one sample (C, H, W)."""
+    channels, height, width = x.shape
+    votes = [0] * height
+    for c in range(channels):
+        best = max(float(v) for v in x[c].flatten())
+        if best <= 0:
+            continue
+        row = next(h for h in range(height) for w in range(width) if float(x[c, h, w]) == best)
+        votes[row] += 1
+    total = sum(votes)
+    if total == 0:
+        return [k * height // stripes for k in range(stripes + 1)]
+    hx = [0]
+    for v in votes:
+        hx.append(hx[-1] + v)  # hx[h] = Hx(h), rows 1-based
+    bounds = [0]
+    for k in range(1, stripes):
+        target = math.ceil(k * total / stripes)
+        hk = max(h for h in range(height + 1) if hx[h] <= target)
+        bounds.append(min(max(hk, bounds[-1] + 1), height - (stripes - k)))
+    return bounds + [height]
+
+
+def reference_pool(x: torch.Tensor, bounds: list[int], mode: str) -> list[torch.Tensor]:
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        part = x[:, a:b, :]
+        out.append(part.mean(dim=(1, 2)) if mode == "avg" else part.amax(dim=(1, 2)))
+    return out
+
+
+def _map_with_votes(rows: list[int], height: int, width: int = 2, extra: int = 0) -> torch.Tensor:
+    """A (1, C, H, W) map whose channel c has its single positive peak in row rows[c];
+    ``extra`` channels that are never positive follow."""
+    x = torch.full((1, len(rows) + extra, height, width), -1.0)
+    for c, r in enumerate(rows):
+        x[0, c, r, c % width] = 1.0 + c
+    if extra:
+        x[0, len(rows) :] = 0.0  # maximum exactly 0: not significant, must not vote
+    return x
+
+
+@pytest.mark.parametrize(
+    ("rows", "height", "stripes", "expected"),
+    [
+        ([0, 0, 1, 3, 5, 5], 6, 2, [0, 3, 6]),  # Hx = 2,3,3,4,4,6; ceil(6/2) = 3 -> h1 = 3
+        ([0, 0, 1, 3, 5, 5], 6, 3, [0, 1, 5, 6]),  # targets 2 and 4
+        ([2, 2, 2, 2, 5, 5], 6, 2, [0, 2, 6]),  # Hx(3) = 4 > 3: the busy row opens stripe 2
+        ([5] * 6, 6, 3, [0, 4, 5, 6]),  # all votes at the bottom: clamped to leave rows
+        ([0] * 6, 6, 3, [0, 1, 2, 6]),  # all votes at the top: each stripe keeps a row
+        # Hx = 0,4,5,6,7,7,8,8; targets 2, 4, 6 -> h = 1, 2, 4 (no clamp needed)
+        ([1, 1, 1, 1, 2, 3, 4, 6], 8, 4, [0, 1, 2, 4, 8]),
+    ],
+)
+def test_boundaries_on_constructed_maps(rows, height, stripes, expected):
+    x = _map_with_votes(rows, height)
+    assert (
+        reference_boundaries(x[0], stripes) == expected
+    )  # the reference agrees with the hand value
+    assert abp_boundaries(x, stripes)[0].tolist() == expected
+
+
+def test_ties_count_the_first_occurrence_in_row_major_order():
+    x = torch.full((1, 4, 6, 2), -1.0)
+    x[0, 0, 1, 1] = 5.0  # tie: (row 1, col 1) comes before (row 4, col 0) in row-major order
+    x[0, 0, 4, 0] = 5.0
+    x[0, 1, 0, 0] = 5.0
+    x[0, 2, 0, 1] = 5.0
+    x[0, 3, 5, 1] = 5.0
+    # votes (1-based rows) 2, 1, 1, 6: Hx = 2, 3, ...; ceil(4/2) = 2 -> h1 = 1
+    assert abp_boundaries(x, 2)[0].tolist() == [0, 1, 6]
+    x[0, 0, 1, 1] = 4.0  # no tie any more: the vote moves to row 5 (1-based), Hx(4) = 2 -> h1 = 4
+    assert abp_boundaries(x, 2)[0].tolist() == [0, 4, 6]
+
+
+def test_non_positive_channels_do_not_vote():
+    only_bottom = _map_with_votes([5, 5], 6)
+    with_zeros = _map_with_votes([5, 5], 6, extra=10)  # ten channels whose max is 0, row 0 first
+    assert (
+        abp_boundaries(with_zeros, 2).tolist()
+        == abp_boundaries(only_bottom, 2).tolist()
+        == [[0, 5, 6]]
+    )
+    negative = torch.full((2, 4, 6, 2), -0.5)
+    negative[1] = 0.0
+    assert abp_boundaries(negative, 3).tolist() == [[0, 2, 4, 6]] * 2  # M = 0: uniform
+
+
+@pytest.mark.parametrize(("height", "stripes"), [(6, 2), (6, 3), (8, 3), (5, 4), (4, 4), (24, 3)])
+def test_vectorised_equals_per_sample_loop(height, stripes):
+    g = torch.Generator().manual_seed(height * 10 + stripes)
+    # small integers give many ties; negative values and dead channels appear as well
+    x = torch.randint(-2, 4, (6, 16, height, 3), generator=g).float()
+    x[0] = -1.0  # a sample with no significant activation
+    x[1, :8] = 0.0
+    bounds = abp_boundaries(x, stripes)
+    for i in range(x.shape[0]):
+        ref = reference_boundaries(x[i], stripes)
+        assert bounds[i].tolist() == ref, i
+    for mode in ("avg", "max"):
+        pooled = activation_balanced_pool(x, stripes, mode)
+        for i in range(x.shape[0]):
+            ref = reference_pool(x[i], reference_boundaries(x[i], stripes), mode)
+            for k in range(stripes):
+                assert torch.allclose(pooled[k][i], ref[k]), (mode, i, k)
+
+
+def test_stripes_never_empty_and_cover_the_map():
+    g = torch.Generator().manual_seed(0)
+    for height in (3, 6, 12, 24):
+        for stripes in range(1, min(height, 6) + 1):
+            x = torch.relu(torch.randn(32, 8, height, 2, generator=g) * 2 - 1)
+            b = abp_boundaries(x, stripes)
+            assert (b[:, 0] == 0).all() and (b[:, -1] == height).all()
+            assert (b[:, 1:] - b[:, :-1] >= 1).all()
+
+
+def test_gradient_flows_through_pooled_values_only():
+    x = torch.relu(torch.randn(2, 4, 6, 2)).requires_grad_()
+    bounds = abp_boundaries(x, 2)
+    assert not bounds.requires_grad
+    pooled = activation_balanced_pool(x, 2, "avg")
+    pooled[0].sum().backward()
+    for i in range(2):
+        rows = int(bounds[i, 1])
+        assert torch.allclose(
+            x.grad[i, :, :rows], torch.full_like(x.grad[i, :, :rows], 1 / (rows * 2))
+        )
+        assert (x.grad[i, :, rows:] == 0).all()
+
+
+def test_stripe_pool_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        stripe_pool(torch.zeros(1, 1, 4, 1), torch.tensor([[0, 2, 4]]), "sum")
+
+
+def _models(**options):
+    out = []
+    for abp in ("off", "train", "test", "both"):
+        torch.manual_seed(0)
+        out.append(
+            build_model(5, backbone="resnet18", pretrained="none", abp=abp, **options).eval()
+        )
+    return out
+
+
+def test_model_pools_original_stripes_with_abp():
+    """The orig.s* features are ABP stripes of the original map, each through its own head."""
+    torch.manual_seed(0)
+    model = build_model(5, backbone="resnet18", pretrained="none").eval()
+    x = torch.randn(2, 3, 96, 32)
+    with torch.no_grad():
+        descriptor = model(x)
+        maps = model.branch_maps(x)
+        for b, (branch, m) in enumerate(zip(model.branches, maps, strict=True)):
+            pooled = activation_balanced_pool(m.original, branch.stripes, "avg")
+            names = model.feature_names
+            for k in range(branch.stripes):
+                i = names.index(f"b{branch.stripes}.orig.s{k + 1}")
+                expected = branch.heads[f"orig_s{k + 1}"](pooled[k])
+                assert torch.allclose(
+                    descriptor[:, i * 256 : (i + 1) * 256], expected, atol=1e-6
+                ), (b, k)
+
+
+def test_abp_modes_switch_only_the_original_stripes():
+    off, train, test, both = _models()
+    x = torch.randn(2, 3, 96, 32)
+    names = off.feature_names
+    with torch.no_grad():
+        d_off, d_train, d_test, d_both = (m(x) for m in (off, train, test, both))
+    assert torch.equal(d_off, d_train)  # eval mode: 'train' means uniform stripes here
+    assert torch.equal(d_test, d_both)
+    for i, name in enumerate(names):
+        cols = slice(i * 256, (i + 1) * 256)
+        same = torch.equal(d_off[:, cols], d_both[:, cols])
+        assert same == (".orig.s" not in name), name
