@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "rmgl.data.commands",  # synth, data-info
     "rmgl.model.commands",  # rf
+    "rmgl.engine.commands",  # train, eval, demo
 ]
 
 

@@ -117,8 +117,23 @@ def test_cuhk03_cache_is_relative_and_survives_a_move(cuhk03_root, tmp_path):
     assert all(Path(r.path).is_file() for r in again.train + again.query + again.gallery)
 
 
+def test_cuhk03_release_layout(tmp_path):
+    """The common layout: protocol files beside cuhk03_release/, which holds cuhk-03.mat."""
+    root = tmp_path / "cuhk03"
+    (root / "cuhk03_release").mkdir(parents=True)
+    write_raw_mat(root / "cuhk03_release" / "cuhk-03.mat")
+    config = write_config(root / "cuhk03_new_protocol_config_detected.mat")
+    ds = read_cuhk03(tmp_path, "detected")
+    assert ds.root == str(root)
+    assert [r.path for r in ds.query] == [str(root / "images_detected" / config["names"][i]) for i in config["query"]]
+    assert not list(root.rglob("*.tmp*"))
+
+
 def test_cuhk03_missing_files(tmp_path):
     with pytest.raises(DatasetLayoutError, match="cuhk03_new_protocol_config_labeled.mat"):
+        read_cuhk03(tmp_path, "labeled")
+    write_config(tmp_path / "cuhk03_new_protocol_config_labeled.mat")
+    with pytest.raises(DatasetLayoutError, match="cuhk-03.mat not found"):
         read_cuhk03(tmp_path, "labeled")
     with pytest.raises(ValueError, match="variant"):
         read_cuhk03(tmp_path, "both")

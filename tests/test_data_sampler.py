@@ -80,6 +80,27 @@ def test_ddp_ranks_get_disjoint_ids_and_equal_batches(world_size):
                 assert not id_sets[i] & id_sets[j]
 
 
+def test_ddp_epoch_length_is_the_same_every_epoch():
+    pids = uneven_pids(num_ids=60, seed=3)
+    sampler = PKSampler(pids, 6, 4, seed=1, rank=1, world_size=2)
+    lengths = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        lengths.add(len(sampler))
+        assert len(list(sampler)) == len(sampler)
+    assert len(lengths) == 1  # the LR schedule counts iterations per epoch
+
+
+def test_groups_hold_distinct_images_when_the_identity_has_enough():
+    pids = np.repeat(np.arange(8), [5, 6, 7, 9, 4, 5, 6, 7])
+    sampler = PKSampler(pids, 4, 4)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        for batch in batches(sampler, 4, 4):
+            for group in batch.reshape(4, 4):
+                assert len(set(group.tolist())) == 4
+
+
 def test_too_few_identities_is_a_clear_error():
     with pytest.raises(ValueError, match="at least P=12 identities.*leave 10"):
         PKSampler(np.arange(10), 12, 4)

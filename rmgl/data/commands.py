@@ -1,4 +1,4 @@
-"""``rmgl synth``, ``rmgl data-info`` and (until training lands) ``rmgl demo``."""
+"""``rmgl synth`` and ``rmgl data-info``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 from rmgl.data.datasets import READERS, load_dataset
 from rmgl.data.synthetic import META_FILE, MOSAIC_FILE, Misalignment, SynthConfig, generate
-
-DEFAULT_SYNTH_DIR = "runs/demo/synthetic"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("dataset", help=f"one of: {', '.join(READERS)} (a synthetic benchmark is a 'folder')")
     info.add_argument("--root", required=True, help="dataset folder")
     info.set_defaults(func=run_data_info)
-
-    demo = subparsers.add_parser("demo", help="the end-to-end demo on the synthetic benchmark")
-    demo.add_argument("--out", default=DEFAULT_SYNTH_DIR)
-    demo.set_defaults(func=run_demo)
 
 
 def synth_config(args: argparse.Namespace) -> SynthConfig:
@@ -70,11 +64,3 @@ def run_data_info(args: argparse.Namespace) -> int:
     print(load_dataset(args.dataset, args.root).summary())
     return 0
 
-
-def run_demo(args: argparse.Namespace) -> int:
-    """Generate the default benchmark and show it. Training joins here with the training issue."""
-    parser_defaults = argparse.Namespace(
-        out=args.out, seed=0, scale=1.0, train_ids=100, test_ids=100, cameras=6,
-        twin_fraction=0.25, misalignment=1.0, height=128, width=64, workers=0,
-    )
-    return run_synth(parser_defaults)

@@ -109,7 +109,9 @@ def train_loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
-        persistent_workers=workers > 0,
+        # Workers are re-created (and re-seeded from torch's generator) every epoch, so a
+        # resumed run draws the same augmentations as an uninterrupted one.
+        persistent_workers=False,
     )
 
 

@@ -8,9 +8,9 @@ by identity in a random identity order, and batch ``j`` takes the groups at posi
 most B positions, so no batch can hold it twice: the P identities are always distinct and
 the epoch length is known exactly before the first batch.
 
-With distributed training, the identities are split between ranks (disjoint, a new split
-every epoch from the shared seed) and every rank computes every rank's batch count, keeping
-the smallest, so all ranks run the same number of steps without communicating.
+With distributed training, the identities are split between ranks (disjoint, drawn from the
+shared seed) and every rank computes every rank's batch count, keeping the smallest, so all
+ranks run the same number of steps, every epoch, without communicating.
 """
 
 from __future__ import annotations
@@ -73,12 +73,10 @@ class PKSampler(Sampler[int]):
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
 
     # --- the plan of one epoch -------------------------------------------------------------
-    def _rng(self) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch])
-
-    def _rank_pids(self, rng: np.random.Generator) -> list[list[int]]:
-        """Disjoint identity lists, one per rank, each in a random order."""
-        order = [self.pids[i] for i in rng.permutation(len(self.pids))]
+    def _rank_pids(self) -> list[list[int]]:
+        """Disjoint identity lists, one per rank. The split depends on the seed only, so every
+        epoch has the same length (the LR schedule counts iterations)."""
+        order = [self.pids[i] for i in np.random.default_rng([self.seed, 1]).permutation(len(self.pids))]
         return [order[r :: self.world_size] for r in range(self.world_size)]
 
     def _num_groups(self, pid: int) -> int:
@@ -93,26 +91,27 @@ class PKSampler(Sampler[int]):
                 return batches
             batches = capped
 
-    def _plan(self) -> tuple[np.random.Generator, list[int], int]:
-        rng = self._rng()
-        per_rank = self._rank_pids(rng)
-        batches = min(self._num_batches(p) for p in per_rank)
-        return rng, per_rank[self.rank], batches
-
     def __len__(self) -> int:
-        return self._plan()[2] * self.P * self.K
+        return self.num_batches * self.P * self.K
+
+    @property
+    def num_batches(self) -> int:
+        return min(self._num_batches(p) for p in self._rank_pids())
 
     def __iter__(self) -> Iterator[int]:
-        rng, pids, num_batches = self._plan()
+        num_batches = self.num_batches
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        mine = self._rank_pids()[self.rank]
+        pids = [mine[i] for i in rng.permutation(len(mine))]
         layout: list[list[int]] = []
         for pid in pids:
             indices = list(rng.permutation(self.index_by_pid[pid]))
             if len(indices) < self.K:
                 indices += list(rng.choice(indices, size=self.K - len(indices), replace=True))
             elif len(indices) % self.K:
-                top_up = self.K - len(indices) % self.K
-                indices += list(rng.choice(indices, size=top_up, replace=False))
+                # top up the last group from the other groups' images, never its own
+                full = len(indices) - len(indices) % self.K
+                indices += list(rng.choice(indices[:full], size=self.K - len(indices) % self.K, replace=False))
             groups = [indices[i : i + self.K] for i in range(0, len(indices), self.K)]
             layout.extend(groups[:num_batches])
         batches = [

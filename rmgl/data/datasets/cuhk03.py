@@ -2,9 +2,9 @@
 
 Layout::
 
-    ROOT/[cuhk03_release/]cuhk-03.mat                          (MATLAB v7.3 = HDF5)
-    ROOT/[...]/cuhk03_new_protocol_config_labeled.mat          (MATLAB v5)
-    ROOT/[...]/cuhk03_new_protocol_config_detected.mat
+    ROOT/[nesting/]cuhk03_new_protocol_config_labeled.mat     (MATLAB v5)
+    ROOT/[nesting/]cuhk03_new_protocol_config_detected.mat
+    ROOT/[nesting/][cuhk03_release/]cuhk-03.mat               (MATLAB v7.3 = HDF5)
 
 On first use the images of the chosen variant are extracted from ``cuhk-03.mat`` to
 ``images_<variant>/`` as ``<campair>_<pid:03d>_<view>_<img:02d>.png`` (the names the protocol
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 
 RAW_MAT = "cuhk-03.mat"
 LAYOUT_HINT = (
-    "Expected CUHK03: ROOT[/cuhk03_release]/cuhk-03.mat plus "
-    "cuhk03_new_protocol_config_labeled.mat and cuhk03_new_protocol_config_detected.mat."
+    "Expected CUHK03: cuhk03_new_protocol_config_labeled.mat and "
+    "cuhk03_new_protocol_config_detected.mat, with cuhk-03.mat beside them or in cuhk03_release/."
 )
 OFFICIAL_COUNTS = {
     "labeled": {"train": (767, 7368), "query": (700, 1400), "gallery": (700, 5328)},
@@ -68,7 +69,7 @@ def extract_images(mat_path: Path, variant: str, out_dir: Path) -> int:
                         continue
                     target = out_dir / image_name(campair, pid, index)
                     if not target.exists():
-                        tmp = target.with_suffix(".tmp.png")
+                        tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.png")
                         Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8))).save(tmp)
                         tmp.replace(target)
                     written += 1
@@ -103,14 +104,19 @@ def read_cuhk03(root: str | Path, variant: str = "labeled") -> ReidDataset:
     if variant not in VARIANTS:
         raise ValueError(f"CUHK03 variant must be one of {VARIANTS}, got {variant!r}")
     config_name = f"cuhk03_new_protocol_config_{variant}.mat"
-    base = find_dataset_dir(root, [RAW_MAT, config_name], LAYOUT_HINT)
+    base = find_dataset_dir(root, [config_name], LAYOUT_HINT)
+    # The raw file sits beside the protocol files or, as unpacked from the release archive,
+    # in cuhk03_release/ next to them.
+    raw = next((p for p in (base / RAW_MAT, base / "cuhk03_release" / RAW_MAT) if p.is_file()), None)
     cache = base / f"split_new_{variant}.json"
     if not cache.is_file():
+        if raw is None:
+            raise DatasetLayoutError(f"{RAW_MAT} not found in {base} or {base / 'cuhk03_release'}. {LAYOUT_HINT}")
         image_dir = base / f"images_{variant}"
         log.info("extracting CUHK03 %s images to %s (first use only)", variant, image_dir)
-        extract_images(base / RAW_MAT, variant, image_dir)
+        extract_images(raw, variant, image_dir)
         split = build_split(base / config_name, image_dir, base)
-        tmp = cache.with_suffix(".json.tmp")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # several processes may build it at once
         tmp.write_text(json.dumps(split))
         tmp.replace(cache)
     split = json.loads(cache.read_text())

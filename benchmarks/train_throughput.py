@@ -1,0 +1,92 @@
+"""Training throughput (images/s) of full training steps: forward, losses, backward, SGD step.
+
+Settings: RMGL-R50 at 384x128 (the paper's model, batch 48 = 12 x 4) and the demo config
+(RMGL-R18 at 96x32, batch 32). Synthetic tensors stand in for images so the number is the
+model's, not the loader's (see benchmarks/data_pipeline.py for that). On a GPU it uses
+bf16 autocast and channels_last, as the trainer does, and projects the full 60-epoch
+Market-1501 schedule (12,936 images per epoch).
+
+    python benchmarks/train_throughput.py [--steps 5] [--device cpu|cuda] [--only r50|demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import time
+
+import torch
+
+from rmgl.engine.trainer import parameter_groups
+from rmgl.losses import RMGLLoss
+from rmgl.model import build_model
+
+MARKET_TRAIN_IMAGES = 12936
+MARKET_IDS = 751
+
+SETTINGS = {
+    "r50": dict(name="RMGL-R50 384x128 (paper)", backbone="resnet50", size=(384, 128), P=12, K=4),
+    "demo": dict(name="RMGL-R18 96x32 (demo)", backbone="resnet18", size=(96, 32), P=8, K=4),
+}
+
+
+def measure(setting: dict, device: torch.device, steps: int, warmup: int) -> float:
+    model = build_model(MARKET_IDS, backbone=setting["backbone"], pretrained="none").to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(parameter_groups(model, 0.01, 10.0), lr=0.01, momentum=0.9, weight_decay=1e-3)
+    criterion = RMGLLoss()
+    batch = setting["P"] * setting["K"]
+    images = torch.randn(batch, 3, *setting["size"], device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.arange(setting["P"], device=device).repeat_interleave(setting["K"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            output = model(images)
+        loss, _ = criterion(output, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=sorted(SETTINGS))
+    parser.add_argument("--r50-identities", type=int, default=None,
+                        help="P for RMGL-R50 (default 12 on GPU, 2 on CPU, where a 48-image step takes minutes)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    SETTINGS["r50"]["P"] = args.r50_identities or (12 if device.type == "cuda" else 2)
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    print(f"device: {what}; torch {torch.__version__}")
+    print("| setting | batch | images/s | 60-epoch Market-1501 (projected) |\n|---|---|---|---|")
+    for key, setting in SETTINGS.items():
+        if args.only and key != args.only:
+            continue
+        rate = measure(setting, device, args.steps, args.warmup)
+        hours = 60 * MARKET_TRAIN_IMAGES / rate / 3600
+        print(f"| {setting['name']} | {setting['P'] * setting['K']} | {rate:.1f} | {hours:.2f} h |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Configuration, training loop, checkpoints, evaluation and the demo."""

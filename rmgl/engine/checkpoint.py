@@ -1,0 +1,165 @@
+"""Checkpoints: one safetensors file per checkpoint, written atomically (write, then rename).
+
+A checkpoint holds the model weights (``model.*``), the optimizer's tensors (``optim.*``), the
+RNG states (``rng.*``) and, as text metadata, the resolved config (YAML) and the trainer state
+(epoch, scheduler, sampler, optimizer hyper-parameters, grad-scaler; JSON). Nothing is
+unpickled when loading, so a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "rmgl-checkpoint-v1"
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    config_yaml: str
+    trainer: dict
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # the current device only
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(py_state), gauss]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = meta["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    config_yaml: str,
+    trainer: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    with_rng: bool = True,
+) -> Path:
+    """Write a checkpoint atomically; a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    trainer = dict(trainer or {})
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars: dict[str, dict] = {}
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        trainer["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
+    if with_rng:
+        rng_tensors, rng_meta = rng_state()
+        tensors.update(rng_tensors)
+        trainer["rng"] = rng_meta
+    metadata = {"format": FORMAT, "config": config_yaml, "trainer": json.dumps(trainer)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    _fsync(tmp)  # the data must be on disk before the rename can be
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rmgl checkpoint (format {metadata.get('format')!r}); "
+                         "for plain weights use rmgl.engine.checkpoint.load_weights")
+    return Checkpoint(load_file(str(path)), metadata["config"], json.loads(metadata["trainer"]))
+
+
+def optimizer_state(ckpt: Checkpoint) -> dict:
+    """The optimizer state dict stored in ``ckpt``, ready for ``optimizer.load_state_dict``."""
+    info = ckpt.trainer["optimizer"]
+    state: dict[int, dict] = {}
+    for key, value in ckpt.tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in info["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from an rmgl checkpoint, a ``.safetensors`` file or a torch file
+    (read with ``weights_only=True``: no code runs)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if any(k.startswith("model.") for k in tensors):
+            return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        return tensors
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], drop_classifiers: bool = False,
+                     classifier_prefix: str = "classifier") -> dict[str, torch.Tensor]:
+    """Check that ``state`` fits ``model`` and say exactly how it does not.
+
+    With ``drop_classifiers`` the classifier weights are left out (evaluation on another
+    dataset, whose identities differ), and the model's own classifiers are kept.
+    """
+    own = model.state_dict()
+    if drop_classifiers:
+        state = {k: v for k, v in state.items() if classifier_prefix not in k}
+        own = {k: v for k, v in own.items() if classifier_prefix not in k}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = ["the checkpoint does not fit this model (different architecture or class count):"]
+        if missing:
+            lines.append(f"  missing from checkpoint ({len(missing)}): {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  not in model ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        if wrong:
+            lines.append(f"  shape mismatch ({len(wrong)}): {'; '.join(wrong[:5])}")
+        if wrong and all(classifier_prefix in w for w in wrong) and not missing and not unexpected:
+            lines.append("  only the classifiers differ (another class count): load with drop_classifiers=True to evaluate")
+        raise ValueError("\n".join(lines))
+    return state

@@ -1,0 +1,179 @@
+"""Typed configuration: dataclasses with defaults = the paper's recipe (SPEC §8), loaded from
+YAML files (which may extend a ``base`` file) and dotted command-line overrides.
+
+Unknown keys and wrong types are errors that name the key and suggest the closest valid one,
+because a typo in an ablation config must not silently run the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from rmgl.data.transforms import AugmentConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "market1501"  # a name of rmgl.data.datasets.READERS
+    root: str = "data/market1501"
+    height: int = 384
+    width: int = 128
+    num_identities: int = 12  # P
+    num_instances: int = 4  # K
+    workers: int = 4
+    test_batch_size: int = 128
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    pretrained: str = "imagenet"  # imagenet | imagenet_v2 | none | path to a torchvision state dict
+    last_stride: int = 1
+    branches: list[int] = field(default_factory=lambda: [2, 3])
+    rp_position: str = "layer2"  # input | layer1 | layer2 | layer3 | layer4 | output
+    only_rp: bool = False
+    abp: str = "both"  # off | train | test | both
+    abp_pool: str = "avg"
+    pooling: str = "max"  # max | avg | gem
+    reduction_dim: int = 256
+
+
+@dataclass
+class LossConfig:
+    triplet_margin: float = 0.6
+    soft_margin: bool = False
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 60
+    lr: float = 0.01
+    head_lr_mult: float = 10.0  # reduction layers and classifiers
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    warmup_epochs: float = 3.0
+    warmup_start_lr: float = 1e-5
+    milestones: list[int] = field(default_factory=lambda: [30, 50])
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # epochs between evaluations (and always at the end); 0 = only at the end
+    rerank: bool = False
+    metric: str = "euclidean"  # euclidean | cosine
+
+
+@dataclass
+class RunConfig:
+    name: str = "rmgl"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True  # on GPU only
+    log_every: int = 20  # iterations between log lines
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            keys.append(path)
+            keys.extend(_dotted_keys(node[key], path + "."))
+    return keys
+
+
+def _explain(err: Exception, schema: DictConfig, source: str, key: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None) or key
+    if isinstance(err, yaml.YAMLError):
+        return ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}")
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        close = difflib.get_close_matches(key, _dotted_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{source}: bad value for '{key}': {str(err.msg).splitlines()[0]}")
+    return ConfigError(f"{source}: {err}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML at ``path`` after the files it extends (``base: other.yaml``, relative)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen))}")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    base = node.pop("base", None)
+    chain = _read_yaml(path.parent / base, (*seen, path.resolve())) if base else []
+    return [*chain, (path, node)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults <- YAML chain <- ``key=value`` overrides, validated against :class:`Config`."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    for source, node in _read_yaml(Path(path)) if path else []:
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, str(source)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.epochs=80")
+        key, value = item.split("=", 1)
+        try:
+            if isinstance(OmegaConf.select(schema, key, default=None), str):
+                # keep strings verbatim (YAML would turn abp=off into the boolean False),
+                # less one pair of quotes the shell may have passed through
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={json.dumps(value)}"]))
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise _explain(err, schema, f"override {item!r}", key) from None
+    # YAML reads a bare `off` as the boolean False; these two options spell "disabled" as off.
+    if cfg.model.abp == "False":
+        cfg.model.abp = "off"
+    if cfg.run.amp == "False":
+        cfg.run.amp = "off"
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def from_yaml_text(text: str) -> DictConfig:
+    """Rebuild a validated config from :func:`to_yaml` output (e.g. stored in a checkpoint)."""
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))

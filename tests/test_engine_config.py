@@ -1,0 +1,87 @@
+"""Typed config: YAML chains, dotted overrides, errors that suggest the right key, every shipped config."""
+
+from pathlib import Path
+
+import pytest
+
+from rmgl.engine.config import ConfigError, from_yaml_text, load_config, to_yaml
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = load_config()
+    assert (cfg.data.height, cfg.data.width, cfg.data.num_identities, cfg.data.num_instances) == (384, 128, 12, 4)
+    assert cfg.model.backbone == "resnet50" and list(cfg.model.branches) == [2, 3] and cfg.model.rp_position == "layer2"
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (0.01, 0.9, 1e-3, 10.0)
+    assert (cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr, list(cfg.optim.milestones), cfg.optim.epochs) == (3, 1e-5, [30, 50], 60)
+    assert cfg.loss.triplet_margin == 0.6 and cfg.data.augment.rsa == 0.5
+
+
+def test_base_chain_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim:\n  epochs: 7\nmodel:\n  branches: [2]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim:\n  lr: 0.02\n")
+    cfg = load_config(tmp_path / "b.yaml", ["model.branches=[2,3,4]", "model.abp=off", "run.amp=off"])
+    assert cfg.optim.epochs == 7 and cfg.optim.lr == 0.02
+    assert list(cfg.model.branches) == [2, 3, 4]
+    assert cfg.model.abp == "off" and cfg.run.amp == "off"  # not the YAML boolean False
+
+
+def test_quoted_string_override_and_error_names_the_base_file(tmp_path):
+    assert load_config(None, ['run.name="x"']).run.name == "x"
+    (tmp_path / "base.yaml").write_text("optim:\n  epoks: 3\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown config key 'optim.epoks'"):
+        load_config(tmp_path / "top.yaml")
+
+
+def test_yaml_off_is_not_a_boolean(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  abp: off\n")
+    assert load_config(tmp_path / "c.yaml").model.abp == "off"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.epoch=3", "unknown config key 'optim.epoch'; did you mean 'optim.epochs'"),
+    ("model.branchs=[2]", "did you mean 'model.branches'"),
+    ("optim.epochs=many", "bad value for 'optim.epochs'"),
+    ("epochs", "must look like key=value"),
+    ("optim.milestones=[30,50", "not valid YAML"),
+    ("data=3", "bad value for 'data'"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_file_key_and_loop(tmp_path):
+    (tmp_path / "typo.yaml").write_text("optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean 'optim.weight_decay'"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_yaml_text():
+    cfg = load_config(None, ["model.branches=[1,2,3]", "loss.soft_margin=true"])
+    again = from_yaml_text(to_yaml(cfg))
+    assert again == cfg
+
+
+def test_every_paper_experiment_has_a_config():
+    names = {p.relative_to(p.parents[1]).as_posix() if p.parent.name != "configs" else p.name for p in CONFIGS}
+    for dataset in ("market1501", "dukemtmcreid", "cuhk03_labeled", "cuhk03_detected", "msmt17"):
+        assert f"{dataset}.yaml" in names
+    for folder in ("ablation", "augmentation", "partition", "rsa_params", "studies"):
+        assert any(n.startswith(folder + "/") for n in names), folder
+    positions = {load_config(p).model.rp_position for p in CONFIGS if p.parent.name == "partition"}
+    assert positions == {"input", "layer1", "layer2", "layer3", "layer4", "output"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.run.name
