@@ -6,6 +6,19 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for modules of many small tensors: as fast, and no stalls waiting for
+    a second thread when the machine is busy (2 threads made those modules 10x slower under
+    load). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A small synthetic benchmark shared by the tests that only read it."""

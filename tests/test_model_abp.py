@@ -9,15 +9,7 @@ import torch
 
 from rmgl.model import abp_boundaries, activation_balanced_pool, build_model, stripe_pool
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: as fast for these small tensors, and no stalls waiting for a second
-    thread on a busy shared machine (2 threads made this suite 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_boundaries(x: torch.Tensor, stripes: int) -> list[int]:

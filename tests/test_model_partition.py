@@ -14,15 +14,7 @@ from rmgl.model import (
     split_partitions,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: as fast for these small tensors, and no stalls waiting for a second
-    thread on a busy shared machine (2 threads made this suite 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 H, W = 192, 64  # ResNet-18: 48 rows before layer2, divisible by 2 and 3 at every RP position

@@ -7,15 +7,7 @@ import torch
 
 from rmgl.model import RMGLOutput, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: as fast for these small tensors, and no stalls waiting for a second
-    thread on a busy shared machine (2 threads made this suite 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = (96, 32)  # ResNet-18 at 96x32: 24 rows before layer2, 6 rows at the output

@@ -10,15 +10,7 @@ from rmgl.cli import main
 from rmgl.model import build_model, partition_field, stage_fields
 from rmgl.model.backbone import ResNetBackbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: as fast for these small tensors, and no stalls waiting for a second
-    thread on a busy shared machine (2 threads made this suite 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rf_table(arch: str, last_stride: int, height: int = 384, width: int = 128):
