@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from proc_memory import reset_peak_rss, rss_mb
 
 from rmgl.metrics import evaluate_rank
 
@@ -56,31 +57,18 @@ def by_full_sort(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50):
     return cmc, ap.mean(), (hits.sum(1) / (last + 1)).mean()
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # name -> feature noise (None = uniform random distances: true matches anywhere)
 CASES = {"trained-like": 1.2, "weak model": 1.6, "random": None}
 
 
 def measure(dist, q_pids, g_pids, q_cams, g_cams, repeats: int, check: bool) -> None:
     matrix_mb = dist.nbytes / 2**20
-    _reset_peak()
-    before = _rss_mb("VmRSS")
+    reset_peak_rss()
+    before = rss_mb("VmRSS")
     start = time.perf_counter()
     result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
     first_call = time.perf_counter() - start
-    extra_mb = _rss_mb("VmHWM") - before
+    extra_mb = rss_mb("VmHWM") - before
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from proc_memory import reset_peak_rss, rss_mb
 
 SCALES = {  # (queries, gallery, identities)
     "small": (300, 1500, 150),
@@ -93,25 +94,12 @@ def dense_public_style_rerank(query, gallery, k1=20, k2=6, lambda_value=0.3):
     return final[:, num_query:]
 
 
-def _peak_rss_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
-        handle.write("5")
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(args) -> None:
     """Run one implementation once; print a JSON line with time and memory."""
     num_query, num_gallery, num_ids = SCALES[args.scale]
     query, gallery = clustered_features(num_query, num_gallery, num_ids, args.seed)
-    _peak_rss_reset()
-    before = _rss_mb("VmRSS")
+    reset_peak_rss()
+    before = rss_mb("VmRSS")
     start = time.perf_counter()
     if args.worker == "ours":
         import logging
@@ -125,7 +113,7 @@ def worker(args) -> None:
     else:
         result = dense_public_style_rerank(query, gallery)
     seconds = time.perf_counter() - start
-    peak = _rss_mb("VmHWM")
+    peak = rss_mb("VmHWM")
     if args.save:
         np.save(args.save, result.astype(np.float32))
     print(
