@@ -11,7 +11,6 @@ from rmgl.engine.checkpoint import (
     load_checkpoint,
     load_weights,
     optimizer_state,
-    restore_rng,
     save_checkpoint,
 )
 from rmgl.engine.config import load_config
@@ -63,12 +62,8 @@ def test_checkpoint_round_trip(tmp_path):
     opt.step()
     path = save_checkpoint(tmp_path / "last.safetensors", model, "run:\n  name: x\n", {"epoch": 4}, opt)
     assert not list(tmp_path.glob("*.tmp"))
-    expected_next = torch.rand(3)
     ckpt = load_checkpoint(path)
     assert ckpt.trainer["epoch"] == 4 and "name: x" in ckpt.config_yaml
-    torch.rand(10)  # move the generator on, then restore it
-    restore_rng(ckpt.tensors, ckpt.trainer["rng"])
-    assert torch.equal(torch.rand(3), expected_next)
     fresh = Tiny()
     fresh.load_state_dict(check_compatible(fresh, ckpt.model_state()))
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):

@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file per checkpoint, written atomically (write, then rename).
 
-A checkpoint holds the model weights (``model.*``), the optimizer's tensors (``optim.*``), the
-RNG states (``rng.*``) and, as text metadata, the resolved config (YAML) and the trainer state
-(epoch, scheduler, sampler, optimizer hyper-parameters, grad-scaler; JSON). Nothing is
+A checkpoint holds the model weights (``model.*``), the optimizer's tensors (``optim.*``) and,
+as text metadata, the resolved config (YAML) and the trainer state
+(epoch, scheduler, sampler, optimizer hyper-parameters, grad-scaler; JSON). No RNG state is
+stored: the trainer seeds every epoch from (run seed, rank, epoch). Nothing is
 unpickled when loading, so a checkpoint from elsewhere cannot run code.
 """
 
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -31,34 +30,12 @@ class Checkpoint:
         return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # the current device only
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
-    version, py_state, gauss = random.getstate()
-    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(py_state), gauss]}
-    return tensors, meta
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, py_state, gauss = meta["python"]
-    random.setstate((version, tuple(py_state), gauss))
-
-
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
     config_yaml: str,
     trainer: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    with_rng: bool = True,
 ) -> Path:
     """Write a checkpoint atomically; a crash mid-write leaves the previous file intact."""
     path = Path(path)
@@ -75,10 +52,6 @@ def save_checkpoint(
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         trainer["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
-    if with_rng:
-        rng_tensors, rng_meta = rng_state()
-        tensors.update(rng_tensors)
-        trainer["rng"] = rng_meta
     metadata = {"format": FORMAT, "config": config_yaml, "trainer": json.dumps(trainer)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
