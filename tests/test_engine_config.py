@@ -6,7 +6,7 @@ import pytest
 
 from rmgl.engine.config import ConfigError, from_yaml_text, load_config, to_yaml
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("rmgl", "configs").rglob("*.yaml"))
 
 
 def test_defaults_are_the_papers_recipe():
@@ -61,7 +61,7 @@ def test_bad_file_key_and_loop(tmp_path):
     (tmp_path / "y.yaml").write_text("base: x.yaml\n")
     with pytest.raises(ConfigError, match="loop"):
         load_config(tmp_path / "x.yaml")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="neither a file nor a built-in"):
         load_config(tmp_path / "missing.yaml")
 
 
@@ -85,3 +85,23 @@ def test_every_paper_experiment_has_a_config():
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.run.name
+
+
+def test_builtin_configs_by_name_and_user_files_extending_them(tmp_path):
+    from rmgl.engine.config import builtin_configs
+
+    names = builtin_configs()
+    assert "market1501" in names and "demo" in names and "ablation/2stripe_rp" in names
+    assert load_config("market1501").data.dataset == "market1501"
+    assert load_config("ablation/2stripe_rp.yaml").model.branches == [2]
+    (tmp_path / "mine.yaml").write_text("base: market1501\noptim:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.optim.epochs == 3 and cfg.data.dataset == "market1501" and cfg.eval.rerank
+    with pytest.raises(ConfigError, match="did you mean market1501"):
+        load_config("market1510")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")

@@ -17,7 +17,7 @@ from rmgl.engine.evaluation import evaluate_model
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

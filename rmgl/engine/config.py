@@ -122,18 +122,42 @@ def _explain(err: Exception, schema: DictConfig, source: str, key: str = "") -> 
     return ConfigError(f"{source}: {err}")
 
 
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped in the package, e.g. ``market1501``, ``ablation/2stripe_rp``."""
+    return sorted(p.relative_to(BUILTIN_DIR).with_suffix("").as_posix() for p in BUILTIN_DIR.rglob("*.yaml"))
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file: an existing path (relative to ``relative_to`` when given), else a built-in
+    config by name (``market1501``, ``ablation/2stripe_rp``, with or without ``.yaml``)."""
+    path = Path(name)
+    candidates = [relative_to / path] if relative_to is not None else [path]
+    stem = path.as_posix().removesuffix(".yaml")
+    candidates.append(BUILTIN_DIR / f"{stem}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches(stem, builtin_configs(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; 'rmgl configs' lists the built-in ones"
+    raise ConfigError(f"config {name} is neither a file nor a built-in config{hint}")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
-    """The YAML at ``path`` after the files it extends (``base: other.yaml``, relative)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """The YAML at ``path`` after the files it extends (``base:`` a path relative to the file,
+    or the name of a built-in config)."""
     if path.resolve() in seen:
         raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen))}")
     try:
         node = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
     base = node.pop("base", None)
-    chain = _read_yaml(path.parent / base, (*seen, path.resolve())) if base else []
+    chain = _read_yaml(find_config(base, path.parent), (*seen, path.resolve())) if base else []
     return [*chain, (path, node)]
 
 
@@ -141,7 +165,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML chain <- ``key=value`` overrides, validated against :class:`Config`."""
     schema = OmegaConf.structured(Config)
     cfg = schema
-    for source, node in _read_yaml(Path(path)) if path else []:
+    for source, node in _read_yaml(find_config(path)) if path else []:
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:
