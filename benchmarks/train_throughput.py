@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rmgl.engine.trainer import parameter_groups
+from rmgl.engine.schedule import parameter_groups
 from rmgl.losses import RMGLLoss
 from rmgl.model import build_model
 

@@ -15,7 +15,7 @@ from rmgl.engine.checkpoint import (
 )
 from rmgl.engine.config import load_config
 from rmgl.engine.schedule import build_scheduler, lr_factor
-from rmgl.engine.trainer import parameter_groups
+from rmgl.engine.schedule import parameter_groups
 
 
 def test_warmup_is_exponential_from_1e5_then_steps():

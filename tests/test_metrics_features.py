@@ -74,7 +74,9 @@ def test_rejects_bad_models_and_loaders():
         extract_features(TwoOutputs(), make_loader(), progress=False)
     with pytest.raises(ValueError, match="no batches"):
         extract_features(TinyNet(), [], progress=False)
-    with pytest.raises(ValueError, match="amp=True needs a CUDA"):
+    with pytest.raises(ValueError, match="float16 autocast needs a CUDA"):
+        extract_features(TinyNet(), make_loader(), device="cpu", amp=torch.float16, progress=False)
+    with pytest.raises(ValueError, match="amp must be None"):
         extract_features(TinyNet(), make_loader(), device="cpu", amp=True, progress=False)
 
 

@@ -207,7 +207,7 @@ def test_result_table_and_json(tmp_path):
 
 
 def test_plot_cmc_writes_png(tmp_path):
-    from rmgl.metrics import plot_cmc
+    from rmgl.reporting import plot_cmc
 
     result = evaluate_rank(HAND_DIST, [1], HAND_G_PIDS, [0], HAND_G_CAMS, max_rank=6)
     path = plot_cmc({"baseline": result, "re-ranked": result}, tmp_path / "plots" / "cmc.png")

@@ -1,5 +1,6 @@
-"""Typed configuration: dataclasses with defaults = the paper's recipe (SPEC §8), loaded from
-YAML files (which may extend a ``base`` file) and dotted command-line overrides.
+"""Typed configuration: dataclasses with defaults = the paper's recipe (§IV-A; every choice
+the paper leaves open is in docs/model.md), loaded from YAML files (which may extend a
+``base`` file or a built-in config) and dotted command-line overrides.
 
 Unknown keys and wrong types are errors that name the key and suggest the closest valid one,
 because a typo in an ablation config must not silently run the default.
@@ -45,6 +46,7 @@ class ModelConfig:
     abp_pool: str = "avg"
     pooling: str = "max"  # max | avg | gem
     reduction_dim: int = 256
+    init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EvalConfig:
     every: int = 10  # epochs between evaluations (and always at the end); 0 = only at the end
     rerank: bool = False
     metric: str = "euclidean"  # euclidean | cosine
+    protocol: str = "auto"  # auto (the dataset's) | cross_camera | any_camera
 
 
 @dataclass
@@ -80,7 +83,9 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    # auto: bf16 training on GPU, float32 on CPU, float32 evaluation everywhere;
+    # bf16 | fp16: training and evaluation in that precision; off: float32 throughout
+    amp: str = "auto"
     channels_last: bool = True  # on GPU only
     log_every: int = 20  # iterations between log lines
 
@@ -190,8 +195,110 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.model.abp = "off"
     if cfg.run.amp == "False":
         cfg.run.amp = "off"
+    check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# (key, test, what is expected): checked before anything runs, so that a bad value fails in
+# a second with its name instead of after an epoch of training.
+CHOICES = {
+    "model.abp": ("off", "train", "test", "both"),
+    "model.abp_pool": ("avg", "max"),
+    "model.pooling": ("max", "avg", "gem"),
+    "model.rp_position": ("input", "layer1", "layer2", "layer3", "layer4", "output"),
+    "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
+    "eval.protocol": ("auto", "cross_camera", "any_camera"),
+    "run.amp": ("auto", "bf16", "fp16", "off"),
+}
+RANGES = [
+    ("data.height", lambda v: v > 0, "> 0"),
+    ("data.width", lambda v: v > 0, "> 0"),
+    ("data.num_identities", lambda v: v >= 1, ">= 1"),
+    ("data.num_instances", lambda v: v >= 1, ">= 1"),
+    ("data.workers", lambda v: v >= 0, ">= 0"),
+    ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
+    ("model.reduction_dim", lambda v: v >= 1, ">= 1"),
+    ("loss.triplet_margin", lambda v: v >= 0, ">= 0"),
+    ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.epochs", lambda v: v >= 1, ">= 1"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.head_lr_mult", lambda v: v > 0, "> 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_start_lr", lambda v: v > 0, "> 0"),
+    ("optim.gamma", lambda v: v > 0, "> 0"),
+    ("eval.every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("run.log_every", lambda v: v >= 1, ">= 1"),
+]
+PROBABILITIES = ("flip", "rsa", "rsa_crop_prob", "random_erasing", "color_jitter", "random_crop", "rcrs")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks the types cannot express; raises :class:`ConfigError` naming the key."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    checks = RANGES + [(f"data.augment.{name}", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+                       for name in PROBABILITIES if name in cfg.data.augment]
+    for key, test, expected in checks:
+        value = OmegaConf.select(cfg, key)
+        if not test(value):
+            raise ConfigError(f"{key}={value} must be {expected}")
+    if cfg.model.only_rp and cfg.model.rp_position == "output":
+        raise ConfigError("model.only_rp=true needs a receptive partition; model.rp_position=output has none")
+    if not cfg.model.branches or min(cfg.model.branches) < 1:
+        raise ConfigError(f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]")
+    if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing epochs")
+    from rmgl.engine.run_record import check_run_name
+
+    try:
+        check_run_name(cfg.run.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+# What a resumed run may change: how long it trains and how it is evaluated and logged, never
+# what it learns from or how (that would make the record disagree with what ran).
+RESUME_MAY_CHANGE = (
+    "optim.epochs", "eval.every", "eval.rerank", "eval.metric", "eval.protocol",
+    "data.workers", "data.test_batch_size", "data.root", "run.log_every", "run.device",
+    "run.output_dir",
+)
+
+
+def check_resume_changes(saved: DictConfig, new: DictConfig, epochs_done: int) -> None:
+    """Refuse a resume whose config changes the run; name each changed key."""
+    changed = [
+        f"{key}: {OmegaConf.select(saved, key)} -> {OmegaConf.select(new, key)}"
+        for key in _leaf_keys(new)
+        if key not in RESUME_MAY_CHANGE and OmegaConf.select(saved, key, default=None) != OmegaConf.select(new, key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume with settings that differ from the checkpoint's ({'; '.join(changed)}); "
+            f"a resumed run may only change {', '.join(RESUME_MAY_CHANGE)}. Start a new run "
+            "(another run.name) to change the others"
+        )
+    if new.optim.epochs <= epochs_done:
+        raise ConfigError(
+            f"--resume: the run has already trained {epochs_done} epochs and optim.epochs is "
+            f"{new.optim.epochs}; raise optim.epochs to train longer"
+        )
+
+
+def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node.keys():
+        value = node[key]
+        if isinstance(value, DictConfig):
+            keys.extend(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def to_yaml(cfg: DictConfig) -> str:

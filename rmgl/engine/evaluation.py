@@ -3,26 +3,26 @@ and by ``rmgl eval``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rmgl.data.loading import eval_loader
-from rmgl.data.records import ReidDataset
+from rmgl.data.records import ReidDataset, same_image_index
 from rmgl.data.transforms import build_eval_transform
-from rmgl.engine.visualize import ranked_list_figure
-from rmgl.metrics import (
-    RankResult,
-    evaluate_rank,
-    extract_features,
-    k_reciprocal_rerank,
-    pairwise_distance,
-    plot_cmc,
-)
+from rmgl.metrics import RankResult, evaluate_rank, extract_features, k_reciprocal_rerank, pairwise_distance
+from rmgl.reporting import plot_cmc, ranked_list_figure, write_results_json
 
 log = logging.getLogger(__name__)
+
+PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_protocol(protocol: str, dataset: ReidDataset) -> str:
+    """``auto`` is the dataset's own protocol (``any_camera`` for data without cameras)."""
+    return dataset.protocol if protocol == "auto" else protocol
 
 
 def evaluate_model(
@@ -35,22 +35,45 @@ def evaluate_model(
     workers: int = 2,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    amp: torch.dtype | None = None,
+    protocol: str = "auto",
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, RankResult]:
-    """Results keyed ``"plain"`` (and ``"rerank"``); with ``out_dir`` also writes
-    ``results.json``, ``cmc.png`` and ``ranked_list.png`` there."""
+    """Results keyed ``"plain"`` (and ``"rerank"``).
+
+    ``amp`` is the autocast dtype of feature extraction (None = float32, the default: see
+    :func:`rmgl.engine.runtime.amp_dtype`). With ``out_dir`` also writes ``results.json``
+    (with ``provenance`` and the settings used), ``cmc.png`` and ``ranked_list.png`` there.
+    """
+    protocol = resolve_protocol(protocol, dataset)
     transform = build_eval_transform(size)
-    query = extract_features(model, eval_loader(dataset.query, transform, batch_size, workers), progress=progress)
-    gallery = extract_features(model, eval_loader(dataset.gallery, transform, batch_size, workers), progress=progress)
+    features = {
+        split: extract_features(
+            model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp
+        )
+        for split, records in (("query", dataset.query), ("gallery", dataset.gallery))
+    }
+    query, gallery = features["query"], features["gallery"]
+    own = same_image_index(dataset.query, dataset.gallery)
     distmat = pairwise_distance(query.features, gallery.features, metric=metric)
-    results = {"plain": evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)}
+
+    def rank(dist) -> RankResult:
+        return evaluate_rank(
+            dist, query.pids, gallery.pids, query.camids, gallery.camids,
+            protocol=protocol, query_in_gallery=own,
+        )
+
+    results = {"plain": rank(distmat)}
     if rerank:
-        reranked = k_reciprocal_rerank(query.features, gallery.features)
-        results["rerank"] = evaluate_rank(reranked, query.pids, gallery.pids, query.camids, gallery.camids)
+        results["rerank"] = rank(k_reciprocal_rerank(query.features, gallery.features))
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
+        settings = {
+            "dataset": dataset.name, "root": dataset.root, "protocol": protocol, "metric": metric,
+            "precision": PRECISION_NAMES[amp], "input_size": list(size),
+            "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
+        }
+        write_results_json(out / "results.json", results, **(provenance or {}), **settings)
         plot_cmc({f"{dataset.name} {k}": v for k, v in results.items()}, out / "cmc.png")
-        dist = torch.as_tensor(distmat).cpu().numpy()
-        ranked_list_figure(dist, dataset.query, dataset.gallery, out / "ranked_list.png")
+        ranked_list_figure(distmat, dataset.query, dataset.gallery, out / "ranked_list.png", protocol=protocol)
     return results

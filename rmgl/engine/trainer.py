@@ -1,24 +1,29 @@
-"""The training loop: SPEC §8 schedule, AMP, DDP, exact resume, periodic evaluation.
+"""The training loop (paper §IV-A): PK batches, the per-iteration LR schedule, AMP, DDP.
 
-One :class:`Trainer` per process. Under ``torchrun`` every process trains on its own
-identities (PK sampler) and DDP averages gradients; only rank 0 writes logs and checkpoints
-and evaluates.
+One :class:`Trainer` per process. Everything around the loop lives elsewhere: the device,
+process group and seeds in :mod:`rmgl.engine.runtime`, the run folder (logs, metrics,
+TensorBoard, checkpoints) in :mod:`rmgl.engine.run_record`, logging and periodic evaluation
+in :mod:`rmgl.engine.callbacks`. Under ``torchrun`` the ranks split each batch's identities
+(``data.num_identities`` is the global P) and DDP averages gradients; only rank 0 writes and
+evaluates.
+
+Examples::
+
+    from rmgl.engine import Trainer, load_config
+
+    cfg = load_config("demo", ["data.root=runs/demo/synthetic", "optim.epochs=1"])
+    with Trainer(cfg, overwrite=True) as trainer:
+        results = trainer.train()      # {"plain": RankResult, "rerank": RankResult}
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import random
-import shutil
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -28,15 +33,14 @@ from rmgl.data.datasets import load_dataset
 from rmgl.data.loading import train_loader
 from rmgl.data.records import ReidDataset
 from rmgl.data.transforms import AugmentConfig, build_train_transform
-from rmgl.engine.checkpoint import (
-    check_compatible,
-    load_checkpoint,
-    optimizer_state,
-    save_checkpoint,
-)
-from rmgl.engine.config import to_yaml
+from rmgl.engine.callbacks import Callback, MetricsLogger, PeriodicEvaluation, StepInfo
+from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
+from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model
-from rmgl.engine.schedule import build_scheduler
+from rmgl.engine.load import _model_options, init_from_checkpoint, read_checkpoint
+from rmgl.engine.run_record import RunRecord
+from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
+from rmgl.engine.schedule import build_optimizer, build_scheduler
 from rmgl.losses import RMGLLoss
 from rmgl.metrics import RankResult
 from rmgl.model import build_model
@@ -48,189 +52,149 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def distributed_context(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device), initialising the process group under torchrun.
-
-    The device is chosen before the process group exists, so NCCL knows it; the timeout is
-    long because ranks wait while rank 0 evaluates (MSMT17 with re-ranking takes minutes).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank, world)
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(hours=2))
-    return dist.get_rank(), world, device
-
-
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name} but no CUDA device is available; use run.device=cpu")
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if world_size > 1 and name != "cpu":
-        raise ValueError(f"under torchrun use run.device=auto, cuda or cpu (each rank takes its LOCAL_RANK GPU), not {name}")
-    return torch.device(name)
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Every (run seed, rank, epoch) gets its own generator state, so an epoch draws the same
-    augmentations whether the run was interrupted before it or not, on every rank."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-
-
-def parameter_groups(model: torch.nn.Module, lr: float, head_mult: float) -> list[dict]:
-    """Backbone at ``lr``; reduction layers and classifiers (the ``heads``) at ``lr * head_mult``."""
-    backbone, heads = [], []
-    for name, param in model.named_parameters():
-        (heads if ".heads." in f".{name}" else backbone).append(param)
-    return [
-        {"params": backbone, "lr": lr, "name": "backbone"},
-        {"params": heads, "lr": lr * head_mult, "name": "heads"},
-    ]
+def identities_per_rank(num_identities: int, world_size: int) -> int:
+    """``data.num_identities`` is the global P: two GPUs training the paper's 12 x 4 batch take
+    6 identities each, so the batch, the number of steps and the LR schedule are the same as on
+    one GPU."""
+    if num_identities % world_size:
+        raise ValueError(
+            f"data.num_identities={num_identities} (identities per batch, all processes together) "
+            f"does not divide among {world_size} processes; use a multiple of {world_size}"
+        )
+    return num_identities // world_size
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, dataset: ReidDataset | None = None, resume: bool = False,
-                 progress: bool = True, batch_hook: Callable[[torch.Tensor], None] | None = None,
-                 overwrite: bool = False):
+    """Trains one config; ``callbacks`` are added after the built-in logging and evaluation."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        dataset: ReidDataset | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
         self.cfg = cfg
-        self.rank, self.world_size, self.device = distributed_context(cfg.run.device)
-        self.is_main = self.rank == 0
+        self.runtime = setup_runtime(cfg.run.device)
+        self.device = self.runtime.device
         self.progress = progress and self.is_main
-        self.batch_hook = batch_hook
-        self.out_dir = Path(cfg.run.output_dir) / cfg.run.name
-        if not resume and (self.out_dir / "last.safetensors").exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.out_dir} already holds a run: continue it with --resume, "
-                    "choose another run.name, or replace it with --overwrite"
-                )
-            if self.is_main:
-                shutil.rmtree(self.out_dir)
+        self.record = RunRecord(cfg.run.output_dir, cfg.run.name, writes=self.is_main)
+        self.record.check_start(resume, overwrite)
+        checkpoint = read_checkpoint(self.record.last) if resume else None
+        if checkpoint is not None:
+            check_resume_changes(from_yaml_text(checkpoint.config_yaml), cfg, checkpoint.trainer["epoch"] + 1)
         seed_everything(cfg.run.seed + self.rank)
 
         self.dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
         self.size = (cfg.data.height, cfg.data.width)
         aug = AugmentConfig(**OmegaConf.to_container(cfg.data.augment))
         self.loader = train_loader(
-            self.dataset.train, build_train_transform(self.size, aug), cfg.data.num_identities,
-            cfg.data.num_instances, cfg.data.workers, cfg.run.seed, self.rank, self.world_size,
+            self.dataset.train,
+            build_train_transform(self.size, aug),
+            identities_per_rank(cfg.data.num_identities, self.runtime.world_size),
+            cfg.data.num_instances,
+            cfg.data.workers,
+            cfg.run.seed,
+            self.rank,
+            self.runtime.world_size,
         )
         self.iters_per_epoch = len(self.loader)
         if self.iters_per_epoch == 0:
             raise ValueError("the training split is too small for one PK batch; lower data.num_identities")
 
-        model_options = OmegaConf.to_container(cfg.model)
-        self.model = build_model(self.dataset.num_train_pids, **model_options).to(self.device)
-        self.amp_dtype = self._amp_dtype(cfg.run.amp)
+        self.model = self._build_model(resumed=checkpoint is not None).to(self.device)
+        self.amp_dtype = amp_dtype(cfg.run.amp, self.device)
         if self.device.type == "cuda" and cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, cfg.optim.lr, cfg.optim.head_lr_mult),
-            lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = RMGLLoss(cfg.loss.triplet_margin, cfg.loss.soft_margin, cfg.loss.label_smoothing)
-        self.ddp = (
-            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world_size > 1 else self.model
-        )
+        self.ddp = self.model
+        if self.runtime.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.start_epoch = 0
         self.best_map = -1.0
         self.results: dict[str, RankResult] = {}
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.callbacks: list[Callback] = [
+            MetricsLogger(cfg.run.log_every),
+            PeriodicEvaluation(cfg.eval.every, cfg.eval.rerank),
+            *callbacks,
+        ]
+        self.record.start(to_yaml(cfg), resume, overwrite, self.start_epoch)
         if self.is_main:
-            self._setup_outputs()
-        if resume:
-            self._resume()
+            log.info(
+                "%s: %d train ids, %d images; %d iterations/epoch on %s x %d process(es)",
+                self.dataset.name, self.dataset.num_train_pids, len(self.dataset.train),
+                self.iters_per_epoch, self.device, self.runtime.world_size,
+            )
+            if checkpoint is not None:
+                log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
 
     # --- set-up --------------------------------------------------------------------------
-    def _amp_dtype(self, amp: str) -> torch.dtype | None:
-        if amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"run.amp must be auto, bf16, fp16 or off, got {amp!r}")
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return None
-        if self.device.type != "cuda" and amp == "fp16":
-            raise ValueError("run.amp=fp16 needs a GPU; use bf16 or off on the CPU")
-        return torch.float16 if amp == "fp16" else torch.bfloat16
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank
 
-    def _setup_outputs(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        handler = logging.FileHandler(self.out_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logging.getLogger("rmgl").addHandler(handler)
-        logging.getLogger("rmgl").setLevel(logging.INFO)
-        self._log_handler = handler
-        from torch.utils.tensorboard import SummaryWriter
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
 
-        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        log.info("%s: %d train ids, %d images; %d iterations/epoch on %s x %d process(es)",
-                 self.dataset.name, self.dataset.num_train_pids, len(self.dataset.train),
-                 self.iters_per_epoch, self.device, self.world_size)
+    @property
+    def out_dir(self) -> Path:
+        return self.record.dir
 
-    def _resume(self) -> None:
-        path = self.out_dir / "last.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-        ckpt = load_checkpoint(path)
-        state = check_compatible(self.model, ckpt.model_state())
-        self.model.load_state_dict(state)
+    def _build_model(self, resumed: bool) -> torch.nn.Module:
+        options = _model_options(OmegaConf.to_container(self.cfg.model))
+        init_from = self.cfg.model.init_from
+        if init_from or resumed:
+            options["pretrained"] = "none"  # the weights come from a checkpoint
+        model = build_model(self.dataset.num_train_pids, **options)
+        if init_from and not resumed:
+            message = init_from_checkpoint(model, self.cfg.model, init_from)
+            if self.is_main:
+                log.info(message)
+        return model
+
+    def _restore(self, ckpt) -> None:
+        self.model.load_state_dict(check_compatible(self.model, ckpt.model_state()))
         self.optimizer.load_state_dict(optimizer_state(ckpt))
-        trainer = ckpt.trainer
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        self.loader.sampler.load_state_dict(trainer["sampler"])
-        if trainer.get("scaler"):
-            self.scaler.load_state_dict(trainer["scaler"])
-        self.start_epoch = trainer["epoch"] + 1
-        if self.is_main:  # drop the rows of the epoch that was interrupted
-            metrics = self.out_dir / "metrics.jsonl"
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < self.start_epoch]
-            metrics.write_text("".join(line + "\n" for line in kept))
-        self.best_map = trainer.get("best_map", -1.0)
-        log.info("resumed from %s at epoch %d", path, self.start_epoch + 1)
+        state = ckpt.trainer
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.sampler.load_state_dict(state["sampler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_map = state.get("best_map", -1.0)
 
-    # --- the loop ----------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
+    # --- the loop ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the PK sampler; returns the epoch's mean losses and images/s."""
         self.ddp.train()
         seed_everything(epoch_seed(self.cfg.run.seed, self.rank, epoch))
         self.loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         start, seen = time.perf_counter(), 0
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.progress, leave=False)
+        desc = f"epoch {epoch + 1}/{self.cfg.optim.epochs}"
+        bar = tqdm(self.loader, desc=desc, disable=not self.progress, leave=False)
         for it, (images, pids, _) in enumerate(bar):
-            if self.batch_hook is not None:
-                self.batch_hook(pids)
             images = images.to(self.device, non_blocking=True)
-            pids = pids.to(self.device, non_blocking=True)
+            targets = pids.to(self.device, non_blocking=True)
             if self.device.type == "cuda" and self.cfg.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with autocast(self.device, self.amp_dtype):
                 output = self.ddp(images)
-            loss, terms = self.criterion(_float_output(output), pids)
+            loss, terms = self.criterion(_float_output(output), targets)
             if not self._finite_everywhere(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} (on this rank) at epoch {epoch + 1}, iteration {it + 1} "
-                    f"(terms: {', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); the last good "
-                    f"checkpoint {self.out_dir / 'last.safetensors'} is kept. Lower optim.lr or disable AMP."
+                    f"(terms: {', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); the last "
+                    f"good checkpoint {self.record.last} is kept. Lower optim.lr or disable AMP."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -238,20 +202,16 @@ class Trainer:
             self.scaler.update()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
-            seen += images.shape[0] * self.world_size
-            step = epoch * self.iters_per_epoch + it
-            values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            for k, v in values.items():
+            seen += images.shape[0] * self.runtime.world_size
+            losses = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if self.is_main:
-                rate = seen / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                self.metrics_file.write(json.dumps({"epoch": epoch, "iter": it, "lr": lr, **values}) + "\n")
-                if step % self.cfg.run.log_every == 0:
-                    for k, v in values.items():
-                        self.writer.add_scalar(f"train/{k}", v, step)
-                    self.writer.add_scalar("train/lr", lr, step)
-                    self.writer.add_scalar("train/images_per_s", rate, step)
+            rate = seen / (time.perf_counter() - start)
+            step = StepInfo(epoch, it, epoch * self.iters_per_epoch + it, lr, losses, rate, pids)
+            for callback in self.callbacks:
+                callback.on_step_end(self, step)
+            if self.progress:
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         means = {k: v / self.iters_per_epoch for k, v in sums.items()}
         means["images_per_s"] = seen / (time.perf_counter() - start)
         return means
@@ -260,12 +220,15 @@ class Trainer:
         """False when the loss is NaN/inf on any rank, so that all ranks stop together
         instead of the healthy ones hanging in the gradient all-reduce."""
         bad = (~torch.isfinite(loss.detach())).float()
-        if self.world_size > 1:
+        if self.runtime.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return not bool(bad.item())
 
-    def _save(self, name: str, epoch: int) -> None:
-        trainer = {
+    def save(self, name: str, epoch: int) -> Path | None:
+        """Write ``<run>/<name>.safetensors`` (rank 0 only) with everything resume needs."""
+        if not self.is_main:
+            return None
+        state = {
             "epoch": epoch,
             "best_map": self.best_map,
             "scheduler": self.scheduler.state_dict(),
@@ -273,58 +236,55 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "num_classes": self.dataset.num_train_pids,
         }
-        save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, to_yaml(self.cfg), trainer, self.optimizer)
+        path = self.record.checkpoint(name)
+        return save_checkpoint(path, self.model, to_yaml(self.cfg), state, self.optimizer)
 
-    def evaluate(self, epoch: int | None = None, rerank: bool | None = None, out_dir: Path | None = None) -> dict[str, RankResult]:
-        rerank = self.cfg.eval.rerank if rerank is None else rerank
-        results = evaluate_model(
-            self.model, self.dataset, self.size, rerank=rerank, metric=self.cfg.eval.metric,
-            batch_size=self.cfg.data.test_batch_size, workers=self.cfg.data.workers,
-            out_dir=out_dir, progress=self.progress,
+    def evaluate(self, rerank: bool | None = None, out_dir: Path | None = None) -> dict[str, RankResult]:
+        """Evaluate the current model on the dataset's query and gallery."""
+        return evaluate_model(
+            self.model,
+            self.dataset,
+            self.size,
+            rerank=self.cfg.eval.rerank if rerank is None else rerank,
+            metric=self.cfg.eval.metric,
+            batch_size=self.cfg.data.test_batch_size,
+            workers=self.cfg.data.workers,
+            out_dir=out_dir,
+            progress=self.progress,
+            amp=amp_dtype(self.cfg.run.amp, self.device, evaluation=True),
+            protocol=self.cfg.eval.protocol,
         )
-        for key, result in results.items():
-            log.info("%s%s:\n%s", f"epoch {epoch + 1} " if epoch is not None else "", key, result)
-            if epoch is not None:
-                for metric, value in (("mAP", result.mAP), ("rank1", result.rank(1)), ("mINP", result.mINP)):
-                    self.writer.add_scalar(f"eval_{key}/{metric}", value, epoch + 1)
-        return results
 
     def train(self) -> dict[str, RankResult]:
-        cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.optim.epochs):
-            means = self.train_epoch(epoch)
-            last = epoch + 1 == cfg.optim.epochs
-            if self.is_main:
-                log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs,
-                         ", ".join(f"{k} {v:.4g}" for k, v in means.items() if "/" not in k))
-                due = last or (cfg.eval.every > 0 and (epoch + 1) % cfg.eval.every == 0)
-                if due:
-                    self.results = self.evaluate(epoch, out_dir=self.out_dir / "eval")
-                    if self.results["plain"].mAP > self.best_map:
-                        self.best_map = self.results["plain"].mAP
-                        self._save("best", epoch)
-                self._save("last", epoch)
-                self.metrics_file.flush()
-            if self.world_size > 1:
-                dist.barrier()
+        """Train from ``start_epoch`` to ``optim.epochs``; the last evaluation's results."""
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            summary = self.train_epoch(epoch)
+            self.save("last", epoch)  # before any evaluation: a failing one never costs the epoch
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, epoch, summary)
+            self.runtime.barrier()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
         return self.results
 
     def close(self) -> None:
-        if self.is_main:
-            self.writer.close()
-            self.metrics_file.close()
-            logging.getLogger("rmgl").removeHandler(self._log_handler)
-            self._log_handler.close()
+        self.record.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _float_output(output):
     """Losses in float32 whatever the autocast dtype: a bf16 softmax over 751 classes is lossy."""
-    from dataclasses import fields, is_dataclass, replace
-
     if not is_dataclass(output):
         return output
     return replace(output, **{
         f.name: {k: v.float() for k, v in getattr(output, f.name).items()}
-        for f in fields(output) if isinstance(getattr(output, f.name), dict)
+        for f in fields(output)
+        if isinstance(getattr(output, f.name), dict)
     })
-

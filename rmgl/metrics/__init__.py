@@ -1,8 +1,8 @@
-"""Evaluation: features, distances, ranking metrics, re-ranking and reports."""
+"""Evaluation: features, distances, ranking metrics and re-ranking (pictures and tables of
+the results are in :mod:`rmgl.reporting`)."""
 
 from rmgl.metrics.features import ExtractedFeatures, extract_features, pairwise_distance
 from rmgl.metrics.ranking import RankResult, evaluate_cuhk03_single_shot, evaluate_rank
-from rmgl.metrics.report import plot_cmc
 from rmgl.metrics.rerank import k_reciprocal_rerank
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "extract_features",
     "k_reciprocal_rerank",
     "pairwise_distance",
-    "plot_cmc",
 ]

@@ -30,20 +30,23 @@ def extract_features(
     loader: Iterable,
     device: str | torch.device | None = None,
     flip: bool = True,
-    amp: bool | None = None,
+    amp: torch.dtype | None = None,
     progress: bool = True,
 ) -> ExtractedFeatures:
     """Descriptors of every image in ``loader``, which yields ``(images, pids, camids, ...)``.
 
     The descriptor of an image is the mean of the model's output for the image and for its
     horizontal flip (``flip=True``), then L2-normalised, as the test protocol prescribes.
-    ``device`` defaults to the model's; ``amp`` (float16 autocast) defaults to on for CUDA.
-    The model is put in eval mode and its previous mode is restored afterwards.
+    ``device`` defaults to the model's. ``amp`` is an autocast dtype (``torch.bfloat16`` or,
+    on CUDA, ``torch.float16``); the default None extracts in float32, because reduced
+    precision creates ties between channel maxima that move ABP boundaries. The model is put
+    in eval mode and its previous mode is restored afterwards.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    use_amp = device.type == "cuda" if amp is None else amp
-    if use_amp and device.type != "cuda":
-        raise ValueError(f"amp=True needs a CUDA device, got {device}")
+    if amp not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp must be None, torch.bfloat16 or torch.float16, got {amp!r}")
+    if amp == torch.float16 and device.type != "cuda":
+        raise ValueError(f"float16 autocast needs a CUDA device, got {device}; use torch.bfloat16")
     was_training = model.training
     model.eval()
     features, pids, camids = [], [], []
@@ -53,7 +56,7 @@ def extract_features(
                 raise ValueError("the loader must yield (images, pids, camids, ...) batches")
             images = batch[0].to(device, non_blocking=True)
             autocast = (
-                torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+                torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
             )
             with autocast:
                 descriptor = _descriptor(model(images))

@@ -1,5 +1,7 @@
 """Ranked-list pictures: each query beside its top-k gallery matches, green border for the
-right identity, red for a wrong one (the protocol's ignored same-camera matches are skipped)."""
+right identity, red for a wrong one. The gallery items the evaluation protocol ignores (same
+identity and camera under the cross-camera protocol; the query image itself under
+``any_camera``) are skipped, exactly as the metrics skip them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rmgl.data.records import ImageRecord
+from rmgl.data.records import ImageRecord, same_image_index
+from rmgl.metrics.ranking import ignored_gallery_mask
 
 GREEN, RED, BLUE = (30, 170, 60), (210, 40, 40), (40, 90, 200)
 
@@ -32,12 +35,14 @@ def ranked_list_figure(
     topk: int = 10,
     tile_size: tuple[int, int] = (128, 64),
     seed: int = 0,
+    protocol: str = "cross_camera",
 ) -> Path:
     """Write a PNG with ``num_queries`` evenly chosen queries and their top-``topk`` lists."""
     q_pids = np.array([r.pid for r in query])
     g_pids = np.array([r.pid for r in gallery])
     q_cams = np.array([r.camid for r in query])
     g_cams = np.array([r.camid for r in gallery])
+    own = same_image_index(query, gallery)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(query), size=min(num_queries, len(query)), replace=False))
     h, w = tile_size
@@ -46,7 +51,7 @@ def ranked_list_figure(
     draw = ImageDraw.Draw(sheet)
     for row, qi in enumerate(chosen):
         y = row * (h + label)
-        keep = ~((g_pids == q_pids[qi]) & (g_cams == q_cams[qi]))
+        keep = ~ignored_gallery_mask(q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, int(own[qi]))
         candidates = np.flatnonzero(keep)
         order = candidates[np.argsort(distmat[qi, candidates], kind="stable")[:topk]]
         sheet.paste(_tile(query[qi].path, tile_size, BLUE), (0, y + label))

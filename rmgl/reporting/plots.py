@@ -1,4 +1,4 @@
-"""Plots of evaluation results."""
+"""CMC curves of evaluation results."""
 
 from __future__ import annotations
 

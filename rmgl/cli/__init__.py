@@ -1,0 +1,70 @@
+"""The ``rmgl`` command. Each module of this package adds its subcommands with
+``register(subparsers)`` and stores the handler as ``func`` on the parsed namespace; the
+library modules know nothing of the command line.
+
+User errors (a bad path, a bad config value, an unreadable file, a run that diverged) are
+printed as one line, ``rmgl <command>: error: ...``, with exit code 1; ``-v`` adds the
+traceback. Anything else is a bug in rmgl and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from rmgl.cli import data, evaluate, model, train
+
+# Modules that add subcommands, in the order they appear in ``rmgl --help``.
+COMMAND_MODULES = [data, model, train, evaluate]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input was wrong", not "rmgl is broken"."""
+    from rmgl.data.loading import UnreadableImageError
+    from rmgl.engine.trainer import TrainingDiverged
+
+    return (OSError, ValueError, UnreadableImageError, TrainingDiverged)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rmgl", description="Receptive multi-granularity learning for person re-ID."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"rmgl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as err:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split("\n")[0:1]) or type(err).__name__
+        rest = str(err).split("\n")[1:]
+        print(f"rmgl {args.command}: error: {message}", file=sys.stderr)
+        for line in rest:  # multi-line explanations (e.g. which tensors do not fit) stay readable
+            print(f"  {line.strip()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Trainer hooks: how logging, evaluation and checkpoint policies plug into the loop.
+
+A :class:`Callback` overrides the hooks it needs; the trainer calls every callback's hook in
+order. Logging and periodic evaluation are callbacks themselves, so a new logger or a new
+evaluation schedule is a new callback, not an edit of the trainer.
+
+Examples::
+
+    from rmgl.engine import Callback, Trainer, load_config
+
+    class PrintLoss(Callback):
+        def on_epoch_end(self, trainer, epoch, summary):
+            print(epoch + 1, summary["loss"])
+
+    trainer = Trainer(load_config("demo", ["data.root=runs/demo/synthetic"]),
+                      callbacks=[PrintLoss()])
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rmgl.engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInfo:
+    """What one training iteration did (every rank sees its own)."""
+
+    epoch: int  # 0-based
+    iteration: int  # 0-based, within the epoch
+    global_step: int  # 0-based, over the run
+    lr: float  # backbone LR used for this step
+    losses: dict[str, float]  # "loss" and every named term
+    images_per_s: float  # running rate over the epoch, all ranks
+    pids: torch.Tensor  # identities of this rank's batch (CPU)
+
+
+class Callback:
+    """Base class: every hook does nothing. Hooks run on every rank; use
+    ``trainer.is_main`` to act on rank 0 only."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: StepInfo) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
+        """After the epoch's ``last`` checkpoint is written, so a failing callback (an
+        evaluation on a broken gallery, say) never costs the epoch's training."""
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class MetricsLogger(Callback):
+    """Per-iteration rows in metrics.jsonl, TensorBoard scalars every ``every`` iterations,
+    and one readable log line per epoch."""
+
+    def __init__(self, every: int = 20) -> None:
+        self.every = every
+
+    def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
+        if not trainer.is_main:
+            return
+        record = trainer.record
+        record.metrics_row({"epoch": step.epoch, "iter": step.iteration, "lr": step.lr, **step.losses})
+        if step.global_step % self.every == 0:
+            record.scalars("train", step.losses, step.global_step)
+            record.scalars("train", {"lr": step.lr, "images_per_s": step.images_per_s}, step.global_step)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
+        if trainer.is_main:
+            log.info(
+                "epoch %d/%d: %s",
+                epoch + 1,
+                trainer.cfg.optim.epochs,
+                ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if "/" not in k),
+            )
+            trainer.record.flush()
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluate every ``every`` epochs (0 = only at the end) and always after the last;
+    keep ``best.safetensors`` at the best plain mAP. Each evaluation is a row of
+    evaluations.jsonl (``"eval": "plain"`` / ``"rerank"``): the learning curve."""
+
+    def __init__(self, every: int = 10, rerank: bool = False) -> None:
+        self.every = every
+        self.rerank = rerank
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return epoch + 1 == epochs or (self.every > 0 and (epoch + 1) % self.every == 0)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
+        if not (trainer.is_main and self.due(epoch, trainer.cfg.optim.epochs)):
+            return
+        results = trainer.evaluate(rerank=self.rerank, out_dir=trainer.record.eval_dir)
+        trainer.results = results
+        for key, result in results.items():
+            log.info("epoch %d %s:\n%s", epoch + 1, key, result)
+            values = {"mAP": result.mAP, "rank1": result.rank(1), "mINP": result.mINP}
+            trainer.record.scalars(f"eval_{key}", values, epoch + 1)
+            trainer.record.evaluation_row({"epoch": epoch, "eval": key, **values})
+        if results["plain"].mAP > trainer.best_map:
+            trainer.best_map = results["plain"].mAP
+            trainer.save("best", epoch)
+            trainer.save("last", epoch)  # so a resumed run knows the best mAP so far
+        trainer.record.flush()
