@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from rmgl.metrics import RankResult, evaluate_cuhk03_single_shot, evaluate_rank
+from rmgl.metrics import (
+    RankResult,
+    evaluate_cuhk03_single_shot,
+    evaluate_rank,
+    ignored_gallery_mask,
+)
 
 
 def reference_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -248,3 +253,204 @@ def test_distances_far_from_zero_match_reference(dtype, ranking_path):
     dist, q_pids, g_pids, q_cams, g_cams = random_case(rng, 30, 300, 8, 3)
     dist = (1000.0 + 1e-3 * dist).astype(dtype)
     assert_matches_reference(dist, q_pids, g_pids, q_cams, g_cams)
+
+
+# --- Protocols: cross_camera and any_camera, with the query image itself in the gallery ---
+
+
+def reference_protocol(dist, q_pids, g_pids, q_cams, g_cams, protocol, own, max_rank):
+    """Slow and independent of the library: per query, drop the ignored items by the written
+    rule, order the rest with Python's sort by (distance, gallery index), count by hand."""
+    cmc_sum, ap_list, inp_list = np.zeros(max_rank), [], []
+    for q in range(dist.shape[0]):
+        kept = []
+        for g in range(dist.shape[1]):
+            if g == own[q]:
+                continue  # the query image itself: ignored by every protocol
+            same_id = g_pids[g] == q_pids[q]
+            if protocol == "cross_camera" and same_id and g_cams[g] == q_cams[q]:
+                continue
+            kept.append(g)
+        kept.sort(key=lambda g: (dist[q, g], g))
+        hit_ranks = [rank for rank, g in enumerate(kept, start=1) if g_pids[g] == q_pids[q]]
+        if not hit_ranks:
+            continue
+        cmc_sum[hit_ranks[0] - 1 :] += 1
+        ap_list.append(sum(k / r for k, r in enumerate(hit_ranks, start=1)) / len(hit_ranks))
+        inp_list.append(len(hit_ranks) / hit_ranks[-1])
+    n = len(ap_list)
+    if n == 0:
+        return None
+    return cmc_sum / n, sum(ap_list) / n, sum(inp_list) / n, n
+
+
+def case_with_queries_in_gallery(rng, num_q, num_g, num_ids, num_cams):
+    """A random case where about half the queries are also gallery images (their own row at
+    distance 0), a few of them labelled inconsistently (another pid in the gallery)."""
+    dist, q_pids, g_pids, q_cams, g_cams = random_case(rng, num_q, num_g, num_ids, num_cams)
+    own = np.full(num_q, -1)
+    chosen = rng.permutation(num_g)[: num_q // 2]
+    for q, g in enumerate(chosen):
+        own[q] = g
+        if rng.random() < 0.9:
+            q_pids[q], q_cams[q] = g_pids[g], g_cams[g]
+        dist[q, g] = 0.0
+    q_pids[q_pids == 0] = 1  # distractors are never queries
+    return (dist, q_pids, g_pids, q_cams, g_cams), own
+
+
+def assert_protocol_matches_reference(case, protocol, own, max_rank=10):
+    expected = reference_protocol(*case, protocol, own, max_rank)
+    if expected is None:
+        with pytest.raises(ValueError, match="no query has a valid true match"):
+            evaluate_rank(*case, max_rank=max_rank, protocol=protocol, query_in_gallery=own)
+        return
+    cmc, m_ap, m_inp, n = expected
+    result = evaluate_rank(*case, max_rank=max_rank, protocol=protocol, query_in_gallery=own)
+    np.testing.assert_allclose(result.cmc, cmc, atol=1e-12)
+    assert result.mAP == pytest.approx(m_ap, abs=1e-12)
+    assert result.mINP == pytest.approx(m_inp, abs=1e-12)
+    assert (result.num_valid_queries, result.num_skipped_queries) == (n, len(own) - n)
+    assert result.protocol == protocol
+
+
+@pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
+@pytest.mark.parametrize("seed", range(12))
+def test_protocols_match_reference(seed, protocol, ranking_path):
+    rng = np.random.default_rng(300 + seed)
+    num_cams = int(rng.integers(1, 4))  # one camera: cross_camera often has no valid query
+    case, own = case_with_queries_in_gallery(
+        rng, int(rng.integers(2, 30)), int(rng.integers(30, 200)), int(rng.integers(2, 10)), num_cams
+    )
+    assert_protocol_matches_reference(case, protocol, own)
+
+
+@pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
+def test_protocols_match_reference_with_ties_and_chunks(protocol, ranking_path, monkeypatch):
+    import rmgl.metrics.ranking as ranking
+
+    monkeypatch.setattr(ranking, "CHUNK_ELEMENTS", 1000)  # several chunks of query rows
+    rng = np.random.default_rng(17)
+    case, own = case_with_queries_in_gallery(rng, 40, 150, 6, 2)
+    case[0][:] = np.round(case[0] * 4)  # many exact ties
+    assert_protocol_matches_reference(case, protocol, own)
+
+
+def test_any_camera_without_own_images_counts_same_camera_matches(ranking_path):
+    rng = np.random.default_rng(23)
+    case = random_case(rng, 30, 200, 8, 3)
+    assert_protocol_matches_reference(case, "any_camera", np.full(30, -1))
+    default = evaluate_rank(*case, protocol="any_camera")  # query_in_gallery=None: same thing
+    given = evaluate_rank(*case, protocol="any_camera", query_in_gallery=np.full(30, -1))
+    assert default.mAP == given.mAP
+
+
+# Hand-computed protocol example. Query: pid 1, camera 0; it is gallery index 0 itself.
+#   gallery index   0     1     2     3     4     5
+#   pid             1     2     1     1     0     3
+#   camera          0     0     0     1     0     0
+#   distance       0.0   0.2   0.1   0.4   0.3   0.5
+# any_camera, own image 0 ignored: order 2*, 1, 4, 3*, 5 -> ranks 1, 4: AP = (1 + 2/4) / 2.
+# cross_camera (0 and 2 ignored): order 1, 4, 3*, 5 -> rank 3: AP = INP = 1/3.
+# any_camera without query_in_gallery: order 0*, 2*, 1, 4, 3*, 5 -> ranks 1, 2, 5.
+PROTO_DIST = np.array([[0.0, 0.2, 0.1, 0.4, 0.3, 0.5]])
+PROTO_G_PIDS = np.array([1, 2, 1, 1, 0, 3])
+PROTO_G_CAMS = np.array([0, 0, 0, 1, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "protocol, own, cmc, m_ap, m_inp",
+    [
+        ("any_camera", [0], [1, 1, 1, 1, 1], 3 / 4, 2 / 4),
+        ("cross_camera", [0], [0, 0, 1, 1, 1], 1 / 3, 1 / 3),
+        ("cross_camera", None, [0, 0, 1, 1, 1], 1 / 3, 1 / 3),
+        ("any_camera", None, [1, 1, 1, 1, 1], (1 + 1 + 3 / 5) / 3, 3 / 5),
+    ],
+)
+def test_hand_computed_protocols(protocol, own, cmc, m_ap, m_inp, ranking_path):
+    result = evaluate_rank(
+        PROTO_DIST, [1], PROTO_G_PIDS, [0], PROTO_G_CAMS, max_rank=5,
+        protocol=protocol, query_in_gallery=own,
+    )  # fmt: skip
+    np.testing.assert_allclose(result.cmc, cmc)
+    assert result.mAP == pytest.approx(m_ap)
+    assert result.mINP == pytest.approx(m_inp)
+
+
+def test_single_camera_data_needs_any_camera():
+    """Every image from camera 0, each query also in the gallery: the cross-camera rule
+    ignores every match; any_camera ignores only the query image itself."""
+    # gallery: pids 1 1 2 2, queries = gallery images 0 and 2
+    dist = np.array([[0.0, 0.3, 0.2, 0.9], [0.4, 0.1, 0.0, 0.5]])
+    args = (dist, [1, 2], [1, 1, 2, 2], [0, 0], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="no query has a valid.*protocol='any_camera'"):
+        evaluate_rank(*args, query_in_gallery=[0, 2])
+    result = evaluate_rank(*args, max_rank=3, protocol="any_camera", query_in_gallery=[0, 2])
+    # query 0 keeps 1 (0.3*), 2 (0.2), 3 (0.9): order 2, 1*, 3 -> rank 2
+    # query 1 keeps 0 (0.4), 1 (0.1), 3 (0.5*): order 1, 0, 3* -> rank 3
+    np.testing.assert_allclose(result.cmc, [0, 0.5, 1])
+    assert result.mAP == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_ignored_gallery_mask_hand_computed():
+    mask = lambda protocol, own=-1: ignored_gallery_mask(  # noqa: E731
+        1, 0, PROTO_G_PIDS, PROTO_G_CAMS, protocol, own_index=own
+    ).tolist()
+    assert mask("cross_camera") == [True, False, True, False, False, False]
+    assert mask("cross_camera", own=3) == [True, False, True, True, False, False]
+    assert mask("any_camera") == [False] * 6
+    assert mask("any_camera", own=0) == [True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
+def test_ignored_gallery_mask_is_the_metric_rule(protocol):
+    """Ranking each query by hand over the items the mask keeps gives the metric's numbers."""
+    rng = np.random.default_rng(41)
+    (dist, q_pids, g_pids, q_cams, g_cams), own = case_with_queries_in_gallery(rng, 20, 120, 6, 2)
+    result = evaluate_rank(
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+    )
+    aps = []
+    for q in range(len(q_pids)):
+        kept = np.flatnonzero(
+            ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, own[q])
+        )
+        hits = g_pids[kept[np.argsort(dist[q, kept], kind="stable")]] == q_pids[q]
+        if hits.any():
+            aps.append(np.mean(np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)))
+    assert result.mAP == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"protocol": "same_camera"}, "unknown evaluation protocol 'same_camera'.*any_camera"),
+        ({"query_in_gallery": [0, 1]}, "query_in_gallery has 2 entries but distmat has 1 rows"),
+        ({"query_in_gallery": [6]}, r"query_in_gallery\[0\] = 6 is not a gallery index \(0..5\)"),
+        ({"query_in_gallery": [-2]}, r"query_in_gallery\[0\] = -2"),
+        ({"query_in_gallery": [0.5]}, "query_in_gallery must hold integers"),
+    ],
+)
+def test_protocol_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_rank(PROTO_DIST, [1], PROTO_G_PIDS, [0], PROTO_G_CAMS, **kwargs)
+
+
+def test_ignored_gallery_mask_errors():
+    with pytest.raises(ValueError, match="unknown evaluation protocol 'other'"):
+        ignored_gallery_mask(1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "other")
+    with pytest.raises(ValueError, match="own_index 6 is not a gallery index"):
+        ignored_gallery_mask(1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "any_camera", own_index=6)
+    with pytest.raises(ValueError, match="g_pids has 6 entries but g_camids has 2"):
+        ignored_gallery_mask(1, 0, PROTO_G_PIDS, [0, 1], "any_camera")
+
+
+def test_result_records_its_protocol(tmp_path):
+    args = (PROTO_DIST, [1], PROTO_G_PIDS, [0], PROTO_G_CAMS)
+    cross = evaluate_rank(*args, max_rank=5)
+    anycam = evaluate_rank(*args, max_rank=5, protocol="any_camera", query_in_gallery=[0])
+    assert cross.to_dict()["protocol"] == "cross_camera"
+    assert "protocol" not in str(cross)
+    assert "protocol any_camera: not comparable" in str(anycam)
+    anycam.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["protocol"] == "any_camera"

@@ -1,5 +1,12 @@
 """Datasets, sampling, augmentation and image loading."""
 
-from rmgl.data.records import ImageRecord, ReidDataset, relabel, split_stats
+from rmgl.data.records import (
+    PROTOCOLS,
+    ImageRecord,
+    ReidDataset,
+    relabel,
+    same_image_index,
+    split_stats,
+)
 
-__all__ = ["ImageRecord", "ReidDataset", "relabel", "split_stats"]
+__all__ = ["PROTOCOLS", "ImageRecord", "ReidDataset", "relabel", "same_image_index", "split_stats"]

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+
+# How query and gallery are compared (see docs/evaluation.md):
+# - "cross_camera": a gallery image of the query's identity taken by the query's camera is
+#   ignored; the standard protocol of Market-1501, DukeMTMC-reID, CUHK03 and MSMT17.
+# - "any_camera": only the query image itself is ignored; for data without cameras or from
+#   one camera, where the cross-camera rule would leave no true match.
+PROTOCOLS = ("cross_camera", "any_camera")
 
 
 @dataclass(frozen=True)
@@ -21,7 +31,11 @@ class ImageRecord:
 
 @dataclass
 class ReidDataset:
-    """Train / query / gallery splits of one dataset."""
+    """Train / query / gallery splits of one dataset.
+
+    ``protocol`` is the evaluation protocol the data supports (one of :data:`PROTOCOLS`):
+    readers of data without camera labels set ``"any_camera"``.
+    """
 
     name: str
     train: list[ImageRecord]
@@ -29,6 +43,10 @@ class ReidDataset:
     gallery: list[ImageRecord]
     root: str = ""
     notes: list[str] = field(default_factory=list)
+    protocol: str = "cross_camera"
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
 
     @property
     def num_train_pids(self) -> int:
@@ -50,6 +68,8 @@ class ReidDataset:
         for split, recs in self.splits().items():
             ids, imgs, cams = split_stats(recs)
             lines.append(f"  {split:<8}{ids:>8}{imgs:>10}{cams:>9}")
+        if self.protocol != "cross_camera":
+            lines.append(f"  evaluation protocol: {self.protocol}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -64,3 +84,49 @@ def relabel(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     records = list(records)
     mapping = {pid: label for label, pid in enumerate(sorted({r.pid for r in records}))}
     return [ImageRecord(r.path, mapping[r.pid], r.camid) for r in records]
+
+
+def check_protocol(protocol: str) -> str:
+    """Return ``protocol`` if it is one of :data:`PROTOCOLS`, else raise a ``ValueError``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown evaluation protocol {protocol!r}; choose 'cross_camera' (same-identity "
+            "gallery images from the query's camera are ignored) or 'any_camera' (only the "
+            "query image itself is ignored)"
+        )
+    return protocol
+
+
+def same_image_index(
+    query_records: Sequence[ImageRecord], gallery_records: Sequence[ImageRecord]
+) -> np.ndarray:
+    """For each query, the index of the gallery record of the same image file, or -1.
+
+    Data without a fixed query / gallery split often lists an image in both; the
+    ``any_camera`` protocol must then ignore that one gallery item, which would otherwise be
+    a free rank-1 match. Files are matched by resolved path (absolute, symlinks followed), so
+    ``a/../q.jpg`` and a link to it count as the same image. A file listed twice in the
+    gallery maps to its first index.
+    """
+    resolve = _path_resolver()
+    first_index: dict[str, int] = {}
+    for index, record in enumerate(gallery_records):
+        first_index.setdefault(resolve(record.path), index)
+    return np.array(
+        [first_index.get(resolve(record.path), -1) for record in query_records], dtype=np.int64
+    )
+
+
+def _path_resolver():
+    """``os.path.realpath`` with the folders cached: one ``lstat`` per file instead of one per
+    path component, which matters for galleries of 100k images."""
+    folders: dict[str, str] = {}
+
+    def resolve(path: str) -> str:
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        full = os.path.join(folders[folder], name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+    return resolve

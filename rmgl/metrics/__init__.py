@@ -2,7 +2,12 @@
 the results are in :mod:`rmgl.reporting`)."""
 
 from rmgl.metrics.features import ExtractedFeatures, extract_features, pairwise_distance
-from rmgl.metrics.ranking import RankResult, evaluate_cuhk03_single_shot, evaluate_rank
+from rmgl.metrics.ranking import (
+    RankResult,
+    evaluate_cuhk03_single_shot,
+    evaluate_rank,
+    ignored_gallery_mask,
+)
 from rmgl.metrics.rerank import k_reciprocal_rerank
 
 __all__ = [
@@ -11,6 +16,7 @@ __all__ = [
     "evaluate_cuhk03_single_shot",
     "evaluate_rank",
     "extract_features",
+    "ignored_gallery_mask",
     "k_reciprocal_rerank",
     "pairwise_distance",
 ]

@@ -1,9 +1,15 @@
 """CMC, mAP and mINP under the standard re-ID protocol, without sorting the gallery.
 
-Protocol (Market-1501, DukeMTMC-reID, MSMT17, CUHK03 new split): for each query the gallery
-samples with the same identity *and* the same camera are ignored ("junk"); every other
-gallery sample is a candidate, distractors (pid 0) included. Queries left without a true
-match are skipped and counted.
+Protocols, i.e. which gallery samples a query ignores ("junk"):
+
+* ``cross_camera`` (Market-1501, DukeMTMC-reID, MSMT17, CUHK03 new split): the samples with
+  the query's identity *and* camera;
+* ``any_camera`` (data without cameras, or from one camera): only the query image itself,
+  when the gallery also holds it (``query_in_gallery``).
+
+In both, the query image itself is always ignored, and every other gallery sample is a
+candidate, distractors (pid 0) included. Queries left without a true match are skipped and
+counted.
 
 Tie rule: the gallery of a query is ordered by distance, and samples at exactly the same
 distance are ordered by gallery index. This is the order ``np.argsort(row, kind="stable")``
@@ -33,7 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["RankResult", "evaluate_rank", "evaluate_cuhk03_single_shot"]
+from rmgl.data.records import PROTOCOLS, check_protocol
+
+__all__ = [
+    "PROTOCOLS",
+    "RankResult",
+    "evaluate_cuhk03_single_shot",
+    "evaluate_rank",
+    "ignored_gallery_mask",
+]
 
 NUM_BUCKETS = 4096
 # Elements of the distance matrix processed at once; bounds the temporary memory to a few
@@ -46,7 +60,11 @@ SMALL_SORT_FRACTION = 0.05
 
 @dataclass
 class RankResult:
-    """Ranking metrics of one evaluation. ``cmc[k]`` is the rank-(k+1) accuracy."""
+    """Ranking metrics of one evaluation. ``cmc[k]`` is the rank-(k+1) accuracy.
+
+    ``protocol`` names the rule that produced them: ``any_camera`` numbers are not comparable
+    with ``cross_camera`` (published) ones.
+    """
 
     cmc: np.ndarray
     mAP: float
@@ -54,6 +72,7 @@ class RankResult:
     num_valid_queries: int
     num_skipped_queries: int
     extra: dict = field(default_factory=dict)
+    protocol: str = "cross_camera"
 
     @property
     def max_rank(self) -> int:
@@ -75,6 +94,8 @@ class RankResult:
         lines = [header, values]
         if self.num_skipped_queries:
             lines.append(f"({self.num_skipped_queries} queries without a valid match skipped)")
+        if self.protocol != "cross_camera":
+            lines.append(f"(protocol {self.protocol}: not comparable with cross-camera results)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -84,6 +105,7 @@ class RankResult:
             "mINP": float(self.mINP),
             "num_valid_queries": int(self.num_valid_queries),
             "num_skipped_queries": int(self.num_skipped_queries),
+            "protocol": self.protocol,
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -138,6 +160,51 @@ def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids):
     return dist, q_pids, g_pids, q_camids, g_camids
 
 
+def _own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
+    """``query_in_gallery`` checked, or all -1 when it is not given."""
+    if query_in_gallery is None:
+        return np.full(num_q, -1, dtype=np.int64)
+    own = _as_labels(query_in_gallery, "query_in_gallery")
+    if len(own) != num_q:
+        raise ValueError(f"query_in_gallery has {len(own)} entries but distmat has {num_q} rows")
+    bad = np.flatnonzero((own < -1) | (own >= num_g))
+    if len(bad):
+        raise ValueError(
+            f"query_in_gallery[{bad[0]}] = {own[bad[0]]} is not a gallery index (0..{num_g - 1}) "
+            "or -1 (the query image is not in the gallery)"
+        )
+    return own
+
+
+def ignored_gallery_mask(
+    q_pid: int,
+    q_camid: int,
+    g_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    protocol: str = "cross_camera",
+    own_index: int = -1,
+) -> np.ndarray:
+    """Boolean mask of the gallery items one query's ranking ignores under ``protocol``.
+
+    The rule of :func:`evaluate_rank`, for one query; code that shows ranked lists uses it so
+    the pictures skip exactly what the metric skips. ``own_index`` is the gallery index of the
+    query image itself (-1 if absent), ignored under both protocols.
+    """
+    check_protocol(protocol)
+    g_pids, g_camids = _as_labels(g_pids, "g_pids"), _as_labels(g_camids, "g_camids")
+    if len(g_pids) != len(g_camids):
+        raise ValueError(f"g_pids has {len(g_pids)} entries but g_camids has {len(g_camids)}")
+    if not -1 <= own_index < len(g_pids):
+        raise ValueError(f"own_index {own_index} is not a gallery index (0..{len(g_pids) - 1}) or -1")
+    if protocol == "cross_camera":
+        mask = (g_pids == q_pid) & (g_camids == q_camid)
+    else:
+        mask = np.zeros(len(g_pids), dtype=bool)
+    if own_index >= 0:
+        mask[own_index] = True
+    return mask
+
+
 def _same_pid_pairs(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All (query, gallery) index pairs sharing an identity, ordered by query.
 
@@ -151,6 +218,34 @@ def _same_pid_pairs(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray,
     first_of_query = np.repeat(np.cumsum(count) - count, count)
     pair_gallery = order[np.repeat(start, count) + np.arange(count.sum()) - first_of_query]
     return pair_query, pair_gallery
+
+
+def _labelled_pairs(
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    own: np.ndarray,
+    protocol: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, gallery, ignored) for every same-pid pair, ordered by query; a pair not ignored
+    is a true match.
+
+    A query's own image normally has its pid; if the labels disagree it is added as one more
+    ignored pair, so that the rule "the query image itself is ignored" holds regardless.
+    """
+    pair_query, pair_gallery = _same_pid_pairs(q_pids, g_pids)
+    ignored = pair_gallery == own[pair_query]
+    if protocol == "cross_camera":
+        ignored |= q_camids[pair_query] == g_camids[pair_gallery]
+    odd = np.flatnonzero((own >= 0) & (g_pids[np.maximum(own, 0)] != q_pids))
+    if len(odd):
+        pair_query = np.concatenate([pair_query, odd])
+        pair_gallery = np.concatenate([pair_gallery, own[odd]])
+        ignored = np.concatenate([ignored, np.ones(len(odd), dtype=bool)])
+        order = np.argsort(pair_query, kind="stable")
+        pair_query, pair_gallery, ignored = pair_query[order], pair_gallery[order], ignored[order]
+    return pair_query, pair_gallery, ignored
 
 
 def _match_ranks(
@@ -276,23 +371,31 @@ def evaluate_rank(
     q_camids: Sequence[int] | np.ndarray | torch.Tensor,
     g_camids: Sequence[int] | np.ndarray | torch.Tensor,
     max_rank: int = 50,
+    protocol: str = "cross_camera",
+    query_in_gallery: np.ndarray | None = None,
 ) -> RankResult:
     """CMC (ranks 1..max_rank), mAP and mINP of a (num_query, num_gallery) distance matrix.
 
-    Smaller distance = more similar. Gallery samples with the query's pid and camera are
-    ignored; queries without a remaining true match are skipped (``num_skipped_queries``).
-    Ties are ordered by gallery index (stable sort). Raises ``ValueError`` on empty or
-    mismatched inputs, NaN distances, or when no query has a valid match.
+    Smaller distance = more similar. ``protocol="cross_camera"`` ignores the gallery samples
+    with the query's pid and camera; ``"any_camera"`` counts every other sample of the
+    query's identity as a true match, whatever its camera. Under both, the gallery index
+    ``query_in_gallery[q]`` (the query image itself, -1 if absent; see
+    :func:`rmgl.data.records.same_image_index`) is ignored. Queries without a remaining true
+    match are skipped (``num_skipped_queries``). Ties are ordered by gallery index (stable
+    sort). Raises ``ValueError`` on an unknown protocol, empty or mismatched inputs, NaN
+    distances, or when no query has a valid match.
     """
     if not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    check_protocol(protocol)
     dist, q_pids, g_pids, q_camids, g_camids = _check_inputs(
         distmat, q_pids, g_pids, q_camids, g_camids
     )
     num_q, num_g = dist.shape
-
-    pair_query, pair_gallery = _same_pid_pairs(q_pids, g_pids)
-    is_junk = q_camids[pair_query] == g_camids[pair_gallery]
+    own = _own_indices(query_in_gallery, num_q, num_g)
+    pair_query, pair_gallery, is_junk = _labelled_pairs(
+        q_pids, g_pids, q_camids, g_camids, own, protocol
+    )
 
     # the per-row histogram (NUM_BUCKETS bins) also bounds the rows of a chunk
     rows_per_chunk = max(1, min(CHUNK_ELEMENTS // num_g, CHUNK_ELEMENTS // (4 * NUM_BUCKETS)))
@@ -326,16 +429,27 @@ def evaluate_rank(
         first_hits += hits
 
     if num_valid == 0:
-        raise ValueError(
-            "no query has a valid true match in the gallery (every same-pid gallery sample "
-            "is from the query's camera, or pids do not overlap)"
-        )
+        raise ValueError(_no_valid_query_message(protocol))
     return RankResult(
         cmc=np.cumsum(first_hits) / num_valid,
         mAP=ap_sum / num_valid,
         mINP=inp_sum / num_valid,
         num_valid_queries=num_valid,
         num_skipped_queries=num_q - num_valid,
+        protocol=protocol,
+    )
+
+
+def _no_valid_query_message(protocol: str) -> str:
+    if protocol == "cross_camera":
+        return (
+            "no query has a valid true match in the gallery (every same-pid gallery sample is "
+            "from the query's camera, or pids do not overlap); for data from one camera or "
+            "without cameras use protocol='any_camera'"
+        )
+    return (
+        "no query has a valid true match in the gallery (no query identity appears in the "
+        "gallery other than as the query image itself)"
     )
 
 
@@ -397,5 +511,5 @@ def evaluate_cuhk03_single_shot(
         mINP=full.mINP,
         num_valid_queries=full.num_valid_queries,
         num_skipped_queries=full.num_skipped_queries,
-        extra={"protocol": "cuhk03-single-gallery-shot", "num_repeats": num_repeats, "seed": seed},
+        extra={"cmc": "cuhk03-single-gallery-shot", "num_repeats": num_repeats, "seed": seed},
     )
