@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from rmgl.cli import main
 
 
@@ -26,3 +28,44 @@ def test_data_info_wrong_root_is_a_clear_error(tmp_path, capsys):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "rmgl.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "synth" in result.stdout and "data-info" in result.stdout
+
+
+def test_configs_lists_and_prints_builtin_configs(capsys):
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert "market1501" in listing and "ablation/2stripe_rp" in listing and "demo" in listing
+    assert main(["configs", "market1501"]) == 0
+    assert "dataset: market1501" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "no_such_config"], "rmgl train: error: config no_such_config is neither a file nor a built-in config"),
+    (["train", "demo", "run.name="], "rmgl train: error: run.name='' is not a usable run name"),
+    (["train", "demo", "optim.epoch=3"], "did you mean 'optim.epochs'?"),
+    (["train", "demo", "optim.epochs=0"], "rmgl train: error: optim.epochs=0 must be >= 1"),
+    (["sweep", "demo", "--seeds", "0"], "rmgl sweep: error: --seeds must be >= 1"),
+    (["eval", "--checkpoint", "missing.safetensors", "--dataset", "folder", "--root", "."],
+     "rmgl eval: error: checkpoint missing.safetensors does not exist"),
+    (["demo", "--scale", "0"], "rmgl demo: error: --scale must be > 0"),
+])
+def test_user_errors_are_one_line_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_verbose_shows_the_traceback(capsys):
+    assert main(["-v", "train", "no_such_config"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_eval_default_folders_differ_per_checkpoint_dataset_and_root(tmp_path):
+    from rmgl.cli.evaluate import default_out_dir
+
+    ck = tmp_path / "run" / "best.safetensors"
+    folders = {default_out_dir(ck, "folder", tmp_path / "a"), default_out_dir(ck, "folder", tmp_path / "b"),
+               default_out_dir(ck, "market1501", tmp_path / "a"),
+               default_out_dir(tmp_path / "run" / "last.safetensors", "folder", tmp_path / "a")}
+    assert len(folders) == 4 and all(f.parent == tmp_path / "run" for f in folders)

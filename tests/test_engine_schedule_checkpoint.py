@@ -14,8 +14,7 @@ from rmgl.engine.checkpoint import (
     save_checkpoint,
 )
 from rmgl.engine.config import load_config
-from rmgl.engine.schedule import build_scheduler, lr_factor
-from rmgl.engine.schedule import parameter_groups
+from rmgl.engine.schedule import build_scheduler, lr_factor, parameter_groups
 
 
 def test_warmup_is_exponential_from_1e5_then_steps():

@@ -136,9 +136,26 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["checksum"] == ranks[1]["checksum"]
-    assert not set(ranks[0]["pids"]) & set(ranks[1]["pids"]), "ranks must see disjoint identities"
-    assert ranks[0]["batches"] == ranks[1]["batches"] > 0
+    seen = [{p for step in rank["steps"] for p in step} for rank in ranks]
+    assert not seen[0] & seen[1], "ranks must see disjoint identities"
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) > 0
+    # data.num_identities=4 x num_instances=2 is the global batch: 2 identities x 2 images per rank
+    for a, b in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        assert len(a) == len(b) == 4 and len(set(a)) == len(set(b)) == 2
+        assert len(set(a) | set(b)) == 4
+    # the same number of steps per epoch as one process with P=4 (the LR schedule is per step)
+    single = Trainer(load_config(config, ["run.name=single"]), progress=False)
+    single.close()
+    assert ranks[0]["iters"] == single.iters_per_epoch
     assert (tmp_path / "runs" / "tiny" / "last.safetensors").is_file()
+
+
+def test_ddp_global_batch_must_divide(tiny_data, tmp_path):
+    from rmgl.engine.trainer import identities_per_rank
+
+    assert identities_per_rank(12, 2) == 6
+    with pytest.raises(ValueError, match="does not divide among 2 processes"):
+        identities_per_rank(5, 2)
 
 
 def test_existing_run_is_not_silently_overwritten(tiny_data, tmp_path):
@@ -165,6 +182,14 @@ def test_eval_command_on_a_checkpoint(tiny_data, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert set(saved) == {"plain", "rerank"}
-    assert saved["plain"]["mAP"] == pytest.approx(results["plain"].mAP, abs=1e-6)
+    assert set(saved["results"]) == {"plain", "rerank"}
+    assert saved["results"]["plain"]["mAP"] == pytest.approx(results["plain"].mAP, abs=1e-6)
+    provenance = saved["provenance"]
+    assert provenance["checkpoint"] == str((run / "best.safetensors").resolve())
+    assert provenance["root"] == str(tiny_data) and provenance["dataset"] == "folder"
+    assert provenance["protocol"] == "cross_camera" and provenance["precision"] == "float32"
+    # the learning curve: one row per evaluation
+    curve = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["eval"]) for row in curve] == [(0, "plain")]
+    assert curve[0]["mAP"] == pytest.approx(results["plain"].mAP)
     assert (tmp_path / "ev" / "cmc.png").is_file() and (tmp_path / "ev" / "ranked_list.png").is_file()

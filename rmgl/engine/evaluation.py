@@ -12,7 +12,13 @@ import torch
 from rmgl.data.loading import eval_loader
 from rmgl.data.records import ReidDataset, same_image_index
 from rmgl.data.transforms import build_eval_transform
-from rmgl.metrics import RankResult, evaluate_rank, extract_features, k_reciprocal_rerank, pairwise_distance
+from rmgl.metrics import (
+    RankResult,
+    evaluate_rank,
+    extract_features,
+    k_reciprocal_rerank,
+    pairwise_distance,
+)
 from rmgl.reporting import plot_cmc, ranked_list_figure, write_results_json
 
 log = logging.getLogger(__name__)
