@@ -1,4 +1,4 @@
-"""LR schedule (SPEC §8) and checkpoints (atomic, no pickle, clear incompatibility errors)."""
+"""LR schedule (§IV-A; choices the paper leaves open in docs/model.md) and checkpoints (atomic, no pickle, clear incompatibility errors)."""
 
 import math
 
