@@ -1,4 +1,4 @@
-"""Random shifting augmentation (SPEC §7) and the training / evaluation pipelines."""
+"""Random shifting augmentation (paper §III-D, Fig. 6) and the training / evaluation pipelines."""
 
 import numpy as np
 import pytest

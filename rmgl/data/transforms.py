@@ -34,14 +34,20 @@ def _randint(low: int, high: int) -> int:
 
 
 class RandomShift(v2.Transform):
-    """Random shifting augmentation (RSA), SPEC §7.
+    """Random shifting augmentation (RSA), paper §III-D, Fig. 6.
 
     With probability ``p``: (1) with probability ``crop_prob`` keep a full-width band of
     ``r * H`` rows, r ~ U(crop_ratio_min, 1), at a random height (else r = 1); (2) resize the
     band to ``rh * r * H`` x ``rw * W`` with rh ~ U(height_scale_min, 1/r) and
     rw ~ U(width_scale_min, 1), so it never exceeds the canvas; (3) paste it at a uniformly
     random position fully inside an H x W canvas filled with mid-grey (0.5 for float images,
-    127 for uint8).
+    127 for uint8). The defaults pc = 0.5, rc = 0.7, rh_min = rw_min = 0.5 are the paper's
+    (§IV-A).
+
+    Choices the paper leaves open: it names ``p`` but gives no value, so the default is 0.5,
+    as for random erasing; it defines the crop only by its height ratio, so the band keeps the
+    full width and its top row is drawn uniformly; "a random location" inside the canvas is
+    drawn uniformly over all positions that keep the patch inside.
 
     ``size`` (H, W) sets the output size: the band is then resized straight to its place in an
     output-sized canvas, which saves a separate resize of the whole image and equals resizing

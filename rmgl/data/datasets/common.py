@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from rmgl.data.records import ImageRecord, split_stats
+from rmgl.data.records import ImageRecord, relabel, split_stats
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SPLITS = ("train", "query", "gallery")
+JUNK_PID, DISTRACTOR_PID = -1, 0
+INTEGER = re.compile(r"[+-]?\d+")
 
 
 class DatasetLayoutError(ValueError):
@@ -80,3 +85,94 @@ def check_official_counts(
 
 def pids_of(records: Iterable[ImageRecord]) -> set[int]:
     return {r.pid for r in records}
+
+
+def one_camera_note(query: Sequence[ImageRecord], gallery: Sequence[ImageRecord]) -> list[str]:
+    """A note when query and gallery come from a single camera: the cross-camera protocol
+    then ignores every true match, and the user needs to know before training, not after."""
+    if len({r.camid for r in query} | {r.camid for r in gallery}) != 1:
+        return []
+    note = (
+        "query and gallery come from one camera: the cross-camera protocol finds no valid "
+        "match there; evaluate with the any_camera protocol (see docs/evaluation.md)"
+    )
+    log.warning(note)
+    return [note]
+
+
+# --- Readers whose identities are labels (CSV lists, per-identity folders) ---------------
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One image as a list or folder names it: ``label`` is the identity as written, an
+    integer (``-1`` junk, ``0`` distractor) or a name such as ``alice``."""
+
+    path: str
+    label: str
+    camid: int
+
+
+def check_identity_label(label: str, where: str) -> str:
+    """``label`` stripped, or a :class:`DatasetLayoutError` naming ``where`` if unusable."""
+    label = label.strip()
+    if not label:
+        raise DatasetLayoutError(f"{where}: empty pid; give an integer identity or a name")
+    if INTEGER.fullmatch(label) and int(label) < JUNK_PID:
+        raise DatasetLayoutError(
+            f"{where}: pid {label} is negative; only -1 (junk, dropped) is allowed, 0 marks a "
+            "distractor and identities are numbered from 1 (or named)"
+        )
+    return label
+
+
+def identity_numbers(labels: Iterable[str]) -> tuple[dict[str, int], list[str]]:
+    """Map identity labels to pids, and say so in a note when names were numbered.
+
+    If every label is an integer, it is the pid. Otherwise every label except the markers
+    ``-1`` and ``0`` is a name, and names get 1, 2, ... in sorted order: stable across runs
+    and shared by all splits, so a name means the same pid in query and gallery.
+    """
+    labels = set(labels)
+    markers = {label for label in labels if INTEGER.fullmatch(label) and int(label) <= 0}
+    others = labels - markers
+    if all(INTEGER.fullmatch(label) for label in others):
+        return {label: int(label) for label in labels}, []
+    mapping = {label: int(label) for label in markers}
+    mapping |= {name: pid for pid, name in enumerate(sorted(others), start=1)}
+    note = (
+        f"{len(others)} identity names numbered 1..{len(others)} in sorted name order "
+        f"(e.g. {', '.join(f'{n!r} -> {mapping[n]}' for n in sorted(others)[:3])})"
+    )
+    return mapping, [note]
+
+
+def labelled_splits(
+    images: dict[str, list[LabelledImage]], sources: dict[str, str]
+) -> tuple[dict[str, list[ImageRecord]], list[str]]:
+    """Records per split, with the conventions of the official readers: pid -1 dropped,
+    pid 0 kept in the gallery only, train pids relabelled. ``sources[split]`` names the file
+    or folder a split came from, for the empty-split error. Returns (splits, notes)."""
+    mapping, notes = identity_numbers(i.label for split in SPLITS for i in images[split])
+    splits = {}
+    for split in SPLITS:
+        records = [ImageRecord(i.path, mapping[i.label], i.camid) for i in images[split]]
+        kept = [r for r in records if r.pid != JUNK_PID]
+        if split != "gallery":
+            kept = [r for r in kept if r.pid != DISTRACTOR_PID]
+            dropped = sum(r.pid == DISTRACTOR_PID for r in records)
+            if dropped:
+                notes.append(
+                    f"{dropped} {split} images with pid 0 dropped: 0 marks a distractor, "
+                    "kept in the gallery only; number identities from 1 (or name them)"
+                )
+        if not kept:
+            raise DatasetLayoutError(
+                f"the {split} split is empty: {sources[split]} holds no usable image "
+                "(pid -1 is junk and dropped; pid 0 counts in the gallery only)"
+            )
+        splits[split] = kept
+    splits["train"] = relabel(splits["train"])
+    for note in notes:
+        log.info(note)
+    return splits, notes

@@ -22,6 +22,7 @@ from rmgl.data.datasets.common import (
     check_official_counts,
     find_dataset_dir,
     list_images,
+    one_camera_note,
     require_nonempty,
 )
 from rmgl.data.records import ImageRecord, ReidDataset, relabel
@@ -77,6 +78,7 @@ def read_market_style(root: str | Path, name: str = "folder") -> ReidDataset:
     notes = []
     if name in OFFICIAL_COUNTS:
         notes = check_official_counts(name, splits, OFFICIAL_COUNTS[name])
+    notes += one_camera_note(splits["query"], splits["gallery"])
     return ReidDataset(name, root=str(base), notes=notes, **splits)
 
 
