@@ -2,6 +2,7 @@
 rules (run names, resume with changed settings), config value checks, seeds tables."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,31 @@ def test_results_json_round_trip(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["provenance"] == {"checkpoint": "ck", "protocol": "any_camera"}
     assert saved["results"]["plain"]["mAP"] == 0.5 and not list(tmp_path.joinpath("r").glob("*.tmp"))
+
+
+def test_train_and_evaluate_data_without_cameras(tiny_data, tmp_path):
+    """Per-identity folders from one camera: rejected by the cross-camera protocol, trained and
+    evaluated with any_camera (the protocol is the dataset's own, recorded in results.json)."""
+    import shutil
+
+    from rmgl.data.datasets import load_dataset
+
+    market = load_dataset("folder", tiny_data)
+    root = tmp_path / "by_id"
+    for split, records in market.splits().items():
+        for r in records:
+            if r.pid > 0:
+                (root / split / f"id{r.pid:03d}").mkdir(parents=True, exist_ok=True)
+                shutil.copy(r.path, root / split / f"id{r.pid:03d}" / Path(r.path).name)
+    cfg = load_config(None, [*TINY, "data.dataset=identity_folders", f"data.root={root}",
+                             f"run.output_dir={tmp_path / 'runs'}"])
+    with Trainer(cfg, progress=False) as trainer:
+        assert trainer.dataset.protocol == "any_camera"
+        results = trainer.train()
+    assert results["plain"].protocol == "any_camera" and results["plain"].num_valid_queries > 0
+    saved = json.loads((tmp_path / "runs" / "rmgl" / "eval" / "results.json").read_text())
+    assert saved["provenance"]["protocol"] == "any_camera"
+    strict = load_config(None, [*TINY, "data.dataset=identity_folders", f"data.root={root}",
+                                f"run.output_dir={tmp_path / 'runs2'}", "eval.protocol=cross_camera"])
+    with Trainer(strict, progress=False) as trainer, pytest.raises(ValueError, match="any_camera"):
+        trainer.train()

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rmgl.data.datasets import READERS, load_dataset
+from rmgl.data.datasets import dataset_names, load_dataset
 from rmgl.data.synthetic import META_FILE, MOSAIC_FILE, Misalignment, SynthConfig, generate
 
 
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = subparsers.add_parser(
         "data-info", help="print identities / images / cameras per split of a dataset"
     )
-    info.add_argument("dataset", help=f"one of: {', '.join(READERS)} (a synthetic benchmark is a 'folder')")
+    info.add_argument("dataset", help=f"one of: {', '.join(dataset_names())} (a synthetic benchmark is a 'folder')")
     info.add_argument("--root", required=True, help="dataset folder")
     info.set_defaults(func=run_data_info)
 

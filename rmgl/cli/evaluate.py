@@ -6,13 +6,13 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from rmgl.data.datasets import READERS
+from rmgl.data.datasets import dataset_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint on a dataset (cross-dataset works)")
     ev.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    ev.add_argument("--dataset", required=True, help=f"one of: {', '.join(READERS)}")
+    ev.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
     ev.add_argument("--root", required=True)
     ev.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
     ev.add_argument("--protocol", default="auto", choices=("auto", "cross_camera", "any_camera"),

@@ -23,7 +23,7 @@ from rmgl.data.transforms import AugmentConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = "market1501"  # a name of rmgl.data.datasets.READERS
+    dataset: str = "market1501"  # a registered reader: rmgl.data.datasets.dataset_names()
     root: str = "data/market1501"
     height: int = 384
     width: int = 128
