@@ -154,10 +154,11 @@ def test_indivisible_height_names_heights_that_work():
         {"rp_position": "layer5"},
         {"abp": "yes"},
         {"pooling": "sum"},
+        {"abp_pool": "gem"},
     ],
 )
 def test_bad_options_are_rejected(options):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(options))):
         _small(**options)
 
 
