@@ -216,6 +216,13 @@ class RMGL(nn.Module):
             raise ValueError(f"abp_pool must be one of {ABP_POOLINGS}, got {abp_pool!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if only_rp and rp_position == "output":
+            raise ValueError(
+                "only_rp=True keeps the receptive-partitioned path's stripes instead of the "
+                "original path's, but rp_position='output' builds no RP path (an output "
+                "partition is the original path's stripes): choose an RP position "
+                f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set only_rp=False"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.arch = backbone.arch
