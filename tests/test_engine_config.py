@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rmgl.engine.config import ConfigError, from_yaml_text, load_config, to_yaml
+from rmgl.engine.config import ConfigError, find_config, from_yaml_text, load_config, to_yaml
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("rmgl", "configs").rglob("*.yaml"))
 
@@ -105,3 +105,87 @@ def test_top_level_must_be_a_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+# Table V of the paper, row by row: (row, branches, rp_position, only_rp, abp, RSA on).
+# "+RP" cuts after res_conv2c (before layer2); "only RP" is +RP without the original path's
+# stripes; a row without ABP has uniform stripes in both modes; RSA off means rsa = 0.
+TABLE_V = {
+    "2stripe_baseline": ("2-stripe (BL)", [2], "output", False, "off", False),
+    "3stripe_baseline": ("3-stripe (BL)", [3], "output", False, "off", False),
+    "multibranch_baseline": ("2+3-stripe (BL)", [2, 3], "output", False, "off", False),
+    "2stripe_rp": ("2-stripe+RP", [2], "layer2", False, "off", False),
+    "3stripe_rp": ("3-stripe+RP", [3], "layer2", False, "off", False),
+    "multibranch_rp": ("2+3-stripe+RP", [2, 3], "layer2", False, "off", False),
+    "2stripe_only_rp": ("2-stripe only RP", [2], "layer2", True, "off", False),
+    "3stripe_only_rp": ("3-stripe only RP", [3], "layer2", True, "off", False),
+    "multibranch_only_rp": ("2+3-stripe only RP", [2, 3], "layer2", True, "off", False),
+    "2stripe_rsa": ("2-stripe+RSA", [2], "output", False, "off", True),
+    "3stripe_rsa": ("3-stripe+RSA", [3], "output", False, "off", True),
+    "multibranch_rsa": ("2+3-stripe+RSA", [2, 3], "output", False, "off", True),
+    "2stripe_rp_rsa": ("2-stripe+RP+RSA", [2], "layer2", False, "off", True),
+    "multibranch_rp_rsa": ("2+3-stripe+RP+RSA", [2, 3], "layer2", False, "off", True),
+    "2stripe_abp": ("2-stripe+ABP", [2], "output", False, "both", False),
+    "3stripe_abp": ("3-stripe+ABP", [3], "output", False, "both", False),
+    "multibranch_abp": ("2+3-stripe+ABP", [2, 3], "output", False, "both", False),
+    "2stripe_rp_rsa_abp": ("2-stripe+RP+ABP+RSA", [2], "layer2", False, "both", True),
+    "multibranch_full": ("2+3-stripe+RP+ABP+RSA", [2, 3], "layer2", False, "both", True),
+    "branches_123": ("RMGL (1+2+3)", [1, 2, 3], "layer2", False, "both", True),
+    "branches_234": ("RMGL (2+3+4)", [2, 3, 4], "layer2", False, "both", True),
+    # not rows of Table V: the 3-stripe counterparts of the 2-stripe rows with RP and RSA
+    "3stripe_rp_rsa": (None, [3], "layer2", False, "off", True),
+    "3stripe_rp_rsa_abp": (None, [3], "layer2", False, "both", True),
+}
+
+
+def _comment(path: Path) -> str:
+    return " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+def test_every_ablation_config_is_in_the_table():
+    shipped = {p.stem for p in CONFIGS if p.parent.name == "ablation"}
+    assert shipped == set(TABLE_V)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_V))
+def test_ablation_config_is_its_table_v_row(name):
+    row, branches, rp_position, only_rp, abp, rsa = TABLE_V[name]
+    cfg = load_config(f"ablation/{name}")
+    m, aug = cfg.model, cfg.data.augment
+    assert (list(m.branches), m.rp_position, m.only_rp, m.abp, aug.rsa > 0) == (branches, rp_position, only_rp, abp, rsa)
+    # nothing else of the paper's recipe moves: no other augmentation, the paper's pooling
+    assert (aug.random_erasing, aug.color_jitter, aug.random_crop, aug.rcrs, aug.flip) == (0, 0, 0, 0, 0.5)
+    assert (m.backbone, m.pooling, m.abp_pool, cfg.data.height, cfg.optim.epochs) == ("resnet50", "max", "avg", 384, 60)
+    comment = _comment(find_config(f"ablation/{name}"))
+    assert comment.startswith(f'Table V row "{row}":' if row else "Not a row of Table V"), comment
+
+
+# Table VI: the Table V baselines (no RP, no ABP) with one augmentation each, besides flipping.
+# (row, branches, rsa, random_erasing, color_jitter, random_crop, rcrs) as "on" flags.
+TABLE_VI = {
+    f"{prefix}_{aug}": (f"{label}+{row}", branches, *flags)
+    for prefix, label, branches in (("2stripe", "2-stripe", [2]), ("multibranch", "2+3-stripe", [2, 3]))
+    for aug, row, flags in (
+        ("rcj", "RCJ", (False, False, True, False, False)),
+        ("rc", "RC", (False, False, False, True, False)),
+        ("re", "RE", (False, True, False, False, False)),
+        ("rcrs", "RCRS", (False, False, False, False, True)),
+        ("rsa", "RSA", (True, False, False, False, False)),
+        ("rsa_re", "RSA+RE", (True, True, False, False, False)),
+    )
+}
+
+
+def test_every_augmentation_config_is_in_the_table():
+    assert {p.stem for p in CONFIGS if p.parent.name == "augmentation"} == set(TABLE_VI)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_VI))
+def test_augmentation_config_is_its_table_vi_row(name):
+    row, branches, *flags = TABLE_VI[name]
+    cfg = load_config(f"augmentation/{name}")
+    m, aug = cfg.model, cfg.data.augment
+    assert (list(m.branches), m.rp_position, m.only_rp, m.abp) == (branches, "output", False, "off")
+    on = [aug.rsa > 0, aug.random_erasing > 0, aug.color_jitter > 0, aug.random_crop > 0, aug.rcrs > 0]
+    assert on == flags and aug.flip == 0.5
+    assert _comment(find_config(f"augmentation/{name}")).startswith(f'Table VI row "{row}":')

@@ -1,4 +1,5 @@
-"""Activation balanced pooling (SPEC §5) against a plain per-sample reference."""
+"""Activation balanced pooling (paper §III-C, Eq. 8-11) against a plain per-sample reference,
+and the one-operator-per-head rule of the ABP modes (docs/model.md, "Activation balanced pooling")."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_boundaries(x: torch.Tensor, stripes: int) -> list[int]:
-    """SPEC §5 written as loops over one sample (C, H, W)."""
+    """Eq. 8-10 as docs/model.md states them, written as loops over one sample (C, H, W)."""
     channels, height, width = x.shape
     votes = [0] * height
     for c in range(channels):
@@ -149,44 +150,100 @@ def test_stripe_pool_rejects_unknown_mode():
         stripe_pool(torch.zeros(1, 1, 4, 1), torch.tensor([[0, 2, 4]]), "sum")
 
 
-def _models(**options):
-    out = []
-    for abp in ("off", "train", "test", "both"):
-        torch.manual_seed(0)
-        out.append(
-            build_model(5, backbone="resnet18", pretrained="none", abp=abp, **options).eval()
-        )
-    return out
+def _model(abp: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(5, backbone="resnet18", pretrained="none", abp=abp, **options)
+
+
+def _features(model: torch.nn.Module, x: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:
+    """The reduced features by name, in training or eval mode. BatchNorm keeps its running
+    statistics in both, so the two modes differ only where the model itself switches."""
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    with torch.no_grad():
+        if training:
+            return model(x).features
+        descriptor = model(x)
+    return {n: descriptor[:, i * 256 : (i + 1) * 256] for i, n in enumerate(model.feature_names)}
+
+
+def _by_hand(model: torch.nn.Module, x: torch.Tensor, operator: str, abp: bool) -> dict:
+    """Expected orig.s* features: ``operator`` over uniform (or ABP) stripes, computed from
+    ``branch_maps`` with plain slicing, then each stripe's own head."""
+    expected = {}
+    with torch.no_grad():
+        for branch, m in zip(model.branches, model.branch_maps(x), strict=True):
+            k_total, h = branch.stripes, m.original.shape[2]
+            uniform = [k * h // k_total for k in range(k_total + 1)]
+            for i in range(x.shape[0]):
+                b = reference_boundaries(m.original[i], k_total) if abp else uniform
+                for k in range(k_total):
+                    part = m.original[i : i + 1, :, b[k] : b[k + 1]]
+                    v = part.mean(dim=(2, 3)) if operator == "avg" else part.amax(dim=(2, 3))
+                    name = f"b{k_total}.orig.s{k + 1}"
+                    expected.setdefault(name, []).append(branch.heads[f"orig_s{k + 1}"](v))
+    return {name: torch.cat(rows) for name, rows in expected.items()}
 
 
 def test_model_pools_original_stripes_with_abp():
     """The orig.s* features are ABP stripes of the original map, each through its own head."""
-    torch.manual_seed(0)
-    model = build_model(5, backbone="resnet18", pretrained="none").eval()
+    model = _model("both").eval()
     x = torch.randn(2, 3, 96, 32)
-    with torch.no_grad():
-        descriptor = model(x)
-        maps = model.branch_maps(x)
-        for b, (branch, m) in enumerate(zip(model.branches, maps, strict=True)):
-            pooled = activation_balanced_pool(m.original, branch.stripes, "avg")
-            names = model.feature_names
-            for k in range(branch.stripes):
-                i = names.index(f"b{branch.stripes}.orig.s{k + 1}")
-                expected = branch.heads[f"orig_s{k + 1}"](pooled[k])
-                assert torch.allclose(
-                    descriptor[:, i * 256 : (i + 1) * 256], expected, atol=1e-6
-                ), (b, k)
+    got = _features(model, x, training=False)
+    for name, expected in _by_hand(model, x, "avg", abp=True).items():
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+
+
+@pytest.mark.parametrize("abp_pool", ["avg", "max"])
+def test_abp_train_pools_uniform_stripes_with_the_abp_operator_at_test_time(abp_pool):
+    """abp='train': the heads trained on ABP stripes pooled with ``abp_pool`` see, in eval
+    mode, uniform stripes pooled with the same ``abp_pool`` (not the model's ``pooling``)."""
+    model = _model("train", abp_pool=abp_pool, pooling="max")
+    x = torch.randn(2, 3, 96, 32)
+    got = _features(model, x, training=False)
+    for name, expected in _by_hand(model, x, abp_pool, abp=False).items():
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+    # and in training mode the same heads see ABP stripes with that operator
+    got = _features(model, x, training=True)
+    for name, expected in _by_hand(model, x, abp_pool, abp=True).items():
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+
+
+def test_abp_test_pools_uniform_stripes_with_the_abp_operator_in_training():
+    model = _model("test", abp_pool="avg", pooling="max")
+    x = torch.randn(2, 3, 96, 32)
+    got = _features(model, x, training=True)
+    for name, expected in _by_hand(model, x, "avg", abp=False).items():
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+    got = _features(model, x, training=False)
+    for name, expected in _by_hand(model, x, "avg", abp=True).items():
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+
+
+def test_each_head_has_one_operator_whatever_the_mode():
+    """The stripe heads' operator is ``abp_pool`` unless ABP is off in both modes."""
+    for abp, operator in (("off", "max"), ("train", "avg"), ("test", "avg"), ("both", "avg")):
+        model = _model(abp, abp_pool="avg", pooling="max")
+        for branch in model.branches:
+            for part, pool in branch.pools.items():
+                assert pool.mode == (operator if part.startswith("orig_s") else "max"), (abp, part)
 
 
 def test_abp_modes_switch_only_the_original_stripes():
-    off, train, test, both = _models()
     x = torch.randn(2, 3, 96, 32)
-    names = off.feature_names
-    with torch.no_grad():
-        d_off, d_train, d_test, d_both = (m(x) for m in (off, train, test, both))
-    assert torch.equal(d_off, d_train)  # eval mode: 'train' means uniform stripes here
-    assert torch.equal(d_test, d_both)
-    for i, name in enumerate(names):
-        cols = slice(i * 256, (i + 1) * 256)
-        same = torch.equal(d_off[:, cols], d_both[:, cols])
-        assert same == (".orig.s" not in name), name
+    off, train, test, both = (
+        _features(_model(abp), x, training=False) for abp in ("off", "train", "test", "both")
+    )
+    for name in off:
+        assert torch.equal(test[name], both[name]), name  # eval mode: ABP in both
+        if ".orig.s" in name:
+            assert not torch.equal(off[name], both[name]), name  # max uniform vs avg ABP
+            assert not torch.equal(off[name], train[name]), name  # max vs avg, both uniform
+        else:
+            assert torch.equal(off[name], both[name]) and torch.equal(off[name], train[name])
+    # with abp_pool = pooling the operator is the same, so uniform boundaries give 'off' exactly
+    off_max = _features(_model("off", pooling="max"), x, training=False)
+    train_max = _features(_model("train", abp_pool="max", pooling="max"), x, training=False)
+    assert all(torch.equal(off_max[n], train_max[n]) for n in off_max)

@@ -154,11 +154,22 @@ def test_indivisible_height_names_heights_that_work():
         {"rp_position": "layer5"},
         {"abp": "yes"},
         {"pooling": "sum"},
+        {"abp_pool": "gem"},
     ],
 )
 def test_bad_options_are_rejected(options):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(options))):
         _small(**options)
+
+
+def test_only_rp_without_an_rp_path_is_an_error_that_says_what_to_do():
+    with pytest.raises(
+        ValueError,
+        match=r"only_rp=True .* rp_position='output' builds no RP path .*"
+        r"choose an RP position \(input, layer1, layer2, layer3, layer4\) or set only_rp=False",
+    ):
+        _small(only_rp=True, rp_position="output")
+    assert len(_small(only_rp=True, rp_position="layer3").feature_names) == 9  # 2 + 7
 
 
 @pytest.mark.parametrize("pooling", ["avg", "gem"])

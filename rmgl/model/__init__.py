@@ -10,6 +10,7 @@ from rmgl.model.partition import (
     run_partitioned,
     split_partitions,
     stripe_pool,
+    stripe_rows,
 )
 from rmgl.model.receptive_field import partition_field, stage_fields
 
@@ -30,4 +31,5 @@ __all__ = [
     "split_partitions",
     "stage_fields",
     "stripe_pool",
+    "stripe_rows",
 ]

@@ -1,4 +1,4 @@
-"""The RMGL network (paper §III, Fig. 2-3; SPEC §3-§5).
+"""The RMGL network (paper §III-A to §III-C, Fig. 2-3; docs/model.md, "Architecture").
 
 Reading guide, top to bottom:
 
@@ -8,8 +8,9 @@ Reading guide, top to bottom:
   full map, striped only at the output, uniformly or by ABP) and the *receptive-partitioned*
   (RP) path (the map is cut once at the RP position and the stripes continue as separate
   images, so no stripe can see the others);
-* every pooled vector gets its own 1x1 conv + BN + ReLU reduction to 256-d and its own
-  classifier. The test descriptor is the concatenation of all reduced features.
+* every feature has its own pooling (its own GeM exponent when ``pooling='gem'``), its own
+  1x1 conv + BN + ReLU reduction to 256-d and its own classifier. The test descriptor is the
+  concatenation of all reduced features.
 
 Feature order (= descriptor order), per branch in the order of ``branches``::
 
@@ -31,14 +32,17 @@ from torch import Tensor, nn
 
 from rmgl.model.backbone import ResNetBackbone, build_backbone
 from rmgl.model.partition import (
+    POOLINGS,
     GlobalPool,
-    activation_balanced_pool,
+    abp_boundaries,
     run_partitioned,
-    uniform_pool,
+    stripe_rows,
+    uniform_boundaries,
 )
 from rmgl.model.receptive_field import RP_POSITIONS, stage_fields
 
 ABP_MODES = ("off", "train", "test", "both")
+ABP_POOLINGS = ("avg", "max")
 
 
 @dataclass
@@ -114,7 +118,8 @@ class Trunk(nn.Module):
 
 
 class Branch(nn.Module):
-    """One granularity: its own ``layer2..layer4`` and one head per feature it produces."""
+    """One granularity: its own ``layer2..layer4`` and, per feature it produces, one pooling
+    operator (``pools``) and one head (``heads``), both keyed by the feature's part name."""
 
     def __init__(
         self,
@@ -124,6 +129,8 @@ class Branch(nn.Module):
         reduction_dim: int,
         rp_path: bool,
         only_rp: bool,
+        pooling: str = "max",
+        stripe_pooling: str = "max",
     ) -> None:
         super().__init__()
         self.stripes = stripes
@@ -138,6 +145,11 @@ class Branch(nn.Module):
             parts += [f"orig_s{k}" for k in range(1, stripes + 1)]
         if self.rp_path:
             parts += ["rp_global"] + [f"rp_s{k}" for k in range(1, stripes + 1)]
+        # The original path's stripes get the operator chosen for them (ABP's whenever ABP is
+        # used in either mode), in training and in test alike; everything else uses `pooling`.
+        self.pools = nn.ModuleDict(
+            {p: GlobalPool(stripe_pooling if p.startswith("orig_s") else pooling) for p in parts}
+        )
         channels = backbone.out_channels
         self.heads = nn.ModuleDict(
             {p: ReductionHead(channels, reduction_dim, num_classes) for p in parts}
@@ -149,6 +161,28 @@ class Branch(nn.Module):
 
     def feature_names(self) -> list[str]:
         return [f"{self.name}.{p.replace('_', '.')}" for p in self.heads]
+
+    def pool(self, maps: BranchMaps, abp: bool) -> dict[str, Tensor]:
+        """Pooled (N, C) vector of every feature, by part name. ``abp`` chooses the original
+        path's stripe boundaries (activation balanced or uniform), never their operator."""
+        x = maps.original
+        pooled = {"orig_global": self.pools["orig_global"](x)}
+        if self.orig_stripes:
+            if abp:
+                masks = stripe_rows(abp_boundaries(x, self.stripes), x.shape[2])
+                stripes = [self.pools[f"orig_s{k + 1}"](x, rows) for k, rows in enumerate(masks)]
+            else:
+                b = uniform_boundaries(x.shape[2], self.stripes)
+                stripes = [
+                    self.pools[f"orig_s{k + 1}"](x[:, :, b[k] : b[k + 1]])
+                    for k in range(self.stripes)
+                ]
+            pooled.update({f"orig_s{k + 1}": v for k, v in enumerate(stripes)})
+        if self.rp_path:
+            pooled["rp_global"] = self.pools["rp_global"](torch.cat(maps.partitioned, dim=2))
+            for k, m in enumerate(maps.partitioned):
+                pooled[f"rp_s{k + 1}"] = self.pools[f"rp_s{k + 1}"](m)
+        return pooled
 
 
 class RMGL(nn.Module):
@@ -178,8 +212,17 @@ class RMGL(nn.Module):
             raise ValueError(f"rp_position must be one of {RP_POSITIONS}, got {rp_position!r}")
         if abp not in ABP_MODES:
             raise ValueError(f"abp must be one of {ABP_MODES}, got {abp!r}")
-        if abp_pool not in ("avg", "max"):
-            raise ValueError(f"abp_pool must be 'avg' or 'max', got {abp_pool!r}")
+        if abp_pool not in ABP_POOLINGS:
+            raise ValueError(f"abp_pool must be one of {ABP_POOLINGS}, got {abp_pool!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if only_rp and rp_position == "output":
+            raise ValueError(
+                "only_rp=True keeps the receptive-partitioned path's stripes instead of the "
+                "original path's, but rp_position='output' builds no RP path (an output "
+                "partition is the original path's stripes): choose an RP position "
+                f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set only_rp=False"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.arch = backbone.arch
@@ -189,13 +232,19 @@ class RMGL(nn.Module):
         self.cut = RP_POSITIONS.index(rp_position)  # the cut is made before stage number `cut`
         self.abp = abp
         self.abp_pool = abp_pool
+        self.pooling = pooling
         self.reduction_dim = reduction_dim
         self.trunk = Trunk(backbone)
         has_rp = rp_position != "output"
+        # One operator per head in both modes: with ABP in either mode the original path's
+        # stripes are pooled with `abp_pool` also where their boundaries are uniform.
+        stripe_pooling = pooling if abp == "off" else abp_pool
         self.branches = nn.ModuleList(
-            Branch(k, backbone, num_classes, reduction_dim, has_rp, only_rp) for k in branches
+            Branch(
+                k, backbone, num_classes, reduction_dim, has_rp, only_rp, pooling, stripe_pooling
+            )
+            for k in branches
         )
-        self.pool = GlobalPool(pooling)
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -206,6 +255,15 @@ class RMGL(nn.Module):
     @property
     def descriptor_dim(self) -> int:
         return self.reduction_dim * len(self.feature_names)
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters the optimizer must not weight-decay: the GeM exponents.
+        Decay would drag each p towards 0 (below average pooling) whatever the loss asks for."""
+        return {
+            f"{name}.p"
+            for name, module in self.named_modules()
+            if isinstance(module, GlobalPool) and module.p is not None
+        }
 
     def stages(self, branch: Branch) -> list[tuple[str, nn.Module]]:
         """The five stages one branch's images go through (the first two are shared)."""
@@ -273,18 +331,7 @@ class RMGL(nn.Module):
         use_abp = self._use_abp()
         features: dict[str, Tensor] = {}
         for branch, maps in zip(self.branches, self.branch_maps(images), strict=True):
-            pooled = {"orig_global": self.pool(maps.original)}
-            if branch.orig_stripes:
-                if use_abp:
-                    stripes = activation_balanced_pool(maps.original, branch.stripes, self.abp_pool)
-                else:
-                    stripes = uniform_pool(maps.original, branch.stripes, self.pool)
-                pooled.update({f"orig_s{k + 1}": v for k, v in enumerate(stripes)})
-            if branch.rp_path:
-                pooled["rp_global"] = self.pool(torch.cat(maps.partitioned, dim=2))
-                pooled.update(
-                    {f"rp_s{k + 1}": self.pool(m) for k, m in enumerate(maps.partitioned)}
-                )
+            pooled = branch.pool(maps, use_abp)
             for part, head in branch.heads.items():
                 features[f"{branch.name}.{part.replace('_', '.')}"] = head(pooled[part])
         if not self.training:

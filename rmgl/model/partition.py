@@ -47,7 +47,8 @@ def uniform_boundaries(height: int, stripes: int) -> list[int]:
 
 
 def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
-    """Activation balanced stripe boundaries, (N, K+1) long, per sample (SPEC §5).
+    """Activation balanced stripe boundaries, (N, K+1) long, per sample (paper §III-C, Eq. 8-10;
+    docs/model.md, "Activation balanced pooling").
 
     Each channel votes for the row of its spatial maximum (first occurrence on ties); a
     channel whose maximum is <= 0 has no significant activation and does not vote. Boundary
@@ -80,34 +81,14 @@ def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
         return torch.where(total == 0, uniform.expand(n, -1), bounds)
 
 
-def stripe_pool(x: Tensor, bounds: Tensor, mode: str = "avg") -> list[Tensor]:
-    """Pool rows bounds[:, k] .. bounds[:, k+1]-1 of every sample: K tensors (N, C).
-
-    ``bounds`` (N, K+1) may differ per sample; masks keep it vectorised over the batch.
-    """
-    n, c, h, w = x.shape
-    rows = torch.arange(h, device=x.device)
-    pooled = []
-    for k in range(bounds.shape[1] - 1):
-        inside = (rows >= bounds[:, k : k + 1]) & (rows < bounds[:, k + 1 : k + 2])  # (N, H)
-        mask = inside[:, None, :, None]
-        if mode == "avg":
-            area = (inside.sum(dim=1, keepdim=True) * w).to(x.dtype)
-            pooled.append((x * mask).sum(dim=(2, 3)) / area)
-        elif mode == "max":
-            pooled.append(x.masked_fill(~mask, float("-inf")).amax(dim=(2, 3)))
-        else:
-            raise ValueError(f"stripe pooling must be 'avg' or 'max', got {mode!r}")
-    return pooled
-
-
-def activation_balanced_pool(x: Tensor, stripes: int, mode: str = "avg") -> list[Tensor]:
-    """ABP: K pooled vectors (N, C) over per-sample activation balanced stripes (Eq. 8-11)."""
-    return stripe_pool(x, abp_boundaries(x, stripes), mode)
-
-
 class GlobalPool(nn.Module):
-    """Spatial pooling of a map to a vector: max (the paper's), avg, or GeM (learned p)."""
+    """Spatial pooling of a map to a vector: max (the paper's), avg, or GeM.
+
+    GeM, (mean of x^p)^(1/p), has its own learnable exponent p per instance: p = 1 is
+    average pooling and p -> inf approaches max pooling, so each feature learns where it
+    sits between the two. ``rows`` (N, H) bool restricts the pooling to the marked rows of
+    each sample (stripes whose boundaries differ per sample, as ABP's do).
+    """
 
     def __init__(self, mode: str = "max", p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -117,18 +98,47 @@ class GlobalPool(nn.Module):
         self.eps = eps
         self.p = nn.Parameter(torch.tensor(float(p))) if mode == "gem" else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         if self.mode == "max":
+            if rows is not None:
+                x = x.masked_fill(~rows[:, None, :, None], float("-inf"))
             return x.amax(dim=(2, 3))
         if self.mode == "avg":
-            return x.mean(dim=(2, 3))
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+            return _spatial_mean(x, rows)
+        return _spatial_mean(x.clamp(min=self.eps).pow(self.p), rows).pow(1.0 / self.p)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
 
 
-def uniform_pool(x: Tensor, stripes: int, pool: GlobalPool) -> list[Tensor]:
-    """Pool K uniform stripes of one map with ``pool`` (the baseline without ABP)."""
-    b = uniform_boundaries(x.shape[2], stripes)
-    return [pool(x[:, :, b[k] : b[k + 1]]) for k in range(stripes)]
+def _spatial_mean(x: Tensor, rows: Tensor | None) -> Tensor:
+    """Mean over H and W, or over the marked rows of each sample (N, H) only."""
+    if rows is None:
+        return x.mean(dim=(2, 3))
+    area = (rows.sum(dim=1, keepdim=True) * x.shape[3]).to(x.dtype)  # (N, 1)
+    return (x * rows[:, None, :, None]).sum(dim=(2, 3)) / area
+
+
+def stripe_rows(bounds: Tensor, height: int) -> list[Tensor]:
+    """Row masks (N, H) bool of the K stripes rows bounds[:, k] .. bounds[:, k+1]-1."""
+    rows = torch.arange(height, device=bounds.device)
+    return [
+        (rows >= bounds[:, k, None]) & (rows < bounds[:, k + 1, None])
+        for k in range(bounds.shape[1] - 1)
+    ]
+
+
+def stripe_pool(x: Tensor, bounds: Tensor, mode: str = "avg") -> list[Tensor]:
+    """Pool rows bounds[:, k] .. bounds[:, k+1]-1 of every sample: K tensors (N, C).
+
+    ``bounds`` (N, K+1) may differ per sample; masks keep it vectorised over the batch.
+    """
+    if mode not in ("avg", "max"):
+        raise ValueError(f"stripe pooling must be 'avg' or 'max', got {mode!r}")
+    pool = GlobalPool(mode)
+    return [pool(x, rows) for rows in stripe_rows(bounds, x.shape[2])]
+
+
+def activation_balanced_pool(x: Tensor, stripes: int, mode: str = "avg") -> list[Tensor]:
+    """ABP: K pooled vectors (N, C) over per-sample activation balanced stripes (Eq. 8-11)."""
+    return stripe_pool(x, abp_boundaries(x, stripes), mode)
