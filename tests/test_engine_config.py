@@ -46,7 +46,7 @@ def test_yaml_off_is_not_a_boolean(tmp_path):
     ("optim.epochs=many", "bad value for 'optim.epochs'"),
     ("epochs", "must look like key=value"),
     ("optim.milestones=[30,50", "not valid YAML"),
-    ("data=3", "bad value for 'data'"),
+    ("data=3", "'data' is a section, not a value"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -287,3 +287,18 @@ def test_train_and_evaluate_data_without_cameras(tiny_data, tmp_path):
                                 f"run.output_dir={tmp_path / 'runs2'}", "eval.protocol=cross_camera"])
     with Trainer(strict, progress=False) as trainer, pytest.raises(ValueError, match="any_camera"):
         trainer.train()
+
+
+def test_gem_exponents_are_not_weight_decayed():
+    from rmgl.engine.schedule import build_optimizer
+
+    cfg = load_config(None, [*TINY, "data.root=unused", "model.pooling=gem"])
+    model = build_model(5, **_options(cfg))
+    optimizer = build_optimizer(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert exempt == model.no_weight_decay() and exempt and all(n.endswith(".p") for n in exempt)
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
+    assert sum(len(g["params"]) for g in decayed) + len(exempt) == len(names)
+    heads = [g for g in optimizer.param_groups if g["name"] == "heads"]
+    assert heads and heads[0]["lr"] == cfg.optim.lr * cfg.optim.head_lr_mult

@@ -247,3 +247,16 @@ def test_abp_modes_switch_only_the_original_stripes():
     off_max = _features(_model("off", pooling="max"), x, training=False)
     train_max = _features(_model("train", abp_pool="max", pooling="max"), x, training=False)
     assert all(torch.equal(off_max[n], train_max[n]) for n in off_max)
+
+
+def test_nan_maps_give_valid_boundaries_not_an_index_error():
+    """A diverging run feeds NaN maps to ABP; the boundaries must stay valid so that the
+    trainer's divergence stop (on the loss) is what the user sees."""
+    x = torch.rand(3, 8, 12, 4)
+    x[0] = float("nan")  # a whole sample
+    x[1, :4] = float("nan")  # some channels
+    bounds = abp_boundaries(x, 3)
+    assert bounds.shape == (3, 4) and (bounds[:, 0] == 0).all() and (bounds[:, -1] == 12).all()
+    assert (bounds[:, 1:] > bounds[:, :-1]).all()
+    assert bounds[0].tolist() == [0, 4, 8, 12]  # no channel votes: uniform stripes
+    torch.testing.assert_close(bounds[1], abp_boundaries(x[1:2, 4:], 3)[0])  # NaN channels ignored

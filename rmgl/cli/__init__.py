@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options: `train CFG --resume optim.epochs=80`
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -58,12 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         if args.verbose:
             traceback.print_exc()
-        message = " ".join(str(err).split("\n")[0:1]) or type(err).__name__
-        rest = str(err).split("\n")[1:]
-        print(f"rmgl {args.command}: error: {message}", file=sys.stderr)
-        for line in rest:  # multi-line explanations (e.g. which tensors do not fit) stay readable
+        lines = user_message(err).splitlines()
+        print(f"rmgl {args.command}: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:  # multi-line explanations (which tensors do not fit) stay readable
             print(f"  {line.strip()}", file=sys.stderr)
         return 1
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own words. An error raised in a DataLoader worker arrives wrapped, as
+    "Caught X in DataLoader worker process N. Original Traceback ..."; its last line is the
+    message that was raised."""
+    text = str(err).strip() or type(err).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, OSError) and err.filename and err.strerror and str(err.filename) not in err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    return text
 
 
 if __name__ == "__main__":

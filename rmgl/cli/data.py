@@ -52,6 +52,9 @@ def synth_config(args: argparse.Namespace) -> SynthConfig:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    for name in ("scale", "train_ids", "test_ids", "cameras", "height", "width"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     start = time.perf_counter()
     meta = generate(synth_config(args), args.out, workers=args.workers)
     print(f"wrote {len(meta['images'])} images to {args.out} in {time.perf_counter() - start:.1f} s")

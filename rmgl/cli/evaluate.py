@@ -38,6 +38,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from rmgl.data.datasets import load_dataset
+    from rmgl.data.loading import check_readable
     from rmgl.engine.evaluation import evaluate_model
     from rmgl.engine.load import load_model
     from rmgl.engine.runtime import amp_dtype
@@ -47,6 +48,8 @@ def run_eval(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     model = load_model(checkpoint, args.device)
     dataset = load_dataset(args.dataset, args.root)
+    for split in ("query", "gallery"):
+        check_readable(getattr(dataset, split), split)
     device = next(model.parameters()).device
     precision = amp_dtype(args.amp or model.config.run.amp, device, evaluation=True)
     out = Path(args.out) if args.out else default_out_dir(checkpoint, dataset.name, args.root)

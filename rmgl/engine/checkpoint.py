@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "rmgl-checkpoint-v1"
+TMP_SUFFIX = ".tmp"  # a checkpoint being written; never read, removed when a run starts
 
 
 @dataclass
@@ -53,10 +54,18 @@ def save_checkpoint(
                     scalars.setdefault(str(index), {})[name] = value
         trainer["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
     metadata = {"format": FORMAT, "config": config_yaml, "trainer": json.dumps(trainer)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync(tmp)  # the data must be on disk before the rename can be
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _fsync(tmp)  # the data must be on disk before the rename can be
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk, a lost mount, a folder made read-only
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
+        raise OSError(
+            f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space or "
+            "fix the folder, then continue with --resume"
+        ) from err
     _fsync(path.parent)
     return path
 

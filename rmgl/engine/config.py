@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rmgl.data.transforms import AugmentConfig
+from rmgl.model.backbone import ARCHITECTURES
 
 
 @dataclass
@@ -123,8 +124,30 @@ def _explain(err: Exception, schema: DictConfig, source: str, key: str = "") -> 
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return ConfigError(f"{source}: unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
-        return ConfigError(f"{source}: bad value for '{key}': {str(err.msg).splitlines()[0]}")
+        expected = OmegaConf.select(schema, key, default=None) if key else None
+        if isinstance(expected, ListConfig):
+            example = OmegaConf.to_container(expected) or [1, 2]
+            return ConfigError(f"{source}: '{key}' must be a list, e.g. {key}={json.dumps(example).replace(' ', '')}")
+        reason = str(err.msg).splitlines()[0] if err.msg else "wrong type"
+        return ConfigError(f"{source}: bad value for '{key}': {reason}")
     return ConfigError(f"{source}: {err}")
+
+
+def _check_sections(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """A section (``data:``, ``data.augment:``) given a plain value gets a message that
+    names the section and its keys, instead of OmegaConf's bare validation error."""
+    for key in schema.keys():
+        expected = schema[key]
+        if not isinstance(expected, DictConfig) or key not in node:
+            continue
+        given = node[key]
+        if not isinstance(given, (DictConfig, dict)):
+            keys = ", ".join(list(expected.keys())[:6])
+            raise ConfigError(
+                f"{source}: '{prefix}{key}' is a section with keys ({keys}, ...), not a value; "
+                f"write it as a mapping, e.g. {prefix}{key}: {{{next(iter(expected.keys()))}: ...}}"
+            )
+        _check_sections(given, expected, source, f"{prefix}{key}.")
 
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -171,6 +194,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     schema = OmegaConf.structured(Config)
     cfg = schema
     for source, node in _read_yaml(find_config(path)) if path else []:
+        _check_sections(node, schema, str(source))
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:
@@ -179,6 +203,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.epochs=80")
         key, value = item.split("=", 1)
+        if isinstance(OmegaConf.select(schema, key, default=None), DictConfig):
+            raise ConfigError(
+                f"override {item!r}: '{key}' is a section, not a value; override one of its keys, "
+                f"e.g. {key}.{next(iter(OmegaConf.select(schema, key).keys()))}=..."
+            )
         try:
             if isinstance(OmegaConf.select(schema, key, default=None), str):
                 # keep strings verbatim (YAML would turn abp=off into the boolean False),
@@ -203,6 +232,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # (key, test, what is expected): checked before anything runs, so that a bad value fails in
 # a second with its name instead of after an epoch of training.
 CHOICES = {
+    "model.backbone": tuple(ARCHITECTURES),
     "model.abp": ("off", "train", "test", "both"),
     "model.abp_pool": ("avg", "max"),
     "model.pooling": ("max", "avg", "gem"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,11 @@ class RunRecord:
 
     # --- starting --------------------------------------------------------------------------
     def check_start(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to mix two runs in one folder; called before anything is written."""
+        """Refuse to mix two runs in one folder, and an output folder that cannot be written;
+        called before anything is written."""
+        _check_writable(self.dir.parent)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise FileExistsError(f"the run folder {self.dir} is a file; choose another run.name or output_dir")
         if resume:
             if not self.last.is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint at {self.last}; start without --resume")
@@ -96,6 +101,8 @@ class RunRecord:
             shutil.rmtree(self.dir)  # only ever the run's own folder (see check_run_name)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(config_yaml)
+        for leftover in self.dir.glob(f"*{CHECKPOINT_SUFFIX}.tmp"):
+            leftover.unlink()  # a checkpoint whose writing was interrupted
         if resume:
             for path in (self.metrics_path, self.evaluations_path):
                 _drop_rows_from(path, resume_epoch)
@@ -152,3 +159,20 @@ def _drop_rows_from(path: Path, epoch: int) -> None:
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["epoch"] < epoch]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"cannot create the output folder {folder}: {existing} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".rmgl-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write in the output folder {folder} ({err.strerror or err}); choose a "
+            "writable run.output_dir"
+        ) from None

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rmgl.data.datasets import load_dataset
-from rmgl.data.loading import train_loader
+from rmgl.data.loading import check_readable, train_loader
 from rmgl.data.records import ReidDataset
 from rmgl.data.transforms import AugmentConfig, build_train_transform
 from rmgl.engine.callbacks import Callback, MetricsLogger, PeriodicEvaluation, StepInfo
@@ -88,6 +88,9 @@ class Trainer:
         seed_everything(cfg.run.seed + self.rank)
 
         self.dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+        if self.is_main:  # evaluation must not fail after hours of training
+            check_readable(self.dataset.query, "query")
+            check_readable(self.dataset.gallery, "gallery")
         self.size = (cfg.data.height, cfg.data.width)
         aug = AugmentConfig(**OmegaConf.to_container(cfg.data.augment))
         self.loader = train_loader(

@@ -76,9 +76,22 @@ class ResNetBackbone(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def load_torchvision_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load a torchvision ResNet state dict; ``fc.*`` is dropped, everything else must match."""
+        """Load a torchvision ResNet state dict; ``fc.*`` is dropped, everything else must match.
+
+        A file of another depth or another network is a ValueError that says how it differs."""
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [k for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            parts = [f"{len(x)} {what} (e.g. {x[0]})" for x, what in
+                     ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
+            raise ValueError(
+                f"the weights do not fit a torchvision {self.arch}: {', '.join(parts)} keys; are "
+                "they the weights of another ResNet depth (model.backbone) or another network?"
+            )
         self.load_state_dict(state, strict=True)
 
 
@@ -111,16 +124,34 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    expected = "a torchvision ResNet state dict (.pth/.pt) or a .safetensors file of one"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    # weights_only=True: a weights file must never be able to run code when it is read.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("format", "").startswith("rmgl-checkpoint"):
+                    raise ValueError(
+                        f"{path} is an rmgl checkpoint, not backbone weights; to start from a "
+                        "trained rmgl model use model.init_from=<checkpoint> (and model.pretrained=none)"
+                    )
+            return _check_state(load_file(str(path)), path, expected)
+        # weights_only=True: a weights file must never be able to run code when it is read.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except ValueError:
+        raise
+    except Exception as err:  # pickle, zip and safetensors errors of damaged or foreign files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not readable as {expected} ({reason[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+    return _check_state(state, path, expected)
+
+
+def _check_state(state, path: Path, expected: str) -> dict[str, Tensor]:
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold {expected}")
     return state
 
 
@@ -138,12 +169,17 @@ def build_backbone(
         try:
             state = weights.get_state_dict(progress=True)
         except OSError as err:  # URLError is an OSError: typically an offline machine
-            raise RuntimeError(
+            raise ConnectionError(
                 f"could not download {weights} ({err}); on an offline machine pass "
                 "pretrained=<path to a torchvision state-dict file> or pretrained='none'"
             ) from err
     elif Path(pretrained).is_file():
         state = read_state_dict(pretrained)
+        try:
+            backbone.load_torchvision_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"model.pretrained={pretrained}: {err}") from None
+        return backbone
     else:
         raise FileNotFoundError(
             f"pretrained={pretrained!r} is neither one of {[*WEIGHT_NAMES, 'none']} "

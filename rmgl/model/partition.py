@@ -64,9 +64,12 @@ def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
         positions = torch.arange(h * w, device=x.device)
         # first occurrence of the maximum, spelled out instead of relying on argmax tie rules
         first = torch.where(flat == peak, positions, h * w).amin(dim=2)
+        # A NaN map (a diverging run) matches no position and NaN > 0 is False: such a channel
+        # does not vote, and its row is clamped into range so the scatter stays valid; the
+        # trainer then reports the divergence from the loss.
         votes = (peak.squeeze(2) > 0).to(torch.long)  # (N, C)
         counts = torch.zeros(n, h, dtype=torch.long, device=x.device)
-        counts.scatter_add_(1, first // w, votes)
+        counts.scatter_add_(1, (first // w).clamp_(max=h - 1), votes)
         hx = counts.cumsum(dim=1)  # hx[:, i] = Hx(i + 1)
         total = hx[:, -1:]  # M, (N, 1)
         bounds = torch.zeros(n, stripes + 1, dtype=torch.long, device=x.device)
