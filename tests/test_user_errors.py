@@ -217,6 +217,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("output folder not writable", lambda e: ["train", e.config(), "run.output_dir=/proc/rmgl_runs"], "cannot"),
     # other commands
     ("synth bad scale", lambda e: ["synth", "--out", str(e.tmp / "s"), "--scale", "-1"], "--scale must be > 0"),
+    ("synth bad twin fraction", lambda e: ["synth", "--out", str(e.tmp / "s"), "--twin-fraction", "2"],
+     "--twin-fraction must be in [0, 1]"),
     ("rf bad height", lambda e: ["rf", "--height", "0"], "height, width and stripes must be positive"),
     ("sweep bad seeds", lambda e: ["sweep", e.config(), "--seeds", "0"], "--seeds must be >= 1"),
 ]
@@ -353,3 +355,30 @@ def test_odd_but_valid_images_train_and_evaluate(data, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert main(["train", env.config(root=root)]) == 0
     assert "skipping unreadable" not in caplog.text, "every odd image must be read, not skipped"
+
+
+class _Payload:
+    """Unpickling this would create a file: a stand-in for code in a malicious weights file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_weights_and_checkpoints_never_run_code(data, checkpoint, tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"conv1.weight": _Payload(marker)}, protocol=2))
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil_zip.pth")
+    env = Env(tmp_path, data, checkpoint)
+    for path in (evil, tmp_path / "evil_zip.pth"):
+        assert main(["train", env.config(), f"model.pretrained={path}"]) == 1
+        assert main(["eval", "--checkpoint", str(path), "--dataset", "folder", "--root", str(data)]) == 1
+        assert main(["train", env.config(), f"model.init_from={path}", "run.name=x"]) == 1
+    err = capsys.readouterr().err
+    assert not marker.exists(), "unpickling ran code"
+    assert "Traceback" not in err and err.count("error:") == 6

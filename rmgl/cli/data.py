@@ -55,6 +55,8 @@ def run_synth(args: argparse.Namespace) -> int:
     for name in ("scale", "train_ids", "test_ids", "cameras", "height", "width"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.twin_fraction <= 1 or args.misalignment < 0 or args.workers < 0:
+        raise ValueError("--twin-fraction must be in [0, 1], --misalignment >= 0 and --workers >= 0")
     start = time.perf_counter()
     meta = generate(synth_config(args), args.out, workers=args.workers)
     print(f"wrote {len(meta['images'])} images to {args.out} in {time.perf_counter() - start:.1f} s")
