@@ -55,6 +55,8 @@ class LossConfig:
     triplet_margin: float = 0.6
     soft_margin: bool = False
     label_smoothing: float = 0.0
+    ce_reduction: str = "sum"  # sum (Eq. 4) | mean over the classifiers
+    triplet_reduction: str = "sum"  # sum (Eq. 4) | mean over the branches
 
 
 @dataclass
@@ -237,6 +239,8 @@ CHOICES = {
     "model.abp_pool": ("avg", "max"),
     "model.pooling": ("max", "avg", "gem"),
     "model.rp_position": ("input", "layer1", "layer2", "layer3", "layer4", "output"),
+    "loss.ce_reduction": ("sum", "mean"),
+    "loss.triplet_reduction": ("sum", "mean"),
     "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
     "eval.protocol": ("auto", "cross_camera", "any_camera"),
     "run.amp": ("auto", "bf16", "fp16", "off"),

@@ -114,7 +114,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = RMGLLoss(cfg.loss.triplet_margin, cfg.loss.soft_margin, cfg.loss.label_smoothing)
+        self.criterion = RMGLLoss(
+            cfg.loss.triplet_margin,
+            cfg.loss.soft_margin,
+            cfg.loss.label_smoothing,
+            cfg.loss.ce_reduction,
+            cfg.loss.triplet_reduction,
+        )
         self.ddp = self.model
         if self.runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
