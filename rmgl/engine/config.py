@@ -48,6 +48,9 @@ class ModelConfig:
     pooling: str = "max"  # max | avg | gem
     reduction_dim: int = 256
     init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
+    # Study switches; the defaults are the paper's model (docs/model.md, section 10).
+    rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
+    head: str = "reduction"  # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
 
 
 @dataclass
@@ -239,6 +242,8 @@ CHOICES = {
     "model.abp_pool": ("avg", "max"),
     "model.pooling": ("max", "avg", "gem"),
     "model.rp_position": ("input", "layer1", "layer2", "layer3", "layer4", "output"),
+    "model.rp_batchnorm": ("shared", "separate"),
+    "model.head": ("reduction", "bnneck"),
     "loss.ce_reduction": ("sum", "mean"),
     "loss.triplet_reduction": ("sum", "mean"),
     "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
@@ -283,6 +288,10 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be {expected}")
     if cfg.model.only_rp and cfg.model.rp_position == "output":
         raise ConfigError("model.only_rp=true needs a receptive partition; model.rp_position=output has none")
+    if cfg.model.rp_batchnorm == "separate" and cfg.model.rp_position == "output":
+        raise ConfigError(
+            "model.rp_batchnorm=separate needs a receptive partition; model.rp_position=output has none"
+        )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):

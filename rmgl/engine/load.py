@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 # Config keys that change the network's structure: a checkpoint only fits a model that
 # agrees on all of them (abp and abp_pool change how stripes are pooled, not the weights).
-ARCHITECTURE_KEYS = ("backbone", "last_stride", "branches", "rp_position", "only_rp", "pooling", "reduction_dim")
+ARCHITECTURE_KEYS = (
+    "backbone", "last_stride", "branches", "rp_position", "only_rp", "pooling", "reduction_dim",
+    "rp_batchnorm", "head",
+)
 CLASSIFIER_KEY = ".classifier."
 
 
