@@ -50,6 +50,12 @@ class Callback:
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the epoch's first batch is drawn, also for the first epoch of a resumed run.
+        DataLoader workers are created after it, so a change to the training transform here
+        applies to this epoch. Anything set here must depend on ``epoch`` alone, so that a
+        resumed run trains exactly as an uninterrupted one."""
+
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:

@@ -269,6 +269,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            for callback in self.callbacks:
+                callback.on_epoch_start(self, epoch)
             summary = self.train_epoch(epoch)
             self.save("last", epoch)  # before any evaluation: a failing one never costs the epoch
             for callback in self.callbacks:
