@@ -1,20 +1,32 @@
-"""Study switches of the model and the loss (docs/model.md, sections 2, 6, 7): path-specific
-BatchNorm for RP, the BNNeck head, CE and triplet reductions over the heads. Each test shows
-that a switch does what it says and that its default is the behaviour from before."""
+"""The study switches (docs/training.md, "Study switches"): the ``on_epoch_start`` hook, the
+RSA schedule, the ABP warm-up, path-specific BatchNorm for RP, CE / triplet reductions and
+the BNNeck head. Each test shows that a switch does what it says and that its default is the
+behaviour the project had before it (the paper's recipe)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 
-from rmgl.engine import ConfigError, load_config, load_model
+from rmgl.data.datasets import load_dataset
+from rmgl.data.loading import train_loader
+from rmgl.data.synthetic import SynthConfig, generate
+from rmgl.data.transforms import AugmentConfig, build_train_transform
+from rmgl.engine import Callback, ConfigError, Trainer, load_config, load_model
+from rmgl.engine.callbacks import PeriodicEvaluation, _random_shift, rsa_probability
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
+from rmgl.engine.load import ARCHITECTURE_KEYS, _model_options
 from rmgl.engine.schedule import build_optimizer
 from rmgl.losses import RMGLLoss
 from rmgl.model import build_model
@@ -24,6 +36,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZE = (48, 16)  # ResNet-18: 12 rows before layer2, a 3x1 final map
 PIDS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+TINY = [
+    "data.dataset=folder", "data.height=48", "data.width=16", "data.num_identities=2",
+    "data.num_instances=2", "data.workers=0", "data.test_batch_size=64",
+    "model.backbone=resnet18", "model.pretrained=none", "model.branches=[2]",
+    "optim.warmup_epochs=1", "optim.milestones=[5]", "eval.every=0", "run.log_every=1",
+]
 
 
 def _model(**options) -> nn.Module:
@@ -36,16 +54,161 @@ def _images(n: int = 8, size: tuple[int, int] = SIZE) -> torch.Tensor:
     return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study_synth")
+    generate(SynthConfig(seed=6, train_ids=4, test_ids=3, distractors=2, junk=1, cameras_per_id=(2, 2),
+                         images_per_camera=(2, 2)), root, workers=1, progress=False)
+    return root
+
+
+# --- config ------------------------------------------------------------------------------
+def test_new_keys_default_to_the_papers_recipe():
+    cfg = load_config()
+    assert (cfg.data.augment.rsa_start_epoch, cfg.data.augment.rsa_ramp_epochs) == (0, 0)
+    assert (cfg.model.abp_warmup_epochs, cfg.model.rp_batchnorm, cfg.model.head) == (0, "shared", "reduction")
+    assert (cfg.loss.ce_reduction, cfg.loss.triplet_reduction) == ("sum", "sum")
+    # rp_batchnorm and head define the network: a checkpoint only fits a model that agrees
+    assert {"rp_batchnorm", "head"} <= set(ARCHITECTURE_KEYS)
+    assert "abp_warmup_epochs" not in _model_options(OmegaConf.to_container(cfg.model))
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.rp_batchnorm=split"], "model.rp_batchnorm='split' is not one of: shared, separate"),
     (["model.head=neck"], "model.head='neck' is not one of: reduction, bnneck"),
     (["loss.ce_reduction=avg"], "loss.ce_reduction='avg' is not one of: sum, mean"),
     (["loss.triplet_reduction=max"], "loss.triplet_reduction='max' is not one of: sum, mean"),
+    (["model.abp_warmup_epochs=-1"], "model.abp_warmup_epochs=-1 must be >= 0"),
+    (["data.augment.rsa_start_epoch=-1"], "data.augment.rsa_start_epoch=-1 must be >= 0"),
+    (["data.augment.rsa_ramp_epochs=-2"], "data.augment.rsa_ramp_epochs=-2 must be >= 0"),
+    (["model.abp_warmup_epochs=5", "model.abp=test"], "needs ABP in training (model.abp=train or both)"),
     (["model.rp_batchnorm=separate", "model.rp_position=output"], "needs a receptive partition"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+# --- on_epoch_start and the two schedules in the trainer ----------------------------------
+class Recorder(Callback):
+    """What the epoch's settings were when the epoch started."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_epoch_start(self, trainer, epoch):
+        shift = _random_shift(trainer.loader.dataset.transform)
+        self.seen.append(("start", epoch, shift.p, trainer.model.abp_warmup))
+
+    def on_epoch_end(self, trainer, epoch, summary):
+        self.seen.append(("end", epoch))
+
+
+def test_default_schedules_keep_the_papers_settings_every_epoch(tiny_data, tmp_path, monkeypatch):
+    """Hook order and defaults, without training: RSA at the configured p and ABP every epoch."""
+    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=3",
+                             "data.augment.rsa=0.3"])
+    recorder = Recorder()
+    with Trainer(cfg, progress=False, callbacks=[recorder]) as trainer:
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, PeriodicEvaluation)]
+        monkeypatch.setattr(trainer, "train_epoch", lambda epoch: {"loss": 0.0})
+        monkeypatch.setattr(trainer, "save", lambda name, epoch: None)
+        trainer.train()
+    assert recorder.seen == [x for e in range(3) for x in (("start", e, 0.3, False), ("end", e))]
+
+
+def test_schedules_follow_the_epoch_and_a_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_path):
+    """RSA ramps 0.25 -> 0.5 and ABP takes over after one uniform epoch; a run stopped after
+    epoch 1 and resumed trains epoch 2 exactly as the uninterrupted run, though the resumed
+    process starts with other values in the transform and the model flag."""
+    base = [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=2",
+            "data.augment.rsa=0.5", "data.augment.rsa_ramp_epochs=2", "model.abp_warmup_epochs=1"]
+    full = Recorder()
+    with Trainer(load_config(None, [*base, "run.name=full"]), progress=False, callbacks=[full]) as trainer:
+        trainer.train()
+    assert full.seen == [("start", 0, 0.25, True), ("end", 0), ("start", 1, 0.5, False), ("end", 1)]
+
+    with Trainer(load_config(None, [*base, "run.name=cut", "optim.epochs=1"]), progress=False) as trainer:
+        trainer.train()
+    resumed = Recorder()
+    with Trainer(load_config(None, [*base, "run.name=cut"]), resume=True, progress=False,
+                 callbacks=[resumed]) as trainer:
+        trainer.model.abp_warmup = True  # what a fresh process may hold must not matter
+        _random_shift(trainer.loader.dataset.transform).p = 0.123
+        trainer.train()
+    assert resumed.seen == full.seen[2:]
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+    expected = [r for r in rows("full") if r["epoch"] == 1]
+    assert expected and [r for r in rows("cut") if r["epoch"] == 1] == expected
+    a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
+
+
+# --- RSA schedule --------------------------------------------------------------------------
+@pytest.mark.parametrize(("start", "ramp", "expected"), [
+    (0, 0, [0.5, 0.5, 0.5, 0.5, 0.5]),  # the default: the paper's p throughout
+    (2, 0, [0.0, 0.0, 0.5, 0.5, 0.5]),
+    (0, 2, [0.25, 0.5, 0.5, 0.5, 0.5]),
+    (1, 4, [0.0, 0.125, 0.25, 0.375, 0.5]),
+])
+def test_rsa_probability_per_epoch(start, ramp, expected):
+    assert [rsa_probability(epoch, 0.5, start, ramp) for epoch in range(5)] == expected
+
+
+def test_rsa_probability_set_before_an_epoch_reaches_the_loader_workers(tiny_data):
+    """The trainer changes p in the main process; the epoch's (new) worker must draw with it."""
+    records = load_dataset("folder", str(tiny_data)).train
+
+    def first_batch(transform) -> torch.Tensor:
+        loader = train_loader(records, transform, num_identities=2, num_instances=2, workers=1, seed=0)
+        torch.manual_seed(0)
+        return next(iter(loader))[0]
+
+    scheduled = build_train_transform(SIZE, AugmentConfig(rsa=0.5))
+    shift = _random_shift(scheduled)
+    shift.p = 0.0
+    without = first_batch(scheduled)
+    assert torch.equal(without, first_batch(build_train_transform(SIZE, AugmentConfig(rsa=0.0))))
+    shift.p = 1.0
+    always = first_batch(scheduled)
+    assert torch.equal(always, first_batch(build_train_transform(SIZE, AugmentConfig(rsa=1.0))))
+    assert not torch.equal(always, without)
+
+
+# --- ABP warm-up ---------------------------------------------------------------------------
+def _training_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model).train()  # a copy: BN statistics stay as they were
+    with torch.no_grad():
+        return model(x).features
+
+
+def test_abp_warmup_trains_on_uniform_stripes_with_the_abp_operator():
+    """Warm-up = abp='test' in training (uniform stripes, ABP's operator); off = ABP; the
+    evaluation and the state dict do not depend on the flag."""
+    x = _images(4, (96, 32))  # a 6x2 final map, so ABP boundaries can move
+    model, uniform = _model(abp="both"), _model(abp="test")
+    uniform.load_state_dict(model.state_dict())
+    assert model.abp_warmup is False  # the default: ABP as configured
+    reference = _training_features(uniform, x)
+    model.abp_warmup = True
+    warm = _training_features(model, x)
+    assert all(torch.equal(warm[k], reference[k]) for k in reference)
+    model.abp_warmup = False
+    abp = _training_features(model, x)
+    moved = [k for k in reference if not torch.equal(abp[k], reference[k])]
+    assert moved and all(".orig.s" in k for k in moved)
+
+    state = model.state_dict()
+    model.eval()
+    with torch.no_grad():
+        descriptor = model(x)
+        model.abp_warmup = True
+        assert torch.equal(model(x), descriptor)
+    assert model.state_dict().keys() == state.keys() and not any("warmup" in k for k in state)
 
 
 # --- path-specific BatchNorm for RP --------------------------------------------------------

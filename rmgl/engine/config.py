@@ -49,6 +49,7 @@ class ModelConfig:
     reduction_dim: int = 256
     init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
     # Study switches; the defaults are the paper's model (docs/model.md, section 10).
+    abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
     rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
     head: str = "reduction"  # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
 
@@ -258,6 +259,9 @@ RANGES = [
     ("data.workers", lambda v: v >= 0, ">= 0"),
     ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
     ("model.reduction_dim", lambda v: v >= 1, ">= 1"),
+    ("model.abp_warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("data.augment.rsa_start_epoch", lambda v: v >= 0, ">= 0"),
+    ("data.augment.rsa_ramp_epochs", lambda v: v >= 0, ">= 0"),
     ("loss.triplet_margin", lambda v: v >= 0, ">= 0"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
@@ -291,6 +295,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.rp_batchnorm == "separate" and cfg.model.rp_position == "output":
         raise ConfigError(
             "model.rp_batchnorm=separate needs a receptive partition; model.rp_position=output has none"
+        )
+    if cfg.model.abp_warmup_epochs and cfg.model.abp not in ("train", "both"):
+        raise ConfigError(
+            f"model.abp_warmup_epochs={cfg.model.abp_warmup_epochs} needs ABP in training "
+            f"(model.abp=train or both), not model.abp={cfg.model.abp}"
         )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]")

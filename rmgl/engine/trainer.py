@@ -33,7 +33,14 @@ from rmgl.data.datasets import load_dataset
 from rmgl.data.loading import check_readable, train_loader
 from rmgl.data.records import ReidDataset
 from rmgl.data.transforms import AugmentConfig, build_train_transform
-from rmgl.engine.callbacks import Callback, MetricsLogger, PeriodicEvaluation, StepInfo
+from rmgl.engine.callbacks import (
+    ABPWarmup,
+    Callback,
+    MetricsLogger,
+    PeriodicEvaluation,
+    RSASchedule,
+    StepInfo,
+)
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model
@@ -65,7 +72,8 @@ def identities_per_rank(num_identities: int, world_size: int) -> int:
 
 
 class Trainer:
-    """Trains one config; ``callbacks`` are added after the built-in logging and evaluation."""
+    """Trains one config; ``callbacks`` are added after the built-in schedules (RSA, ABP
+    warm-up), logging and evaluation."""
 
     def __init__(
         self,
@@ -130,7 +138,11 @@ class Trainer:
         self.results: dict[str, RankResult] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
+        aug_cfg = cfg.data.augment
         self.callbacks: list[Callback] = [
+            # schedules first: every later callback sees the epoch's settings
+            RSASchedule(aug_cfg.rsa, aug_cfg.rsa_start_epoch, aug_cfg.rsa_ramp_epochs),
+            ABPWarmup(cfg.model.abp_warmup_epochs),
             MetricsLogger(cfg.run.log_every),
             PeriodicEvaluation(cfg.eval.every, cfg.eval.rerank),
             *callbacks,

@@ -20,7 +20,8 @@ Feature order (= descriptor order), per branch in the order of ``branches``::
 branch is global-only: ``b1.orig.global`` (its stripe and its RP path would repeat it).
 
 Study switches that are not the paper's (docs/model.md, section 10): ``rp_batchnorm='separate'``
-gives the RP path its own BatchNorm layers, ``head='bnneck'`` a BNNeck head.
+gives the RP path its own BatchNorm layers, ``head='bnneck'`` a BNNeck head, and the runtime
+flag ``abp_warmup`` makes training use uniform stripes (set by the trainer's ABP warm-up).
 """
 
 from __future__ import annotations
@@ -305,6 +306,8 @@ class RMGL(nn.Module):
         self.reduction_dim = reduction_dim
         self.rp_batchnorm = rp_batchnorm
         self.head = head
+        # Runtime flag, not state: True makes training use uniform stripes (ABP warm-up).
+        self.abp_warmup = False
         self.trunk = Trunk(backbone)
         has_rp = rp_position != "output"
         # One operator per head in both modes: with ABP in either mode the original path's
@@ -410,6 +413,8 @@ class RMGL(nn.Module):
             )
 
     def _use_abp(self) -> bool:
+        if self.training and self.abp_warmup:
+            return False
         return self.abp == "both" or self.abp == ("train" if self.training else "test")
 
     def forward(self, images: Tensor) -> Tensor | RMGLOutput:
