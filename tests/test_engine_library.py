@@ -99,9 +99,9 @@ def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_co
 def _options(cfg):
     from omegaconf import OmegaConf
 
-    options = OmegaConf.to_container(cfg.model)
-    options.pop("init_from")
-    return options
+    from rmgl.engine.load import _model_options
+
+    return _model_options(OmegaConf.to_container(cfg.model))
 
 
 def test_init_from_another_architecture_names_the_mismatch(trained):
@@ -131,6 +131,9 @@ class Counter(Callback):
     def on_train_start(self, trainer):
         self.calls.append("start")
 
+    def on_epoch_start(self, trainer, epoch):
+        self.calls.append(("epoch_start", epoch))
+
     def on_step_end(self, trainer, step):
         self.calls.append(("step", step.epoch, step.iteration, step.global_step))
         assert set(step.losses) >= {"loss"} and step.lr > 0 and len(step.pids) == 8
@@ -152,7 +155,8 @@ def test_callbacks_are_called_in_order(tiny_data, tmp_path):
     steps = [c for c in counter.calls if isinstance(c, tuple) and c[0] == "step"]
     assert counter.calls[0] == "start" and counter.calls[-1] == "end"
     assert [s[3] for s in steps] == list(range(2 * n))
-    assert counter.calls.index(("epoch", 0)) == 1 + n and ("epoch", 1) in counter.calls
+    assert counter.calls[1] == ("epoch_start", 0) and counter.calls.index(("epoch", 0)) == 2 + n
+    assert counter.calls[3 + n] == ("epoch_start", 1) and ("epoch", 1) in counter.calls
 
 
 def test_failed_evaluation_keeps_the_epoch(tiny_data, tmp_path):

@@ -155,6 +155,10 @@ class AugmentConfig:
     rsa_crop_ratio_min: float = 0.7
     rsa_height_scale_min: float = 0.5
     rsa_width_scale_min: float = 0.5
+    # RSA schedule (applied by the trainer each epoch; not the paper's, which uses p throughout):
+    # off for the first rsa_start_epoch epochs, then rising linearly to `rsa` over rsa_ramp_epochs
+    rsa_start_epoch: int = 0
+    rsa_ramp_epochs: int = 0
     random_erasing: float = 0.0
     color_jitter: float = 0.0
     random_crop: float = 0.0

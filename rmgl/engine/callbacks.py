@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rmgl.data.transforms import RandomShift
+
 if TYPE_CHECKING:
     from rmgl.engine.trainer import Trainer
 
@@ -49,6 +51,12 @@ class Callback:
     ``trainer.is_main`` to act on rank 0 only."""
 
     def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the epoch's first batch is drawn, also for the first epoch of a resumed run.
+        DataLoader workers are created after it, so a change to the training transform here
+        applies to this epoch. Anything set here must depend on ``epoch`` alone, so that a
+        resumed run trains exactly as an uninterrupted one."""
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None: ...
 
@@ -113,3 +121,49 @@ class PeriodicEvaluation(Callback):
             trainer.save("best", epoch)
             trainer.save("last", epoch)  # so a resumed run knows the best mAP so far
         trainer.record.flush()
+
+
+def rsa_probability(epoch: int, p: float, start: int = 0, ramp: int = 0) -> float:
+    """The RSA probability of 0-based ``epoch``: 0 for the first ``start`` epochs, then rising
+    by p/ramp per epoch until it reaches ``p`` in the ramp's last epoch, ``p`` afterwards
+    (``p`` throughout with the defaults)."""
+    if epoch < start:
+        return 0.0
+    if ramp == 0:
+        return p
+    return p * min(1.0, (epoch - start + 1) / ramp)
+
+
+def _random_shift(transform) -> RandomShift:
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, RandomShift):
+            return step
+    raise ValueError("the training transform has no RandomShift whose probability could be scheduled")
+
+
+class RSASchedule(Callback):
+    """Sets the training transform's RSA probability every epoch (``data.augment.rsa_start_epoch``,
+    ``rsa_ramp_epochs``), as a function of the epoch alone so that a resumed run matches."""
+
+    def __init__(self, p: float, start: int = 0, ramp: int = 0) -> None:
+        self.p, self.start, self.ramp = p, start, ramp
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        shift = _random_shift(trainer.loader.dataset.transform)
+        shift.p = rsa_probability(epoch, self.p, self.start, self.ramp)
+        if trainer.is_main and (self.start or self.ramp):
+            log.info("epoch %d: RSA probability %.4g", epoch + 1, shift.p)
+
+
+class ABPWarmup(Callback):
+    """Uniform stripe boundaries in training for the first ``epochs`` epochs, ABP afterwards
+    (``model.abp_warmup_epochs``). Sets the model's runtime flag ``abp_warmup``, which is not
+    part of its state dict, from the epoch alone."""
+
+    def __init__(self, epochs: int = 0) -> None:
+        self.epochs = epochs
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        trainer.model.abp_warmup = epoch < self.epochs
+        if trainer.is_main and self.epochs and epoch in (trainer.start_epoch, self.epochs):
+            log.info("epoch %d: %s stripes in training", epoch + 1, "uniform" if epoch < self.epochs else "ABP")

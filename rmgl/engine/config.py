@@ -48,6 +48,10 @@ class ModelConfig:
     pooling: str = "max"  # max | avg | gem
     reduction_dim: int = 256
     init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
+    # Study switches; the defaults are the paper's model (docs/model.md, section 10).
+    abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
+    rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
+    head: str = "reduction"  # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
 
 
 @dataclass
@@ -55,6 +59,8 @@ class LossConfig:
     triplet_margin: float = 0.6
     soft_margin: bool = False
     label_smoothing: float = 0.0
+    ce_reduction: str = "sum"  # sum (Eq. 4) | mean over the classifiers
+    triplet_reduction: str = "sum"  # sum (Eq. 4) | mean over the branches
 
 
 @dataclass
@@ -237,6 +243,10 @@ CHOICES = {
     "model.abp_pool": ("avg", "max"),
     "model.pooling": ("max", "avg", "gem"),
     "model.rp_position": ("input", "layer1", "layer2", "layer3", "layer4", "output"),
+    "model.rp_batchnorm": ("shared", "separate"),
+    "model.head": ("reduction", "bnneck"),
+    "loss.ce_reduction": ("sum", "mean"),
+    "loss.triplet_reduction": ("sum", "mean"),
     "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
     "eval.protocol": ("auto", "cross_camera", "any_camera"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
@@ -249,6 +259,9 @@ RANGES = [
     ("data.workers", lambda v: v >= 0, ">= 0"),
     ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
     ("model.reduction_dim", lambda v: v >= 1, ">= 1"),
+    ("model.abp_warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("data.augment.rsa_start_epoch", lambda v: v >= 0, ">= 0"),
+    ("data.augment.rsa_ramp_epochs", lambda v: v >= 0, ">= 0"),
     ("loss.triplet_margin", lambda v: v >= 0, ">= 0"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
@@ -279,6 +292,15 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be {expected}")
     if cfg.model.only_rp and cfg.model.rp_position == "output":
         raise ConfigError("model.only_rp=true needs a receptive partition; model.rp_position=output has none")
+    if cfg.model.rp_batchnorm == "separate" and cfg.model.rp_position == "output":
+        raise ConfigError(
+            "model.rp_batchnorm=separate needs a receptive partition; model.rp_position=output has none"
+        )
+    if cfg.model.abp_warmup_epochs and cfg.model.abp not in ("train", "both"):
+        raise ConfigError(
+            f"model.abp_warmup_epochs={cfg.model.abp_warmup_epochs} needs ABP in training "
+            f"(model.abp=train or both), not model.abp={cfg.model.abp}"
+        )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):

@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 # Config keys that change the network's structure: a checkpoint only fits a model that
 # agrees on all of them (abp and abp_pool change how stripes are pooled, not the weights).
-ARCHITECTURE_KEYS = ("backbone", "last_stride", "branches", "rp_position", "only_rp", "pooling", "reduction_dim")
+ARCHITECTURE_KEYS = (
+    "backbone", "last_stride", "branches", "rp_position", "only_rp", "pooling", "reduction_dim",
+    "rp_batchnorm", "head",
+)
+# Config model keys that only steer training, not build_model.
+TRAINING_ONLY_KEYS = ("init_from", "abp_warmup_epochs")
 CLASSIFIER_KEY = ".classifier."
 
 
@@ -140,7 +145,7 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
 
 def _model_options(options: dict) -> dict:
     """Config ``model`` section -> :func:`build_model` keyword arguments."""
-    return {k: v for k, v in options.items() if k != "init_from"}
+    return {k: v for k, v in options.items() if k not in TRAINING_ONLY_KEYS}
 
 
 def _plain(value):

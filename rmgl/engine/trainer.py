@@ -33,7 +33,14 @@ from rmgl.data.datasets import load_dataset
 from rmgl.data.loading import check_readable, train_loader
 from rmgl.data.records import ReidDataset
 from rmgl.data.transforms import AugmentConfig, build_train_transform
-from rmgl.engine.callbacks import Callback, MetricsLogger, PeriodicEvaluation, StepInfo
+from rmgl.engine.callbacks import (
+    ABPWarmup,
+    Callback,
+    MetricsLogger,
+    PeriodicEvaluation,
+    RSASchedule,
+    StepInfo,
+)
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model
@@ -65,7 +72,8 @@ def identities_per_rank(num_identities: int, world_size: int) -> int:
 
 
 class Trainer:
-    """Trains one config; ``callbacks`` are added after the built-in logging and evaluation."""
+    """Trains one config; ``callbacks`` are added after the built-in schedules (RSA, ABP
+    warm-up), logging and evaluation."""
 
     def __init__(
         self,
@@ -114,7 +122,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = RMGLLoss(cfg.loss.triplet_margin, cfg.loss.soft_margin, cfg.loss.label_smoothing)
+        self.criterion = RMGLLoss(
+            cfg.loss.triplet_margin,
+            cfg.loss.soft_margin,
+            cfg.loss.label_smoothing,
+            cfg.loss.ce_reduction,
+            cfg.loss.triplet_reduction,
+        )
         self.ddp = self.model
         if self.runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -124,7 +138,11 @@ class Trainer:
         self.results: dict[str, RankResult] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
+        aug_cfg = cfg.data.augment
         self.callbacks: list[Callback] = [
+            # schedules first: every later callback sees the epoch's settings
+            RSASchedule(aug_cfg.rsa, aug_cfg.rsa_start_epoch, aug_cfg.rsa_ramp_epochs),
+            ABPWarmup(cfg.model.abp_warmup_epochs),
             MetricsLogger(cfg.run.log_every),
             PeriodicEvaluation(cfg.eval.every, cfg.eval.rerank),
             *callbacks,
@@ -263,6 +281,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            for callback in self.callbacks:
+                callback.on_epoch_start(self, epoch)
             summary = self.train_epoch(epoch)
             self.save("last", epoch)  # before any evaluation: a failing one never costs the epoch
             for callback in self.callbacks:

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from rmgl.losses.triplet import batch_hard_triplet_loss
 from rmgl.model.network import RMGLOutput
 
+REDUCTIONS = ("sum", "mean")
+
 
 class RMGLLoss(nn.Module):
     """Cross-entropy on every classifier plus a batch-hard triplet loss on every branch's
@@ -16,15 +18,30 @@ class RMGLLoss(nn.Module):
     Each term is a batch mean (Eq. 2-3 write sums; the mean keeps the learning rate
     independent of the batch size). ``forward`` returns the total and a dict of detached
     terms named ``ce/<feature>`` and ``triplet/<branch>`` for logging.
+
+    ``ce_reduction`` / ``triplet_reduction`` = ``"mean"`` (not the paper's) average the CE
+    terms over the classifiers / the triplet terms over the branches instead of summing them,
+    so that a family's share of the gradient does not grow with its number of terms. The
+    logged terms stay unweighted either way.
     """
 
     def __init__(
-        self, margin: float = 0.6, soft_margin: bool = False, label_smoothing: float = 0.0
+        self,
+        margin: float = 0.6,
+        soft_margin: bool = False,
+        label_smoothing: float = 0.0,
+        ce_reduction: str = "sum",
+        triplet_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        for name, value in (("ce_reduction", ce_reduction), ("triplet_reduction", triplet_reduction)):
+            if value not in REDUCTIONS:
+                raise ValueError(f"{name} must be one of {REDUCTIONS}, got {value!r}")
         self.margin = margin
         self.soft_margin = soft_margin
         self.label_smoothing = label_smoothing
+        self.ce_reduction = ce_reduction
+        self.triplet_reduction = triplet_reduction
 
     def forward(self, output: RMGLOutput, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, Tensor] = {}
@@ -36,9 +53,17 @@ class RMGLLoss(nn.Module):
             terms[f"triplet/{name}"] = batch_hard_triplet_loss(
                 features, targets, self.margin, self.soft_margin
             )
-        total = sum(terms.values())
+        scale = {
+            "ce": 1.0 / len(output.logits) if self.ce_reduction == "mean" else 1.0,
+            "triplet": 1.0 / len(output.branch_features) if self.triplet_reduction == "mean" else 1.0,
+        }
+        # one sum over the terms in their order; x * 1.0 == x, so "sum" is Eq. 4's sum exactly
+        total = sum(scale[key.split("/")[0]] * value for key, value in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
 
     def extra_repr(self) -> str:
         kind = "soft margin" if self.soft_margin else f"margin={self.margin}"
-        return f"{kind}, label_smoothing={self.label_smoothing}"
+        return (
+            f"{kind}, label_smoothing={self.label_smoothing}, ce_reduction={self.ce_reduction}, "
+            f"triplet_reduction={self.triplet_reduction}"
+        )

@@ -18,13 +18,18 @@ Feature order (= descriptor order), per branch in the order of ``branches``::
 
 ``only_rp`` drops ``b{K}.orig.s*``; ``rp_position='output'`` drops ``b{K}.rp.*``; a K = 1
 branch is global-only: ``b1.orig.global`` (its stripe and its RP path would repeat it).
+
+Study switches that are not the paper's (docs/model.md, section 10): ``rp_batchnorm='separate'``
+gives the RP path its own BatchNorm layers, ``head='bnneck'`` a BNNeck head, and the runtime
+flag ``abp_warmup`` makes training use uniform stripes (set by the trainer's ABP warm-up).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +48,8 @@ from rmgl.model.receptive_field import RP_POSITIONS, stage_fields
 
 ABP_MODES = ("off", "train", "test", "both")
 ABP_POOLINGS = ("avg", "max")
+RP_BATCHNORMS = ("shared", "separate")
+HEADS = ("reduction", "bnneck")
 
 
 @dataclass
@@ -70,6 +77,8 @@ class RMGLOutput:
 
     @property
     def descriptor(self) -> Tensor:
+        """The features concatenated: the eval descriptor for ``head='reduction'`` (with
+        ``'bnneck'`` the eval descriptor is their BatchNorm'd version)."""
         return torch.cat(list(self.features.values()), dim=1)
 
 
@@ -77,26 +86,74 @@ class ReductionHead(nn.Module):
     """1x1 conv + BN + ReLU from the pooled C-d vector to ``dim``, then a linear classifier.
 
     Separate per feature (as MGN): each stripe of each path learns its own embedding.
+
+    ``bnneck=True`` (not the paper's; the BNNeck of Luo et al.'s strong re-ID baseline): the
+    reduction is the 1x1 conv alone, its output is the triplet's feature, and ``neck``, a
+    BatchNorm without ReLU whose bias stays 0, gives the classifier's input and the
+    descriptor. Without it ``neck`` is the identity: one feature serves all three.
     """
 
-    def __init__(self, in_channels: int, dim: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, dim: int, num_classes: int, bnneck: bool = False) -> None:
         super().__init__()
-        self.reduction = nn.Sequential(
-            nn.Conv2d(in_channels, dim, kernel_size=1, bias=False),
-            nn.BatchNorm2d(dim),
-            nn.ReLU(inplace=True),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, dim, kernel_size=1, bias=False)]
+        if not bnneck:
+            layers += [nn.BatchNorm2d(dim), nn.ReLU(inplace=True)]
+        self.reduction = nn.Sequential(*layers)
+        self.neck = nn.BatchNorm1d(dim) if bnneck else nn.Identity()
         self.classifier = nn.Linear(dim, num_classes)
         nn.init.kaiming_normal_(self.reduction[0].weight, mode="fan_in")
-        nn.init.ones_(self.reduction[1].weight)
-        nn.init.zeros_(self.reduction[1].bias)
+        if bnneck:
+            self.neck.bias.requires_grad_(False)  # no shift, as in BNNeck
+        else:
+            nn.init.ones_(self.reduction[1].weight)
+            nn.init.zeros_(self.reduction[1].bias)
         # small classifier weights: every softmax starts near uniform (CE ~ log(num_classes))
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        """The reduced feature (N, dim); ``classifier`` is applied by the caller in training."""
+        """The reduced feature (N, dim), the triplet's; the caller applies ``neck`` (then
+        ``classifier`` in training) for the classifier and the descriptor."""
         return self.reduction(pooled[:, :, None, None]).flatten(1)
+
+
+class PathBatchNorm(nn.BatchNorm2d):
+    """A branch's BatchNorm with a second one, ``rp``, for the receptive-partitioned path
+    (``rp_batchnorm='separate'``), so that stripe batches keep their own affine parameters
+    and running statistics instead of mixing into the full map's. The original path keeps
+    this module's own keys (torchvision's names); ``rp`` starts as a copy of it."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.rp = copy.deepcopy(bn)
+        self.use_rp = False  # set by rp_path_batchnorm() while the RP path runs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rp(x) if self.use_rp else super().forward(x)
+
+
+def separate_rp_batchnorm(layer: nn.Module) -> None:
+    """Replace every BatchNorm2d of ``layer`` by a :class:`PathBatchNorm`; the convolutions stay
+    the same modules, so both paths train the same convolution weights."""
+    for name, module in list(layer.named_modules()):
+        if type(module) is nn.BatchNorm2d:
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent), attr, PathBatchNorm(module))
+
+
+@contextmanager
+def rp_path_batchnorm(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Route every :class:`PathBatchNorm` in ``modules`` to its RP-path BatchNorm for the block
+    (nothing to do when the BatchNorm is shared)."""
+    norms = [m for module in modules for m in module.modules() if isinstance(m, PathBatchNorm)]
+    for m in norms:
+        m.use_rp = True
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.use_rp = False
 
 
 class Trunk(nn.Module):
@@ -131,6 +188,8 @@ class Branch(nn.Module):
         only_rp: bool,
         pooling: str = "max",
         stripe_pooling: str = "max",
+        rp_batchnorm_layers: Sequence[str] = (),
+        bnneck: bool = False,
     ) -> None:
         super().__init__()
         self.stripes = stripes
@@ -139,6 +198,9 @@ class Branch(nn.Module):
         self.layer3 = copy.deepcopy(backbone.layer3)
         self.layer4 = copy.deepcopy(backbone.layer4)
         self.rp_path = rp_path and stripes > 1
+        if self.rp_path:  # only the layers the RP path runs: DDP needs every parameter used
+            for name in rp_batchnorm_layers:
+                separate_rp_batchnorm(getattr(self, name))
         self.orig_stripes = stripes > 1 and not (only_rp and self.rp_path)
         parts = ["orig_global"]
         if self.orig_stripes:
@@ -152,7 +214,7 @@ class Branch(nn.Module):
         )
         channels = backbone.out_channels
         self.heads = nn.ModuleDict(
-            {p: ReductionHead(channels, reduction_dim, num_classes) for p in parts}
+            {p: ReductionHead(channels, reduction_dim, num_classes, bnneck) for p in parts}
         )
 
     @property
@@ -203,6 +265,8 @@ class RMGL(nn.Module):
         abp_pool: str = "avg",
         pooling: str = "max",
         reduction_dim: int = 256,
+        rp_batchnorm: str = "shared",
+        head: str = "reduction",
     ) -> None:
         super().__init__()
         branches = [int(k) for k in branches]
@@ -223,6 +287,12 @@ class RMGL(nn.Module):
                 "partition is the original path's stripes): choose an RP position "
                 f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set only_rp=False"
             )
+        if rp_batchnorm not in RP_BATCHNORMS:
+            raise ValueError(f"rp_batchnorm must be one of {RP_BATCHNORMS}, got {rp_batchnorm!r}")
+        if rp_batchnorm == "separate" and rp_position == "output":
+            raise ValueError("rp_batchnorm='separate' needs an RP path; rp_position='output' has none")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.arch = backbone.arch
@@ -234,14 +304,31 @@ class RMGL(nn.Module):
         self.abp_pool = abp_pool
         self.pooling = pooling
         self.reduction_dim = reduction_dim
+        self.rp_batchnorm = rp_batchnorm
+        self.head = head
+        # Runtime flag, not state: True makes training use uniform stripes (ABP warm-up).
+        self.abp_warmup = False
         self.trunk = Trunk(backbone)
         has_rp = rp_position != "output"
         # One operator per head in both modes: with ABP in either mode the original path's
         # stripes are pooled with `abp_pool` also where their boundaries are uniform.
         stripe_pooling = pooling if abp == "off" else abp_pool
+        # The branch layers the RP path runs (the shared trunk keeps its BatchNorm).
+        rp_bn_layers = (
+            [f"layer{i}" for i in range(max(self.cut, 2), 5)] if rp_batchnorm == "separate" else []
+        )
         self.branches = nn.ModuleList(
             Branch(
-                k, backbone, num_classes, reduction_dim, has_rp, only_rp, pooling, stripe_pooling
+                k,
+                backbone,
+                num_classes,
+                reduction_dim,
+                has_rp,
+                only_rp,
+                pooling,
+                stripe_pooling,
+                rp_bn_layers,
+                head == "bnneck",
             )
             for k in branches
         )
@@ -311,7 +398,8 @@ class RMGL(nn.Module):
             if branch.rp_path:
                 maps.cut = inputs[self.cut]
                 self._check_divisible(maps.cut, branch.stripes, images.shape[2])
-                maps.partitioned = run_partitioned(layers[self.cut :], maps.cut, branch.stripes)
+                with rp_path_batchnorm(layers[self.cut :]):
+                    maps.partitioned = run_partitioned(layers[self.cut :], maps.cut, branch.stripes)
             result.append(maps)
         return result
 
@@ -325,22 +413,27 @@ class RMGL(nn.Module):
             )
 
     def _use_abp(self) -> bool:
+        if self.training and self.abp_warmup:
+            return False
         return self.abp == "both" or self.abp == ("train" if self.training else "test")
 
     def forward(self, images: Tensor) -> Tensor | RMGLOutput:
         use_abp = self._use_abp()
-        features: dict[str, Tensor] = {}
+        features: dict[str, Tensor] = {}  # the triplet's features
+        necks: dict[str, Tensor] = {}  # the classifiers' inputs and the descriptor
         for branch, maps in zip(self.branches, self.branch_maps(images), strict=True):
             pooled = branch.pool(maps, use_abp)
             for part, head in branch.heads.items():
-                features[f"{branch.name}.{part.replace('_', '.')}"] = head(pooled[part])
+                name = f"{branch.name}.{part.replace('_', '.')}"
+                features[name] = head(pooled[part])
+                necks[name] = head.neck(features[name])
         if not self.training:
-            return torch.cat(list(features.values()), dim=1)
+            return torch.cat(list(necks.values()), dim=1)
         logits, branch_features = {}, {}
         for branch in self.branches:
             names = branch.feature_names()
             for name, head in zip(names, branch.heads.values(), strict=True):
-                logits[name] = head.classifier(features[name])
+                logits[name] = head.classifier(necks[name])
             branch_features[branch.name] = torch.cat([features[n] for n in names], dim=1)
         return RMGLOutput(logits=logits, features=features, branch_features=branch_features)
 
@@ -357,9 +450,12 @@ def build_model(
     abp_pool: str = "avg",
     pooling: str = "max",
     reduction_dim: int = 256,
+    rp_batchnorm: str = "shared",
+    head: str = "reduction",
 ) -> RMGL:
     """The RMGL model; the defaults are the paper's (ResNet-50, last stride 1, Local-2 and
-    Local-3 branches, RP after layer1, ABP in training and test, max pooling, 256-d)."""
+    Local-3 branches, RP after layer1, ABP in training and test, max pooling, 256-d, BatchNorm
+    shared by both paths, conv + BN + ReLU heads)."""
     net = build_backbone(backbone, pretrained, last_stride)
     return RMGL(
         net,
@@ -371,4 +467,6 @@ def build_model(
         abp_pool=abp_pool,
         pooling=pooling,
         reduction_dim=reduction_dim,
+        rp_batchnorm=rp_batchnorm,
+        head=head,
     )
