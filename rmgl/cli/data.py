@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 from rmgl.data.datasets import dataset_names, load_dataset
-from rmgl.data.synthetic import META_FILE, MOSAIC_FILE, Misalignment, SynthConfig, generate
+from rmgl.data.synthetic import (
+    META_FILE,
+    MOSAIC_FILE,
+    PRESETS,
+    Misalignment,
+    SynthConfig,
+    generate,
+    parse_knob_settings,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--height", type=int, default=128)
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--workers", type=int, default=0, help="render processes (0 = up to 4)")
+    synth.add_argument("--realism", choices=tuple(PRESETS), default="classic", help="realism preset (docs/data.md)")
+    synth.add_argument("--set", action="append", default=[], metavar="GROUP.KNOB=VALUE",
+                       help="change one realism knob of the preset, e.g. occlusion.prob=0.5 or degradation.jpeg_quality=30,70 (repeatable)")
     synth.set_defaults(func=run_synth)
 
     info = subparsers.add_parser(
@@ -48,6 +59,8 @@ def synth_config(args: argparse.Namespace) -> SynthConfig:
         height=args.height,
         width=args.width,
         misalignment=Misalignment(strength=args.misalignment),
+        realism=args.realism,
+        **parse_knob_settings(args.set),
     )
 
 

@@ -154,6 +154,14 @@ class Camera:
     blur: float  # Gaussian blur radius in pixels
     noise: float  # std of additive pixel noise
     view_probs: tuple[float, float, float, float]  # P(front, back, left, right)
+    # Realism (``realism.realise_camera``); the defaults are the classic, neutral look.
+    white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0)  # extra per-channel gain
+    gamma: float = 1.0  # tone curve exponent on 0..1 intensities
+    saturation: float = 1.0  # 1 = unchanged, 0 = grey
+    shading: float = 0.0  # uneven-lighting amplitude of its images
+    resolution: float = 1.0  # capture size, fraction of the output size
+    jpeg_quality: int = 0  # 0 = the benchmark's jpeg_quality
+    scene_seed: int = 0  # seed of its static background scene
 
     def to_dict(self) -> dict:
         return asdict(self)

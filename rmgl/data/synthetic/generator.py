@@ -27,6 +27,18 @@ from rmgl.data.synthetic.attributes import (
     random_camera,
     random_identity,
 )
+from rmgl.data.synthetic.realism import (
+    Articulation,
+    Background,
+    Degradation,
+    Lighting,
+    Occlusion,
+    Realism,
+    Streams,
+    Visibility,
+    realise_camera,
+    resolve_knob,
+)
 from rmgl.data.synthetic.render import Misalignment, render_shot
 
 log = logging.getLogger(__name__)
@@ -37,7 +49,13 @@ MOSAIC_FILE = "mosaic.png"
 
 @dataclass
 class SynthConfig:
-    """Every knob of the benchmark. ``scale`` multiplies the identity and distractor counts."""
+    """Every knob of the benchmark. ``scale`` multiplies the identity and distractor counts.
+
+    ``realism`` names a preset (``classic``: rigid figures on flat textures, as the benchmark
+    always was; ``realistic``: every realism knob on). Each realism knob group left at None
+    takes the preset's value; a dict replaces only the entries it names, e.g.
+    ``SynthConfig(realism="realistic", occlusion={"prob": 0.5})``.
+    """
 
     seed: int = 0
     scale: float = 1.0
@@ -53,10 +71,19 @@ class SynthConfig:
     width: int = 64
     jpeg_quality: int = 90
     misalignment: Misalignment = field(default_factory=Misalignment)
+    realism: str = "classic"  # preset filling the knob groups below: "classic" or "realistic"
+    articulation: Articulation | dict | None = None  # gait, limb angles, lean
+    visibility: Visibility | dict | None = None  # turned bodies, forearms across the chest
+    occlusion: Occlusion | dict | None = None  # people, poles, umbrellas, bags, barriers in front
+    background: Background | dict | None = None  # per-camera photographic-like scene, clutter
+    degradation: Degradation | dict | None = None  # per-camera low resolution and JPEG quality
+    lighting: Lighting | dict | None = None  # per-camera white balance, gamma, saturation; uneven light
 
     def __post_init__(self):
         if isinstance(self.misalignment, dict):
             self.misalignment = Misalignment(**self.misalignment)
+        for group in ("articulation", "visibility", "occlusion", "background", "degradation", "lighting"):
+            setattr(self, group, resolve_knob(group, self.realism, getattr(self, group)))
         if self.cameras < 2:
             raise ValueError("the benchmark needs at least 2 cameras for cross-camera matching")
         lo, hi = self.cameras_per_id
@@ -64,6 +91,11 @@ class SynthConfig:
             raise ValueError(f"cameras_per_id {self.cameras_per_id} must satisfy 2 <= low <= high <= cameras ({self.cameras})")
         if not 2 <= self.images_per_camera[0] <= self.images_per_camera[1]:
             raise ValueError("images_per_camera must start at 2 or more (one query plus a gallery image)")
+
+    @property
+    def knobs(self) -> Realism:
+        """The realism knobs, as the renderer takes them."""
+        return Realism(self.articulation, self.visibility, self.occlusion, self.background, self.degradation, self.lighting)
 
     @property
     def num_train_ids(self) -> int:
@@ -90,6 +122,7 @@ def plan(config: SynthConfig) -> tuple[list[Identity], list[Camera], list[ImageJ
     """Decide every identity, camera and image (cheap), before any pixel is drawn."""
     rng = np.random.default_rng(config.seed)
     cameras = [random_camera(c + 1, rng) for c in range(config.cameras)]
+    cameras = [realise_camera(camera, config.knobs, config.seed) for camera in cameras]
     n_train, n_test = config.num_train_ids, config.num_test_ids
     pids = (rng.permutation(n_train + n_test) + 1).tolist()  # pid 0 is reserved for distractors
     train_ids = make_identities(sorted(pids[:n_train]), config.twin_fraction, rng)
@@ -123,17 +156,23 @@ def plan(config: SynthConfig) -> tuple[list[Identity], list[Camera], list[ImageJ
     return train_ids + test_ids, cameras, jobs
 
 
-def _render_job(args: tuple[ImageJob, Camera, SynthConfig, str]) -> dict:
-    job, camera, config, out_dir = args
+def render_job(job: ImageJob, camera: Camera, config: SynthConfig) -> tuple[Image.Image, dict]:
+    """The image of ``job`` before JPEG compression, and its metadata; a function of the job alone."""
     rng = np.random.default_rng(job.seed)
     junk = job.identity is None
     person = job.identity
     if junk and rng.random() < 0.5:
         person = random_identity(-1, rng)  # a sliver of somebody, or background only
-    image, shot = render_shot(person, camera, config.misalignment, rng, (config.height, config.width), junk=junk)
-    path = Path(out_dir) / job.split / job.filename
-    image.save(path, quality=config.jpeg_quality)
-    return {"file": f"{job.split}/{job.filename}", "pid": job.pid, **shot.to_dict()}
+    size = (config.height, config.width)
+    image, shot = render_shot(person, camera, config.misalignment, rng, size, junk=junk, knobs=config.knobs, streams=Streams(job.seed))
+    return image, {"file": f"{job.split}/{job.filename}", "pid": job.pid, **shot.to_dict()}
+
+
+def _render_job(args: tuple[ImageJob, Camera, SynthConfig, str]) -> dict:
+    job, camera, config, out_dir = args
+    image, shot = render_job(job, camera, config)
+    image.save(Path(out_dir) / job.split / job.filename, quality=camera.jpeg_quality or config.jpeg_quality)
+    return shot
 
 
 def generate(config: SynthConfig, out_dir: str | Path, workers: int = 0, progress: bool = True) -> dict:

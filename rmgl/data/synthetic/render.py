@@ -1,8 +1,8 @@
-"""Drawing people, backgrounds, cameras and detector boxes.
+"""Backgrounds, cameras, detector boxes, and the whole rendering of one image.
 
-A person is drawn into the middle box of a scene twice the crop size, so that a misaligned
-detector box (shifted, scaled, truncated or over-large) still finds scene pixels to crop.
-All geometry is in pixels of a 128 x 64 person box.
+A person is drawn (``figure.draw_person``) into the middle box of a scene twice the crop size,
+so that a misaligned detector box (shifted, scaled, truncated or over-large) still finds scene
+pixels to crop. All geometry is in pixels of a 128 x 64 person box.
 """
 
 from __future__ import annotations
@@ -10,13 +10,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
-from rmgl.data.synthetic.attributes import HAIR_COLORS, PALETTE, SKIN_TONES, Camera, Identity
+from rmgl.data.synthetic.attributes import Camera, Identity
+from rmgl.data.synthetic.figure import (
+    BOX_H,
+    BOX_LEFT,
+    BOX_TOP,
+    BOX_W,
+    SCENE_H,
+    SCENE_W,
+    draw_person,
+)
+from rmgl.data.synthetic.occlusion import draw_occluder
+from rmgl.data.synthetic.pose import BodyPose, sample_pose
+from rmgl.data.synthetic.realism import Lighting, Realism, Streams
+from rmgl.data.synthetic.scene import draw_clutter, scene_window
 
-BOX_H, BOX_W = 128, 64
-SCENE_H, SCENE_W = 2 * BOX_H, 2 * BOX_W
-BOX_TOP, BOX_LEFT = (SCENE_H - BOX_H) // 2, (SCENE_W - BOX_W) // 2
+__all__ = [
+    "BOX_H", "BOX_LEFT", "BOX_TOP", "BOX_W", "SCENE_H", "SCENE_W",
+    "Misalignment", "Shot", "apply_camera", "background_texture", "draw_person", "render_shot", "sample_box",
+]
+
+CLASSIC = Realism()
 
 
 @dataclass
@@ -74,102 +90,47 @@ def background_texture(camera: Camera, rng: np.random.Generator) -> np.ndarray:
     return c0 + (c1 - c0) * t[..., None]
 
 
-def _rgb(name: str) -> tuple[int, int, int]:
-    return PALETTE[name]
+def shading_map(shape: tuple[int, int], amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """Uneven lighting as a per-pixel gain: a linear gradient in a random direction, and on half
+    the images a soft-edged shadow over part of the crop."""
+    h, w = shape
+    yy, xx = np.mgrid[-1.0 : 1.0 : complex(0, h), -1.0 : 1.0 : complex(0, w)].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    gain = 1.0 + amplitude * (np.cos(angle) * xx + np.sin(angle) * yy)
+    if rng.random() < 0.5:
+        edge = rng.uniform(0, 2 * np.pi)
+        distance = (np.cos(edge) * xx + np.sin(edge) * yy - rng.uniform(-0.6, 0.6)) / 0.15
+        gain *= 1.0 - 1.2 * amplitude / (1.0 + np.exp(-np.clip(distance, -30, 30)))
+    return np.clip(gain, 0.2, None)[..., None]
 
 
-def draw_person(canvas: Image.Image, person: Identity, view: str, rng: np.random.Generator) -> None:
-    """Draw ``person`` seen from ``view`` into the person box of ``canvas`` (in place).
+def apply_camera(
+    image: np.ndarray,
+    camera: Camera,
+    rng: np.random.Generator,
+    lighting: Lighting | None = None,
+    light_rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Photometric look of ``camera`` on an (H, W, 3) float image; returns uint8.
 
-    ``rng`` only drives small pose and build jitter, so the same rng state gives the same
-    drawing for two identities: a twin then differs only where its changed attribute is drawn.
+    With ``lighting`` on, the camera's white balance, per-image uneven lighting and exposure
+    act on scene light (before contrast), its gamma and saturation on the recorded image;
+    sensor noise comes last and draws from ``rng`` exactly as the classic look does.
     """
-    draw = ImageDraw.Draw(canvas)
-    y0 = BOX_TOP + int(rng.integers(-2, 3))
-    cx = BOX_LEFT + BOX_W // 2 + int(rng.integers(-2, 3))
-    half = 13 if view in ("front", "back") else 8  # half torso width
-    half += int(rng.integers(-1, 2))
-    skin, hair = SKIN_TONES[person.skin], HAIR_COLORS[person.hair]
-    upper, lower = _rgb(person.upper_color), _rgb(person.lower_color)
-    side = {"left": -1, "right": 1}.get(view, 0)  # which way a side view faces
-
-    def y(v: float) -> int:
-        return y0 + int(v)
-
-    # Bag behind the body (seen from the front, a backpack only shows its straps).
-    if person.bag == "backpack" and view in ("left", "right"):
-        bx = cx - side * (half + 6)
-        draw.rectangle([bx - 6, y(30), bx + 6, y(62)], fill=_rgb(person.bag_color))
-
-    # Legs, lower garment and shoes.
-    legs = [(cx - half + 1, cx - 1), (cx + 1, cx + half - 1)] if not side else [(cx - half + 2, cx + half - 2)]
-    if person.lower_type == "skirt":
-        draw.polygon([(cx - half, y(70)), (cx + half, y(70)), (cx + half + 5, y(100)), (cx - half - 5, y(100))], fill=lower)
-        for a, b in legs:
-            draw.rectangle([a + 2, y(100), b - 2, y(118)], fill=skin)
-    else:
-        for a, b in legs:
-            draw.rectangle([a, y(70), b, y(118)], fill=lower)
-    for a, b in legs:
-        draw.rectangle([a - (2 if side < 0 else 0), y(118), b + (2 if side > 0 else 0), y(124)], fill=_rgb(person.shoe_color))
-
-    # Torso, stripes and arms.
-    draw.rectangle([cx - half, y(26), cx + half, y(70)], fill=upper)
-    if person.stripes == "horizontal":
-        for row in range(30, 68, 7):
-            draw.rectangle([cx - half, y(row), cx + half, y(row + 2)], fill=_rgb(person.stripe_color))
-    elif person.stripes == "vertical":
-        for col in range(-half + 3, half - 1, 6):
-            draw.rectangle([cx + col, y(27), cx + col + 1, y(69)], fill=_rgb(person.stripe_color))
-    arms = [cx - half - 5, cx + half + 1] if not side else [cx - 3]
-    for ax in arms:
-        sleeve_end = 42 if person.sleeves == "short" else 66
-        draw.rectangle([ax, y(27), ax + 4, y(sleeve_end)], fill=upper)
-        draw.rectangle([ax, y(sleeve_end), ax + 4, y(68)], fill=skin)
-    if view == "front" and person.logo_shape != "none":
-        box = [cx - 4, y(34), cx + 4, y(42)]
-        color = _rgb(person.logo_color)
-        if person.logo_shape == "circle":
-            draw.ellipse(box, fill=color)
-        elif person.logo_shape == "square":
-            draw.rectangle(box, fill=color)
-        else:
-            draw.polygon([(cx, y(34)), (cx + 4, y(42)), (cx - 4, y(42))], fill=color)
-
-    # Bags in front of the body.
-    bag = _rgb(person.bag_color)
-    if person.bag == "backpack":
-        if view == "back":
-            draw.rectangle([cx - 10, y(30), cx + 10, y(62)], fill=bag)
-        elif view == "front":
-            draw.line([(cx - 8, y(26)), (cx - 8, y(50))], fill=bag, width=2)
-            draw.line([(cx + 8, y(26)), (cx + 8, y(50))], fill=bag, width=2)
-    elif person.bag == "shoulder_bag":
-        # Seen from the front, the wearer's right side is on the image's left.
-        on_left = (person.bag_side == "right") == (view != "back")
-        visible = view in ("front", "back") or (view == "left") == (person.bag_side == "left")
-        if visible:
-            bx = cx if side else cx + (-1 if on_left else 1) * (half + 4)
-            strap_x = cx + (half if on_left else -half)  # the strap crosses from the other shoulder
-            draw.line([(strap_x, y(27)), (bx, y(58))], fill=bag, width=2)
-            draw.rectangle([bx - 6, y(56), bx + 6, y(72)], fill=bag)
-
-    # Head, hair and hat.
-    draw.ellipse([cx - 7, y(6), cx + 7, y(25)], fill=skin)
-    if view == "back":
-        draw.ellipse([cx - 7, y(5), cx + 7, y(22)], fill=hair)
-    else:
-        draw.chord([cx - 7, y(5), cx + 7, y(20)], 180, 360, fill=hair)
-    if person.hat != "none":
-        draw.rectangle([cx - 8, y(3), cx + 8, y(11)], fill=_rgb(person.hat))
-        brim = {"left": (-12, 8), "right": (-8, 12)}.get(view, (-10, 10))
-        draw.rectangle([cx + brim[0], y(10), cx + brim[1], y(12)], fill=_rgb(person.hat))
-
-
-def apply_camera(image: np.ndarray, camera: Camera, rng: np.random.Generator) -> np.ndarray:
-    """Photometric look of ``camera`` on an (H, W, 3) float image; returns uint8."""
     out = image * np.array(camera.color_cast, dtype=np.float32)
+    light = lighting is not None and lighting.strength > 0
+    if light:
+        out = out * np.array(camera.white_balance, dtype=np.float32)
+        if camera.shading > 0:
+            out = out * shading_map(out.shape[:2], camera.shading * light_rng.uniform(0.5, 1.0), light_rng)
+        out = out * np.float32(np.exp(light_rng.normal(0.0, lighting.exposure * lighting.strength)))
     out = (out - 128.0) * camera.contrast + 128.0 + camera.brightness
+    if light:
+        if camera.gamma != 1.0:
+            out = 255.0 * (np.clip(out, 0, 255) / 255.0) ** np.float32(camera.gamma)
+        if camera.saturation != 1.0:
+            grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            out = grey[..., None] + np.float32(camera.saturation) * (out - grey[..., None])
     out += rng.normal(0.0, camera.noise, size=out.shape).astype(np.float32)
     return np.clip(out, 0, 255).astype(np.uint8)
 
@@ -181,9 +142,33 @@ class Shot:
     view: str
     box: dict
     camid: int
+    pose: dict | None = None  # BodyPose.to_dict(), when articulation or visibility is on
+    occluder: dict | None = None  # kind and covered share of the person box
+    resolution: float | None = None  # capture size as a fraction of the output, when below 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _scene(camera: Camera, rng: np.random.Generator, knobs: Realism, streams: Streams) -> Image.Image:
+    """The background: the classic texture, blended with the camera's scene, plus clutter."""
+    texture = background_texture(camera, rng)
+    background = knobs.background
+    if background.texture > 0:
+        window = scene_window(camera, streams["background"], SCENE_H, SCENE_W)
+        texture = texture * (1.0 - background.texture) + window * background.texture
+    scene = Image.fromarray(texture.astype(np.uint8))
+    if background.clutter > 0:
+        count = int(streams["background"].poisson(background.clutter))
+        draw_clutter(scene, count, streams["background"], (BOX_LEFT, BOX_TOP - 20, BOX_LEFT + BOX_W, BOX_TOP + BOX_H))
+    return scene
+
+
+def _capture_scale(camera: Camera, streams: Streams) -> float:
+    """This image's capture size as a fraction of the output: the camera's, give or take 15 %."""
+    if camera.resolution >= 1.0:
+        return 1.0
+    return float(np.clip(camera.resolution * streams["degradation"].uniform(0.85, 1.15), 0.2, 1.0))
 
 
 def render_shot(
@@ -193,12 +178,25 @@ def render_shot(
     rng: np.random.Generator,
     size: tuple[int, int] = (BOX_H, BOX_W),
     junk: bool = False,
+    knobs: Realism = CLASSIC,
+    streams: Streams | None = None,
 ) -> tuple[Image.Image, Shot]:
-    """One detector crop of ``person`` (or of background only, when ``junk``)."""
+    """One detector crop of ``person`` (or of background only, when ``junk``).
+
+    ``rng`` drives everything the classic benchmark draws, in the classic order; each realism
+    knob in ``knobs`` draws from its own generator in ``streams`` (give each image its own).
+    """
+    streams = streams or Streams(0)
     view = str(rng.choice(("front", "back", "left", "right"), p=camera.view_probs))
-    scene = Image.fromarray(background_texture(camera, rng).astype(np.uint8))
+    scene = _scene(camera, rng, knobs, streams)
+    pose: BodyPose | None = None
+    if knobs.articulation.strength > 0 or knobs.visibility != CLASSIC.visibility:
+        pose = sample_pose(view, knobs.articulation, knobs.visibility, streams["articulation"], streams["visibility"])
     if person is not None:
-        draw_person(scene, person, view, rng)
+        draw_person(scene, person, view, rng, pose)
+    occluder = None
+    if knobs.occlusion.prob > 0 and streams["occlusion"].random() < knobs.occlusion.prob:
+        occluder, _ = draw_occluder(scene, knobs.occlusion, streams["occlusion"], knobs.articulation)
     if junk:
         # A false detection: a box mostly off the person, or a sliver of one.
         top = float(rng.uniform(0, SCENE_H - BOX_H))
@@ -207,8 +205,21 @@ def render_shot(
     else:
         box = sample_box(misalignment, rng)
     crop = scene.crop((round(box["left"]), round(box["top"]), round(box["right"]), round(box["bottom"])))
-    crop = crop.resize((size[1], size[0]), Image.BILINEAR)
-    if camera.blur > 0.05:
-        crop = crop.filter(ImageFilter.GaussianBlur(camera.blur))
-    pixels = apply_camera(np.asarray(crop, dtype=np.float32), camera, rng)
-    return Image.fromarray(pixels), Shot(view=view, box={k: (round(v, 2) if isinstance(v, float) else v) for k, v in box.items()}, camid=camera.camid)
+    scale = _capture_scale(camera, streams)
+    capture = (max(8, round(size[1] * scale)), max(16, round(size[0] * scale))) if scale < 1 else (size[1], size[0])
+    crop = crop.resize(capture, Image.BILINEAR)
+    if camera.blur * scale > 0.05:
+        crop = crop.filter(ImageFilter.GaussianBlur(camera.blur * scale))
+    pixels = apply_camera(np.asarray(crop, dtype=np.float32), camera, rng, knobs.lighting, streams["lighting"])
+    image = Image.fromarray(pixels)
+    if scale < 1:  # a small detection, upscaled to the benchmark's size as datasets do
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    shot = Shot(
+        view=view,
+        box={k: (round(v, 2) if isinstance(v, float) else v) for k, v in box.items()},
+        camid=camera.camid,
+        pose=pose.to_dict() if pose else None,
+        occluder=occluder,
+        resolution=round(scale, 3) if scale < 1 else None,
+    )
+    return image, shot
