@@ -98,7 +98,8 @@ class Encoder:
     (torch backend), or an exported ``.onnx`` path (onnxruntime backend; ``onnx_path`` says the
     same). ``device``: ``auto`` (GPU when there is one), ``cpu``, ``cuda[:N]``. ``amp``: None
     (float32, what ``rmgl eval`` uses by default), ``"bf16"``, ``"fp16"`` (GPU) or a torch
-    dtype; torch backend only, reduced precision moves ABP boundaries.
+    dtype; torch backend only, reduced precision moves ABP boundaries. ``threads``: onnxruntime's
+    CPU threads (default: one per core); torch's are process-wide (``torch.set_num_threads``).
 
     Accepted images (:meth:`encode`, :meth:`prepare`):
 
@@ -125,6 +126,7 @@ class Encoder:
         batch_size: int = 64,
         amp: str | torch.dtype | None = None,
         onnx_path: str | os.PathLike | None = None,
+        threads: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -147,7 +149,7 @@ class Encoder:
                 raise ValueError("give the ONNX file once: as model_or_checkpoint or as onnx_path")
             if not isinstance(path, (str, os.PathLike)):
                 raise ValueError("backend='onnxruntime' needs the path of an exported .onnx file")
-            self._init_onnxruntime(Path(path), device)
+            self._init_onnxruntime(Path(path), device, threads)
         self._transform = self.preprocess.transform()
 
     # ------------------------------------------------------------------------ backends
@@ -171,7 +173,7 @@ class Encoder:
         self.feature_names: list[str] = list(model.feature_names)
         self.source = getattr(model, "checkpoint", None)
 
-    def _init_onnxruntime(self, path: Path, device: str | torch.device) -> None:
+    def _init_onnxruntime(self, path: Path, device: str | torch.device, threads: int | None) -> None:
         ort = require("onnxruntime")
         meta = read_sidecar(path)
         self.meta = meta
@@ -197,8 +199,11 @@ class Encoder:
             providers = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for damaged files
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is not a loadable ONNX model ({first})") from None

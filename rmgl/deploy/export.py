@@ -49,9 +49,10 @@ INPUT_NAME, OUTPUT_NAME = "images", "descriptor"
 # reorders float operations, so bit equality is not expected; measured ~1e-7.
 FP32_MAX_ABS_DIFF = 1e-4
 FP32_MIN_COSINE = 0.99999
-# A half-precision graph rounds every activation (and can move an ABP boundary where two
-# rows' channel peaks come within fp16's resolution); measured tolerance, see docs/deploy.md.
-FP16_MIN_COSINE = 0.995
+# A half-precision graph rounds every activation: measured min cosine 0.999996 (max abs diff
+# 4e-4) on a trained demo-sized model. An ABP boundary that moves (two rows' channel peaks
+# within fp16's resolution) costs far more than that and fails this check, which is intended.
+FP16_MIN_COSINE = 0.999
 PARITY_IMAGES = 32
 
 
@@ -90,7 +91,7 @@ def export_onnx(
     ``model`` is :func:`rmgl.load_model`'s (it carries ``preprocess``). ``images`` (any
     :class:`~rmgl.deploy.Encoder` input) are encoded by the torch model and by the exported
     graph, at the full batch and one at a time; the export is written only if they agree
-    (float32: max abs diff <= 1e-4 and cosine >= 0.99999; fp16: cosine >= 0.995). Raises
+    (float32: max abs diff <= 1e-4 and cosine >= 0.99999; fp16: cosine >= 0.999). Raises
     ValueError otherwise, with the numbers.
     """
     for module in ("onnx", "onnxscript", "onnxruntime"):
@@ -119,16 +120,32 @@ def export_onnx(
     return meta
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its steps and its graph passes log at INFO; keep both for -v."""
+    chatter = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    debug = log.isEnabledFor(logging.DEBUG)
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(chatter):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        log.debug("torch.onnx.export: %s", chatter.getvalue())
+
+
 def _torch_export(graph: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
-    chatter = io.StringIO()  # the exporter prints its steps; keep them for -v
-    with contextlib.redirect_stdout(chatter), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             graph, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: batch}}, verbose=False,
         )
         program.save(str(path))
-    log.debug("torch.onnx.export: %s", chatter.getvalue())
 
 
 def _sidecar(model: nn.Module, opset: int, fp16: bool) -> dict[str, Any]:

@@ -128,11 +128,11 @@ def read_image_list(source: str | os.PathLike) -> ImageList:
         paths = _walk_images(path)
         if not paths:
             raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or below it")
-        return _from_names(paths, str(path))
+        return _from_names(paths, str(path.resolve()))
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return _from_names([str(path.resolve())], str(path))
+        return _from_names([os.path.abspath(path)], str(path.resolve()))
     return _read_text_list(path)
 
 
@@ -193,7 +193,7 @@ def _read_text_list(path: Path) -> ImageList:
     paths = [_resolve(e, path.parent) for e in entries if e and not e.startswith("#")]
     if not paths:
         raise ValueError(f"{path} lists no images (one image path per line expected)")
-    return _from_names(paths, str(path))
+    return _from_names(paths, str(path.resolve()))
 
 
 def _read_csv(path: Path) -> ImageList:
@@ -229,7 +229,7 @@ def _read_csv(path: Path) -> ImageList:
     if not paths:
         raise ValueError(f"{path} lists no images (rows after the header path[,pid][,camid][,frame])")
     arrays = [np.asarray(labels[name], dtype=np.int64) for name in ("pid", "camid", "frame")]
-    return ImageList(PackedStrings(paths), *arrays, str(path))
+    return ImageList(PackedStrings(paths), *arrays, str(path.resolve()))
 
 
 def _integer(text: str, column: str, path: Path, line: int) -> int:
