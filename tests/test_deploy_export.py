@@ -195,6 +195,7 @@ def test_bad_export_requests_are_one_line_errors(exported, tmp_path, capsys, mon
         (["--format", "weights", "--out", str(tmp_path / "w.safetensors"), "--fp16"], "--fp16 and --images apply to --format onnx"),
         (["--format", "weights", "--out", str(tmp_path / "w.bin")], "must end in .safetensors"),
         (["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--images", str(tmp_path)], "holds no images"),
+        (["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--opset", "11"], "opset must be between 18"),
     ]
     for args, message in cases:
         assert main([*base, *args]) == 1, args

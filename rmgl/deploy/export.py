@@ -44,6 +44,7 @@ from rmgl.deploy.encoder import SIDECAR_FORMAT, Encoder, ImageInput, require, si
 log = logging.getLogger(__name__)
 
 OPSET = 18
+MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 and newer
 INPUT_NAME, OUTPUT_NAME = "images", "descriptor"
 # Parity against the torch model on real images, float32 graph: ONNX Runtime fuses and
 # reorders float operations, so bit equality is not expected; measured ~1e-7.
@@ -99,6 +100,9 @@ def export_onnx(
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"the ONNX model's file name must end in .onnx, got {out}")
+    newest = require("onnx").defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be between {MIN_OPSET} (the exporter's lowest) and {newest} (this onnx's newest), got {opset}")
     if check and not images:
         raise ValueError("the parity check needs images (paths, PIL images or arrays)")
     out.parent.mkdir(parents=True, exist_ok=True)
