@@ -27,8 +27,14 @@ def receptive_partition(x: Tensor, stripes: int) -> Tensor:
 
 
 def split_partitions(x: Tensor, stripes: int) -> list[Tensor]:
-    """Undo the batch stacking of :func:`receptive_partition`: K maps of shape (N, C, h, W)."""
-    return list(x.chunk(stripes, dim=0))
+    """Undo the batch stacking of :func:`receptive_partition`: K maps of shape (N, C, h, W).
+
+    Spelled as a reshape rather than ``chunk``: the same views, but ``torch.export`` keeps the
+    batch size symbolic (``chunk``'s ceil(K*N/K) guard made it specialise the batch axis, so
+    the ONNX export had a fixed batch)."""
+    if x.shape[0] % stripes:
+        raise ValueError(f"a batch of {x.shape[0]} stacked stripes does not split into {stripes} stripes")
+    return list(x.unflatten(0, (stripes, -1)).unbind(0))
 
 
 def run_partitioned(layers: Sequence[nn.Module], x: Tensor, stripes: int) -> list[Tensor]:

@@ -1,0 +1,259 @@
+"""The feature folder that ``rmgl extract`` writes and search tools read.
+
+Format (``rmgl-features-v1``), all plain files::
+
+    FOLDER/features.npy   float32 (N, D), row i = descriptor of images.csv row i (NumPy .npy)
+    FOLDER/images.csv     index,path,pid,camid,frame   (one row per row of features.npy;
+                          pid/camid/frame empty when unknown)
+    FOLDER/extract.json   provenance: checkpoint or ONNX model, backend, descriptor dim, input
+                          size, counts, complete true/false
+    FOLDER/failed.csv     input_index,path,reason   (images that could not be read: no row)
+
+Rows are only the readable images: ``images.csv`` lists exactly the rows of ``features.npy``
+in order, and an unreadable image appears in ``failed.csv`` with its position in the input
+list instead. ``camid`` is 0-based (``c1`` in a Market name -> 0) as in rmgl's records.
+
+While an extraction runs, ``features.npy`` has one row per *input* image and
+``extract.json`` says ``"complete": false`` with how far it got; only the last step shrinks
+``features.npy`` to the readable rows and sets ``"complete": true``. :func:`read_features`
+refuses a folder that is not complete, so an interrupted run can never pass for a finished
+one; ``rmgl extract ... --resume`` continues it.
+
+Examples::
+
+    from rmgl.deploy import read_features
+
+    found = read_features("runs/gallery_features")
+    found.features.shape            # (19732, 3584), memory-mapped
+    found.records[0]                # {'index': 0, 'path': '/data/.../0001_c1s1_001051_00.jpg',
+                                    #  'pid': 1, 'camid': 0, 'frame': 1051}
+    found.meta["checkpoint"]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "rmgl-features-v1"
+FEATURES, IMAGES, META, FAILED = "features.npy", "images.csv", "extract.json", "failed.csv"
+IMAGES_HEADER = ("index", "path", "pid", "camid", "frame")
+FAILED_HEADER = ("input_index", "path", "reason")
+
+
+@dataclass
+class FeatureSet:
+    """A finished feature folder: ``features`` (N, D) float32 (memory-mapped), ``records``
+    (N dicts: index, path, pid, camid, frame; None where unknown) and ``meta`` (extract.json)."""
+
+    features: np.ndarray
+    records: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def read_features(folder: str | os.PathLike) -> FeatureSet:
+    """Read a complete feature folder, or raise a one-line error saying what is wrong."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if not meta.get("complete"):
+        raise ValueError(
+            f"{folder} holds an unfinished extraction ({meta.get('inputs_done', 0)} of "
+            f"{meta.get('inputs', '?')} images done); finish it with rmgl extract ... --out {folder} --resume"
+        )
+    try:
+        features = np.load(folder / FEATURES, mmap_mode="r" if meta["count"] else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder / FEATURES} is missing; the feature folder is damaged") from None
+    except ValueError as err:
+        raise ValueError(f"{folder / FEATURES} is not a readable .npy file ({err})") from None
+    expected = (meta["count"], meta["descriptor_dim"])
+    if features.dtype != np.float32 or features.shape != expected:
+        raise ValueError(
+            f"{folder / FEATURES} holds {features.dtype} {features.shape}, extract.json says float32 {expected}"
+        )
+    records = _read_images_csv(folder / IMAGES)
+    if len(records) != meta["count"]:
+        raise ValueError(f"{folder / IMAGES} lists {len(records)} images for {meta['count']} feature rows")
+    return FeatureSet(features, records, meta)
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """``extract.json`` of ``folder``, checked to be an rmgl feature folder's."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"feature folder {folder} does not exist")
+    path = folder / META
+    if not path.is_file():
+        raise ValueError(f"{folder} is not an rmgl feature folder (no {META}); write one with rmgl extract")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rmgl feature folder's ({FORMAT!r} expected)")
+    return meta
+
+
+def _read_images_csv(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            if tuple(next(reader, ())) != IMAGES_HEADER:
+                raise ValueError(f"{path}:1: header {','.join(IMAGES_HEADER)} expected")
+            return [
+                {"index": int(row[0]), "path": row[1],
+                 "pid": _int_or_none(row[2]), "camid": _int_or_none(row[3]), "frame": _int_or_none(row[4])}
+                for row in reader
+            ]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; the feature folder is damaged") from None
+    except (IndexError, ValueError, csv.Error) as err:
+        raise ValueError(f"{path} is damaged ({err})") from None
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text else None
+
+
+def _cell(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+class FeatureWriter:
+    """Fills a feature folder batch by batch; every :meth:`add` is durable before it returns
+    (features flushed, CSV rows fsynced, then extract.json replaced atomically), so a run
+    killed at any moment resumes from its last finished batch.
+
+    Examples::
+
+        writer = FeatureWriter.create("out", inputs=3, dim=4, meta={"backend": "torch"})
+        writer.add(np.eye(2, 4, dtype=np.float32), [(0, "/a.jpg", 1, 0, None), (1, "/b.jpg", None, None, None)],
+                   failed=[], inputs_done=2)
+        writer.add(np.zeros((0, 4), np.float32), [], failed=[(2, "/c.jpg", "cannot read")], inputs_done=3)
+        writer.finish()          # features.npy now (2, 4); extract.json complete
+    """
+
+    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
+        self.folder, self.meta = folder, meta
+        self.features = np.load(folder / FEATURES, mmap_mode="r+", allow_pickle=False)
+        for name, key in ((IMAGES, "images_csv_bytes"), (FAILED, "failed_csv_bytes")):
+            with open(folder / name, "r+b") as handle:  # drop rows written after the last commit
+                handle.truncate(meta[key])
+        self._images = open(folder / IMAGES, "a", newline="", encoding="utf-8")
+        self._failed = open(folder / FAILED, "a", newline="", encoding="utf-8")
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, inputs: int, dim: int, meta: dict[str, Any]) -> FeatureWriter:
+        """Start a new folder for ``inputs`` images of ``dim``-d descriptors."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(folder / FEATURES, mode="w+", dtype=np.float32, shape=(inputs, dim)).flush()
+        sizes = {}
+        for name, header, key in ((IMAGES, IMAGES_HEADER, "images_csv_bytes"), (FAILED, FAILED_HEADER, "failed_csv_bytes")):
+            text = _csv_text([header])
+            (folder / name).write_text(text, encoding="utf-8")
+            sizes[key] = len(text.encode("utf-8"))
+        meta = {"format": FORMAT, **meta, "descriptor_dim": dim, "inputs": inputs, "inputs_done": 0,
+                "count": 0, "failed": 0, "complete": False, **sizes}
+        _write_json(folder / META, meta)
+        return cls(folder, meta)
+
+    @classmethod
+    def resume(cls, folder: str | os.PathLike) -> FeatureWriter:
+        """Continue an unfinished folder from its last committed batch."""
+        folder = Path(folder)
+        meta = read_meta(folder)
+        return cls(folder, meta)
+
+    @property
+    def inputs_done(self) -> int:
+        return int(self.meta["inputs_done"])
+
+    def add(self, features: np.ndarray, rows: list[tuple], failed: list[tuple], inputs_done: int) -> None:
+        """Append descriptors with their ``rows`` (input_index, path, pid, camid, frame) and
+        the ``failed`` (input_index, path, reason) images; ``inputs_done`` is how many input
+        images are now handled."""
+        start = int(self.meta["count"])
+        if len(features) != len(rows):
+            raise ValueError(f"{len(features)} descriptors for {len(rows)} rows")
+        self.features[start : start + len(rows)] = features
+        self.features.flush()
+        images_text = _csv_text([(start + i, path, _cell(pid), _cell(camid), _cell(frame))
+                                 for i, (_, path, pid, camid, frame) in enumerate(rows)])
+        failed_text = _csv_text(failed)
+        for handle, text in ((self._images, images_text), (self._failed, failed_text)):
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.meta.update(
+            count=start + len(rows), failed=int(self.meta["failed"]) + len(failed), inputs_done=inputs_done,
+            images_csv_bytes=self.meta["images_csv_bytes"] + len(images_text.encode("utf-8")),
+            failed_csv_bytes=self.meta["failed_csv_bytes"] + len(failed_text.encode("utf-8")),
+        )
+        _write_json(self.folder / META, self.meta)
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Shrink features.npy to the rows written and mark the folder complete."""
+        if self.inputs_done != self.meta["inputs"]:
+            raise ValueError(f"{self.folder}: {self.inputs_done} of {self.meta['inputs']} images done, cannot finish")
+        self.close()
+        _shrink_npy(self.folder / FEATURES, int(self.meta["count"]))
+        self.meta.update(complete=True, **extra)
+        _write_json(self.folder / META, self.meta)
+        return self.meta
+
+    def close(self) -> None:
+        if self.features is not None:
+            self.features.flush()
+            del self.features
+            self.features = None
+        self._images.close()
+        self._failed.close()
+
+
+def _csv_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _shrink_npy(path: Path, rows: int) -> None:
+    """Keep the first ``rows`` rows of a 2-D .npy file in place: rewrite the shape in the
+    header (padded to its old length, so the data does not move) and truncate the file."""
+    with open(path, "r+b") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        data_start = handle.tell()
+        length_field = 2 if version == (1, 0) else 4
+        header_start = np.lib.format.MAGIC_LEN + length_field
+        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                       "shape": (rows, *shape[1:])})
+        room = data_start - header_start
+        header = header.ljust(room - 1) + "\n"
+        if len(header) != room:
+            raise ValueError(f"{path}: cannot rewrite the .npy header in place")
+        handle.seek(header_start)
+        handle.write(header.encode("latin1"))
+        handle.truncate(data_start + rows * int(np.prod(shape[1:])) * dtype.itemsize)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

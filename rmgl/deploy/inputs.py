@@ -1,0 +1,241 @@
+"""Lists of images to encode: a folder, a text list or a CSV, with identity, camera and frame
+when they are known.
+
+A million crops must fit in little memory and survive DataLoader workers (which copy Python
+lists page by page as reference counts change), so paths live in one byte buffer with offsets
+and labels in int64 arrays, not in lists of objects.
+
+Examples::
+
+    from rmgl.deploy.inputs import read_image_list
+
+    images = read_image_list("data/market1501/query")   # every image below the folder, sorted
+    images.paths[0], images.label(0)                     # ('/abs/.../0001_c1s1_001051_00.jpg', (1, 0, 1051))
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+CSV_COLUMNS = ("path", "pid", "camid", "frame")
+UNKNOWN = np.iinfo(np.int64).min  # a label that is not known (pid -1 is Market's junk label)
+
+# Market-1501 / DukeMTMC names: 0002_c1s1_000451_03.jpg, 0001_c2_f0046182.jpg
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+MARKET_FRAME = re.compile(r"^-?\d+_c\d+s\d+_(\d+)")
+DUKE_FRAME = re.compile(r"^-?\d+_c\d+_f(\d+)")
+
+
+class PackedStrings(Sequence[str]):
+    """Immutable strings in one UTF-8 buffer: about the bytes of the text, and no per-item
+    Python objects (so forked DataLoader workers share the pages)."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        buffer, ends = bytearray(), []
+        for item in items:
+            buffer += item.encode("utf-8", "surrogateescape")
+            ends.append(len(buffer))
+        self._data = np.frombuffer(bytes(buffer), dtype=np.uint8)
+        self._ends = np.asarray(ends, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        end = int(self._ends[index])
+        start = int(self._ends[index - 1]) if index % len(self) else 0
+        return self._data[start:end].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def digest(self) -> bytes:
+        return hashlib.sha1(self._data.tobytes() + self._ends.tobytes()).digest()
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Absolute image paths in a fixed order, with pid, camid and frame (:data:`UNKNOWN` where
+    not known), and where the list came from."""
+
+    paths: PackedStrings
+    pids: np.ndarray
+    camids: np.ndarray
+    frames: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> tuple[int | None, int | None, int | None]:
+        """(pid, camid, frame) of image ``index``, None where unknown."""
+        return tuple(  # type: ignore[return-value]
+            None if v == UNKNOWN else int(v)
+            for v in (self.pids[index], self.camids[index], self.frames[index])
+        )
+
+    def fingerprint(self) -> str:
+        """Changes whenever a path, a label or the order changes: a resumed extraction must
+        continue over exactly the list it started with."""
+        digest = hashlib.sha1(self.paths.digest())
+        for array in (self.pids, self.camids, self.frames):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
+def parse_market_name(name: str) -> tuple[int | None, int | None, int | None]:
+    """(pid, camid, frame) from a Market-1501 or DukeMTMC file name, None where the name
+    does not say. ``camid`` is 0-based (``c1`` -> 0), as in :class:`rmgl.data.ImageRecord`.
+
+    Examples::
+
+        >>> parse_market_name("0002_c1s1_000451_03.jpg")
+        (2, 0, 451)
+        >>> parse_market_name("0001_c2_f0046182.jpg")
+        (1, 1, 46182)
+        >>> parse_market_name("frame_17.png")
+        (None, None, None)
+    """
+    match = MARKET_NAME.match(name)
+    if match is None or int(match.group(2)) < 1:
+        return None, None, None
+    frame = MARKET_FRAME.match(name) or DUKE_FRAME.match(name)
+    return int(match.group(1)), int(match.group(2)) - 1, int(frame.group(1)) if frame else None
+
+
+def read_image_list(source: str | os.PathLike) -> ImageList:
+    """The images of ``source``: a folder (every image below it, sorted by relative path), a
+    ``.csv`` file (header ``path[,pid][,camid][,frame]``), a text file (one path per line;
+    blank lines and ``#`` comments skipped) or one image file. Relative paths in a list are
+    relative to the list's folder. Labels of a folder or text list come from Market-style
+    names; a CSV gives them in its columns (empty cells = unknown).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"image source {path} does not exist; give a folder of images, a .txt list or a .csv list")
+    if path.is_dir():
+        paths = _walk_images(path)
+        if not paths:
+            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or below it")
+        return _from_names(paths, str(path.resolve()))
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _from_names([os.path.abspath(path)], str(path.resolve()))
+    return _read_text_list(path)
+
+
+def concat_image_lists(lists: Sequence[ImageList]) -> ImageList:
+    """One list holding the images of ``lists`` in order."""
+    if len(lists) == 1:
+        return lists[0]
+    return ImageList(
+        PackedStrings(p for images in lists for p in images.paths),
+        np.concatenate([images.pids for images in lists]),
+        np.concatenate([images.camids for images in lists]),
+        np.concatenate([images.frames for images in lists]),
+        " + ".join(images.source for images in lists),
+    )
+
+
+def _walk_images(root: Path) -> list[str]:
+    """Image files below ``root``, absolute; sorted, so a resumed run sees the same order."""
+    found = []
+    for folder, subfolders, files in os.walk(os.path.abspath(root)):
+        subfolders.sort()
+        found.extend(
+            os.path.join(folder, name)
+            for name in sorted(files)
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        )
+    return found
+
+
+def _labels(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.full(count, UNKNOWN, dtype=np.int64) for _ in range(3))  # type: ignore[return-value]
+
+
+def _from_names(paths: list[str], source: str) -> ImageList:
+    pids, camids, frames = _labels(len(paths))
+    for i, path in enumerate(paths):
+        pid, camid, frame = parse_market_name(os.path.basename(path))
+        if pid is not None:
+            pids[i], camids[i] = pid, camid
+        if frame is not None:
+            frames[i] = frame
+    return ImageList(PackedStrings(paths), pids, camids, frames, source)
+
+
+def _resolve(entry: str, folder: Path) -> str:
+    return os.path.abspath(os.path.join(folder, os.path.expanduser(entry)))
+
+
+def _read_text_list(path: Path) -> ImageList:
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            entries = [line.strip() for line in handle]
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a text list of image paths (not UTF-8 text); give a folder, a .txt "
+            "list (one path per line) or a .csv list"
+        ) from None
+    paths = [_resolve(e, path.parent) for e in entries if e and not e.startswith("#")]
+    if not paths:
+        raise ValueError(f"{path} lists no images (one image path per line expected)")
+    return _from_names(paths, str(path.resolve()))
+
+
+def _read_csv(path: Path) -> ImageList:
+    paths: list[str] = []
+    labels: dict[str, list[int]] = {"pid": [], "camid": [], "frame": []}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            unknown = [h for h in header if h not in CSV_COLUMNS]
+            if "path" not in header or unknown:
+                raise ValueError(
+                    f"{path}:1: the header must name the columns path[,pid][,camid][,frame], "
+                    f"got {','.join(header) or 'nothing'}"
+                )
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: {len(fields)} fields, the header has {len(header)}"
+                    )
+                row = {name: value.strip() for name, value in zip(header, fields)}
+                if not row["path"]:
+                    raise ValueError(f"{path}:{reader.line_num}: empty path")
+                paths.append(_resolve(row["path"], path.parent))
+                for name, values in labels.items():
+                    values.append(_integer(row.get(name, ""), name, path, reader.line_num))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not paths:
+        raise ValueError(f"{path} lists no images (rows after the header path[,pid][,camid][,frame])")
+    arrays = [np.asarray(labels[name], dtype=np.int64) for name in ("pid", "camid", "frame")]
+    return ImageList(PackedStrings(paths), *arrays, str(path.resolve()))
+
+
+def _integer(text: str, column: str, path: Path, line: int) -> int:
+    if not text:
+        return int(UNKNOWN)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}:{line}: {column} must be an integer or empty, got {text!r}") from None
