@@ -397,6 +397,9 @@ class GalleryIndex:
             index._write_faiss()
             index._write_manifest()
             index.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            work.chmod(0o777 & ~umask)  # mkdtemp made it private
             os.replace(work, out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
