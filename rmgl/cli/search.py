@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="dimension of the approximate stage (0: no reduction)")
     build.add_argument("--hnsw-m", type=int, default=32)
     build.add_argument("--ef-construction", type=int, default=80)
-    build.add_argument("--ef-search", type=int, default=128)
+    build.add_argument("--ef-search", type=int, default=512,
+                       help="HNSW search beam (recall vs time; see docs/search.md)")
     build.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
     build.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default reduced dim / 4)")
     build.add_argument("--nprobe", type=int, default=32)

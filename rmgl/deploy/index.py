@@ -80,7 +80,7 @@ class IndexParams:
     pca: int | None = 256
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
+    ef_search: int = 512
     nlist: int | None = None
     pq_m: int | None = None
     pq_bits: int = 8
