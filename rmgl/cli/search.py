@@ -15,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--features", nargs="+", required=True, metavar="FOLDER",
                        help="feature folders from rmgl extract (ids follow their order)")
     build.add_argument("--out", required=True, metavar="INDEX", help="new index folder")
-    build.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivfpq"),
-                       help="flat: exact; hnsw / ivfpq: approximate with exact re-scoring")
+    build.add_argument("--kind", default="flat", choices=("flat", "pcaflat", "hnsw", "ivfpq"),
+                       help="flat: exact; pcaflat / hnsw / ivfpq: approximate with exact re-scoring")
     build.add_argument("--pca", type=int, default=256,
                        help="dimension of the approximate stage (0: no reduction)")
     build.add_argument("--hnsw-m", type=int, default=32)

@@ -10,6 +10,8 @@ Layout of an index folder::
 Kinds:
 
 * ``flat``: exact inner-product search (faiss ``IndexFlatIP``); the gallery is held in RAM.
+* ``pcaflat``: an exhaustive scan (faiss ``IndexFlatL2``, BLAS) over PCA-reduced vectors
+  (default 256-d): no graph or clustering to miss a neighbour, only the PCA's distortion.
 * ``hnsw``: a graph (faiss ``IndexHNSWFlat``) over PCA-reduced vectors (default 256-d).
 * ``ivfpq``: inverted lists + product quantisation (faiss ``IndexIVFPQ``) over the
   PCA-reduced vectors.
@@ -55,7 +57,7 @@ from rmgl.deploy.store import Store
 
 __all__ = ["KINDS", "METRICS", "FeatureFolder", "GalleryIndex", "IndexParams", "distances_from_ip"]
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "pcaflat", "hnsw", "ivfpq")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 FORMAT = "rmgl-gallery-index"
 FORMAT_VERSION = 1
@@ -692,7 +694,10 @@ def _train_index(settings: IndexParams, vectors: VectorFile, dim: int, total: in
     if reduced_dim < dim:
         transform = _pca_transform(sample, reduced_dim, settings.seed)
         sample = transform.apply(sample)
-    if settings.kind == "hnsw":
+    if settings.kind == "pcaflat":
+        inner = faiss.IndexFlatL2(reduced_dim)
+        resolved = {"reduced_dim": reduced_dim}
+    elif settings.kind == "hnsw":
         inner = faiss.IndexHNSWFlat(reduced_dim, settings.hnsw_m, faiss.METRIC_L2)
         inner.hnsw.efConstruction = settings.ef_construction
         resolved = {"reduced_dim": reduced_dim}
