@@ -115,7 +115,7 @@ def child_build(args) -> None:
 
     reset_peak_rss()
     t = time.perf_counter()
-    index = GalleryIndex.build(args.gallery, args.index, kind=args.kind)
+    index = GalleryIndex.build(args.gallery, args.index, kind=args.kind, pca=args.pca)
     print(json.dumps({"build_s": time.perf_counter() - t, "build_peak_mb": rss_mb("VmHWM"),
                       "resolved": index.manifest.get("resolved", {}),
                       "disk_mb": {k: v / 2**20 for k, v in index.info()["bytes"].items()}}))
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw"])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--pca", type=int, default=256, help="reduced dimension of the approximate kinds")
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--work", default="/tmp/rmgl-search-bench")
@@ -179,9 +180,10 @@ def main() -> None:
             np.save(truth_path, truth)
             print(f"  {size}: streaming brute force {brute_ms:.1f} ms/query", flush=True)
         for kind in args.kinds:
-            index = work / f"index_{kind}_{size}"
+            index = work / (f"index_{kind}_{size}" + (f"_pca{args.pca}" if args.pca != 256 else ""))
             if not (index / "manifest.json").exists():
-                build = run_child("_build", "--gallery", str(gallery), "--index", str(index), "--kind", kind)
+                build = run_child("_build", "--gallery", str(gallery), "--index", str(index), "--kind", kind,
+                                  "--pca", str(args.pca))
             else:
                 build = {"build_s": float("nan"), "build_peak_mb": float("nan")}
             settings = {"flat": [None], "pcaflat": [None], "hnsw": args.ef, "ivfpq": args.nprobe}[kind]
@@ -189,7 +191,8 @@ def main() -> None:
                 extra = {"hnsw": ["--ef-search", str(value)], "ivfpq": ["--nprobe", str(value)]}.get(kind, [])
                 found = run_child("_search", "--gallery", str(gallery), "--index", str(index), "--query",
                                   str(query), "--truth", str(truth_path), "--batch", str(args.batch), *extra)
-                row = {"size": size, "kind": kind, "param": value, **build, **found,
+                row = {"size": size, "kind": kind, "param": value, "pca": args.pca, "batch": args.batch,
+                       **build, **found,
                        "brute_force_ms": brute_ms}
                 print(json.dumps(row), flush=True)
                 if args.results:
@@ -203,6 +206,7 @@ if __name__ == "__main__":
         for name in ("--gallery", "--index", "--query", "--truth", "--kind"):
             child.add_argument(name)
         child.add_argument("--batch", type=int, default=100)
+        child.add_argument("--pca", type=int, default=256)
         child.add_argument("--ef-search", type=int)
         child.add_argument("--nprobe", type=int)
         child_args = child.parse_args(sys.argv[2:])
