@@ -126,7 +126,7 @@ def child_search(args) -> None:
 
     reset_peak_rss()
     index = GalleryIndex.open(args.index)
-    index.tune(ef_search=args.ef_search, nprobe=args.nprobe)
+    index.tune(ef_search=args.ef_search, nprobe=args.nprobe, scan_dtype=args.scan_dtype)
     q = np.load(Path(args.query) / "features.npy")
     truth = np.load(args.truth)
     index.nearest(q[:8], 10)  # warm-up: first touches of the index and vector pages
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--pca", type=int, default=256, help="reduced dimension of the approximate kinds")
+    parser.add_argument("--scan-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--work", default="/tmp/rmgl-search-bench")
@@ -188,10 +189,12 @@ def main() -> None:
                 build = {"build_s": float("nan"), "build_peak_mb": float("nan")}
             settings = {"flat": [None], "pcaflat": [None], "hnsw": args.ef, "ivfpq": args.nprobe}[kind]
             for value in settings:
-                extra = {"hnsw": ["--ef-search", str(value)], "ivfpq": ["--nprobe", str(value)]}.get(kind, [])
+                extra = {"hnsw": ["--ef-search", str(value)], "ivfpq": ["--nprobe", str(value)],
+                         "pcaflat": ["--scan-dtype", args.scan_dtype]}.get(kind, [])
                 found = run_child("_search", "--gallery", str(gallery), "--index", str(index), "--query",
                                   str(query), "--truth", str(truth_path), "--batch", str(args.batch), *extra)
                 row = {"size": size, "kind": kind, "param": value, "pca": args.pca, "batch": args.batch,
+                       "scan_dtype": args.scan_dtype if kind == "pcaflat" else None,
                        **build, **found,
                        "brute_force_ms": brute_ms}
                 print(json.dumps(row), flush=True)
@@ -207,6 +210,7 @@ if __name__ == "__main__":
             child.add_argument(name)
         child.add_argument("--batch", type=int, default=100)
         child.add_argument("--pca", type=int, default=256)
+        child.add_argument("--scan-dtype", default=None)
         child.add_argument("--ef-search", type=int)
         child.add_argument("--nprobe", type=int)
         child_args = child.parse_args(sys.argv[2:])

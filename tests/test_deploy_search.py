@@ -134,18 +134,19 @@ def large(tmp_path_factory):
 
 
 # Measured on these data (64-d, PCA to 32-d, re-scoring the top 100):
-#   pcaflat:                    recall@10 0.983, with a 1-in-2 camera filter 0.933 (PCA loss)
+#   pcaflat (float32, bfloat16): recall@10 0.983, with a 1-in-2 camera filter 0.933 (PCA loss)
 #   hnsw (ef 64):               recall@10 0.984, with a 1-in-2 camera filter 0.933
 #   ivfpq (64 lists, nprobe 16): recall@10 0.946, with a 1-in-2 camera filter 0.904
 # The thresholds sit ~0.01-0.02 below, to leave room for other faiss builds.
 @pytest.mark.parametrize("kind, params, threshold, filtered_threshold", [
     ("pcaflat", {"pca": 32}, 0.97, 0.92),
+    ("pcaflat", {"pca": 32, "scan_dtype": "bfloat16"}, 0.97, 0.92),
     ("hnsw", {"pca": 32, "ef_search": 64}, 0.97, 0.92),
     ("ivfpq", {"pca": 32, "nprobe": 16, "nlist": 64}, 0.93, 0.88),
 ])
 def test_approximate_recall_and_exact_distances(large, kind, params, threshold, filtered_threshold):
     root, gallery, query, truth, full, cams = large
-    index = GalleryIndex.build(root / "gallery", root / f"{kind}.idx", kind=kind, **params)
+    index = GalleryIndex.build(root / "gallery", root / f"{kind}_{len(params)}.idx", kind=kind, **params)
     ids, dist = index.nearest(query, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
     assert recall >= threshold

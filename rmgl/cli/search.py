@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--rerank-factor", type=int, default=10,
                        help="approximate kinds re-score k * this many candidates exactly")
     build.add_argument("--train-size", type=int, default=50_000)
+    build.add_argument("--scan-dtype", default="float32", choices=("float32", "bfloat16"),
+                       help="pcaflat scan precision (bfloat16: ~3x faster on AVX512-BF16 CPUs)")
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="append feature folders to an index")
@@ -61,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--ef-search", type=int, help="override the index's HNSW beam")
     search.add_argument("--nprobe", type=int, help="override the index's IVF probes")
     search.add_argument("--rerank-factor", type=int, help="override the re-scored shortlist factor")
+    search.add_argument("--scan-dtype", choices=("float32", "bfloat16"), help="override the pcaflat scan precision")
     search.add_argument("--figure", help="ranked-list PNG (image queries or feature queries)")
     search.add_argument("--out", required=True, help="results: FILE.json or FILE.csv")
     search.set_defaults(func=run_search)
@@ -73,7 +76,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.features, args.out, kind=args.kind, pca=args.pca or None, hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist,
         pq_m=args.pq_m, nprobe=args.nprobe, rerank_factor=args.rerank_factor,
-        train_size=args.train_size,
+        train_size=args.train_size, scan_dtype=args.scan_dtype,
     )
     print(f"wrote {index.path}: {index.count} {index.dim}-d vectors, kind {index.kind}")
     return 0
@@ -158,7 +161,8 @@ def run_search(args: argparse.Namespace) -> int:
         "metric": args.metric,
     }
     index = GalleryIndex.open(args.index)
-    index.tune(ef_search=args.ef_search, nprobe=args.nprobe, rerank_factor=args.rerank_factor)
+    index.tune(ef_search=args.ef_search, nprobe=args.nprobe, rerank_factor=args.rerank_factor,
+               scan_dtype=args.scan_dtype)
     if args.images:
         result = search_images(index, args.images, args.checkpoint, args.k, backend=args.backend,
                                device=args.device, figure=args.figure, **options)

@@ -75,7 +75,10 @@ class IndexParams:
     ``pca``: dimension of the approximate stage (None, or >= dim: no reduction);
     ``rerank_factor``: shortlist size = n * rerank_factor, re-scored exactly;
     ``exact_below``: filtered searches allowing at most this many items scan them exactly;
-    ``nlist`` / ``pq_m``: None = chosen from the gallery size / reduced dimension.
+    ``nlist`` / ``pq_m``: None = chosen from the gallery size / reduced dimension;
+    ``scan_dtype``: precision of the ``pcaflat`` scan; ``bfloat16`` is ~3x faster on CPUs
+    with AVX512-BF16 (much slower on others) and only changes the shortlist, whose
+    distances are then re-scored exactly.
     """
 
     kind: str = "flat"
@@ -90,6 +93,7 @@ class IndexParams:
     rerank_factor: int = 10
     train_size: int = 50_000
     exact_below: int = 20_000
+    scan_dtype: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class IndexParams:
             raise ValueError(f"pca must be >= 1 or None, got {self.pca}")
         if self.exact_below < 0:
             raise ValueError(f"exact_below must be >= 0, got {self.exact_below}")
+        if self.scan_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"scan_dtype must be float32 or bfloat16, got {self.scan_dtype!r}")
         if not 1 <= self.pq_bits <= 16:
             raise ValueError(f"pq_bits must lie in 1..16, got {self.pq_bits}")
 
@@ -325,7 +331,7 @@ class GalleryIndex:
         self.store = store
         self.vectors = VectorFile(path / "vectors.f32", self.dim)
         self._gpu_index = None
-        self._stored_sq = None  # squared norms of the reduced vectors (pcaflat), computed once
+        self._scan_cache = None  # pcaflat: (reduced vectors in the scan dtype, squared norms)
 
     @property
     def kind(self) -> str:
@@ -519,12 +525,17 @@ class GalleryIndex:
         os.replace(temporary, self.path / "manifest.json")
 
     def tune(
-        self, ef_search: int | None = None, nprobe: int | None = None, rerank_factor: int | None = None
+        self,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        rerank_factor: int | None = None,
+        scan_dtype: str | None = None,
     ) -> None:
         """Change search-time parameters for this session (the saved manifest keeps its own):
         a wider HNSW beam, more IVF lists probed or a longer re-scored shortlist buy recall
         with time."""
-        values = {"ef_search": ef_search, "nprobe": nprobe, "rerank_factor": rerank_factor}
+        values = {"ef_search": ef_search, "nprobe": nprobe, "rerank_factor": rerank_factor,
+                  "scan_dtype": scan_dtype}
         changed = {key: value for key, value in values.items() if value is not None}
         self.params = IndexParams.from_dict({**asdict(self.params), **changed})
         _configure_search(self.faiss_index, self.params)
@@ -637,15 +648,29 @@ class GalleryIndex:
             queries = faiss.downcast_VectorTransform(flat.chain.at(0)).apply(queries)
             flat = faiss.downcast_index(flat.index)
         stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-        if self._stored_sq is None or len(self._stored_sq) != flat.ntotal:
-            self._stored_sq = torch.from_numpy(np.einsum("ij,ij->i", stored, stored))
+        low = self.params.scan_dtype == "bfloat16"
+        dtype = torch.bfloat16 if low else torch.float32
+        if self._scan_cache is None or self._scan_cache[0].shape[0] != flat.ntotal or (
+            self._scan_cache[0].dtype != dtype
+        ):
+            norms = torch.from_numpy(np.einsum("ij,ij->i", stored, stored))
+            vectors = torch.from_numpy(stored)  # a view of faiss' storage
+            if low:  # one bfloat16 copy, [g, |g|^2], so that one product gives the distances
+                vectors = torch.cat([vectors, norms[:, None]], 1).to(dtype)
+            self._scan_cache = (vectors, norms)
+        vectors, norms = self._scan_cache
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        best_d = torch.empty((len(q), 0))
+        if low:
+            q = torch.cat([-2.0 * q, torch.ones(len(q), 1)], 1).to(dtype)
+        best_d = torch.empty((len(q), 0), dtype=dtype)
         best_i = torch.empty((len(q), 0), dtype=torch.int64)
         block = 1 << 17
         for start in range(0, flat.ntotal, block):
-            g = torch.from_numpy(stored[start : start + block])
-            d = torch.addmm(self._stored_sq[None, start : start + len(g)], q, g.T, alpha=-2.0)
+            g = vectors[start : start + block]
+            if low:
+                d = q @ g.T  # |g|^2 - 2 q.g
+            else:
+                d = torch.addmm(norms[None, start : start + len(g)], q, g.T, alpha=-2.0)
             if allowed is not None:
                 d[:, torch.from_numpy(~allowed[start : start + len(g)])] = float("inf")
             k = min(shortlist, len(g))
