@@ -130,9 +130,12 @@ def child_search(args) -> None:
     q = np.load(Path(args.query) / "features.npy")
     truth = np.load(args.truth)
     index.nearest(q[:8], 10)  # warm-up: first touches of the index and vector pages
-    t = time.perf_counter()
-    ids = np.concatenate([index.nearest(q[s : s + args.batch], 10)[0] for s in range(0, len(q), args.batch)])
-    ms = 1000 * (time.perf_counter() - t) / len(q)
+    passes = []
+    for _ in range(3):  # the median of three passes: the machine is shared and noisy
+        t = time.perf_counter()
+        ids = np.concatenate([index.nearest(q[s : s + args.batch], 10)[0] for s in range(0, len(q), args.batch)])
+        passes.append(1000 * (time.perf_counter() - t) / len(q))
+    ms = float(np.median(passes))
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
     # exactness: returned distances against float64 distances from the original features
     _, dist = index.nearest(q[:20], 10)
@@ -143,7 +146,7 @@ def child_search(args) -> None:
         ref = np.sort(distances_from_ip(rows @ q[i].astype(np.float64), 1.0 * q[i].astype(np.float64) @ q[i],
                                         (rows * rows).sum(1), "euclidean"))
         worst = max(worst, float(np.abs(np.sort(dist[i]) - ref).max()))
-    print(json.dumps({"ms_per_query": ms, "recall10": recall, "search_peak_mb": rss_mb("VmHWM"),
+    print(json.dumps({"ms_per_query": ms, "ms_passes": passes, "recall10": recall, "search_peak_mb": rss_mb("VmHWM"),
                       "max_distance_error": worst}))
 
 
