@@ -11,6 +11,7 @@ from rmgl.data.synthetic import SynthConfig, generate
 from rmgl.engine import load_config
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
+from rmgl.engine.load import model_options
 from rmgl.model import build_model
 
 
@@ -30,8 +31,7 @@ def make_checkpoint(path: Path, data_root: Path | str, height: int = 48, width: 
         "data.dataset=folder", f"data.root={data_root}", f"data.height={height}", f"data.width={width}",
         "model.backbone=resnet18", "model.pretrained=none", *overrides,
     ])
-    options = OmegaConf.to_container(cfg.model)
-    options.pop("init_from")
+    options = model_options(OmegaConf.to_container(cfg.model))
     torch.manual_seed(seed)
     model = build_model(8, **options)
     generator = torch.Generator().manual_seed(seed)

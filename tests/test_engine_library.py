@@ -99,9 +99,9 @@ def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_co
 def _options(cfg):
     from omegaconf import OmegaConf
 
-    from rmgl.engine.load import _model_options
+    from rmgl.engine.load import model_options
 
-    return _model_options(OmegaConf.to_container(cfg.model))
+    return model_options(OmegaConf.to_container(cfg.model))
 
 
 def test_init_from_another_architecture_names_the_mismatch(trained):

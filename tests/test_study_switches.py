@@ -26,7 +26,7 @@ from rmgl.engine import Callback, ConfigError, Trainer, load_config, load_model
 from rmgl.engine.callbacks import PeriodicEvaluation, _random_shift, rsa_probability
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
-from rmgl.engine.load import ARCHITECTURE_KEYS, _model_options
+from rmgl.engine.load import ARCHITECTURE_KEYS, model_options
 from rmgl.engine.schedule import build_optimizer
 from rmgl.losses import RMGLLoss
 from rmgl.model import build_model
@@ -70,7 +70,7 @@ def test_new_keys_default_to_the_papers_recipe():
     assert (cfg.loss.ce_reduction, cfg.loss.triplet_reduction) == ("sum", "sum")
     # rp_batchnorm and head define the network: a checkpoint only fits a model that agrees
     assert {"rp_batchnorm", "head"} <= set(ARCHITECTURE_KEYS)
-    assert "abp_warmup_epochs" not in _model_options(OmegaConf.to_container(cfg.model))
+    assert "abp_warmup_epochs" not in model_options(OmegaConf.to_container(cfg.model))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -81,7 +81,7 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str | Path = "checkpoint") -
     cfg = from_yaml_text(ckpt.config_yaml)
     num_classes = int(ckpt.trainer.get("num_classes", 1))
     options = {**OmegaConf.to_container(cfg.model), "pretrained": "none", "init_from": ""}
-    model = build_model(num_classes, **_model_options(options))
+    model = build_model(num_classes, **model_options(options))
     try:
         state = check_compatible(model, ckpt.model_state())
     except ValueError as err:
@@ -143,7 +143,7 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
     return message
 
 
-def _model_options(options: dict) -> dict:
+def model_options(options: dict) -> dict:
     """Config ``model`` section -> :func:`build_model` keyword arguments."""
     return {k: v for k, v in options.items() if k not in TRAINING_ONLY_KEYS}
 

@@ -44,7 +44,7 @@ from rmgl.engine.callbacks import (
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model
-from rmgl.engine.load import _model_options, init_from_checkpoint, read_checkpoint
+from rmgl.engine.load import init_from_checkpoint, model_options, read_checkpoint
 from rmgl.engine.run_record import RunRecord
 from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
 from rmgl.engine.schedule import build_optimizer, build_scheduler
@@ -171,7 +171,7 @@ class Trainer:
         return self.record.dir
 
     def _build_model(self, resumed: bool) -> torch.nn.Module:
-        options = _model_options(OmegaConf.to_container(self.cfg.model))
+        options = model_options(OmegaConf.to_container(self.cfg.model))
         init_from = self.cfg.model.init_from
         if init_from or resumed:
             options["pretrained"] = "none"  # the weights come from a checkpoint
