@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 import pytest
-
 from deploy_support import make_checkpoint, make_synthetic
+
 from rmgl.data.datasets import load_dataset
 from rmgl.deploy import Encoder, extract_to_folder, read_image_list
 from rmgl.deploy.index import GalleryIndex
