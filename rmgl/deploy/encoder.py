@@ -27,7 +27,6 @@ Examples::
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from rmgl.data.loading import read_image
+from rmgl.deploy.features import read_format_json
 from rmgl.engine.load import Preprocess, load_model
 from rmgl.engine.runtime import amp_dtype, resolve_device
 from rmgl.metrics.features import extract_features
@@ -77,13 +77,7 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict:
             f"{onnx_path} has no sidecar {path}: the input size, normalisation and descriptor "
             "layout come from it; export with rmgl export --format onnx, which writes both"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable sidecar JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"{path} is not an rmgl ONNX sidecar (format {SIDECAR_FORMAT!r} expected)")
-    return meta
+    return read_format_json(path, SIDECAR_FORMAT, "an rmgl ONNX sidecar")
 
 
 def prepare_file(path: str | os.PathLike, transform) -> torch.Tensor:

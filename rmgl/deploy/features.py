@@ -94,12 +94,18 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = folder / META
     if not path.is_file():
         raise ValueError(f"{folder} is not an rmgl feature folder (no {META}); write one with rmgl extract")
+    return read_format_json(path, FORMAT, "an rmgl feature folder's")
+
+
+def read_format_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` key must be ``fmt`` (feature folders, ONNX sidecars);
+    one-line errors say which file and what was expected."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an rmgl feature folder's ({FORMAT!r} expected)")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path} is not {what} ({fmt!r} expected)")
     return meta
 
 
