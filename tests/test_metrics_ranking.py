@@ -454,3 +454,37 @@ def test_result_records_its_protocol(tmp_path):
     assert "protocol any_camera: not comparable" in str(anycam)
     anycam.to_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["protocol"] == "any_camera"
+
+
+def reference_per_query(distmat, q_pids, g_pids, q_camids, g_camids):
+    """Per-query AP, INP and first-match rank by one stable argsort per query (NaN/-1 if none)."""
+    ap, inp, first = [], [], []
+    for q in range(distmat.shape[0]):
+        order = np.argsort(distmat[q], kind="stable")
+        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+        hit_positions = np.flatnonzero((g_pids[order] == q_pids[q])[keep])
+        if len(hit_positions) == 0:
+            ap.append(np.nan), inp.append(np.nan), first.append(-1)
+            continue
+        ap.append(np.mean([(k + 1) / (p + 1) for k, p in enumerate(hit_positions)]))
+        inp.append(len(hit_positions) / (hit_positions[-1] + 1))
+        first.append(hit_positions[0])
+    return np.array(ap), np.array(inp), np.array(first)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_per_query_results_match_reference(seed, ranking_path, monkeypatch):
+    import rmgl.metrics.ranking as ranking
+
+    monkeypatch.setattr(ranking, "CHUNK_ELEMENTS", 2000)  # several chunks
+    rng = np.random.default_rng(500 + seed)
+    case = random_case(rng, 45, 120, 10, 3, ties=seed % 2 == 1)
+    if not reference_has_valid_query(*case):
+        return
+    ap, inp, first = reference_per_query(*case)
+    result = evaluate_rank(*case, max_rank=10)
+    np.testing.assert_allclose(result.per_query_ap, ap, atol=1e-12)  # NaN where skipped
+    np.testing.assert_allclose(result.per_query_inp, inp, atol=1e-12)
+    np.testing.assert_array_equal(result.per_query_first_rank, first)
+    assert np.nanmean(result.per_query_ap) == pytest.approx(result.mAP, abs=1e-12)
+    assert "per_query_ap" not in result.to_dict()

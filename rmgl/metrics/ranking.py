@@ -73,6 +73,12 @@ class RankResult:
     num_skipped_queries: int
     extra: dict = field(default_factory=dict)
     protocol: str = "cross_camera"
+    # Per query (length num_query, in query order; NaN / -1 for skipped queries): average
+    # precision, inverse negative penalty and the 0-based rank of the first true match.
+    # Reports use them to find the worst queries; they are not written to results.json.
+    per_query_ap: np.ndarray | None = field(default=None, repr=False)
+    per_query_inp: np.ndarray | None = field(default=None, repr=False)
+    per_query_first_rank: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def max_rank(self) -> int:
@@ -350,7 +356,8 @@ def _match_ranks_by_sort(dist, match_rows, match_cols, junk_rows, junk_cols):
 
 
 def _summarise(rows, ranks, num_rows, max_rank):
-    """Per-row first rank, AP and INP from the sorted (row, rank) lists of true matches."""
+    """Per-row validity, AP, INP, first-hit histogram and first rank (valid rows only) from
+    the sorted (row, rank) lists of true matches."""
     counts = np.bincount(rows, minlength=num_rows)
     valid = counts > 0
     starts = np.cumsum(counts) - counts
@@ -361,7 +368,7 @@ def _summarise(rows, ranks, num_rows, max_rank):
     inp = counts[valid] / (last + 1.0)
     first = ranks[starts[valid]]
     first_hits = np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)[:max_rank]
-    return valid, ap, inp, first_hits
+    return valid, ap, inp, first_hits, first
 
 
 def evaluate_rank(
@@ -404,6 +411,9 @@ def evaluate_rank(
     ap_sum = inp_sum = 0.0
     num_valid = 0
     first_hits = np.zeros(max_rank, dtype=np.int64)
+    per_query_ap = np.full(num_q, np.nan)
+    per_query_inp = np.full(num_q, np.nan)
+    per_query_first = np.full(num_q, -1, dtype=np.int64)
     for chunk, start in enumerate(range(0, num_q, rows_per_chunk)):
         stop = min(start + rows_per_chunk, num_q)
         block = dist[start:stop]
@@ -422,7 +432,10 @@ def evaluate_rank(
             rows[junk],
             cols[junk],
         )
-        valid, ap, inp, hits = _summarise(match_rows, match_ranks, stop - start, max_rank)
+        valid, ap, inp, hits, first = _summarise(match_rows, match_ranks, stop - start, max_rank)
+        valid_rows = start + np.flatnonzero(valid)
+        per_query_ap[valid_rows], per_query_inp[valid_rows] = ap, inp
+        per_query_first[valid_rows] = first
         ap_sum += ap.sum()
         inp_sum += inp.sum()
         num_valid += int(valid.sum())
@@ -437,6 +450,9 @@ def evaluate_rank(
         num_valid_queries=num_valid,
         num_skipped_queries=num_q - num_valid,
         protocol=protocol,
+        per_query_ap=per_query_ap,
+        per_query_inp=per_query_inp,
+        per_query_first_rank=per_query_first,
     )
 
 
