@@ -77,5 +77,6 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     demo = run("demo", "--out", "demo", "--scale", "0.1", "optim.epochs=1", "data.workers=0")
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "| RMGL (Local-2 + Local-3) | plain |" in demo.stdout
+    assert "| multi-branch baseline (2+3, no RP/ABP/RSA) | plain |" in demo.stdout
     assert (elsewhere / "demo" / "demo_results.md").is_file()
     assert (elsewhere / "demo" / "rmgl" / "eval" / "ranked_list.png").is_file()
