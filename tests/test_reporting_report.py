@@ -159,3 +159,27 @@ def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
     assert path == tmp_path / "report.html"
     assert path.stat().st_size < 600_000
     assert set(got["timings"]) == {"features_s", "ranking_s", "analysis_s", "page_s"}
+
+
+def test_report_renders_in_a_real_browser(data, checkpoint, tmp_path):
+    """Headless Chromium opens the report: the screenshot is not blank, every image loads,
+    and nothing reaches the console."""
+    from browser_support import check_page, find_browser
+    from PIL import Image
+
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium binary (chromium, chromium-browser, google-chrome or $RMGL_CHROMIUM): "
+                    "install Debian's package with `apt-get install -y chromium` (.ci/run does when it can)")
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(data),
+                 "--out", str(out), "--worst", "2", "--workers", "0"]) == 0
+    check = check_page(browser, out, tmp_path / "browser")
+    expected_images = out.read_text().count("<img ")
+    assert check.images == expected_images > 20
+    assert check.broken == [], check.broken
+    assert check.errors == [] and check.console == [], (check.errors, check.console)
+    with Image.open(check.screenshot) as shot:
+        pixels = np.asarray(shot.convert("L"), dtype=np.float64)
+    assert pixels.shape == (1600, 1280)
+    assert (pixels < 200).mean() > 0.02 and pixels.std() > 20  # text, tables and plots, not a blank page
