@@ -327,8 +327,9 @@ def _camera_html(cams: dict) -> str:
             if value is None:
                 tds.append("<td style='background:#eee' title='no query with a true match here'>–</td>")
             else:
-                shade = int(255 - 120 * value)
-                colour = f"rgb({255 if value < 0.5 else shade},{shade if value < 0.5 else 255},{shade})"
+                # red below 50 %, green above, deeper the farther from 50 %
+                shade = int(255 - 220 * abs(value - 0.5))
+                colour = f"rgb(255,{shade},{shade})" if value < 0.5 else f"rgb({shade},255,{shade})"
                 tds.append(f"<td style='background:{colour}' title='{n} queries'>{100 * value:.0f}</td>")
         cells.append(f"<tr><th>c{cams['cameras'][a]}</th>{''.join(tds)}</tr>")
     head = "".join(f"<th>c{c}</th>" for c in cams["cameras"])
@@ -419,8 +420,8 @@ def _worst_html(inputs: ReportInputs, data: dict, topk: int) -> str:
             breakdown = _feature_breakdown(inputs, q, row["rank1"], row["best_match"])
         blocks.append(
             f"<div class=card id='q{q}'><h3>#{i + 1} · query {q} (id {row['pid']}, camera {row['camera'] + 1}) · "
-            f"AP {100 * row['ap']:.1f} · first true match at rank {row['first_match_rank']} of "
-            f"{row['matches_total']} true matches</h3><div class=muted>{_esc(row['path'])}</div>"
+            f"AP {100 * row['ap']:.1f} · the first of its {row['matches_total']} true matches at rank "
+            f"{row['first_match_rank']}</h3><div class=muted>{_esc(row['path'])}</div>"
             f"<div class=row>{''.join(tiles)}</div>{missed}{pictures.get(i, '')}{breakdown}</div>"
         )
     return "".join(blocks)
