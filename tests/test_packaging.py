@@ -80,3 +80,5 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     assert "| multi-branch baseline (2+3, no RP/ABP/RSA) | plain |" in demo.stdout
     assert (elsewhere / "demo" / "demo_results.md").is_file()
     assert (elsewhere / "demo" / "rmgl" / "eval" / "ranked_list.png").is_file()
+    report = elsewhere / "demo" / "rmgl" / "report.html"
+    assert report.is_file() and f"report of the RMGL run (open it in a browser): {Path('demo/rmgl/report.html')}" in demo.stdout

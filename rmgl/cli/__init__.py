@@ -14,10 +14,10 @@ import logging
 import sys
 import traceback
 
-from rmgl.cli import data, deploy, evaluate, model, search, train
+from rmgl.cli import data, deploy, evaluate, inspect, model, report, search, train
 
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
-COMMAND_MODULES = [data, model, train, evaluate, deploy, search]
+COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, search]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from rmgl.cli.report import add_report_options, check_report_options, write_report
 from rmgl.data.datasets import dataset_names
 
 
@@ -24,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--workers", type=int, default=2)
+    # --report: the HTML failure-analysis report of rmgl report, in the --out folder
+    ev.add_argument("--report", action="store_true", help="also write report.html (see rmgl report)")
+    add_report_options(ev)
     ev.set_defaults(func=run_eval)
 
 
@@ -45,6 +49,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+    check_report_options(args)
     checkpoint = Path(args.checkpoint)
     model = load_model(checkpoint, args.device)
     dataset = load_dataset(args.dataset, args.root)
@@ -62,4 +67,6 @@ def run_eval(args: argparse.Namespace) -> int:
     for key, result in results.items():
         print(f"{dataset.name} {key}:\n{result}")
     print(f"wrote {out / 'results.json'}, {out / 'cmc.png'}, {out / 'ranked_list.png'}")
+    if args.report:  # extracts the features once more: evaluate_model does not hand them out
+        write_report(model, dataset, out / "report.html", args, precision, args.rerank)
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from rmgl.cli.report import report_for_run
 from rmgl.engine.config import builtin_configs, find_config, load_config
 from rmgl.reporting import results_table, seeds_table
 
@@ -130,7 +131,10 @@ def run_demo(args: argparse.Namespace) -> int:
     (out / "demo_results.json").write_text(json.dumps(
         {name: {k: v.to_dict() for k, v in row["results"].items()} | {"train_seconds": row["seconds"]}
          for name, row in rows.items()}, indent=2))
-    print(f"\npictures: {out}/rmgl/eval/ranked_list.png, {out}/rmgl/eval/cmc.png; "
+    rmgl_cfg = configs["RMGL (Local-2 + Local-3)"]
+    report = report_for_run(out / rmgl_cfg.run.name, dataset, rerank=bool(rmgl_cfg.eval.rerank))
+    print(f"\nreport of the RMGL run (open it in a browser): {report}")
+    print(f"pictures: {out}/rmgl/eval/ranked_list.png, {out}/rmgl/eval/cmc.png; "
           f"TensorBoard: tensorboard --logdir {out}; total {time.perf_counter() - start:.0f} s")
     return 0
 

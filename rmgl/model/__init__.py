@@ -5,6 +5,7 @@ from rmgl.model.network import RMGL, BranchMaps, RMGLOutput, build_model
 from rmgl.model.partition import (
     GlobalPool,
     abp_boundaries,
+    abp_row_votes,
     activation_balanced_pool,
     receptive_partition,
     run_partitioned,
@@ -21,6 +22,7 @@ __all__ = [
     "RMGLOutput",
     "ResNetBackbone",
     "abp_boundaries",
+    "abp_row_votes",
     "activation_balanced_pool",
     "build_backbone",
     "build_model",

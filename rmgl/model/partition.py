@@ -52,18 +52,15 @@ def uniform_boundaries(height: int, stripes: int) -> list[int]:
     return [k * height // stripes for k in range(stripes + 1)]
 
 
-def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
-    """Activation balanced stripe boundaries, (N, K+1) long, per sample (paper §III-C, Eq. 8-10;
-    docs/model.md, "Activation balanced pooling").
+def abp_row_votes(x: Tensor) -> Tensor:
+    """The max activation votes per row, (N, H) long: n(h) of Eq. 9 (Hx is their cumulative
+    sum; paper §III-C, Eq. 8-9; docs/model.md, "Activation balanced pooling").
 
-    Each channel votes for the row of its spatial maximum (first occurrence on ties); a
-    channel whose maximum is <= 0 has no significant activation and does not vote. Boundary
-    h_k is the largest h whose cumulative vote count Hx(h) <= ceil(k*M/K) (Eq. 10), then
-    clamped so that every stripe keeps at least one row. M = 0 gives uniform stripes.
-    Computed without gradient: the boundaries are a discrete choice.
+    Each channel votes for the row of its spatial maximum (first occurrence in row-major order
+    on ties); a channel whose maximum is <= 0 has no significant activation and does not vote.
+    Computed without gradient. Reports draw these counts next to the boundaries (Fig. 5).
     """
     n, c, h, w = x.shape
-    uniform = torch.tensor(uniform_boundaries(h, stripes), device=x.device)
     with torch.no_grad():
         flat = x.detach().flatten(2)  # (N, C, H*W), row-major: index = row * W + col
         peak = flat.amax(dim=2, keepdim=True)
@@ -76,7 +73,22 @@ def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
         votes = (peak.squeeze(2) > 0).to(torch.long)  # (N, C)
         counts = torch.zeros(n, h, dtype=torch.long, device=x.device)
         counts.scatter_add_(1, (first // w).clamp_(max=h - 1), votes)
-        hx = counts.cumsum(dim=1)  # hx[:, i] = Hx(i + 1)
+        return counts
+
+
+def abp_boundaries(x: Tensor, stripes: int) -> Tensor:
+    """Activation balanced stripe boundaries, (N, K+1) long, per sample (paper §III-C, Eq. 8-10;
+    docs/model.md, "Activation balanced pooling").
+
+    The rows' votes are :func:`abp_row_votes`. Boundary h_k is the largest h whose cumulative
+    vote count Hx(h) <= ceil(k*M/K) (Eq. 10), then clamped so that every stripe keeps at
+    least one row. M = 0 gives uniform stripes. Computed without gradient: the boundaries are
+    a discrete choice.
+    """
+    n, c, h, w = x.shape
+    uniform = torch.tensor(uniform_boundaries(h, stripes), device=x.device)
+    with torch.no_grad():
+        hx = abp_row_votes(x).cumsum(dim=1)  # hx[:, i] = Hx(i + 1)
         total = hx[:, -1:]  # M, (N, 1)
         bounds = torch.zeros(n, stripes + 1, dtype=torch.long, device=x.device)
         bounds[:, stripes] = h

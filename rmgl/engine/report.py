@@ -1,0 +1,103 @@
+"""The failure-analysis report of a trained model on a dataset (``rmgl report``, ``rmgl eval
+--report``, ``rmgl demo``): features, ranking and the HTML page of
+:mod:`rmgl.reporting.html_report`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from rmgl.data.loading import eval_loader
+from rmgl.data.records import ReidDataset, same_image_index
+from rmgl.data.transforms import build_eval_transform
+from rmgl.engine.evaluation import resolve_protocol
+from rmgl.metrics import (
+    RankResult,
+    evaluate_rank,
+    extract_features,
+    k_reciprocal_rerank,
+    pairwise_distance,
+)
+from rmgl.reporting.html_report import ReportInputs, build_report
+
+log = logging.getLogger(__name__)
+
+
+def run_folder(checkpoint: str | Path | None) -> Path | None:
+    """The training run's folder of a checkpoint: its parent, when it holds the run's logs."""
+    if not checkpoint:
+        return None
+    folder = Path(checkpoint).resolve().parent
+    has_logs = (folder / "metrics.jsonl").is_file() or (folder / "evaluations.jsonl").is_file()
+    return folder if has_logs else None
+
+
+def report_model(
+    model: torch.nn.Module,
+    dataset: ReidDataset,
+    out: str | Path,
+    rerank: bool = False,
+    protocol: str = "auto",
+    batch_size: int = 128,
+    workers: int = 2,
+    amp: torch.dtype | None = None,
+    worst: int = 20,
+    topk: int = 10,
+    progress: bool = True,
+) -> tuple[Path, dict, dict[str, RankResult]]:
+    """Extract features of the query and gallery (as :func:`~rmgl.engine.evaluation.evaluate_model`
+    does: flip-averaged, L2-normalised, the config's distance), rank, and write the report.
+
+    ``model`` is a model from :func:`rmgl.engine.load.load_model` (it carries ``preprocess``,
+    ``config`` and ``checkpoint``). Returns the page's path, its numbers (with ``timings``)
+    and the results.
+    """
+    protocol = resolve_protocol(protocol, dataset)
+    metric = model.config.eval.metric
+    transform = build_eval_transform(model.preprocess.size)
+    start = time.perf_counter()
+    with torch.no_grad():
+        query, gallery = (
+            extract_features(model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp)
+            for records in (dataset.query, dataset.gallery)
+        )
+    extracted = time.perf_counter()
+    own = same_image_index(dataset.query, dataset.gallery)
+    distmat = pairwise_distance(query.features, gallery.features, metric=metric)
+
+    def rank(dist) -> RankResult:
+        return evaluate_rank(dist, query.pids, gallery.pids, query.camids, gallery.camids,
+                             protocol=protocol, query_in_gallery=own)
+
+    results = {"plain": rank(distmat)}
+    if rerank:
+        results["rerank"] = rank(k_reciprocal_rerank(query.features, gallery.features))
+    ranked = time.perf_counter()
+    inputs = ReportInputs(
+        dataset=dataset.name,
+        query=dataset.query,
+        gallery=dataset.gallery,
+        distmat=distmat,
+        results=results,
+        protocol=protocol,
+        query_in_gallery=own,
+        metric=metric,
+        root=str(dataset.root),
+        query_features=np.asarray(query.features),
+        gallery_features=np.asarray(gallery.features),
+        feature_names=list(getattr(model, "feature_names", [])),
+        model=model,
+        checkpoint=getattr(model, "checkpoint", None),
+        config_yaml=OmegaConf.to_yaml(model.config) if getattr(model, "config", None) is not None else None,
+        run_dir=run_folder(getattr(model, "checkpoint", None)),
+        timings={"features_s": extracted - start, "ranking_s": ranked - extracted},
+    )
+    path, data = build_report(out, inputs, worst=worst, topk=topk)
+    log.info("report %s: features %.1f s, ranking %.1f s, analysis %.1f s, page %.1f s", path,
+             *(data["timings"][k] for k in ("features_s", "ranking_s", "analysis_s", "page_s")))
+    return path, data, results

@@ -1,0 +1,218 @@
+"""Where a re-ID model fails: the per-query numbers a failure report is built from.
+
+Every function here applies the evaluation protocol exactly as :func:`rmgl.metrics.evaluate_rank`
+does (the same ignored gallery items, the same tie rule: equal distances are ordered by
+gallery index), so its numbers agree with the metrics; the tests check them against plain
+loops over queries.
+
+* :func:`camera_pair_r1`: rank-1 accuracy per (query camera, gallery camera) pair;
+* :func:`confused_identity_pairs`: the identity pairs whose images are most often each
+  other's nearest neighbour;
+* :func:`worst_queries`: the queries with the lowest average precision;
+* :func:`query_ranking`: one query's ranked gallery and the rank of each of its true matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rmgl.data.records import check_protocol
+from rmgl.metrics.ranking import RankResult
+
+__all__ = [
+    "CameraPairR1",
+    "ConfusedPair",
+    "QueryRanking",
+    "camera_pair_r1",
+    "confused_identity_pairs",
+    "nearest_valid",
+    "query_ranking",
+    "worst_queries",
+]
+
+# Rows of the distance matrix handled at once (bounds the temporary copies to ~64 MB).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _labels(values) -> np.ndarray:
+    return np.asarray(values).astype(np.int64).reshape(-1)
+
+
+def _own(query_in_gallery, num_q: int) -> np.ndarray:
+    if query_in_gallery is None:
+        return np.full(num_q, -1, dtype=np.int64)
+    return _labels(query_in_gallery)
+
+
+def _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol) -> tuple[np.ndarray, np.ndarray]:
+    """(same identity, ignored) masks (rows x len(cols)) of a block of queries."""
+    same = q_pids[:, None] == g_pids[None, cols]
+    if protocol == "cross_camera":
+        ignored = same & (q_cams[:, None] == g_cams[None, cols])
+    else:
+        ignored = np.zeros_like(same)
+    position = np.searchsorted(cols, own)
+    hit = (own >= 0) & (position < len(cols))
+    hit[hit] = cols[position[hit]] == own[hit]
+    ignored[np.flatnonzero(hit), position[hit]] = True
+    return same, ignored
+
+
+def nearest_valid(
+    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
+    protocol: str = "cross_camera", query_in_gallery=None, columns: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the nearest gallery index among ``columns`` (default all) that the protocol
+    does not ignore (-1 when there is none), and whether it has a true match among them."""
+    check_protocol(protocol)
+    dist = np.asarray(distmat)
+    q_pids, g_pids = _labels(q_pids), _labels(g_pids)
+    q_cams, g_cams = _labels(q_camids), _labels(g_camids)
+    cols = np.arange(dist.shape[1]) if columns is None else np.sort(_labels(columns))
+    own = _own(query_in_gallery, len(q_pids))
+    nearest = np.full(len(q_pids), -1, dtype=np.int64)
+    has_match = np.zeros(len(q_pids), dtype=bool)
+    if len(cols) == 0:
+        return nearest, has_match
+    step = max(1, CHUNK_ELEMENTS // len(cols))
+    for start in range(0, len(q_pids), step):
+        rows = slice(start, min(start + step, len(q_pids)))
+        block = dist[rows].copy() if columns is None else dist[rows][:, cols]
+        if block.dtype not in (np.float32, np.float64):
+            block = block.astype(np.float64)
+        same, ignored = _ignored(q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams, cols, protocol)
+        block[ignored] = np.inf
+        best = np.argmin(block, axis=1)  # first minimum: the lowest gallery index on ties
+        valid = np.isfinite(block[np.arange(len(best)), best])
+        nearest[rows] = np.where(valid, cols[best], -1)
+        has_match[rows] = (same & ~ignored).any(axis=1)
+    return nearest, has_match
+
+
+@dataclass
+class CameraPairR1:
+    """``r1[a, b]``: among the queries of camera ``cameras[a]`` with a true match in gallery
+    camera ``cameras[b]``, the fraction whose nearest gallery image *of camera b* (ignored
+    images left out) is a true match; ``queries[a, b]`` how many such queries (NaN where 0,
+    e.g. the diagonal under the cross-camera protocol)."""
+
+    cameras: list[int]
+    r1: np.ndarray
+    queries: np.ndarray
+
+
+def camera_pair_r1(
+    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
+    protocol: str = "cross_camera", query_in_gallery=None,
+) -> CameraPairR1:
+    """Rank-1 accuracy per (query camera, gallery camera): which camera pairs are hard."""
+    q_pids, g_pids = _labels(q_pids), _labels(g_pids)
+    q_cams, g_cams = _labels(q_camids), _labels(g_camids)
+    cameras = sorted(set(q_cams.tolist()) | set(g_cams.tolist()))
+    index = {c: i for i, c in enumerate(cameras)}
+    hits = np.zeros((len(cameras), len(cameras)))
+    counts = np.zeros((len(cameras), len(cameras)), dtype=np.int64)
+    q_index = np.array([index[c] for c in q_cams.tolist()], dtype=np.int64)
+    for b, cam in enumerate(cameras):
+        cols = np.flatnonzero(g_cams == cam)
+        nearest, has_match = nearest_valid(
+            distmat, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery, cols
+        )
+        correct = has_match & (nearest >= 0) & (g_pids[np.maximum(nearest, 0)] == q_pids)
+        np.add.at(counts[:, b], q_index, has_match.astype(np.int64))
+        np.add.at(hits[:, b], q_index, correct.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r1 = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+    return CameraPairR1(cameras, r1, counts)
+
+
+@dataclass
+class ConfusedPair:
+    """Identities ``a < b``; ``a_to_b`` queries of a whose rank-1 image shows b (and
+    ``b_to_a`` the reverse); ``examples`` query indices, first ones."""
+
+    a: int
+    b: int
+    a_to_b: int
+    b_to_a: int
+    examples: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.a_to_b + self.b_to_a
+
+
+def confused_identity_pairs(
+    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
+    protocol: str = "cross_camera", query_in_gallery=None, top: int = 20,
+    nearest: np.ndarray | None = None, has_match: np.ndarray | None = None,
+) -> tuple[list[ConfusedPair], int]:
+    """The ``top`` identity pairs most often confused at rank 1, and the number of queries
+    whose rank-1 image is a distractor (pid 0), which belongs to no pair.
+
+    A query counts when the protocol leaves it a true match (the queries the metrics count)
+    and its nearest non-ignored gallery image has another identity. Pairs are unordered and
+    sorted by count, then by identities. ``nearest`` / ``has_match`` may be passed from
+    :func:`nearest_valid` to avoid computing them again.
+    """
+    q_pids, g_pids = _labels(q_pids), _labels(g_pids)
+    if nearest is None or has_match is None:
+        nearest, has_match = nearest_valid(
+            distmat, q_pids, g_pids, q_camids, g_camids, protocol, query_in_gallery
+        )
+    wrong = np.flatnonzero(has_match & (nearest >= 0))
+    wrong = wrong[g_pids[nearest[wrong]] != q_pids[wrong]]
+    other = g_pids[nearest[wrong]]
+    distractors = int((other == 0).sum())
+    pairs: dict[tuple[int, int], ConfusedPair] = {}
+    for q, pid in zip(wrong[other != 0].tolist(), other[other != 0].tolist(), strict=True):
+        a, b = sorted((int(q_pids[q]), int(pid)))
+        pair = pairs.setdefault((a, b), ConfusedPair(a, b, 0, 0))
+        if q_pids[q] == a:
+            pair.a_to_b += 1
+        else:
+            pair.b_to_a += 1
+        if len(pair.examples) < 3:
+            pair.examples.append(q)
+    ranked = sorted(pairs.values(), key=lambda p: (-p.count, p.a, p.b))
+    return ranked[:top], distractors
+
+
+def worst_queries(result: RankResult, count: int) -> np.ndarray:
+    """Indices of the ``count`` queries with the lowest AP (ties: the later first true match,
+    then the lower query index); skipped queries (NaN AP) are left out."""
+    if result.per_query_ap is None or result.per_query_first_rank is None:
+        raise ValueError("the result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)")
+    valid = np.flatnonzero(~np.isnan(result.per_query_ap))
+    order = np.lexsort((valid, -result.per_query_first_rank[valid], result.per_query_ap[valid]))
+    return valid[order[: max(0, count)]]
+
+
+@dataclass
+class QueryRanking:
+    """One query's ranking: ``order`` the non-ignored gallery indices by distance (ties by
+    index), ``match_ranks`` the 1-based rank of each true match (ascending) and
+    ``match_indices`` their gallery indices."""
+
+    order: np.ndarray
+    match_indices: np.ndarray
+    match_ranks: np.ndarray
+
+
+def query_ranking(
+    distances: np.ndarray, q_pid: int, q_camid: int, g_pids, g_camids,
+    protocol: str = "cross_camera", own_index: int = -1,
+) -> QueryRanking:
+    """The full ranking of one query (one row of the distance matrix)."""
+    check_protocol(protocol)
+    g_pids, g_cams = _labels(g_pids), _labels(g_camids)
+    same = g_pids == q_pid
+    ignored = same & (g_cams == q_camid) if protocol == "cross_camera" else np.zeros_like(same)
+    if own_index >= 0:
+        ignored[own_index] = True
+    candidates = np.flatnonzero(~ignored)
+    order = candidates[np.argsort(np.asarray(distances)[candidates], kind="stable")]
+    matches = np.flatnonzero(same[order])
+    return QueryRanking(order, order[matches], matches + 1)

@@ -1,0 +1,116 @@
+"""Failure analysis (rmgl/reporting/failures.py) against plain loops over queries that apply
+the protocol through ``ignored_gallery_mask`` and order the gallery with a stable sort."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from rmgl.metrics import evaluate_rank, ignored_gallery_mask
+from rmgl.reporting import failures
+
+
+def _problem(seed: int, num_q: int = 40, num_g: int = 90, with_own: bool = False):
+    rng = np.random.default_rng(seed)
+    g_pids = rng.integers(0, 9, num_g)  # pid 0: distractors
+    g_cams = rng.integers(0, 4, num_g)
+    q_pids = rng.integers(1, 9, num_q)
+    q_cams = rng.integers(0, 4, num_q)
+    # coarse distances: many exact ties, so the tie rule matters
+    dist = rng.integers(0, 12, (num_q, num_g)).astype(np.float32)
+    own = None
+    if with_own:  # the query images are gallery images 0..num_q-1
+        g_pids[:num_q], g_cams[:num_q] = q_pids, q_cams
+        own = np.arange(num_q)
+        own[::5] = -1
+    return dist, q_pids, g_pids, q_cams, g_cams, own
+
+
+def _order(dist_row, q_pid, q_cam, g_pids, g_cams, protocol, own_index):
+    keep = ~ignored_gallery_mask(q_pid, q_cam, g_pids, g_cams, protocol, own_index)
+    candidates = np.flatnonzero(keep)
+    return candidates[np.argsort(dist_row[candidates], kind="stable")]
+
+
+CASES = [("cross_camera", False), ("any_camera", True), ("cross_camera", True)]
+
+
+@pytest.mark.parametrize(("protocol", "with_own"), CASES)
+def test_camera_pair_r1_matches_a_loop(protocol, with_own):
+    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(1, with_own=with_own)
+    got = failures.camera_pair_r1(dist, q_pids, g_pids, q_cams, g_cams, protocol, own)
+    cams = sorted(set(q_cams) | set(g_cams))
+    assert got.cameras == cams
+    hits = np.zeros((len(cams), len(cams)))
+    counts = np.zeros((len(cams), len(cams)), dtype=int)
+    for q in range(len(q_pids)):
+        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q])
+        for b, cam in enumerate(cams):
+            ranked = order[g_cams[order] == cam]
+            if not (g_pids[ranked] == q_pids[q]).any():
+                continue
+            a = cams.index(q_cams[q])
+            counts[a, b] += 1
+            hits[a, b] += g_pids[ranked[0]] == q_pids[q]
+    np.testing.assert_array_equal(got.queries, counts)
+    expected = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+    np.testing.assert_allclose(got.r1, expected, equal_nan=True)
+    if protocol == "cross_camera":
+        assert np.isnan(np.diag(got.r1)).all()
+
+
+@pytest.mark.parametrize(("protocol", "with_own"), CASES)
+def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
+    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(2, with_own=with_own)
+    nearest, has_match = failures.nearest_valid(dist, q_pids, g_pids, q_cams, g_cams, protocol, own)
+    pairs, distractors = failures.confused_identity_pairs(
+        dist, q_pids, g_pids, q_cams, g_cams, protocol, own, top=1000
+    )
+    counter, directed, expected_distractors = Counter(), Counter(), 0
+    for q in range(len(q_pids)):
+        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q])
+        assert nearest[q] == order[0]
+        assert has_match[q] == (g_pids[order] == q_pids[q]).any()
+        if not has_match[q] or g_pids[order[0]] == q_pids[q]:
+            continue
+        if g_pids[order[0]] == 0:
+            expected_distractors += 1
+            continue
+        pair = tuple(sorted((int(q_pids[q]), int(g_pids[order[0]]))))
+        counter[pair] += 1
+        directed[(int(q_pids[q]), int(g_pids[order[0]]))] += 1
+    assert distractors == expected_distractors
+    assert {(p.a, p.b): p.count for p in pairs} == dict(counter)
+    for p in pairs:
+        assert (p.a_to_b, p.b_to_a) == (directed[(p.a, p.b)], directed[(p.b, p.a)])
+        assert all(q_pids[q] in (p.a, p.b) for q in p.examples)
+    assert [p.count for p in pairs] == sorted((p.count for p in pairs), reverse=True)
+    # rank-1 of the valid queries is the metric's rank-1
+    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own)
+    correct = has_match & (g_pids[nearest] == q_pids)
+    assert correct.sum() / has_match.sum() == pytest.approx(result.rank(1))
+
+
+@pytest.mark.parametrize(("protocol", "with_own"), CASES)
+def test_query_ranking_and_worst_queries(protocol, with_own):
+    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(3, with_own=with_own)
+    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own)
+    for q in range(len(q_pids)):
+        own_q = -1 if own is None else int(own[q])
+        ranking = failures.query_ranking(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q)
+        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q)
+        np.testing.assert_array_equal(ranking.order, order)
+        expected_ranks = [i + 1 for i, g in enumerate(order) if g_pids[g] == q_pids[q]]
+        np.testing.assert_array_equal(ranking.match_ranks, expected_ranks)
+        if expected_ranks:
+            assert result.per_query_first_rank[q] + 1 == expected_ranks[0]
+            # AP from the ranks, as a check that the per-query AP is the one shown
+            ap = np.mean([(i + 1) / r for i, r in enumerate(expected_ranks)])
+            assert result.per_query_ap[q] == pytest.approx(ap)
+    worst = failures.worst_queries(result, 7)
+    valid = [q for q in range(len(q_pids)) if not np.isnan(result.per_query_ap[q])]
+    expected = sorted(valid, key=lambda q: (result.per_query_ap[q], -result.per_query_first_rank[q], q))[:7]
+    assert worst.tolist() == expected
+    assert len(failures.worst_queries(result, 10_000)) == len(valid)
