@@ -110,6 +110,16 @@ def worker(args) -> None:
         logging.getLogger("rmgl.metrics.rerank").setLevel(logging.DEBUG)  # stage timings
 
         result = k_reciprocal_rerank(query, gallery, device=args.device)
+    elif args.worker == "ours-full":
+        import logging
+
+        from rmgl.metrics import k_reciprocal_rerank
+
+        logging.basicConfig(level=logging.WARNING, format="    %(message)s")
+        logging.getLogger("rmgl.metrics.rerank").setLevel(logging.DEBUG)
+        result = k_reciprocal_rerank(
+            query, gallery, device=args.device, candidate_precision="full"
+        )
     else:
         result = dense_public_style_rerank(query, gallery)
     seconds = time.perf_counter() - start
@@ -166,7 +176,7 @@ def main() -> None:
         "--device", default=None, help="device of the neighbour pass (default: cuda if present)"
     )
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
-    parser.add_argument("--worker", choices=["ours", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "ours-full", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
