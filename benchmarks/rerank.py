@@ -36,17 +36,19 @@ SCALES = {  # (queries, gallery, identities)
 DIM = 3584
 
 
-def clustered_features(num_query: int, num_gallery: int, num_ids: int, seed: int = 0):
+def clustered_features(
+    num_query: int, num_gallery: int, num_ids: int, seed: int = 0, dim: int = DIM
+):
     """L2-normalised random features around one random centre per identity."""
     rng = np.random.default_rng(seed)
     num = num_query + num_gallery
-    features = np.empty((num, DIM), dtype=np.float32)
-    centres = rng.standard_normal((num_ids, DIM), dtype=np.float32)
+    features = np.empty((num, dim), dtype=np.float32)
+    centres = rng.standard_normal((num_ids, dim), dtype=np.float32)
     labels = rng.integers(0, num_ids, num)
     for start in range(0, num, 8192):  # in blocks, to keep the float64 temporaries small
         stop = min(start + 8192, num)
         block = centres[labels[start:stop]] + 0.8 * rng.standard_normal(
-            (stop - start, DIM), dtype=np.float32
+            (stop - start, dim), dtype=np.float32
         )
         features[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return features[:num_query], features[num_query:]

@@ -61,7 +61,9 @@ def extract_features(
                 raise ValueError("the loader must yield (images, pids, camids, ...) batches")
             images = batch[0].to(device, non_blocking=True)
             autocast = (
-                torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+                torch.autocast(device.type, dtype=amp)
+                if amp is not None
+                else contextlib.nullcontext()
             )
             with autocast:
                 descriptor = _descriptor(model(images))
@@ -144,6 +146,15 @@ def pairwise_distance_chunks(
     return _distance_chunks(query, gallery, metric, memory_budget_mb, device)
 
 
+def row_squared_norms(x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """``(x * x).sum(1)``, the same values, without an x-sized temporary (row chunks)."""
+    return (
+        torch.cat([(part * part).sum(1) for part in torch.split(x, rows_per_chunk)])
+        if len(x)
+        else (x * x).sum(1)
+    )
+
+
 def _distance_chunks(
     query: torch.Tensor,
     gallery: torch.Tensor,
@@ -155,7 +166,7 @@ def _distance_chunks(
     gallery = gallery.to(device, torch.float32)
     if metric == "cosine":
         gallery = nn.functional.normalize(gallery, dim=1)
-    gallery_sq = (gallery * gallery).sum(1)
+    gallery_sq = row_squared_norms(gallery)
     # per query row: one float32 distance row plus the matching slice of the product
     rows_per_chunk = max(1, memory_budget_mb * 2**20 // (8 * len(gallery)))
     for start in range(0, len(query), rows_per_chunk):
@@ -169,3 +180,4 @@ def _distance_chunks(
             if metric == "euclidean":
                 block.sqrt_()
         yield start, block.cpu().numpy()
+        del block  # before the next chunk is allocated: one chunk at a time

@@ -507,25 +507,34 @@ def _evaluate_blocks(
 def _top_valid(
     block: np.ndarray, junk_rows: np.ndarray, junk_cols: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest non-junk columns by (distance, index); -1 / inf padding."""
+    """Each row's k nearest non-junk columns by (distance, index); -1 / inf padding.
+
+    torch.topk (threaded, no copy of the block) takes k + the most junk items of a row, so
+    that k valid ones remain; rows where topk's choice among values equal to its last one
+    is open are redone with a stable sort, as the tie rule wants the lowest indices."""
     num_rows, num_cols = block.shape
-    masked = block.astype(np.float64)  # a copy; +inf marks the ignored items
-    masked[junk_rows, junk_cols] = np.inf
-    valid = np.ones(block.shape, dtype=bool)
-    valid[junk_rows, junk_cols] = False
-    k_part = min(k, num_cols)
-    kth = np.partition(masked, k_part - 1, axis=1)[:, k_part - 1]
-    # every item no farther than the k-th value (ties included), then the tie rule
-    rows, cols = np.nonzero((masked <= kth[:, None]) & valid)
-    order = np.lexsort((cols, masked[rows, cols], rows))
-    rows, cols = rows[order], cols[order]
+    extra = int(np.bincount(junk_rows, minlength=num_rows).max()) if len(junk_rows) else 0
+    width = min(num_cols, k + extra)
+    tensor = torch.from_numpy(block)
+    values, index = torch.topk(tensor, width, dim=1, largest=False, sorted=False)
+    last = values.max(dim=1, keepdim=True).values
+    ambiguous = ((tensor == last).sum(1) > (values == last).sum(1)).nonzero()[:, 0]
+    if len(ambiguous):
+        index[ambiguous] = torch.sort(tensor[ambiguous], dim=1, stable=True).indices[:, :width]
+        values[ambiguous] = tensor[ambiguous].gather(1, index[ambiguous])
+    rows = np.repeat(np.arange(num_rows), width)
+    cols, dist = index.numpy().reshape(-1), values.numpy().reshape(-1)
+    keep = ~np.isin(rows * num_cols + cols, junk_rows * num_cols + junk_cols)
+    rows, cols, dist = rows[keep], cols[keep], dist[keep]
+    order = np.lexsort((cols, dist, rows))  # the tie rule
+    rows, cols, dist = rows[order], cols[order], dist[order]
     position = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
     keep = position < k
-    index = np.full((num_rows, k), -1, dtype=np.int64)
-    dist = np.full((num_rows, k), np.inf)
-    index[rows[keep], position[keep]] = cols[keep]
-    dist[rows[keep], position[keep]] = block[rows[keep], cols[keep]]
-    return index, dist
+    top_index = np.full((num_rows, k), -1, dtype=np.int64)
+    top_dist = np.full((num_rows, k), np.inf)
+    top_index[rows[keep], position[keep]] = cols[keep]
+    top_dist[rows[keep], position[keep]] = dist[keep]
+    return top_index, top_dist
 
 
 def evaluate_features(
@@ -582,20 +591,29 @@ def evaluate_features(
 
 def _regroup_rows(chunks, rows_per_block: int, num_rows: int):
     """Row blocks of ``rows_per_block`` rows (the last one fewer) from row chunks of any
-    size: at most one chunk and one block are held at a time."""
-    pending: list[np.ndarray] = []
-    held = 0
+    size. Blocks inside a chunk are views; only a block that straddles two chunks is copied
+    (a few rows), so no more than one chunk is held at a time."""
+    carry = None  # rows of the previous chunk not yet in a block (a small copy)
     start = 0
     for _, chunk in chunks:
-        pending.append(chunk)
-        held += len(chunk)
-        while held >= rows_per_block or (held and start + held == num_rows):
-            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            take = min(rows_per_block, held)
-            yield start, np.ascontiguousarray(rows[:take])
-            start += take
-            held -= take
-            pending = [rows[take:]] if held else []
+        offset = 0
+        if carry is not None:
+            offset = min(rows_per_block - len(carry), len(chunk))
+            carry = np.concatenate([carry, chunk[:offset]])
+            if len(carry) < rows_per_block and start + len(carry) < num_rows:
+                continue
+            yield start, carry
+            start += len(carry)
+            carry = None
+        while len(chunk) - offset >= rows_per_block:
+            yield start, chunk[offset : offset + rows_per_block]
+            start += rows_per_block
+            offset += rows_per_block
+        if offset < len(chunk):
+            carry = chunk[offset:].copy()
+        del chunk
+    if carry is not None and len(carry):
+        yield start, carry
 
 
 def _no_valid_query_message(protocol: str) -> str:

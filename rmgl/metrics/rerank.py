@@ -31,6 +31,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from rmgl.metrics.features import row_squared_norms
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["k_reciprocal_rerank"]
@@ -200,7 +202,7 @@ def _neighbour_pass(
     """
     num = len(features)
     device, dtype = features.device, features.dtype
-    squared_norms = (features * features).sum(1)
+    squared_norms = row_squared_norms(features)
     side = max(1, int((budget / (4 * features.element_size())) ** 0.5))
     # Blocks never straddle the query/gallery border, so query x gallery blocks are whole.
     bounds = [(s, min(s + side, num_query)) for s in range(0, num_query, side)]
@@ -850,7 +852,7 @@ def _gathered_sq_distances(
     features: torch.Tensor, rows: np.ndarray, cols: np.ndarray, budget: int
 ) -> np.ndarray:
     """Squared distances of the given pairs, (|a|^2 + |b|^2) - 2 a.b, in float64."""
-    squared_norms = (features * features).sum(1)
+    squared_norms = row_squared_norms(features)
     out = np.empty(len(rows), dtype=np.float64)
     pairs_per_chunk = max(1, budget // (4 * features.shape[1] * features.element_size()))
     for start in range(0, len(rows), pairs_per_chunk):
