@@ -111,3 +111,110 @@ def test_identical_features_give_finite_distances():
     features = np.ones((7, 5), dtype=np.float32)
     out = k_reciprocal_rerank(features[:3], features[3:], k1=4, k2=2)
     assert out.shape == (3, 4) and np.isfinite(out).all()
+
+
+# ---- the bfloat16 candidate pass: exactly the full-precision pass ---------------------------
+
+
+def _both_passes(features, num_query, k=21, budget_mb=1):
+    """(full pass, bfloat16 candidate pass) outputs of the neighbour pass."""
+    from rmgl.metrics.rerank import _neighbour_pass
+
+    tensor = torch.from_numpy(features)
+    full = _neighbour_pass(tensor, num_query, k, budget_mb * 2**20, None)
+    fast = _neighbour_pass(tensor, num_query, k, budget_mb * 2**20, torch.bfloat16)
+    return full, fast
+
+
+def _adversarial_features(kind, rng):
+    if kind == "clustered":
+        return np.concatenate(clustered_features(11, 40, 10, 96, 100)).astype(np.float32)
+    if kind == "duplicates":  # every sample twice: exact ties everywhere
+        base = np.concatenate(clustered_features(12, 25, 8, 48, 60)).astype(np.float32)
+        return np.repeat(base, 2, axis=0)
+    if kind == "all_equal":
+        return np.ones((160, 24), dtype=np.float32)
+    if kind == "large_norms":  # big shared offset: the full formula itself loses digits
+        base = np.concatenate(clustered_features(13, 50, 8, 64, 50)).astype(np.float32)
+        return base * 1e4 + 3e4
+    if kind == "near_ties":  # integer grid: many distances equal or one rounding apart
+        return np.round(rng.standard_normal((400, 40)) * 2).astype(np.float32)
+    if kind == "tiny":  # below float32's normal range after products
+        return (np.concatenate(clustered_features(14, 30, 10, 32, 40)) * 1e-21).astype(np.float32)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["clustered", "duplicates", "all_equal", "large_norms", "near_ties", "tiny"]
+)
+def test_bfloat16_candidates_equal_full_pass_bit_for_bit(kind):
+    """Same neighbour sets and distances, bit for bit (float32, MKL-style BLAS whose large
+    products sum each entry in one order), on features built to break the bound."""
+    features = _adversarial_features(kind, np.random.default_rng(0))
+    full, fast = _both_passes(features, num_query=len(features) // 6)
+    for name, a, b in zip(["query x gallery", "maxima", "neighbours", "distances"], full, fast):
+        if kind == "tiny" and name == "distances":
+            # subnormal results: BLAS kernels may differ in the last subnormal steps
+            assert np.abs(a - b).max() <= 1e-43
+        else:
+            assert np.array_equal(a, b), name
+
+
+def test_bfloat16_candidates_float64_equal_full_pass():
+    features = np.concatenate(clustered_features(15, 50, 10, 64, 80))
+    full, fast = _both_passes(features, num_query=80)
+    assert np.array_equal(full[2][:, :10], fast[2][:, :10])  # no near ties in this set
+    for a, b in zip(full, fast):
+        assert np.abs(a.astype(float) - b.astype(float)).max() <= 1e-12
+
+
+def test_bfloat16_rerank_equals_dense_reference():
+    query, gallery = clustered_features(16, 30, 8, 32, 40)
+    expected = dense_reference_rerank(query, gallery, 20, 6, 0.3)
+    for features in (np.float64, np.float32):
+        result = k_reciprocal_rerank(
+            query.astype(features),
+            gallery.astype(features),
+            candidate_precision="bfloat16",
+            memory_budget_mb=1,
+        )
+        assert np.abs(result - expected).max() <= 1e-5
+
+
+def test_candidate_bound_never_violated():
+    """|d~ - d| <= E for every pair of many random sets: scales, offsets, dimensions."""
+    from rmgl.metrics.rerank import _CertifiedCandidates
+
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for trial in range(40):
+        num, dim = int(rng.integers(40, 200)), int(rng.choice([3, 17, 64, 300, 1024]))
+        scale = 10.0 ** rng.uniform(-6, 6)
+        offset = rng.choice([0.0, 1.0, 100.0]) * scale
+        dtype = np.float32 if trial % 4 else np.float64
+        features = (rng.standard_normal((num, dim)) * scale + offset).astype(dtype)
+        if trial % 5 == 0:
+            features[: num // 2] = features[num // 2 : 2 * (num // 2)]  # duplicates
+        tensor = torch.from_numpy(features)
+        squared = (tensor * tensor).sum(1)
+        cert = _CertifiedCandidates(tensor, squared, 0, 5, [(0, num)], torch.bfloat16)
+        exact = (squared[:, None] + squared[None, :]).addmm_(tensor, tensor.T, beta=1, alpha=-2)
+        approx = cert.shifted_sq[:, None] + cert.shifted_sq[None, :]
+        approx.add_((cert.low @ cert.low.T).to(approx.dtype), alpha=-2)
+        index = torch.arange(num)
+        bound = cert._pair_bound(index[:, None], index[None, :], approx)
+        error = (approx.double() - exact.double()).abs()
+        assert (error <= bound).all(), trial
+        # the per-sample bound (used to filter while streaming) covers every pair's bound
+        gap = torch.maximum(
+            cert.ssq_hi[:, None] - approx.double(), approx.double() - cert.ssq_lo[:, None]
+        )
+        assert (bound <= cert.row_a[:, None] + cert.coef * gap).all(), trial
+        worst = max(worst, float((error / bound).max()))
+    assert worst > 1e-3  # the bound is not vacuous: real errors come within reach of it
+
+
+def test_candidate_precision_is_checked():
+    good = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="candidate_precision"):
+        k_reciprocal_rerank(good, good, candidate_precision="half")

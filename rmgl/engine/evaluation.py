@@ -14,10 +14,10 @@ from rmgl.data.records import ReidDataset, same_image_index
 from rmgl.data.transforms import build_eval_transform
 from rmgl.metrics import (
     RankResult,
+    evaluate_features,
     evaluate_rank,
     extract_features,
     k_reciprocal_rerank,
-    pairwise_distance,
 )
 from rmgl.reporting import plot_cmc, ranked_list_figure, write_results_json
 
@@ -61,17 +61,19 @@ def evaluate_model(
     }
     query, gallery = features["query"], features["gallery"]
     own = same_image_index(dataset.query, dataset.gallery)
-    distmat = pairwise_distance(query.features, gallery.features, metric=metric)
-
-    def rank(dist) -> RankResult:
-        return evaluate_rank(
-            dist, query.pids, gallery.pids, query.camids, gallery.camids,
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    # distances and metrics per query chunk: the Q x G matrix is never held (the ranked-list
+    # picture keeps each query's top 10); re-ranking's own output is the only full matrix
+    plain = evaluate_features(
+        query.features, gallery.features, *labels, metric=metric, protocol=protocol,
+        query_in_gallery=own, topk=10 if out_dir is not None else 0,
+    )
+    results = {"plain": plain}
+    if rerank:
+        results["rerank"] = evaluate_rank(
+            k_reciprocal_rerank(query.features, gallery.features), *labels,
             protocol=protocol, query_in_gallery=own,
         )
-
-    results = {"plain": rank(distmat)}
-    if rerank:
-        results["rerank"] = rank(k_reciprocal_rerank(query.features, gallery.features))
     if out_dir is not None:
         out = Path(out_dir)
         settings = {
@@ -81,5 +83,8 @@ def evaluate_model(
         }
         write_results_json(out / "results.json", results, **(provenance or {}), **settings)
         plot_cmc({f"{dataset.name} {k}": v for k, v in results.items()}, out / "cmc.png")
-        ranked_list_figure(distmat, dataset.query, dataset.gallery, out / "ranked_list.png", protocol=protocol)
+        ranked_list_figure(
+            plain.ranked_lists, dataset.query, dataset.gallery, out / "ranked_list.png",
+            protocol=protocol,
+        )
     return results

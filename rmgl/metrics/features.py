@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -11,7 +11,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["ExtractedFeatures", "extract_features", "pairwise_distance"]
+__all__ = [
+    "ExtractedFeatures",
+    "extract_features",
+    "pairwise_distance",
+    "pairwise_distance_chunks",
+]
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 
@@ -56,7 +61,9 @@ def extract_features(
                 raise ValueError("the loader must yield (images, pids, camids, ...) batches")
             images = batch[0].to(device, non_blocking=True)
             autocast = (
-                torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+                torch.autocast(device.type, dtype=amp)
+                if amp is not None
+                else contextlib.nullcontext()
             )
             with autocast:
                 descriptor = _descriptor(model(images))
@@ -105,7 +112,24 @@ def pairwise_distance(
     ``euclidean`` is the L2 distance, ``sqeuclidean`` its square (rankings are identical),
     ``cosine`` is 1 - cosine similarity. ``memory_budget_mb`` bounds the working memory of
     one chunk on ``device`` (default: the query's device); the Q x G result comes on top.
+    To avoid holding the result, iterate :func:`pairwise_distance_chunks` instead.
     """
+    chunks = pairwise_distance_chunks(query, gallery, metric, memory_budget_mb, device)
+    out = np.empty((len(query), len(gallery)), dtype=np.float32)
+    for start, block in chunks:
+        out[start : start + len(block)] = block
+    return out
+
+
+def pairwise_distance_chunks(
+    query: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray,
+    metric: str = "euclidean",
+    memory_budget_mb: int = 256,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows of :func:`pairwise_distance` as ``(first row, float32 block)`` pairs, in order:
+    the same chunks and the same arithmetic, so the blocks equal the matrix's rows bit for bit."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
@@ -119,14 +143,32 @@ def pairwise_distance(
         )
     if len(query) == 0 or len(gallery) == 0:
         raise ValueError("pairwise_distance needs at least one query and one gallery feature")
+    return _distance_chunks(query, gallery, metric, memory_budget_mb, device)
+
+
+def row_squared_norms(x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """``(x * x).sum(1)``, the same values, without an x-sized temporary (row chunks)."""
+    return (
+        torch.cat([(part * part).sum(1) for part in torch.split(x, rows_per_chunk)])
+        if len(x)
+        else (x * x).sum(1)
+    )
+
+
+def _distance_chunks(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    metric: str,
+    memory_budget_mb: int,
+    device: str | torch.device | None,
+) -> Iterator[tuple[int, np.ndarray]]:
     device = torch.device(device) if device is not None else query.device
     gallery = gallery.to(device, torch.float32)
     if metric == "cosine":
         gallery = nn.functional.normalize(gallery, dim=1)
-    gallery_sq = (gallery * gallery).sum(1)
+    gallery_sq = row_squared_norms(gallery)
     # per query row: one float32 distance row plus the matching slice of the product
     rows_per_chunk = max(1, memory_budget_mb * 2**20 // (8 * len(gallery)))
-    out = np.empty((len(query), len(gallery)), dtype=np.float32)
     for start in range(0, len(query), rows_per_chunk):
         chunk = query[start : start + rows_per_chunk].to(device, torch.float32)
         if metric == "cosine":
@@ -137,5 +179,5 @@ def pairwise_distance(
             block.clamp_(min=0.0)  # rounding can make a distance slightly negative
             if metric == "euclidean":
                 block.sqrt_()
-        out[start : start + len(chunk)] = block.cpu().numpy()
-    return out
+        yield start, block.cpu().numpy()
+        del block  # before the next chunk is allocated: one chunk at a time

@@ -44,7 +44,9 @@ from rmgl.data.records import PROTOCOLS, check_protocol
 __all__ = [
     "PROTOCOLS",
     "RankResult",
+    "RankedLists",
     "evaluate_cuhk03_single_shot",
+    "evaluate_features",
     "evaluate_rank",
     "ignored_gallery_mask",
 ]
@@ -79,6 +81,8 @@ class RankResult:
     per_query_ap: np.ndarray | None = field(default=None, repr=False)
     per_query_inp: np.ndarray | None = field(default=None, repr=False)
     per_query_first_rank: np.ndarray | None = field(default=None, repr=False)
+    # Each query's top-k valid gallery items, from evaluate_features(..., topk=k) only.
+    ranked_lists: RankedLists | None = field(default=None, repr=False)
 
     @property
     def max_rank(self) -> int:
@@ -399,13 +403,51 @@ def evaluate_rank(
         distmat, q_pids, g_pids, q_camids, g_camids
     )
     num_q, num_g = dist.shape
+    rows_per_chunk = _rank_chunk_rows(num_g)
+    blocks = (
+        (start, dist[start : start + rows_per_chunk]) for start in range(0, num_q, rows_per_chunk)
+    )
+    return _evaluate_blocks(
+        blocks, num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank, protocol,
+        query_in_gallery,
+    )
+
+
+def _rank_chunk_rows(num_g: int) -> int:
+    """Query rows ranked at once; the per-row histogram (NUM_BUCKETS bins) bounds it too."""
+    return max(1, min(CHUNK_ELEMENTS // num_g, CHUNK_ELEMENTS // (4 * NUM_BUCKETS)))
+
+
+@dataclass
+class RankedLists:
+    """Each query's ``k`` nearest gallery items that its ranking does not ignore, in rank
+    order (tie rule: gallery index); -1 / inf pad a row with fewer valid items."""
+
+    indices: np.ndarray  # (num_query, k) int64 gallery indices
+    distances: np.ndarray  # (num_query, k) float
+
+
+def _evaluate_blocks(
+    blocks,
+    num_q: int,
+    num_g: int,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    max_rank: int,
+    protocol: str,
+    query_in_gallery,
+    topk: int = 0,
+) -> RankResult:
+    """The metrics from consecutive row blocks ``(first row, block)`` of the distance matrix,
+    each ``_rank_chunk_rows(num_g)`` rows (the last one fewer): the whole matrix is never
+    needed. With ``topk`` also each query's top-k valid gallery items (``ranked_lists``)."""
     own = _own_indices(query_in_gallery, num_q, num_g)
     pair_query, pair_gallery, is_junk = _labelled_pairs(
         q_pids, g_pids, q_camids, g_camids, own, protocol
     )
-
-    # the per-row histogram (NUM_BUCKETS bins) also bounds the rows of a chunk
-    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // num_g, CHUNK_ELEMENTS // (4 * NUM_BUCKETS)))
+    rows_per_chunk = _rank_chunk_rows(num_g)
     chunk_of_pair = pair_query // rows_per_chunk
     bounds = np.searchsorted(chunk_of_pair, np.arange(num_q // rows_per_chunk + 2))
     ap_sum = inp_sum = 0.0
@@ -414,9 +456,10 @@ def evaluate_rank(
     per_query_ap = np.full(num_q, np.nan)
     per_query_inp = np.full(num_q, np.nan)
     per_query_first = np.full(num_q, -1, dtype=np.int64)
-    for chunk, start in enumerate(range(0, num_q, rows_per_chunk)):
-        stop = min(start + rows_per_chunk, num_q)
-        block = dist[start:stop]
+    top_index = np.full((num_q, topk), -1, dtype=np.int64)
+    top_dist = np.full((num_q, topk), np.inf)
+    for start, block in blocks:
+        chunk, stop = start // rows_per_chunk, start + len(block)
         row_nan = np.isnan(block.max(axis=1))  # NaN anywhere in a row propagates
         if row_nan.any():
             bad = start + int(np.flatnonzero(row_nan)[0])
@@ -432,6 +475,10 @@ def evaluate_rank(
             rows[junk],
             cols[junk],
         )
+        if topk:
+            top_index[start:stop], top_dist[start:stop] = _top_valid(
+                block, rows[junk], cols[junk], topk
+            )
         valid, ap, inp, hits, first = _summarise(match_rows, match_ranks, stop - start, max_rank)
         valid_rows = start + np.flatnonzero(valid)
         per_query_ap[valid_rows], per_query_inp[valid_rows] = ap, inp
@@ -453,7 +500,120 @@ def evaluate_rank(
         per_query_ap=per_query_ap,
         per_query_inp=per_query_inp,
         per_query_first_rank=per_query_first,
+        ranked_lists=RankedLists(top_index, top_dist) if topk else None,
     )
+
+
+def _top_valid(
+    block: np.ndarray, junk_rows: np.ndarray, junk_cols: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest non-junk columns by (distance, index); -1 / inf padding.
+
+    torch.topk (threaded, no copy of the block) takes k + the most junk items of a row, so
+    that k valid ones remain; rows where topk's choice among values equal to its last one
+    is open are redone with a stable sort, as the tie rule wants the lowest indices."""
+    num_rows, num_cols = block.shape
+    extra = int(np.bincount(junk_rows, minlength=num_rows).max()) if len(junk_rows) else 0
+    width = min(num_cols, k + extra)
+    tensor = torch.from_numpy(block)
+    values, index = torch.topk(tensor, width, dim=1, largest=False, sorted=False)
+    last = values.max(dim=1, keepdim=True).values
+    ambiguous = ((tensor == last).sum(1) > (values == last).sum(1)).nonzero()[:, 0]
+    if len(ambiguous):
+        index[ambiguous] = torch.sort(tensor[ambiguous], dim=1, stable=True).indices[:, :width]
+        values[ambiguous] = tensor[ambiguous].gather(1, index[ambiguous])
+    rows = np.repeat(np.arange(num_rows), width)
+    cols, dist = index.numpy().reshape(-1), values.numpy().reshape(-1)
+    keep = ~np.isin(rows * num_cols + cols, junk_rows * num_cols + junk_cols)
+    rows, cols, dist = rows[keep], cols[keep], dist[keep]
+    order = np.lexsort((cols, dist, rows))  # the tie rule
+    rows, cols, dist = rows[order], cols[order], dist[order]
+    position = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+    keep = position < k
+    top_index = np.full((num_rows, k), -1, dtype=np.int64)
+    top_dist = np.full((num_rows, k), np.inf)
+    top_index[rows[keep], position[keep]] = cols[keep]
+    top_dist[rows[keep], position[keep]] = dist[keep]
+    return top_index, top_dist
+
+
+def evaluate_features(
+    query_features: np.ndarray | torch.Tensor,
+    gallery_features: np.ndarray | torch.Tensor,
+    q_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_pids: Sequence[int] | np.ndarray | torch.Tensor,
+    q_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    g_camids: Sequence[int] | np.ndarray | torch.Tensor,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    protocol: str = "cross_camera",
+    query_in_gallery: np.ndarray | None = None,
+    topk: int = 0,
+    memory_budget_mb: int = 256,
+    device: str | torch.device | None = None,
+) -> RankResult:
+    """``evaluate_rank(pairwise_distance(query, gallery, metric), ...)`` without the Q x G
+    matrix: distances are computed in the chunks of ``pairwise_distance`` (same arithmetic,
+    so the same values bit for bit) and ranked as soon as a ranking chunk is complete. The
+    result is identical, per-query arrays included. Memory: one distance chunk (bounded by
+    ``memory_budget_mb``) plus one ranking chunk, besides the features.
+
+    ``topk`` > 0 also keeps each query's top-k valid gallery items (``result.ranked_lists``),
+    e.g. for :func:`rmgl.reporting.ranked_list_figure`.
+    """
+    from rmgl.metrics.features import pairwise_distance_chunks
+
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    check_protocol(protocol)
+    num_q, num_g = len(query_features), len(gallery_features)
+    q_pids, g_pids = _as_labels(q_pids, "q_pids"), _as_labels(g_pids, "g_pids")
+    q_camids, g_camids = _as_labels(q_camids, "q_camids"), _as_labels(g_camids, "g_camids")
+    for name, labels, expected, what in (
+        ("q_pids", q_pids, num_q, "query"),
+        ("q_camids", q_camids, num_q, "query"),
+        ("g_pids", g_pids, num_g, "gallery"),
+        ("g_camids", g_camids, num_g, "gallery"),
+    ):
+        if len(labels) != expected:
+            raise ValueError(f"{name} has {len(labels)} entries but there are {expected} {what} features")
+    chunks = pairwise_distance_chunks(
+        query_features, gallery_features, metric, memory_budget_mb, device
+    )
+    blocks = _regroup_rows(chunks, _rank_chunk_rows(num_g), num_q)
+    return _evaluate_blocks(
+        blocks, num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank, protocol,
+        query_in_gallery, topk,
+    )
+
+
+def _regroup_rows(chunks, rows_per_block: int, num_rows: int):
+    """Row blocks of ``rows_per_block`` rows (the last one fewer) from row chunks of any
+    size. Blocks inside a chunk are views; only a block that straddles two chunks is copied
+    (a few rows), so no more than one chunk is held at a time."""
+    carry = None  # rows of the previous chunk not yet in a block (a small copy)
+    start = 0
+    for _, chunk in chunks:
+        offset = 0
+        if carry is not None:
+            offset = min(rows_per_block - len(carry), len(chunk))
+            carry = np.concatenate([carry, chunk[:offset]])
+            if len(carry) < rows_per_block and start + len(carry) < num_rows:
+                continue
+            yield start, carry
+            start += len(carry)
+            carry = None
+        while len(chunk) - offset >= rows_per_block:
+            yield start, chunk[offset : offset + rows_per_block]
+            start += rows_per_block
+            offset += rows_per_block
+        if offset < len(chunk):
+            carry = chunk[offset:].copy()
+        del chunk
+    if carry is not None and len(carry):
+        yield start, carry
 
 
 def _no_valid_query_message(protocol: str) -> str:

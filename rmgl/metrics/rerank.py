@@ -31,6 +31,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from rmgl.metrics.features import row_squared_norms
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["k_reciprocal_rerank"]
@@ -44,12 +46,18 @@ def k_reciprocal_rerank(
     lambda_value: float = 0.3,
     device: str | torch.device | None = None,
     memory_budget_mb: int = 256,
+    candidate_precision: str = "auto",
 ) -> np.ndarray:
     """Re-ranked (Q, G) distance matrix (numpy, dtype of the features: float32 or float64).
 
     ``device`` runs the O(N^2 d) neighbour pass; by default CUDA when available, else CPU.
     ``memory_budget_mb`` bounds each temporary block (distance rows, gathered features,
     Jaccard pairs); the output itself (Q x G) and the features come on top.
+    ``candidate_precision``: ``"bfloat16"`` finds the gallery x gallery neighbours with
+    bfloat16 matrix products and re-scores, at full precision, every candidate a certified
+    error bound cannot rule out, so the result is the same as with ``"full"`` (every distance
+    computed at the features' precision, the original pass); ``"auto"`` (default) takes
+    bfloat16 on CUDA for galleries of 4,096 or more, ``"full"`` otherwise.
     """
     query, gallery = (
         _as_feature_tensor(query_features, "query"),
@@ -66,6 +74,7 @@ def k_reciprocal_rerank(
     if query.dtype != gallery.dtype:
         query, gallery = query.float(), gallery.float()
     device = torch.device(device) if device is not None else _default_device()
+    low_precision = _candidate_dtype(candidate_precision, device, len(gallery))
     features = torch.cat([query, gallery]).to(device)
     num_query, num = len(query), len(features)
     budget = memory_budget_mb * 2**20
@@ -74,7 +83,7 @@ def k_reciprocal_rerank(
     num_neighbours = min(max(k1 + 1, k2), num)
     with _full_precision_matmul():
         original_qg, column_max, initial_rank, nearest_dist = _neighbour_pass(
-            features, num_query, num_neighbours, budget
+            features, num_query, num_neighbours, budget, low_precision
         )
     clock.done("neighbour pass")
     expanded_rows, expanded_cols = _expanded_reciprocal_sets(initial_rank, k1)
@@ -104,13 +113,18 @@ def k_reciprocal_rerank(
 
 @contextlib.contextmanager
 def _full_precision_matmul():
-    """TF32 (allowed by some training set-ups) would change neighbour orders: keep float32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """TF32 (allowed by some training set-ups) would change neighbour orders: keep float32.
+
+    Reduced-precision (bfloat16) reductions inside cuBLAS would break the error bound of the
+    bfloat16 candidate pass, which assumes float32 accumulation: off as well."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_tf32 = False
+    matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = previous
 
 
 class _StageClock:
@@ -123,6 +137,31 @@ class _StageClock:
         now = time.perf_counter()
         logger.debug("re-ranking: %s took %.1f s", stage, now - self.last)
         self.last = now
+
+
+def _candidate_dtype(
+    candidate_precision: str, device: torch.device, num_gallery: int
+) -> torch.dtype | None:
+    """The dtype of the candidate pass, or None for the full-precision pass.
+
+    ``auto`` takes bfloat16 on CUDA for galleries of at least ``_AUTO_MIN_GALLERY``, where
+    bfloat16 products run many times faster than float32 ones. On CPU even native bfloat16
+    products were only about 2x faster than float32 here, and re-scoring (memory-bound
+    gathers) ate the gain at Market-1501 scale (docs/evaluation.md), so ``auto`` keeps the
+    full pass there; ``"bfloat16"`` asks for the candidate pass anywhere.
+    """
+    if candidate_precision not in ("auto", "bfloat16", "full"):
+        raise ValueError(
+            f"candidate_precision must be 'auto', 'bfloat16' or 'full', got {candidate_precision!r}"
+        )
+    if candidate_precision == "bfloat16":
+        return torch.bfloat16
+    if candidate_precision == "auto" and device.type == "cuda" and num_gallery >= _AUTO_MIN_GALLERY:
+        return torch.bfloat16
+    return None
+
+
+_AUTO_MIN_GALLERY = 4096
 
 
 def _default_device() -> torch.device:
@@ -143,7 +182,11 @@ def _as_feature_tensor(features: np.ndarray | torch.Tensor, name: str) -> torch.
 
 
 def _neighbour_pass(
-    features: torch.Tensor, num_query: int, num_neighbours: int, budget: int
+    features: torch.Tensor,
+    num_query: int,
+    num_neighbours: int,
+    budget: int,
+    low_precision: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over square blocks of the upper triangle of the N x N squared distances.
 
@@ -152,10 +195,14 @@ def _neighbour_pass(
     normalised by its rows' maxima, every column's maximum (= its row's maximum), and the
     ``num_neighbours`` nearest samples of every row with their distances, ordered by
     (distance, index). Memory: one block plus O(N k).
+
+    With ``low_precision`` the gallery x gallery blocks (most of the work) only yield
+    candidates (see ``_CertifiedCandidates``); every value that reaches the result is still
+    computed by the same full-precision block formula as without it.
     """
     num = len(features)
     device, dtype = features.device, features.dtype
-    squared_norms = (features * features).sum(1)
+    squared_norms = row_squared_norms(features)
     side = max(1, int((budget / (4 * features.element_size())) ** 0.5))
     # Blocks never straddle the query/gallery border, so query x gallery blocks are whole.
     bounds = [(s, min(s + side, num_query)) for s in range(0, num_query, side)]
@@ -165,12 +212,18 @@ def _neighbour_pass(
     best_index = torch.zeros((num, num_neighbours), dtype=torch.long, device=device)
     row_max = torch.full((num,), float("-inf"), dtype=dtype, device=device)
     original_qg = np.empty((num_query, num - num_query), dtype=_numpy_dtype(dtype))
+    certified = None
+    if low_precision is not None:
+        certified = _CertifiedCandidates(
+            features, squared_norms, num_query, num_neighbours, bounds, low_precision
+        )
     for block_number, (row_start, row_stop) in enumerate(bounds):
         for col_start, col_stop in bounds[block_number:]:
-            # (|a|^2 + |b|^2) - 2 a.b, in the same order as the published code
-            dist = squared_norms[row_start:row_stop, None] + squared_norms[None, col_start:col_stop]
-            dist.addmm_(
-                features[row_start:row_stop], features[col_start:col_stop].T, beta=1, alpha=-2
+            if certified is not None and certified.takes(row_start, col_start):
+                certified.add_block(row_start, row_stop, col_start, col_stop, best_dist)
+                continue
+            dist = _block_distances(
+                features, squared_norms, row_start, row_stop, col_start, col_stop
             )
             _merge_nearest(best_dist, best_index, row_start, dist, col_start)
             torch.maximum(
@@ -190,18 +243,41 @@ def _neighbour_pass(
                     dist.cpu().numpy()
                 )
             del dist
+    if certified is not None:
+        certified.finish(best_dist, best_index, row_max, budget)
 
     column_max = row_max.double().cpu().numpy()
     # A sample that coincides with every other one (a collapsed model) has a zero maximum;
     # its distances are all zero, and dividing by 1 keeps them so instead of making NaN.
     column_max[column_max <= 0] = 1.0
     original_qg /= column_max[:num_query, None].astype(original_qg.dtype)
-    # order the kept neighbours by (distance, index), as a stable sort of the row would
-    by_index = torch.sort(best_index, dim=1).indices
-    best_dist, best_index = best_dist.gather(1, by_index), best_index.gather(1, by_index)
-    by_dist = torch.sort(best_dist, dim=1, stable=True).indices
-    best_dist, best_index = best_dist.gather(1, by_dist), best_index.gather(1, by_dist)
+    best_dist, best_index = _sort_by_distance_then_index(best_dist, best_index)
     return original_qg, column_max, best_index.cpu().numpy(), best_dist.double().cpu().numpy()
+
+
+def _block_distances(
+    features: torch.Tensor,
+    squared_norms: torch.Tensor,
+    row_start: int,
+    row_stop: int,
+    col_start: int,
+    col_stop: int,
+) -> torch.Tensor:
+    """(|a|^2 + |b|^2) - 2 a.b for a block, in the same order as the published code."""
+    dist = squared_norms[row_start:row_stop, None] + squared_norms[None, col_start:col_stop]
+    return dist.addmm_(
+        features[row_start:row_stop], features[col_start:col_stop].T, beta=1, alpha=-2
+    )
+
+
+def _sort_by_distance_then_index(
+    dist: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row by (distance, index), as a stable sort of the full row would."""
+    by_index = torch.sort(index, dim=1).indices
+    dist, index = dist.gather(1, by_index), index.gather(1, by_index)
+    by_dist = torch.sort(dist, dim=1, stable=True).indices
+    return dist.gather(1, by_dist), index.gather(1, by_dist)
 
 
 def _merge_nearest(
@@ -212,15 +288,492 @@ def _merge_nearest(
     col_start: int,
 ) -> None:
     """Fold a block (rows from ``row_start``, columns from ``col_start``) into the running
-    k nearest of its rows: the k smallest of (kept so far, block's k smallest)."""
+    k nearest of its rows: the k smallest by (distance, index) of (kept so far, block)."""
     rows = slice(row_start, row_start + dist.shape[0])
     k = min(best_dist.shape[1], dist.shape[1])
     values, indices = torch.topk(dist, k, dim=1, largest=False, sorted=False)
-    values = torch.cat([best_dist[rows], values], dim=1)
-    indices = torch.cat([best_index[rows], indices + col_start], dim=1)
-    keep = torch.topk(values, best_dist.shape[1], dim=1, largest=False, sorted=False).indices
-    best_dist[rows] = values.gather(1, keep)
-    best_index[rows] = indices.gather(1, keep)
+    # topk does not say which of several equal values at the k-th place it keeps, but the
+    # tie rule wants the lowest indices: redo the (rare) rows where that choice exists.
+    kth = values.max(dim=1, keepdim=True).values
+    ambiguous = ((dist == kth).sum(1) > (values == kth).sum(1)).nonzero()[:, 0]
+    if len(ambiguous):
+        order = torch.sort(dist[ambiguous], dim=1, stable=True).indices[:, :k]
+        indices[ambiguous] = order
+        values[ambiguous] = dist[ambiguous].gather(1, order)
+    values, indices = _sort_by_distance_then_index(
+        torch.cat([best_dist[rows], values], dim=1),
+        torch.cat([best_index[rows], indices + col_start], dim=1),
+    )
+    best_dist[rows] = values[:, : best_dist.shape[1]]
+    best_index[rows] = indices[:, : best_dist.shape[1]]
+
+
+# Blocks thinner than this stay at full precision: they cost little, and BLAS libraries
+# may use another summation order for thin products, which re-scoring could not reproduce.
+_MIN_CANDIDATE_BLOCK = 32
+_RESCORE_ROWS = 16  # rows per re-scoring product (a group shares its candidate columns)
+
+
+class _CertifiedCandidates:
+    """Gallery x gallery neighbours from low-precision products, made exact by re-scoring.
+
+    For a pair (a, b) the candidate pass computes ``d~ = |a'|^2 + |b'|^2 - 2 lp(a'.b')`` with
+    a' = a - mean (distances do not change under a shift, but the products get smaller) and
+    lp the bfloat16 product with float32 accumulation. ``_bound`` gives a certified E with
+    |d~ - d| <= E, where d is the value the full-precision block formula computes: it adds
+    the bfloat16 rounding of the inputs (|da'||b'| + |a'||db'| + |da'||db'|, Cauchy-Schwarz
+    on the exact residuals) and of the output, the accumulation bounds of both computations
+    (gamma_n = n u / (1 - n u), valid for any summation order) and the rounding of the shift.
+
+    While the blocks stream by, each sample s has a running T_s (the k-th smallest upper
+    bound seen so far, exact values included) and M_s (the largest d~ seen so far), and a
+    pair is kept when d~ <= T + W or d~ >= M - W for either of its samples, where W = 2
+    max E over the sample's pairs. Kept pairs are never dropped, so the final T is no
+    larger than any running one: a pair left out has d~ - E > T (it cannot be among the k
+    nearest) and d~ + E below the final lower bound of the maximum (it cannot be the
+    maximum). At the end every kept pair whose interval [d~ - E, d~ + E] reaches below the
+    final T or above the final lower bound of the maximum is re-scored at full precision.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        squared_norms: torch.Tensor,
+        num_query: int,
+        num_neighbours: int,
+        bounds: list[tuple[int, int]],
+        low_precision: torch.dtype,
+    ) -> None:
+        self.features, self.squared_norms = features, squared_norms
+        self.k = num_neighbours
+        num, device, dtype = len(features), features.device, features.dtype
+        self.member = torch.zeros(num, dtype=torch.bool, device=device)
+        for start, stop in bounds:
+            if start >= num_query and stop - start >= _MIN_CANDIDATE_BLOCK:
+                self.member[start:stop] = True
+        self.block_ok = {start: bool(self.member[start]) for start, _ in bounds}
+        mean = features[num_query:].mean(0) if num > num_query else features.mean(0)
+        self.low = torch.empty(features.shape, dtype=low_precision, device=device)
+        self.shifted_sq = torch.empty(num, dtype=dtype, device=device)
+        self._prepare_bound_terms(features, mean, budget_rows=4096)
+        self.upper = torch.full((num, num_neighbours), float("inf"), dtype=dtype, device=device)
+        self.top = torch.full((num,), float("-inf"), dtype=dtype, device=device)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.started = False
+
+    def takes(self, row_start: int, col_start: int) -> bool:
+        return self.block_ok[row_start] and self.block_ok[col_start]
+
+    def add_block(
+        self,
+        row_start: int,
+        row_stop: int,
+        col_start: int,
+        col_stop: int,
+        best_dist: torch.Tensor,
+    ) -> None:
+        if not self.started:  # exact values seen so far bound the k-th nearest from above
+            self.upper.copy_(best_dist)
+            self.started = True
+        rows, cols = slice(row_start, row_stop), slice(col_start, col_stop)
+        dot = self.low[rows] @ self.low[cols].T
+        approx = self.shifted_sq[rows, None] + self.shifted_sq[None, cols]
+        approx.add_(dot.to(approx.dtype), alpha=-2)
+        del dot
+        near = []
+        for sl, dim in ((rows, 1), (cols, 0)):
+            self.top[sl] = torch.maximum(self.top[sl], approx.amax(dim=dim))
+            limit = self.upper[sl, -1].double()
+            unset = torch.isinf(limit).nonzero()[:, 0]
+            if len(unset):  # no k-th value yet: this block's k-th smallest bounds it
+                part = approx[unset] if dim == 1 else approx[:, unset].T
+                if part.shape[1] >= self.k:
+                    kth = torch.topk(part, self.k, dim=1, largest=False).values[:, -1]
+                    index = torch.arange(sl.start, sl.stop, device=limit.device)[unset]
+                    limit[unset] = self._row_upper(index, kth).to(limit.dtype)
+            near.append(self._near_limit(sl, limit).to(approx.dtype))
+        far = [self._far_limit(sl).to(approx.dtype) for sl in (rows, cols)]
+        # one loose scalar test over the block, then the exact per-sample test on the few
+        # pairs that pass it (a full-block mask per sample would cost several passes)
+        loose = (
+            (approx <= max(near[0].max(), near[1].max()))
+            | (approx >= min(far[0].min(), far[1].min()))
+        ).nonzero()
+        r, c = loose[:, 0], loose[:, 1]
+        values = approx[r, c]
+        keep = (values <= torch.maximum(near[0][r], near[1][c])) | (
+            values >= torch.minimum(far[0][r], far[1][c])
+        )
+        r, c, values = r[keep], c[keep], values[keep]
+        if row_start == col_start:  # a diagonal block holds each pair twice: keep (r <= c)
+            swap = r > c
+            r, c = torch.where(swap, c, r), torch.where(swap, r, c)
+            key = torch.unique(r * approx.shape[1] + c)
+            r, c = key // approx.shape[1], key % approx.shape[1]
+            values = approx[r, c]
+        pair_rows, pair_cols = r + row_start, c + col_start
+        del approx
+        self.kept.append((pair_rows, pair_cols, values))
+        # tighten the running k-th upper bounds with the new pairs (both samples of each)
+        other = pair_rows != pair_cols  # a pair with itself counts once
+        _merge_pairs(
+            self.upper,
+            None,
+            None,
+            torch.cat([pair_rows, pair_cols[other]]),
+            None,
+            torch.cat(
+                [self._row_upper(pair_rows, values), self._row_upper(pair_cols, values)[other]]
+            ),
+            2**26,
+        )
+
+    # ---- per-sample bounds over all of a sample's pairs ----------------------------------
+    # For sample i and any partner, E <= A_i + c |ssq - d~| with ssq in [ssq_lo_i, ssq_hi_i]
+    # (the partner's squared shifted norm varies), i.e. E <= A_i + c g_i(d~) with
+    # g_i(x) = max(ssq_hi_i - x, x - ssq_lo_i). As c < 1, x - E and x + E grow with x.
+    def _row_upper(self, index: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+        """An upper bound of d for sample ``index`` and any partner with candidate value d~."""
+        approx = approx.to(self.row_a.dtype)
+        gap = torch.maximum(self.ssq_hi[index] - approx, approx - self.ssq_lo[index])
+        return approx + self.row_a[index] + self.coef * gap
+
+    def _near_limit(self, sl: slice, limit: torch.Tensor) -> torch.Tensor:
+        """The largest d~ whose lower bound d~ - E can still be <= ``limit`` (per sample)."""
+        a, lo, hi, c = self.row_a[sl], self.ssq_lo[sl], self.ssq_hi[sl], self.coef
+        mid = (lo + hi) / 2
+        below = (limit + a + c * hi) / (1 + c)  # where g = hi - x
+        above = (limit + a - c * lo) / (1 - c)  # where g = x - lo
+        out = torch.where(mid - a - c * (hi - lo) / 2 > limit, below, above)
+        return out + 1e-6 * out.abs() + 1e-30  # rounded outwards, to survive a float32 cast
+
+    def _far_limit(self, sl: slice) -> torch.Tensor:
+        """The smallest d~ whose upper bound d~ + E can still reach the running lower bound
+        of the maximum, top - E(top) (per sample)."""
+        a, lo, hi, c = self.row_a[sl], self.ssq_lo[sl], self.ssq_hi[sl], self.coef
+        top = self.top[sl].to(a.dtype)
+        level = top - a - c * torch.maximum(hi - top, top - lo)
+        mid = (lo + hi) / 2
+        below = (level - a - c * hi) / (1 - c)  # where g = hi - x
+        above = (level - a + c * lo) / (1 + c)  # where g = x - lo
+        out = torch.where(mid + a + c * (hi - lo) / 2 >= level, below, above)
+        return out - 1e-6 * out.abs() - 1e-30  # rounded outwards, to survive a float32 cast
+
+    # ---- the error bound ---------------------------------------------------------------
+    def _prepare_bound_terms(
+        self, features: torch.Tensor, mean: torch.Tensor, budget_rows: int
+    ) -> None:
+        """Per-sample float64 terms (norms, rounding errors) that a pair's bound is made of;
+        also fills the low-precision shifted copy. Chunked: no float64 copy of the features."""
+        num, dim = features.shape
+        unit = 2.0**-24 if features.dtype == torch.float32 else 2.0**-53
+        low_unit = 2.0**-8  # bfloat16 keeps 8 significant bits, rounds to nearest
+
+        def gamma(n: int, u: float) -> float:
+            return n * u / (1 - n * u)
+
+        names = ("norm", "shifted", "low", "low_err")
+        terms = {n: torch.empty(num, dtype=torch.float64, device=features.device) for n in names}
+
+        def norm64(x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+
+        for start in range(0, num, budget_rows):
+            stop = min(start + budget_rows, num)
+            block = features[start:stop]
+            shifted = block - mean
+            self.low[start:stop] = shifted
+            low = self.low[start:stop].to(features.dtype)
+            terms["norm"][start:stop] = norm64(block)  # |a|
+            terms["shifted"][start:stop] = norm64(shifted)  # |a'|
+            terms["low"][start:stop] = norm64(low)  # |lp(a')|
+            # a' - lp(a') is exact at the features' precision (lp(a') holds a prefix of a')
+            terms["low_err"][start:stop] = norm64(shifted - low)
+            self.shifted_sq[start:stop] = (terms["shifted"][start:stop] ** 2).to(features.dtype)
+        terms["sq"] = self.squared_norms.double()  # |a|^2 as the full-precision formula has it
+        terms["shift_err"] = unit * terms["shifted"] / (1 - unit)  # rounding of a - mean
+        self.terms = terms
+        self.gamma_ref = gamma(dim + 2, unit)  # the full-precision block formula
+        self.gamma_norm = gamma(dim, unit)  # a squared norm summed at the features' precision
+        self.gamma_acc = gamma(dim, 2.0**-24)  # float32 accumulation of the bfloat16 product
+        self.out_unit = low_unit / (1 - low_unit)  # the product's output is rounded to bf16
+        self.unit = unit
+        self.tiny = 4 * dim * 2.0**-126  # products flushed to zero below float32's range
+        self.coef_raw = (self.out_unit + 2 * unit) * (1 + 4 * unit)
+        self.coef = self.coef_raw * 1.01
+        # per-sample terms over all partners: A, and the range of ssq
+        cols = self.member
+        dtype = torch.float64
+        if bool(cols.any()):
+            worst = {n: t[cols].max() for n, t in terms.items()}
+            shifted_sq = terms["shifted"] ** 2
+            most = (terms["shifted"] + worst["shifted"]) ** 2 * 1.01 + 1e-30
+            self.row_a = self._bound(terms, worst, None, most=most)
+            self.ssq_lo = shifted_sq + shifted_sq[cols].min()
+            self.ssq_hi = shifted_sq + shifted_sq[cols].max()
+        else:
+            self.row_a = torch.zeros(num, dtype=dtype, device=features.device)
+            self.ssq_lo = self.ssq_hi = self.row_a
+
+    def _bound(
+        self, a: dict, b: dict, approx: torch.Tensor | None, most: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Certified |d~ - d| from the per-sample terms of both sides (broadcast) and d~.
+        With ``most`` (an upper bound of |d~|) instead of d~: the part that does not depend
+        on d~ other than through ``coef * |ssq - d~|``."""
+        unit = self.unit
+        approx = approx.double() if approx is not None else None
+        # d (full-precision formula) vs the exact |a - b|^2
+        bound = self.gamma_ref * (a["sq"] + b["sq"] + 2 * a["norm"] * b["norm"])
+        bound = bound + self.gamma_norm * (a["sq"] + b["sq"])
+        # the rounded shift: |(a'-b') - (a-b)| <= e, so the squares differ by <= 2|a'-b'|e + e^2
+        shift_e = a["shift_err"] + b["shift_err"]
+        bound = bound + 2 * (a["shifted"] + b["shifted"]) * shift_e + shift_e**2
+        # d~: its squared shifted norms (rounded), the low-precision product, its own sum
+        ssq = a["shifted"] ** 2 + b["shifted"] ** 2
+        bound = bound + (self.gamma_norm + 3 * unit) * ssq
+        # 2 |lp(a').lp(b')| as rounded on output, recovered from d~ itself
+        two_dot_rest = 4 * unit * (ssq + (most if most is not None else approx.abs()))
+        product = (
+            a["low_err"] * b["low"]
+            + a["low"] * b["low_err"]
+            + a["low_err"] * b["low_err"]
+            + self.gamma_acc * a["low"] * b["low"]
+        )
+        bound = bound + 2 * product + (self.out_unit + 2 * unit) * two_dot_rest + self.tiny
+        if most is not None:  # the part that does not depend on d~ (A above)
+            return bound * 1.01
+        return (bound + self.coef_raw * (ssq - approx).abs()) * 1.01
+
+    def _pair_bound(
+        self, rows: torch.Tensor, cols: torch.Tensor, approx: torch.Tensor
+    ) -> torch.Tensor:
+        return self._bound(
+            {n: t[rows] for n, t in self.terms.items()},
+            {n: t[cols] for n, t in self.terms.items()},
+            approx,
+        )
+
+    # ---- re-scoring ----------------------------------------------------------------------
+    def finish(
+        self,
+        best_dist: torch.Tensor,
+        best_index: torch.Tensor,
+        row_max: torch.Tensor,
+        budget: int,
+    ) -> None:
+        """Re-score every kept pair the bounds cannot rule out and fold the exact values into
+        the running nearest lists and maxima (of both samples of each pair)."""
+        if not self.kept:
+            return
+        rows = torch.cat([k[0] for k in self.kept])
+        cols = torch.cat([k[1] for k in self.kept])
+        approx = torch.cat([k[2] for k in self.kept])
+        self.kept = []
+        bound = self._pair_bound(rows, cols, approx)
+        approx = approx.double()
+        lower, upper = approx - bound, approx + bound
+        # final k-th smallest upper bound per sample: exact values and every kept pair
+        other = rows != cols  # a pair with itself counts once
+        both = torch.cat([rows, cols[other]])
+        threshold = best_dist.double().clone()  # .double() of float64 is no copy
+        _merge_pairs(threshold, None, None, both, None, torch.cat([upper, upper[other]]), budget)
+        threshold = threshold[:, -1]
+        lower_max = row_max.double().clone()
+        lower_max.scatter_reduce_(0, both, torch.cat([lower, lower[other]]), reduce="amax")
+        take = (lower <= torch.maximum(threshold[rows], threshold[cols])) | (
+            upper >= torch.minimum(lower_max[rows], lower_max[cols])
+        )
+        rows, cols = rows[take], cols[take]
+        self.num_kept, self.num_rescored = len(take), len(rows)
+        members = int(self.member.sum())
+        logger.debug(
+            "re-ranking: bfloat16 candidates: %.1f pairs kept and %.1f re-scored per gallery sample",
+            2 * self.num_kept / members,
+            2 * self.num_rescored / members,
+        )
+        approx = approx[take]
+        order = torch.argsort(rows * len(self.features) + cols)
+        rows, cols, approx = rows[order], cols[order], approx[order]
+        values = _exact_pair_distances(
+            self.features,
+            self.squared_norms,
+            rows,
+            cols,
+            budget,
+            _neighbour_groups(
+                rows.cpu().numpy(), cols.cpu().numpy(), approx.cpu().numpy(), len(self.features)
+            ),
+        )
+        not_self = rows != cols
+        _merge_pairs(
+            best_dist,
+            best_index,
+            row_max,
+            torch.cat([rows, cols[not_self]]),
+            torch.cat([cols, rows[not_self]]),
+            torch.cat([values, values[not_self]]),
+            budget,
+        )
+
+
+def _neighbour_groups(
+    rows: np.ndarray, cols: np.ndarray, approx: np.ndarray, num: int
+) -> np.ndarray:
+    """A label per sample such that samples linked through nearest neighbours share it
+    (the smallest index of their component in the nearest-neighbour graph of the pairs).
+    Re-scoring groups rows by it, so that rows in one product share many columns."""
+    other = rows != cols
+    first = np.concatenate([rows[other], cols[other]])
+    second = np.concatenate([cols[other], rows[other]])
+    order = np.argsort(np.concatenate([approx[other], approx[other]]), kind="stable")
+    first, second = first[order], second[order]
+    samples, at = np.unique(first, return_index=True)
+    nearest = np.arange(num)
+    nearest[samples] = second[at]
+    label = np.arange(num)
+    for _ in range(16):
+        previous = label.copy()
+        label = np.minimum(label, label[nearest])
+        np.minimum.at(label, nearest, label)
+        if np.array_equal(label, previous):
+            break
+    return label
+
+
+def _exact_pair_distances(
+    features: torch.Tensor,
+    squared_norms: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    budget: int,
+    row_label: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Distances of pairs (the row from the earlier block), each computed by the block formula
+    of the full-precision pass in the same orientation.
+
+    Groups of ``_RESCORE_ROWS`` rows (consecutive in ``row_label`` order) share one product
+    over the union of their columns. The product is kept at least 8 x 32, so that the BLAS
+    takes the same kernel as for the large blocks of the full pass (with MKL, float32
+    entries then agree bit for bit; thinner products may sum in another order).
+    """
+    out = torch.empty(len(rows), dtype=features.dtype, device=features.device)
+    if len(rows) == 0:
+        return out
+    device, num = features.device, len(features)
+    rows_np, cols_np = rows.cpu().numpy(), cols.cpu().numpy()
+    row_ids = np.unique(rows_np)
+    if row_label is not None:  # rows of one neighbourhood next to each other
+        row_ids = row_ids[np.lexsort((row_ids, row_label[row_ids]))]
+    rank_of = np.empty(num, dtype=np.int64)
+    rank_of[row_ids] = np.arange(len(row_ids))
+    row_rank = rank_of[rows_np]
+    group = row_rank // _RESCORE_ROWS
+    by_group = np.argsort(group * num + cols_np, kind="stable")
+    group_sorted, cols_sorted = group[by_group], cols_np[by_group]
+    # the distinct columns of each group, and each pair's position among them
+    union_keys, col_pos = np.unique(group_sorted * num + cols_sorted, return_inverse=True)
+    union_group, union_cols = union_keys // num, union_keys % num
+    num_groups = int(group_sorted[-1]) + 1
+    union_start = np.searchsorted(union_group, np.arange(num_groups + 1))
+    pair_start = np.searchsorted(group_sorted, np.arange(num_groups + 1))
+    max_cols = max(32, budget // (4 * features.element_size() * 2 * _RESCORE_ROWS))
+    logger.debug(
+        "re-ranking: re-scoring %d pairs in %d products of %d rows x %.0f columns on average",
+        len(rows),
+        num_groups,
+        _RESCORE_ROWS,
+        len(union_keys) / num_groups,
+    )
+    row_pos_all = row_rank[by_group] - group_sorted * _RESCORE_ROWS
+    col_pos_all = col_pos - union_start[group_sorted]
+    out_sorted = np.empty(len(rows), dtype=_numpy_dtype(features.dtype))
+    # on CPU the loop works on numpy views (numpy's gathers are faster than torch's, and
+    # small torch ops each cost a parallel-region start-up); the product is torch's (MKL)
+    on_cpu = device.type == "cpu"
+    source = features.numpy() if on_cpu else features
+    norms = squared_norms.cpu().numpy()
+    buffer = None
+    for g in range(num_groups):
+        members = row_ids[g * _RESCORE_ROWS : (g + 1) * _RESCORE_ROWS]
+        if len(members) < 8:  # padding rows: computed, never read
+            members = np.concatenate([members, np.repeat(members[:1], 8 - len(members))])
+        first, last = int(pair_start[g]), int(pair_start[g + 1])
+        union = union_cols[union_start[g] : union_start[g + 1]]
+        row_pos, col_pos_g = row_pos_all[first:last], col_pos_all[first:last]
+        for c0 in range(0, len(union), max_cols):
+            part = union[c0 : c0 + max_cols]
+            if len(part) < 32:  # padding columns: computed, never read
+                part = np.concatenate([part, np.repeat(part[:1], 32 - len(part))])
+            if on_cpu:
+                if buffer is None or len(buffer) < len(part):
+                    buffer = np.empty((max(len(part), 1024), features.shape[1]), source.dtype)
+                gathered = torch.from_numpy(np.take(source, part, axis=0, out=buffer[: len(part)]))
+                member_rows = torch.from_numpy(source[members])
+            else:
+                gathered = source[torch.from_numpy(part).to(device)]
+                member_rows = source[torch.from_numpy(members).to(device)]
+            block = torch.from_numpy(norms[members, None] + norms[None, part]).to(device)
+            block.addmm_(member_rows, gathered.T, beta=1, alpha=-2)
+            block_np = block.cpu().numpy()
+            if c0 == 0 and len(union) <= max_cols:
+                out_sorted[first:last] = block_np[row_pos, col_pos_g]
+            else:
+                inside = (col_pos_g >= c0) & (col_pos_g < c0 + max_cols)
+                out_sorted[first:last][inside] = block_np[row_pos[inside], col_pos_g[inside] - c0]
+    out[torch.from_numpy(by_group).to(device)] = torch.from_numpy(out_sorted).to(device)
+    return out
+
+
+def _merge_pairs(
+    best_dist: torch.Tensor,
+    best_index: torch.Tensor | None,
+    row_max: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor | None,
+    values: torch.Tensor,
+    budget: int,
+) -> None:
+    """Fold values of (row, col) pairs, none folded before, into the running k smallest
+    (by value, then column index) and the maxima of their rows. Without ``best_index`` only
+    the values are kept (k smallest)."""
+    if len(rows) == 0:
+        return
+    if row_max is not None:
+        row_max.scatter_reduce_(0, rows, values.to(row_max.dtype), reduce="amax")
+    order = torch.argsort(rows, stable=True)
+    rows, values = rows[order], values[order].to(best_dist.dtype)
+    cols = cols[order] if cols is not None else None
+    row_ids, counts = torch.unique_consecutive(rows, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    by_count = torch.argsort(counts)  # rows in order of their pair count: little padding
+    sorted_counts = counts[by_count].cpu().numpy()
+    max_elements = max(1, budget // 32)
+    k = best_dist.shape[1]
+    start = 0
+    while start < len(by_count):
+        # the longest run of rows (by count) whose padded block fits the budget
+        fits = sorted_counts[start:] * np.arange(1, len(sorted_counts) - start + 1) <= max_elements
+        stop = start + max(1, int(np.argmin(fits)) if not fits.all() else len(fits))
+        chunk = by_count[start:stop]
+        width = int(sorted_counts[stop - 1])
+        chunk_rows = row_ids[chunk]
+        slot = torch.arange(width, device=rows.device)[None, :]
+        valid = slot < counts[chunk][:, None]
+        source = (starts[chunk][:, None] + slot).clamp(max=len(rows) - 1)
+        new_dist = torch.where(valid, values[source], torch.full_like(values[source], float("inf")))
+        if best_index is None:
+            merged = torch.cat([best_dist[chunk_rows], new_dist], dim=1)
+            best_dist[chunk_rows] = torch.topk(merged, k, dim=1, largest=False).values
+        else:
+            new_index = torch.where(valid, cols[source], torch.zeros_like(cols[source]))
+            merged_dist, merged_index = _sort_by_distance_then_index(
+                torch.cat([best_dist[chunk_rows], new_dist], dim=1),
+                torch.cat([best_index[chunk_rows], new_index], dim=1),
+            )
+            best_dist[chunk_rows] = merged_dist[:, :k]
+            best_index[chunk_rows] = merged_index[:, :k]
+        start = stop
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -299,7 +852,7 @@ def _gathered_sq_distances(
     features: torch.Tensor, rows: np.ndarray, cols: np.ndarray, budget: int
 ) -> np.ndarray:
     """Squared distances of the given pairs, (|a|^2 + |b|^2) - 2 a.b, in float64."""
-    squared_norms = (features * features).sum(1)
+    squared_norms = row_squared_norms(features)
     out = np.empty(len(rows), dtype=np.float64)
     pairs_per_chunk = max(1, budget // (4 * features.shape[1] * features.element_size()))
     for start in range(0, len(rows), pairs_per_chunk):

@@ -1,0 +1,354 @@
+"""Every GPU measurement and parity check in one command, one verdict line each, one table.
+
+    python benchmarks/gpu_check.py --out gpu_check.md      # on a GPU machine: ~5 minutes
+    python benchmarks/gpu_check.py --cpu-reduced --out x.md  # CPU, tiny sizes (the tests run it)
+
+GPU time comes in short windows, so this runs everything at once, each check guarded (a
+failure is a FAIL row, never the end of the run):
+
+1. training throughput of RMGL-R50 at 384x128 (bf16 autocast, channels_last; also with
+   ``torch.compile``) and the projected 60-epoch Market-1501 schedule (goal <= 10 min);
+2. the data pipeline (decode + augment at 384x128 through a DataLoader) against that rate;
+3. a short real training run (synthetic data, 2 epochs, interrupted after the first and
+   resumed): the loss falls and the resumed run continues from the checkpoint;
+4. bf16 AMP feature extraction against float32 with the trained model: descriptor
+   difference and the change of the ranking metrics;
+5. re-ranking on the GPU against the CPU (exactness, time) at Market-1501 scale, and the
+   GPU's bf16 candidate pass against its full pass at MSMT17 scale.
+
+Without CUDA, ``--cpu-reduced`` runs the same code on tiny sizes on the CPU so that it cannot
+rot, and every GPU row says SKIPPED (no GPU) with what was exercised instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+
+MARKET_TRAIN_IMAGES = 12936
+GOAL_MINUTES = 10.0
+GOAL_RATE = 60 * MARKET_TRAIN_IMAGES / (GOAL_MINUTES * 60)  # images/s for the 10-min goal
+
+
+@dataclass
+class Row:
+    check: str
+    verdict: str  # PASS / FAIL / SKIPPED
+    measured: str
+    goal: str
+
+
+class Context:
+    """What the checks share: device, mode, a scratch folder and the trained model."""
+
+    def __init__(self, reduced: bool, device: torch.device, scratch: Path) -> None:
+        self.reduced, self.device, self.scratch = reduced, device, scratch
+        self.gpu = device.type == "cuda"
+        self.trained = None  # (model, dataset, cfg) from the training check
+
+    def verdict(self, ok: bool) -> str:
+        """On CPU every GPU row is SKIPPED, whatever the reduced run measured."""
+        if not self.gpu:
+            return "SKIPPED (no GPU)"
+        return "PASS" if ok else "FAIL"
+
+
+def check_train_throughput(ctx: Context) -> list[Row]:
+    from train_throughput import SETTINGS, measure
+
+    setting = dict(SETTINGS["demo" if ctx.reduced else "r50"])
+    if ctx.reduced:
+        setting.update(P=2, K=2, size=(48, 16), name="RMGL-R18 48x16 (reduced)")
+    steps, warmup = (1, 1) if ctx.reduced else (30, 5)
+    rows = []
+    for compiled in (False, True):
+        if compiled and ctx.reduced:
+            continue  # compiling takes minutes on a CPU; the GPU run does it
+        try:
+            rate = measure(setting, ctx.device, steps, warmup, compile=compiled)
+        except Exception as error:  # torch.compile may be unavailable
+            rows.append(Row(f"train {setting['name']} + compile", "FAIL", repr(error)[:80], ""))
+            continue
+        minutes = 60 * MARKET_TRAIN_IMAGES / rate / 60
+        recipe = "bf16 AMP, channels_last" if ctx.gpu else "float32 (CPU)"
+        name = f"train {setting['name']}, {recipe}" + (", torch.compile" if compiled else "")
+        rows.append(
+            Row(
+                name,
+                ctx.verdict(minutes <= GOAL_MINUTES),
+                f"{rate:,.1f} img/s; 60 epochs of Market-1501: {minutes:,.1f} min",
+                f">= {GOAL_RATE:,.0f} img/s, <= {GOAL_MINUTES:.0f} min",
+            )
+        )
+    ctx.train_rate = max(
+        (float(r.measured.split()[0].replace(",", "")) for r in rows if "img/s" in r.measured),
+        default=0.0,
+    )
+    return rows
+
+
+def check_data_pipeline(ctx: Context) -> list[Row]:
+    from data_pipeline import with_workers
+
+    from rmgl.data.datasets import read_folder
+    from rmgl.data.loading import ReidImageDataset
+    from rmgl.data.synthetic import SynthConfig, generate
+    from rmgl.data.transforms import AugmentConfig, build_train_transform
+
+    root = ctx.scratch / "pipeline"
+    config = _tiny_synth() if ctx.reduced else SynthConfig(seed=0)
+    generate(config, root, progress=False, **({"workers": 1} if ctx.reduced else {}))
+    dataset = ReidImageDataset(
+        read_folder(root).train, build_train_transform((384, 128), AugmentConfig()), train=True
+    )
+    workers = 1 if ctx.reduced else max(1, min(16, (os.cpu_count() or 2) - 1))
+    rate = with_workers(dataset, workers, 16 if ctx.reduced else 4000)
+    need = getattr(ctx, "train_rate", 0.0) or GOAL_RATE
+    return [
+        Row(
+            f"data pipeline 384x128 (RSA + flip), DataLoader {workers} workers",
+            ctx.verdict(rate >= need),
+            f"{rate:,.0f} img/s",
+            f">= training rate ({need:,.0f} img/s)",
+        )
+    ]
+
+
+def _tiny_synth():
+    from rmgl.data.synthetic import SynthConfig
+
+    return SynthConfig(
+        seed=4,
+        train_ids=8,
+        test_ids=6,
+        distractors=4,
+        junk=2,
+        cameras_per_id=(2, 3),
+        images_per_camera=(2, 3),
+    )
+
+
+def check_training_run(ctx: Context) -> list[Row]:
+    """Two epochs, interrupted after the first (as a kill would), then resumed."""
+    import json
+
+    from rmgl.data.datasets import load_dataset
+    from rmgl.data.synthetic import SynthConfig, generate
+    from rmgl.engine.callbacks import Callback
+    from rmgl.engine.config import load_config
+    from rmgl.engine.trainer import Trainer
+
+    root = ctx.scratch / "train_data"
+    generate(
+        _tiny_synth() if ctx.reduced else SynthConfig(seed=0, scale=0.5),
+        root,
+        progress=False,
+        **({"workers": 1} if ctx.reduced else {}),
+    )
+    dataset = load_dataset("folder", root)
+    size = ["data.height=48", "data.width=16"] if ctx.reduced else []
+    overrides = [
+        f"data.root={root}",
+        f"run.output_dir={ctx.scratch / 'runs'}",
+        "run.name=gpu_check",
+        "optim.epochs=2",
+        "optim.milestones=[1]",
+        "data.workers=0" if ctx.reduced else "data.workers=4",
+        f"run.device={ctx.device.type}",
+        "eval.every=0",
+        "eval.rerank=false",
+        *size,
+    ] + (["data.num_identities=4", "data.num_instances=2"] if ctx.reduced else [])
+    cfg = load_config("demo", overrides)
+
+    class Interrupt(Callback):
+        def on_epoch_end(self, trainer, epoch, summary):  # after the checkpoint is written
+            raise KeyboardInterrupt
+
+    start = time.perf_counter()
+    try:
+        with Trainer(cfg, dataset, overwrite=True, progress=False, callbacks=[Interrupt()]) as t:
+            t.train()
+    except KeyboardInterrupt:
+        pass
+    with Trainer(cfg, dataset, resume=True, progress=False) as trainer:
+        resumed_at = trainer.start_epoch
+        trainer.train()
+        ctx.trained = (trainer.model, dataset, cfg)
+    seconds = time.perf_counter() - start
+    rows = [
+        json.loads(line)
+        for line in (ctx.scratch / "runs" / "gpu_check" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    first, last = (
+        np.mean(losses[: max(1, len(losses) // 4)]),
+        np.mean(losses[-max(1, len(losses) // 4) :]),
+    )
+    ok = resumed_at == 1 and last < first
+    return [
+        Row(
+            "short training run (2 epochs, killed after 1, resumed)",
+            ctx.verdict(ok),
+            f"resumed at epoch {resumed_at + 1}; loss {first:.3f} -> {last:.3f}; {seconds:.0f} s",
+            "resumes at epoch 2; loss falls",
+        )
+    ]
+
+
+def check_amp_extraction(ctx: Context) -> list[Row]:
+    from rmgl.data.loading import eval_loader
+    from rmgl.data.records import same_image_index
+    from rmgl.data.transforms import build_eval_transform
+    from rmgl.metrics import evaluate_features, extract_features
+
+    if ctx.trained is None:
+        return [Row("AMP feature extraction vs float32", "FAIL", "no trained model", "")]
+    model, dataset, cfg = ctx.trained
+    transform = build_eval_transform((cfg.data.height, cfg.data.width))
+    amp = torch.bfloat16
+    outputs = {}
+    for precision in (None, amp):
+        query, gallery = (
+            extract_features(
+                model, eval_loader(records, transform, 64, 0), amp=precision, progress=False
+            )
+            for records in (dataset.query, dataset.gallery)
+        )
+        result = evaluate_features(
+            query.features,
+            gallery.features,
+            query.pids,
+            gallery.pids,
+            query.camids,
+            gallery.camids,
+            protocol=dataset.protocol,
+            query_in_gallery=same_image_index(dataset.query, dataset.gallery),
+        )
+        outputs[precision] = (torch.cat([query.features, gallery.features]), result)
+    (f32, r32), (f16, r16) = outputs[None], outputs[amp]
+    diff = float((f32 - f16).abs().max())
+    d_r1, d_map = 100 * (r16.cmc[0] - r32.cmc[0]), 100 * (r16.mAP - r32.mAP)
+    ok = abs(d_r1) <= 0.5 and abs(d_map) <= 0.5
+    return [
+        Row(
+            "AMP (bf16) feature extraction vs float32",
+            ctx.verdict(ok),
+            f"max abs descriptor diff {diff:.1e}; R1 {100 * r32.cmc[0]:.2f} -> {100 * r16.cmc[0]:.2f},"
+            f" mAP {100 * r32.mAP:.2f} -> {100 * r16.mAP:.2f}",
+            "R1 and mAP change <= 0.5 points",
+        )
+    ]
+
+
+def check_rerank(ctx: Context) -> list[Row]:
+    from rerank import SCALES, clustered_features
+
+    from rmgl.metrics import k_reciprocal_rerank
+
+    rows = []
+    scales = [("small", 128)] if ctx.reduced else [("market", 3584), ("msmt17", 3584)]
+    for scale, dim in scales:
+        num_q, num_g, ids = SCALES[scale]
+        query, gallery = clustered_features(num_q, num_g, ids, dim=dim)
+        gpu = ctx.device if ctx.gpu else torch.device("cpu")
+        timed = {}
+        for name, device, precision in (
+            ("gpu bf16", gpu, "bfloat16"),
+            ("gpu full", gpu, "full"),  # on a CPU-only machine "gpu" is the CPU
+            *([("cpu full", torch.device("cpu"), "full")] if scale != "msmt17" else []),
+        ):
+            start = time.perf_counter()
+            out = k_reciprocal_rerank(query, gallery, device=device, candidate_precision=precision)
+            timed[name] = (time.perf_counter() - start, out)
+        reference = timed["cpu full"][1] if "cpu full" in timed else timed["gpu full"][1]
+        fast_seconds, fast = timed["gpu bf16"]
+        diff = float(np.abs(fast - reference).max())
+        base = "cpu full" if "cpu full" in timed else "gpu full"
+        speed = timed[base][0] / fast_seconds
+        rows.append(
+            Row(
+                f"re-ranking {scale} ({num_q:,} + {num_g:,}, {dim}-d): {gpu.type} bf16 vs {base}",
+                ctx.verdict(diff <= 1e-5),
+                f"{fast_seconds:.1f} s vs {timed[base][0]:.1f} s ({speed:.1f}x);"
+                f" max abs diff {diff:.1e}",
+                "max abs diff <= 1e-5 (same neighbours)",
+            )
+        )
+    return rows
+
+
+CHECKS: list[tuple[str, Callable[[Context], list[Row]]]] = [
+    ("training throughput", check_train_throughput),
+    ("data pipeline", check_data_pipeline),
+    ("training run", check_training_run),
+    ("AMP extraction", check_amp_extraction),
+    ("re-ranking", check_rerank),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="gpu_check.md", help="markdown table written here")
+    parser.add_argument(
+        "--cpu-reduced", action="store_true", help="tiny sizes on the CPU (for the tests)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.cpu_reduced:
+        print("no CUDA device: every GPU row would be skipped; running the reduced CPU mode")
+        args.cpu_reduced = True
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"CPU only ({platform.machine()}, {os.cpu_count()} cores): GPU rows SKIPPED")
+    )
+    header = (
+        f"device: {name}; torch {torch.__version__}; {datetime.date.today()}; "
+        f"mode: {'reduced (CPU)' if args.cpu_reduced else 'full'}"
+    )
+    print(header)
+    table = [Row("check", "verdict", "measured", "goal")]
+    failed = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        ctx = Context(args.cpu_reduced, device, Path(scratch))
+        for title, check in CHECKS:
+            start = time.perf_counter()
+            try:
+                rows = check(ctx)
+            except Exception as error:
+                traceback.print_exc()
+                rows = [Row(title, "FAIL", f"error: {error!r}"[:120], "")]
+            for row in rows:
+                failed += row.verdict == "FAIL"
+                print(
+                    f"{row.verdict:<17} {row.check}: {row.measured} (goal {row.goal or '-'})"
+                    f" [{time.perf_counter() - start:.0f} s]"
+                )
+            table += rows
+    lines = [header, ""] + [f"| {r.check} | {r.verdict} | {r.measured} | {r.goal} |" for r in table]
+    lines.insert(3, "| --- | --- | --- | --- |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"table written to {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
