@@ -488,3 +488,14 @@ def test_per_query_results_match_reference(seed, ranking_path, monkeypatch):
     np.testing.assert_array_equal(result.per_query_first_rank, first)
     assert np.nanmean(result.per_query_ap) == pytest.approx(result.mAP, abs=1e-12)
     assert "per_query_ap" not in result.to_dict()
+
+
+def test_label_length_errors_name_the_array_and_the_size():
+    dist = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="g_camids has 2 entries but distmat has 3 columns"):
+        evaluate_rank(dist, [1, 2], [1, 2, 3], [0, 1], [0, 1])
+    from rmgl.metrics import evaluate_features
+
+    feats_q, feats_g = np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="q_camids has 1 entries but there are 2 query features"):
+        evaluate_features(feats_q, feats_g, [1, 2], [1, 2, 3], [0], [0, 1, 2])

@@ -154,20 +154,30 @@ def _as_labels(values: Sequence[int] | np.ndarray | torch.Tensor, name: str) -> 
 
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids):
     dist = as_distance_array(distmat)
-    q_pids, g_pids = _as_labels(q_pids, "q_pids"), _as_labels(g_pids, "g_pids")
-    q_camids, g_camids = _as_labels(q_camids, "q_camids"), _as_labels(g_camids, "g_camids")
     num_q, num_g = dist.shape
     if num_q == 0 or num_g == 0:
         raise ValueError(f"empty evaluation: distmat has shape {dist.shape}")
-    for name, labels, expected, axis in (
-        ("q_pids", q_pids, num_q, "rows"),
-        ("q_camids", q_camids, num_q, "rows"),
-        ("g_pids", g_pids, num_g, "columns"),
-        ("g_camids", g_camids, num_g, "columns"),
+    labels = _check_labels(
+        q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+        ("distmat has {} rows", "distmat has {} columns"),
+    )
+    return (dist, *labels)
+
+
+def _check_labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, sizes):
+    """The four label arrays as int64, each checked against its side's length; ``sizes`` words
+    the query and gallery lengths for the error message."""
+    q_pids, g_pids = _as_labels(q_pids, "q_pids"), _as_labels(g_pids, "g_pids")
+    q_camids, g_camids = _as_labels(q_camids, "q_camids"), _as_labels(g_camids, "g_camids")
+    for name, labels, expected, size in (
+        ("q_pids", q_pids, num_q, sizes[0]),
+        ("q_camids", q_camids, num_q, sizes[0]),
+        ("g_pids", g_pids, num_g, sizes[1]),
+        ("g_camids", g_camids, num_g, sizes[1]),
     ):
         if len(labels) != expected:
-            raise ValueError(f"{name} has {len(labels)} entries but distmat has {expected} {axis}")
-    return dist, q_pids, g_pids, q_camids, g_camids
+            raise ValueError(f"{name} has {len(labels)} entries but " + size.format(expected))
+    return q_pids, g_pids, q_camids, g_camids
 
 
 def _own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
@@ -569,16 +579,10 @@ def evaluate_features(
         raise ValueError(f"topk must be >= 0, got {topk}")
     check_protocol(protocol)
     num_q, num_g = len(query_features), len(gallery_features)
-    q_pids, g_pids = _as_labels(q_pids, "q_pids"), _as_labels(g_pids, "g_pids")
-    q_camids, g_camids = _as_labels(q_camids, "q_camids"), _as_labels(g_camids, "g_camids")
-    for name, labels, expected, what in (
-        ("q_pids", q_pids, num_q, "query"),
-        ("q_camids", q_camids, num_q, "query"),
-        ("g_pids", g_pids, num_g, "gallery"),
-        ("g_camids", g_camids, num_g, "gallery"),
-    ):
-        if len(labels) != expected:
-            raise ValueError(f"{name} has {len(labels)} entries but there are {expected} {what} features")
+    q_pids, g_pids, q_camids, g_camids = _check_labels(
+        q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+        ("there are {} query features", "there are {} gallery features"),
+    )
     chunks = pairwise_distance_chunks(
         query_features, gallery_features, metric, memory_budget_mb, device
     )
