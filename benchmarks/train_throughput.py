@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -33,12 +34,26 @@ SETTINGS = {
 
 
 def measure(
-    setting: dict, device: torch.device, steps: int, warmup: int, compile: bool = False
+    setting: dict,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    compile: bool = False,
+    channels_last: bool | None = None,
+    windows: int = 1,
+    model_kwargs: dict | None = None,
+    profile: bool = False,
 ) -> float:
-    """Images/s of full training steps (bf16 autocast and channels_last on CUDA);
-    ``compile`` wraps the model in ``torch.compile`` (the warm-up steps then compile)."""
-    model = build_model(MARKET_IDS, backbone=setting["backbone"], pretrained="none").to(device)
-    channels_last = device.type == "cuda"
+    """Images/s of full training steps (bf16 autocast on CUDA, and channels_last unless
+    ``channels_last=False``); ``compile`` wraps the model in ``torch.compile`` (the warm-up
+    steps then compile). With ``windows`` > 1, ``steps`` are timed that many times and the
+    median is returned: a launch-bound GPU step varies with the host's load. ``model_kwargs``
+    go to ``build_model`` (ablations); ``profile`` prints the profiler's table of 3 steps."""
+    model = build_model(
+        MARKET_IDS, backbone=setting["backbone"], pretrained="none", **(model_kwargs or {})
+    ).to(device)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt_model = model
@@ -61,36 +76,63 @@ def measure(
         loss.backward()
         opt.step()
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    rates = []
+    for _ in range(windows):
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        rates.append(steps * batch / (time.perf_counter() - start))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profiler(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    return statistics.median(rates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=1, help="timed windows of --steps; the median is printed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=sorted(SETTINGS))
-    parser.add_argument("--r50-identities", type=int, default=None,
+    parser.add_argument("--identities", "--r50-identities", dest="identities", type=int, default=None,
                         help="P for RMGL-R50 (default 12 on GPU, 2 on CPU, where a 48-image step takes minutes)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="a build_model argument, e.g. rp_position=output or abp=off (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print PyTorch's profiler table of 3 steps (by GPU time on CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    SETTINGS["r50"]["P"] = args.r50_identities or (12 if device.type == "cuda" else 2)
+    SETTINGS["r50"]["P"] = args.identities or (12 if device.type == "cuda" else 2)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    model_kwargs = dict(item.split("=", 1) for item in args.model)
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
-    print(f"device: {what}; torch {torch.__version__}")
+    arguments = model_kwargs or "the paper's"
+    print(f"device: {what}; torch {torch.__version__}; model arguments: {arguments}")
     print("| setting | batch | images/s | 60-epoch Market-1501 (projected) |\n|---|---|---|---|")
     for key, setting in SETTINGS.items():
         if args.only and key != args.only:
             continue
-        rate = measure(setting, device, args.steps, args.warmup)
+        rate = measure(setting, device, args.steps, args.warmup, compile=args.compile,
+                       windows=args.windows, model_kwargs=model_kwargs, profile=args.profile)
         hours = 60 * MARKET_TRAIN_IMAGES / rate / 3600
         print(f"| {setting['name']} | {setting['P'] * setting['K']} | {rate:.1f} | {hours:.2f} h |")
 

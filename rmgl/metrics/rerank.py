@@ -56,8 +56,9 @@ def k_reciprocal_rerank(
     ``candidate_precision``: ``"bfloat16"`` finds the gallery x gallery neighbours with
     bfloat16 matrix products and re-scores, at full precision, every candidate a certified
     error bound cannot rule out, so the result is the same as with ``"full"`` (every distance
-    computed at the features' precision, the original pass); ``"auto"`` (default) takes
-    bfloat16 on CUDA for galleries of 4,096 or more, ``"full"`` otherwise.
+    computed at the features' precision, the original pass); ``"auto"`` (default) is
+    ``"full"``: the candidate pass was slower than the full pass on both machines measured
+    (a 2-core CPU and an H200; docs/performance.md).
     """
     query, gallery = (
         _as_feature_tensor(query_features, "query"),
@@ -74,7 +75,7 @@ def k_reciprocal_rerank(
     if query.dtype != gallery.dtype:
         query, gallery = query.float(), gallery.float()
     device = torch.device(device) if device is not None else _default_device()
-    low_precision = _candidate_dtype(candidate_precision, device, len(gallery))
+    low_precision = _candidate_dtype(candidate_precision)
     features = torch.cat([query, gallery]).to(device)
     num_query, num = len(query), len(features)
     budget = memory_budget_mb * 2**20
@@ -139,16 +140,15 @@ class _StageClock:
         self.last = now
 
 
-def _candidate_dtype(
-    candidate_precision: str, device: torch.device, num_gallery: int
-) -> torch.dtype | None:
+def _candidate_dtype(candidate_precision: str) -> torch.dtype | None:
     """The dtype of the candidate pass, or None for the full-precision pass.
 
-    ``auto`` takes bfloat16 on CUDA for galleries of at least ``_AUTO_MIN_GALLERY``, where
-    bfloat16 products run many times faster than float32 ones. On CPU even native bfloat16
-    products were only about 2x faster than float32 here, and re-scoring (memory-bound
-    gathers) ate the gain at Market-1501 scale (docs/evaluation.md), so ``auto`` keeps the
-    full pass there; ``"bfloat16"`` asks for the candidate pass anywhere.
+    ``auto`` keeps the full pass everywhere. Measured (docs/performance.md): on a 2-core CPU
+    native bfloat16 products were only about 2x faster than float32 ones and re-scoring
+    (memory-bound gathers) ate the gain; on an H200 the float32 pass takes 0.3 s at
+    Market-1501 scale and 6 s at MSMT17 scale, and the candidate pass 0.9 s and 8.3 s
+    (it re-scores ~1,000 small 16-row products one after the other, each with a round trip
+    to the host; not broken down further). ``"bfloat16"`` asks for it anywhere.
     """
     if candidate_precision not in ("auto", "bfloat16", "full"):
         raise ValueError(
@@ -156,12 +156,7 @@ def _candidate_dtype(
         )
     if candidate_precision == "bfloat16":
         return torch.bfloat16
-    if candidate_precision == "auto" and device.type == "cuda" and num_gallery >= _AUTO_MIN_GALLERY:
-        return torch.bfloat16
     return None
-
-
-_AUTO_MIN_GALLERY = 4096
 
 
 def _default_device() -> torch.device:
