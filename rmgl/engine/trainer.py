@@ -133,6 +133,9 @@ class Trainer:
         if self.runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        # Only the training forward is compiled: evaluation runs the plain module (eval mode
+        # would trace a second graph) and checkpoints keep the plain module's parameter names.
+        self.train_forward = torch.compile(self.ddp) if cfg.run.compile else self.ddp
         self.start_epoch = 0
         self.best_map = -1.0
         self.results: dict[str, RankResult] = {}
@@ -209,7 +212,7 @@ class Trainer:
             if self.device.type == "cuda" and self.cfg.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp_dtype):
-                output = self.ddp(images)
+                output = self.train_forward(images)
             loss, terms = self.criterion(_float_output(output), targets)
             if not self._finite_everywhere(loss):
                 raise TrainingDiverged(
