@@ -4,6 +4,7 @@ Market-1501 size, with synthetic descriptors.
     python benchmarks/report_build.py --images /tmp/report_images            # 3,368 x 15,913
     python benchmarks/report_build.py --images /tmp/report_images --model resnet50
     python benchmarks/report_build.py --images /tmp/report_images --scale small
+    python benchmarks/report_build.py --images /tmp/report_images --stream   # no Q x G matrix
 
 The query and gallery are Market-1501's sizes (750 test identities, 2,793 gallery
 distractors, 6 cameras); their descriptors are 3,584-d (RMGL's 14 x 256) clustered by
@@ -13,7 +14,9 @@ near the top, some cameras harder). Tiny JPEGs stand in for the crops (written o
 from an untrained RMGL at 384x128 (what costs time is the forward pass, not the weights).
 Times: distances, ranking (evaluate_rank), the report's analysis (camera pairs, confused
 identities, worst queries) and the page (thumbnails, plots, activation maps). Re-ranking is
-not included: its cost is the re-ranking's, see benchmarks/rerank.py.
+not included: its cost is the re-ranking's, see benchmarks/rerank.py. ``--stream`` builds
+the report as ``rmgl report`` does, without the Q x G matrix (ranking by evaluate_features,
+the analysis streaming the distances again), and prints the peak memory above the features.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from proc_memory import reset_peak_rss, rss_mb
 
 from rmgl.data.records import ImageRecord
-from rmgl.metrics import evaluate_rank, pairwise_distance
+from rmgl.metrics import evaluate_features, evaluate_rank, pairwise_distance
 from rmgl.reporting.html_report import ReportInputs, build_report
 
 SCALES = {"small": (500, 3000, 150, 400), "market": (3368, 15913, 750, 2793)}
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default="report_benchmark.html")
     parser.add_argument("--worst", type=int, default=20)
     parser.add_argument("--model", choices=("none", "resnet18", "resnet50"), default="none")
+    parser.add_argument("--stream", action="store_true", help="never hold the Q x G matrix (as rmgl report)")
     args = parser.parse_args()
     num_q, num_g, num_ids, distractors = SCALES[args.scale]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -89,12 +94,20 @@ def main() -> None:
         model = build_model(751, backbone=args.model, pretrained="none").eval()
         model.preprocess = Preprocess(384, 128)
     times = {}
-    start = time.perf_counter()
-    dist = pairwise_distance(torch.from_numpy(query), torch.from_numpy(gallery))
-    times["distances"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
-    times["ranking"] = time.perf_counter() - start
+    reset_peak_rss()
+    before = rss_mb("VmRSS")
+    if args.stream:
+        dist = None
+        start = time.perf_counter()
+        result = evaluate_features(query, gallery, q_pids, g_pids, q_cams, g_cams)
+        times["distances + ranking"] = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        dist = pairwise_distance(torch.from_numpy(query), torch.from_numpy(gallery))
+        times["distances"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
+        times["ranking"] = time.perf_counter() - start
     inputs = ReportInputs(
         dataset=f"synthetic {args.scale}", query=q_records, gallery=g_records, distmat=dist,
         results={"plain": result}, protocol="cross_camera", query_features=query, gallery_features=gallery,
@@ -104,7 +117,8 @@ def main() -> None:
     times["analysis"], times["page"] = data["timings"]["analysis_s"], data["timings"]["page_s"]
     print(f"R1 {100 * result.rank(1):.1f}, mAP {100 * result.mAP:.1f}")
     print(" | ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f" | total {sum(times.values()):.1f} s")
-    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {path.read_text().count('<img ')} images")
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {path.read_text().count('<img ')} images; "
+          f"peak memory above the features {rss_mb('VmHWM') - before:,.0f} MB")
 
 
 if __name__ == "__main__":

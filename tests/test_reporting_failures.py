@@ -114,3 +114,67 @@ def test_query_ranking_and_worst_queries(protocol, with_own):
     expected = sorted(valid, key=lambda q: (result.per_query_ap[q], -result.per_query_first_rank[q], q))[:7]
     assert worst.tolist() == expected
     assert len(failures.worst_queries(result, 10_000)) == len(valid)
+
+
+@pytest.mark.parametrize(("protocol", "with_own"), CASES)
+def test_streamed_scan_equals_the_full_matrix(protocol, with_own):
+    """Blocks of any height (1 row, uneven, all) give the scan of the whole matrix, keep the
+    asked rows exactly, and camera_pair_r1 from the streamed scan equals the matrix's."""
+    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(3, with_own=with_own)
+    labels = (q_pids, g_pids, q_cams, g_cams, protocol, own)
+    whole = failures.scan_distances(dist, *labels)
+    for height in (1, 7, len(dist)):
+        blocks = ((s, dist[s : s + height]) for s in range(0, len(dist), height))
+        scan = failures.scan_distances(blocks, *labels, keep_rows=[0, 9, len(dist) - 1])
+        np.testing.assert_array_equal(scan.nearest, whole.nearest)
+        np.testing.assert_array_equal(scan.has_match, whole.has_match)
+        np.testing.assert_array_equal(scan.camera_nearest, whole.camera_nearest)
+        assert sorted(scan.rows) == [0, 9, len(dist) - 1]
+        for q, row in scan.rows.items():
+            np.testing.assert_array_equal(row, dist[q])
+        got = failures.camera_pair_r1(None, *labels[:4], protocol, own, scan=scan)
+        expected = failures.camera_pair_r1(dist, *labels)
+        np.testing.assert_array_equal(got.queries, expected.queries)
+        np.testing.assert_array_equal(got.r1, expected.r1)
+    # the nearest overall agrees with nearest_valid's chunked loop over the matrix
+    nearest, has_match = failures.nearest_valid(dist, *labels)
+    np.testing.assert_array_equal(whole.nearest, nearest)
+    np.testing.assert_array_equal(whole.has_match, has_match)
+
+
+def test_scan_refuses_blocks_that_miss_rows():
+    dist, q_pids, g_pids, q_cams, g_cams, _ = _problem(4)
+    labels = (q_pids, g_pids, q_cams, g_cams)
+    with pytest.raises(ValueError, match="cover 20 of 40 query rows"):
+        failures.scan_distances([(0, dist[:20])], *labels)
+    with pytest.raises(ValueError, match="got rows from 20 \\(expected 10\\)"):
+        failures.scan_distances([(0, dist[:10]), (20, dist[20:])], *labels)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_report_numbers_streamed_from_features_equal_the_matrix(metric):
+    """report_data without a distance matrix streams it from the features: every number on
+    the page (camera pairs, confused pairs, worst queries' lists and distances) is the same."""
+    from rmgl.data.records import ImageRecord
+    from rmgl.metrics import evaluate_features, pairwise_distance
+    from rmgl.reporting.html_report import ReportInputs, report_data
+
+    rng = np.random.default_rng(5)
+    _, q_pids, g_pids, q_cams, g_cams, _ = _problem(5, num_q=30, num_g=70)
+    centres = rng.standard_normal((10, 16)).astype(np.float32)
+    query = centres[q_pids] + rng.standard_normal((30, 16)).astype(np.float32)
+    gallery = centres[g_pids] + rng.standard_normal((70, 16)).astype(np.float32)
+    labels = (q_pids, g_pids, q_cams, g_cams)
+    result = evaluate_features(query, gallery, *labels, metric=metric)
+    records = [
+        [ImageRecord(f"{kind}{i}.jpg", int(p), int(c)) for i, (p, c) in enumerate(zip(pids, cams))]
+        for kind, pids, cams in (("q", q_pids, q_cams), ("g", g_pids, g_cams))
+    ]
+    common = dict(dataset="toy", query=records[0], gallery=records[1], results={"plain": result},
+                  protocol="cross_camera", metric=metric, query_features=query, gallery_features=gallery)
+    streamed = report_data(ReportInputs(distmat=None, **common), worst=5)
+    full = report_data(ReportInputs(distmat=pairwise_distance(query, gallery, metric), **common), worst=5)
+    assert streamed == full
+    assert len(streamed["worst"]) == 5 and streamed["camera_pairs"]["queries"]
+    with pytest.raises(ValueError, match="needs the distance matrix or the query and gallery features"):
+        report_data(ReportInputs(distmat=None, **{**common, "query_features": None}))

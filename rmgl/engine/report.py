@@ -18,10 +18,10 @@ from rmgl.data.transforms import build_eval_transform
 from rmgl.engine.evaluation import resolve_protocol
 from rmgl.metrics import (
     RankResult,
+    evaluate_features,
     evaluate_rank,
     extract_features,
     k_reciprocal_rerank,
-    pairwise_distance,
 )
 from rmgl.reporting.html_report import ReportInputs, build_report
 
@@ -68,21 +68,24 @@ def report_model(
         )
     extracted = time.perf_counter()
     own = same_image_index(dataset.query, dataset.gallery)
-    distmat = pairwise_distance(query.features, gallery.features, metric=metric)
-
-    def rank(dist) -> RankResult:
-        return evaluate_rank(dist, query.pids, gallery.pids, query.camids, gallery.camids,
-                             protocol=protocol, query_in_gallery=own)
-
-    results = {"plain": rank(distmat)}
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    # streamed, as evaluate_model does: the plain Q x G matrix is never held (the page's
+    # analysis streams the same distances again); re-ranking's output is the one full matrix
+    results = {
+        "plain": evaluate_features(query.features, gallery.features, *labels, metric=metric,
+                                   protocol=protocol, query_in_gallery=own)
+    }
     if rerank:
-        results["rerank"] = rank(k_reciprocal_rerank(query.features, gallery.features))
+        results["rerank"] = evaluate_rank(
+            k_reciprocal_rerank(query.features, gallery.features), *labels, protocol=protocol,
+            query_in_gallery=own,
+        )
     ranked = time.perf_counter()
     inputs = ReportInputs(
         dataset=dataset.name,
         query=dataset.query,
         gallery=dataset.gallery,
-        distmat=distmat,
+        distmat=None,
         results=results,
         protocol=protocol,
         query_in_gallery=own,

@@ -5,6 +5,8 @@ does (the same ignored gallery items, the same tie rule: equal distances are ord
 gallery index), so its numbers agree with the metrics; the tests check them against plain
 loops over queries.
 
+* :func:`scan_distances`: one pass over the rows of the distance matrix (a full matrix or
+  streamed blocks, so the Q x G matrix need not exist) that collects what the others need;
 * :func:`camera_pair_r1`: rank-1 accuracy per (query camera, gallery camera) pair;
 * :func:`confused_identity_pairs`: the identity pairs whose images are most often each
   other's nearest neighbour;
@@ -14,6 +16,7 @@ loops over queries.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +27,13 @@ from rmgl.metrics.ranking import RankResult
 __all__ = [
     "CameraPairR1",
     "ConfusedPair",
+    "DistanceScan",
     "QueryRanking",
     "camera_pair_r1",
     "confused_identity_pairs",
     "nearest_valid",
     "query_ranking",
+    "scan_distances",
     "worst_queries",
 ]
 
@@ -60,6 +65,28 @@ def _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol) -> tuple[np.nd
     return same, ignored
 
 
+def _nearest_in_block(
+    block: np.ndarray, q_pids, q_cams, own, g_pids, g_cams, cols, protocol
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest valid gallery index and has-a-true-match of a block of rows whose columns are
+    ``cols``. ``block`` is overwritten (pass a copy)."""
+    if block.dtype not in (np.float32, np.float64):
+        block = block.astype(np.float64)
+    same, ignored = _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol)
+    block[ignored] = np.inf
+    best = np.argmin(block, axis=1)  # first minimum: the lowest gallery index on ties
+    valid = np.isfinite(block[np.arange(len(best)), best])
+    return np.where(valid, cols[best], -1), (same & ~ignored).any(axis=1)
+
+
+def _matrix_blocks(distmat) -> Iterator[tuple[int, np.ndarray]]:
+    """A full matrix as ``(first row, rows)`` blocks of about ``CHUNK_ELEMENTS`` elements."""
+    dist = np.asarray(distmat)
+    step = max(1, CHUNK_ELEMENTS // max(1, dist.shape[1]))
+    for start in range(0, len(dist), step):
+        yield start, dist[start : start + step]
+
+
 def nearest_valid(
     distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
     protocol: str = "cross_camera", query_in_gallery=None, columns: np.ndarray | None = None,
@@ -76,19 +103,81 @@ def nearest_valid(
     has_match = np.zeros(len(q_pids), dtype=bool)
     if len(cols) == 0:
         return nearest, has_match
-    step = max(1, CHUNK_ELEMENTS // len(cols))
-    for start in range(0, len(q_pids), step):
-        rows = slice(start, min(start + step, len(q_pids)))
-        block = dist[rows].copy() if columns is None else dist[rows][:, cols]
-        if block.dtype not in (np.float32, np.float64):
-            block = block.astype(np.float64)
-        same, ignored = _ignored(q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams, cols, protocol)
-        block[ignored] = np.inf
-        best = np.argmin(block, axis=1)  # first minimum: the lowest gallery index on ties
-        valid = np.isfinite(block[np.arange(len(best)), best])
-        nearest[rows] = np.where(valid, cols[best], -1)
-        has_match[rows] = (same & ~ignored).any(axis=1)
+    for start, block in _matrix_blocks(dist):
+        rows = slice(start, start + len(block))
+        block = block.copy() if columns is None else block[:, cols]
+        nearest[rows], has_match[rows] = _nearest_in_block(
+            block, q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams, cols, protocol
+        )
     return nearest, has_match
+
+
+@dataclass
+class DistanceScan:
+    """What one pass over the distance rows leaves. Per query: ``nearest`` (the nearest
+    gallery index the protocol does not ignore, -1 when none) and ``has_match`` (a true
+    match remains); the same per gallery camera in the columns of ``camera_nearest`` /
+    ``camera_has_match`` (camera ids in ``cameras``); and ``rows``, the full distance rows of
+    the queries asked for."""
+
+    cameras: list[int]
+    nearest: np.ndarray
+    has_match: np.ndarray
+    camera_nearest: np.ndarray
+    camera_has_match: np.ndarray
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def scan_distances(
+    blocks: Iterable[tuple[int, np.ndarray]] | np.ndarray, q_pids, g_pids, q_camids, g_camids,
+    protocol: str = "cross_camera", query_in_gallery=None, keep_rows: Iterable[int] = (),
+) -> DistanceScan:
+    """One pass over the query x gallery distances, given as a full matrix or as consecutive
+    ``(first row, block)`` pairs covering every row (e.g.
+    :func:`rmgl.metrics.pairwise_distance_chunks`), so that a report at MSMT17 scale never
+    holds the matrix. ``keep_rows``: queries whose full rows are kept (the worst queries)."""
+    check_protocol(protocol)
+    q_pids, g_pids = _labels(q_pids), _labels(g_pids)
+    q_cams, g_cams = _labels(q_camids), _labels(g_camids)
+    own = _own(query_in_gallery, len(q_pids))
+    cameras = sorted(set(q_cams.tolist()) | set(g_cams.tolist()))
+    camera_cols = [np.flatnonzero(g_cams == c) for c in cameras]
+    all_cols = np.arange(len(g_pids))
+    num_q = len(q_pids)
+    scan = DistanceScan(
+        cameras,
+        np.full(num_q, -1, dtype=np.int64),
+        np.zeros(num_q, dtype=bool),
+        np.full((num_q, len(cameras)), -1, dtype=np.int64),
+        np.zeros((num_q, len(cameras)), dtype=bool),
+    )
+    keep = sorted({int(q) for q in keep_rows})
+    if isinstance(blocks, np.ndarray):
+        blocks = _matrix_blocks(blocks)
+    covered = 0
+    for start, block in blocks:
+        if start != covered or block.shape[1] != len(g_pids):
+            raise ValueError(
+                f"distance blocks must cover rows 0..{num_q - 1} in order with {len(g_pids)} "
+                f"columns; got rows from {start} (expected {covered}), {block.shape[1]} columns"
+            )
+        rows = slice(start, start + len(block))
+        labels = (q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams)
+        scan.nearest[rows], scan.has_match[rows] = _nearest_in_block(
+            block.copy(), *labels, all_cols, protocol
+        )
+        for b, cols in enumerate(camera_cols):
+            if len(cols):
+                scan.camera_nearest[rows, b], scan.camera_has_match[rows, b] = _nearest_in_block(
+                    block[:, cols], *labels, cols, protocol
+                )
+        for q in keep:
+            if rows.start <= q < rows.stop:
+                scan.rows[q] = block[q - start].copy()
+        covered = rows.stop
+    if covered != num_q:
+        raise ValueError(f"distance blocks cover {covered} of {num_q} query rows")
+    return scan
 
 
 @dataclass
@@ -104,22 +193,23 @@ class CameraPairR1:
 
 
 def camera_pair_r1(
-    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
-    protocol: str = "cross_camera", query_in_gallery=None,
+    distmat: np.ndarray | None, q_pids, g_pids, q_camids, g_camids,
+    protocol: str = "cross_camera", query_in_gallery=None, scan: DistanceScan | None = None,
 ) -> CameraPairR1:
-    """Rank-1 accuracy per (query camera, gallery camera): which camera pairs are hard."""
+    """Rank-1 accuracy per (query camera, gallery camera): which camera pairs are hard.
+    ``scan`` (from :func:`scan_distances`) replaces ``distmat``."""
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
-    q_cams, g_cams = _labels(q_camids), _labels(g_camids)
-    cameras = sorted(set(q_cams.tolist()) | set(g_cams.tolist()))
+    if scan is None:
+        scan = scan_distances(
+            np.asarray(distmat), q_pids, g_pids, q_camids, g_camids, protocol, query_in_gallery
+        )
+    cameras = scan.cameras
     index = {c: i for i, c in enumerate(cameras)}
+    q_index = np.array([index[c] for c in _labels(q_camids).tolist()], dtype=np.int64)
     hits = np.zeros((len(cameras), len(cameras)))
     counts = np.zeros((len(cameras), len(cameras)), dtype=np.int64)
-    q_index = np.array([index[c] for c in q_cams.tolist()], dtype=np.int64)
-    for b, cam in enumerate(cameras):
-        cols = np.flatnonzero(g_cams == cam)
-        nearest, has_match = nearest_valid(
-            distmat, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery, cols
-        )
+    for b in range(len(cameras)):
+        nearest, has_match = scan.camera_nearest[:, b], scan.camera_has_match[:, b]
         correct = has_match & (nearest >= 0) & (g_pids[np.maximum(nearest, 0)] == q_pids)
         np.add.at(counts[:, b], q_index, has_match.astype(np.int64))
         np.add.at(hits[:, b], q_index, correct.astype(np.float64))
@@ -145,7 +235,7 @@ class ConfusedPair:
 
 
 def confused_identity_pairs(
-    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
+    distmat: np.ndarray | None, q_pids, g_pids, q_camids, g_camids,
     protocol: str = "cross_camera", query_in_gallery=None, top: int = 20,
     nearest: np.ndarray | None = None, has_match: np.ndarray | None = None,
 ) -> tuple[list[ConfusedPair], int]:

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rmgl.data.records import ImageRecord
+from rmgl.metrics.features import pairwise_distance_chunks
 from rmgl.metrics.ranking import RankResult
 from rmgl.reporting import failures
 from rmgl.reporting.tables import result_values
@@ -54,7 +55,10 @@ class ReportInputs:
     """Everything the report is built from.
 
     ``distmat`` is the plain (not re-ranked) query x gallery distance matrix the ``results``
-    came from; ``results`` maps ``"plain"`` (required) and ``"rerank"`` (optional) to their
+    came from, or None: the distances are then streamed from ``query_features`` and
+    ``gallery_features`` with ``metric``, row block by row block, as
+    :func:`rmgl.metrics.evaluate_features` computes them (the same values), so the matrix
+    is never held; ``results`` maps ``"plain"`` (required) and ``"rerank"`` (optional) to their
     :class:`RankResult`. ``query_features`` / ``gallery_features`` (L2-normalised
     descriptors) with ``feature_names`` enable the per-feature distance breakdown; ``model``
     (an RMGL in eval mode with ``preprocess``) enables activation maps and ABP stripes;
@@ -64,7 +68,7 @@ class ReportInputs:
     dataset: str
     query: Sequence[ImageRecord]
     gallery: Sequence[ImageRecord]
-    distmat: np.ndarray
+    distmat: np.ndarray | None
     results: Mapping[str, RankResult]
     protocol: str
     query_in_gallery: np.ndarray | None = None
@@ -93,11 +97,21 @@ def report_data(
     g_pids = np.array([r.pid for r in inputs.gallery])
     q_cams = np.array([r.camid for r in inputs.query])
     g_cams = np.array([r.camid for r in inputs.gallery])
-    dist = np.asarray(inputs.distmat)
-    if dist.shape != (len(q_pids), len(g_pids)):
-        raise ValueError(f"distmat has shape {dist.shape}, expected ({len(q_pids)}, {len(g_pids)})")
     own = inputs.query_in_gallery
-    args = (dist, q_pids, g_pids, q_cams, g_cams, inputs.protocol, own)
+    if inputs.distmat is not None:
+        blocks = np.asarray(inputs.distmat)
+        if blocks.shape != (len(q_pids), len(g_pids)):
+            raise ValueError(
+                f"distmat has shape {blocks.shape}, expected ({len(q_pids)}, {len(g_pids)})"
+            )
+    elif inputs.query_features is not None and inputs.gallery_features is not None:
+        # the blocks of evaluate_features' default budget: the same products, so the same
+        # values bit for bit whatever the BLAS (about 400 MB of temporaries at any scale)
+        blocks = pairwise_distance_chunks(
+            inputs.query_features, inputs.gallery_features, inputs.metric
+        )
+    else:
+        raise ValueError("the report needs the distance matrix or the query and gallery features")
 
     metrics = {}
     for key, result in inputs.results.items():
@@ -113,15 +127,19 @@ def report_data(
         raise ValueError("the plain result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)")
     valid_ap = ap[~np.isnan(ap)]
     counts, edges = np.histogram(valid_ap, bins=10, range=(0.0, 1.0))
-    nearest, has_match = failures.nearest_valid(*args)
+    worst_ids = failures.worst_queries(plain, worst).tolist()
+    labels = (q_pids, g_pids, q_cams, g_cams, inputs.protocol, own)
+    scan = failures.scan_distances(blocks, *labels, keep_rows=worst_ids)
+    nearest, has_match = scan.nearest, scan.has_match
     pairs, distractors = failures.confused_identity_pairs(
-        *args, top=confused, nearest=nearest, has_match=has_match
+        None, *labels, top=confused, nearest=nearest, has_match=has_match
     )
-    cams = failures.camera_pair_r1(*args)
+    cams = failures.camera_pair_r1(None, *labels, scan=scan)
     worst_rows = []
-    for q in failures.worst_queries(plain, worst).tolist():
+    for q in worst_ids:
+        row = scan.rows[q]
         ranking = failures.query_ranking(
-            dist[q], int(q_pids[q]), int(q_cams[q]), g_pids, g_cams, inputs.protocol,
+            row, int(q_pids[q]), int(q_cams[q]), g_pids, g_cams, inputs.protocol,
             int(own[q]) if own is not None else -1,
         )
         top = ranking.order[:topk]
@@ -137,10 +155,10 @@ def report_data(
             "first_match_rank": int(plain.per_query_first_rank[q]) + 1,
             "top": [
                 {"gallery": int(g), "pid": int(g_pids[g]), "camera": int(g_cams[g]),
-                 "distance": float(dist[q, g]), "match": bool(g_pids[g] == q_pids[q])}
+                 "distance": float(row[g]), "match": bool(g_pids[g] == q_pids[q])}
                 for g in top
             ],
-            "missed": [{"gallery": g, "rank": r, "distance": float(dist[q, g])} for g, r in missed[:max_missed]],
+            "missed": [{"gallery": g, "rank": r, "distance": float(row[g])} for g, r in missed[:max_missed]],
             "missed_total": len(missed),
             "matches_total": len(ranking.match_indices),
             "rank1": int(ranking.order[0]) if len(ranking.order) else -1,
