@@ -116,14 +116,16 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="a build_model argument, e.g. rp_position=output or abp=off (repeatable)")
+                        help="a string build_model argument, e.g. rp_position=output or abp=off (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print PyTorch's profiler table of 3 steps (by GPU time on CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     SETTINGS["r50"]["P"] = args.identities or (12 if device.type == "cuda" else 2)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    model_kwargs = dict(item.split("=", 1) for item in args.model)
+    if any("=" not in item for item in args.model):
+        parser.error("--model takes KEY=VALUE, e.g. --model rp_position=output")
+    model_kwargs = dict(item.split("=", 1) for item in args.model)  # string values only
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     arguments = model_kwargs or "the paper's"
     print(f"device: {what}; torch {torch.__version__}; model arguments: {arguments}")

@@ -208,6 +208,7 @@ def test_compiled_training_forward(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: count this test's graphs only
     counts = {}
     for name, flag in (("plain", "false"), ("compiled", "true")):
         config = write_config(tmp_path, tiny_data, epochs=1, name=f"{name}.yaml")

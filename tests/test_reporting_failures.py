@@ -129,6 +129,7 @@ def test_streamed_scan_equals_the_full_matrix(protocol, with_own):
         np.testing.assert_array_equal(scan.nearest, whole.nearest)
         np.testing.assert_array_equal(scan.has_match, whole.has_match)
         np.testing.assert_array_equal(scan.camera_nearest, whole.camera_nearest)
+        np.testing.assert_array_equal(scan.camera_has_match, whole.camera_has_match)
         assert sorted(scan.rows) == [0, 9, len(dist) - 1]
         for q, row in scan.rows.items():
             np.testing.assert_array_equal(row, dist[q])
@@ -147,17 +148,33 @@ def test_scan_refuses_blocks_that_miss_rows():
     labels = (q_pids, g_pids, q_cams, g_cams)
     with pytest.raises(ValueError, match="cover 20 of 40 query rows"):
         failures.scan_distances([(0, dist[:20])], *labels)
-    with pytest.raises(ValueError, match="got rows from 20 \\(expected 10\\)"):
+    with pytest.raises(ValueError, match="got rows 20..39 \\(expected from 10\\)"):
         failures.scan_distances([(0, dist[:10]), (20, dist[20:])], *labels)
+    with pytest.raises(ValueError, match="got rows 30..49"):  # a block past the last query
+        failures.scan_distances([(0, dist[:30]), (30, np.vstack([dist[30:], dist[:10]]))], *labels)
+    with pytest.raises(ValueError, match="needs the distance matrix or a scan"):
+        failures.camera_pair_r1(None, *labels)
+    with pytest.raises(ValueError, match="needs the distance matrix or nearest/has_match"):
+        failures.confused_identity_pairs(None, *labels)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_report_numbers_streamed_from_features_equal_the_matrix(metric):
+def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypatch):
     """report_data without a distance matrix streams it from the features: every number on
-    the page (camera pairs, confused pairs, worst queries' lists and distances) is the same."""
+    the page (camera pairs, confused pairs, worst queries' lists and distances) is the same.
+    Blocks of 7 rows on both sides, so that the row offsets of several blocks are used."""
     from rmgl.data.records import ImageRecord
-    from rmgl.metrics import evaluate_features, pairwise_distance
+    from rmgl.metrics import evaluate_features, features, pairwise_distance
+    from rmgl.reporting import html_report
     from rmgl.reporting.html_report import ReportInputs, report_data
+
+    def seven_row_blocks(*args, **kwargs):  # the distance blocks, re-cut into 7 rows each
+        for start, block in features.pairwise_distance_chunks(*args, **kwargs):
+            for i in range(0, len(block), 7):
+                yield start + i, block[i : i + 7]
+
+    monkeypatch.setattr(failures, "CHUNK_ELEMENTS", 7 * 70)  # the matrix path: 7-row blocks
+    monkeypatch.setattr(html_report, "pairwise_distance_chunks", seven_row_blocks)
 
     rng = np.random.default_rng(5)
     _, q_pids, g_pids, q_cams, g_cams, _ = _problem(5, num_q=30, num_g=70)
@@ -178,3 +195,9 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric):
     assert len(streamed["worst"]) == 5 and streamed["camera_pairs"]["queries"]
     with pytest.raises(ValueError, match="needs the distance matrix or the query and gallery features"):
         report_data(ReportInputs(distmat=None, **{**common, "query_features": None}))
+    with pytest.raises(ValueError, match="29 query and 70 gallery features for 30 query"):
+        report_data(ReportInputs(distmat=None, **{**common, "query_features": query[1:]}))
+    # results from other distances than the page's are refused, not drawn
+    other = "cosine" if metric == "euclidean" else "euclidean"
+    with pytest.raises(ValueError, match="the results come from other distances"):
+        report_data(ReportInputs(distmat=None, **{**common, "metric": other}), worst=30)

@@ -161,6 +161,24 @@ def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
     assert set(got["timings"]) == {"features_s", "ranking_s", "analysis_s", "page_s"}
 
 
+def test_streamed_report_equals_the_matrix_report(checkpoint, data, tmp_path, monkeypatch):
+    """Above MATRIX_LIMIT_MB report_model never holds the Q x G matrix; the page is the same."""
+    from rmgl.data.datasets import load_dataset
+    from rmgl.engine import report
+    from rmgl.engine.load import load_model
+
+    model, dataset = load_model(checkpoint, "cpu"), load_dataset("folder", data)
+    _, held, _ = report.report_model(model, dataset, tmp_path / "a", workers=0, worst=3, progress=False)
+    monkeypatch.setattr(report, "MATRIX_LIMIT_MB", 0)
+    seen = []
+    monkeypatch.setattr(report, "pairwise_distance", lambda *a, **k: seen.append(a))  # must not run
+    _, streamed, _ = report.report_model(model, dataset, tmp_path / "b", workers=0, worst=3, progress=False)
+    assert not seen
+    for data_ in (held, streamed):
+        data_.pop("timings")
+    assert streamed == held
+
+
 def test_report_renders_in_a_real_browser(data, checkpoint, tmp_path):
     """Headless Chromium opens the report: the screenshot is not blank, every image loads,
     and nothing reaches the console."""

@@ -95,7 +95,8 @@ class RunConfig:
     amp: str = "auto"
     channels_last: bool = True  # on GPU only
     # torch.compile the training forward: 533 -> 894 images/s for RMGL-R50 384x128 at batch 48
-    # on an H200 (docs/performance.md); the first steps then compile (about 2 minutes there)
+    # on an H200 (docs/performance.md); the first steps then compile (about 2 minutes there),
+    # and again when an ABP warm-up ends
     compile: bool = False
     log_every: int = 20  # iterations between log lines
 

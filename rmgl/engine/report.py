@@ -22,10 +22,15 @@ from rmgl.metrics import (
     evaluate_rank,
     extract_features,
     k_reciprocal_rerank,
+    pairwise_distance,
 )
 from rmgl.reporting.html_report import ReportInputs, build_report
 
 log = logging.getLogger(__name__)
+
+# Above this size the plain Q x G matrix is never held (MSMT17: 3.8 GB): the ranking and the
+# page stream its row blocks instead, at the cost of computing the distances twice.
+MATRIX_LIMIT_MB = 1024
 
 
 def run_folder(checkpoint: str | Path | None) -> Path | None:
@@ -69,12 +74,15 @@ def report_model(
     extracted = time.perf_counter()
     own = same_image_index(dataset.query, dataset.gallery)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    # streamed, as evaluate_model does: the plain Q x G matrix is never held (the page's
-    # analysis streams the same distances again); re-ranking's output is the one full matrix
-    results = {
-        "plain": evaluate_features(query.features, gallery.features, *labels, metric=metric,
-                                   protocol=protocol, query_in_gallery=own)
-    }
+    distmat = None
+    if len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20:
+        # small enough to hold: one distance pass serves the ranking and the page
+        distmat = pairwise_distance(query.features, gallery.features, metric=metric)
+        plain = evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
+    else:  # streamed, as evaluate_model does; the page's analysis streams it a second time
+        plain = evaluate_features(query.features, gallery.features, *labels, metric=metric,
+                                  protocol=protocol, query_in_gallery=own)
+    results = {"plain": plain}
     if rerank:
         results["rerank"] = evaluate_rank(
             k_reciprocal_rerank(query.features, gallery.features), *labels, protocol=protocol,
@@ -85,7 +93,7 @@ def report_model(
         dataset=dataset.name,
         query=dataset.query,
         gallery=dataset.gallery,
-        distmat=None,
+        distmat=distmat,
         results=results,
         protocol=protocol,
         query_in_gallery=own,

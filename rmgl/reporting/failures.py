@@ -156,10 +156,11 @@ def scan_distances(
         blocks = _matrix_blocks(blocks)
     covered = 0
     for start, block in blocks:
-        if start != covered or block.shape[1] != len(g_pids):
+        if start != covered or block.shape[1] != len(g_pids) or start + len(block) > num_q:
             raise ValueError(
                 f"distance blocks must cover rows 0..{num_q - 1} in order with {len(g_pids)} "
-                f"columns; got rows from {start} (expected {covered}), {block.shape[1]} columns"
+                f"columns; got rows {start}..{start + len(block) - 1} (expected from {covered}), "
+                f"{block.shape[1]} columns"
             )
         rows = slice(start, start + len(block))
         labels = (q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams)
@@ -200,6 +201,8 @@ def camera_pair_r1(
     ``scan`` (from :func:`scan_distances`) replaces ``distmat``."""
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     if scan is None:
+        if distmat is None:
+            raise ValueError("camera_pair_r1 needs the distance matrix or a scan")
         scan = scan_distances(
             np.asarray(distmat), q_pids, g_pids, q_camids, g_camids, protocol, query_in_gallery
         )
@@ -249,6 +252,8 @@ def confused_identity_pairs(
     """
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     if nearest is None or has_match is None:
+        if distmat is None:
+            raise ValueError("confused_identity_pairs needs the distance matrix or nearest/has_match")
         nearest, has_match = nearest_valid(
             distmat, q_pids, g_pids, q_camids, g_camids, protocol, query_in_gallery
         )

@@ -57,8 +57,9 @@ class ReportInputs:
     ``distmat`` is the plain (not re-ranked) query x gallery distance matrix the ``results``
     came from, or None: the distances are then streamed from ``query_features`` and
     ``gallery_features`` with ``metric``, row block by row block, as
-    :func:`rmgl.metrics.evaluate_features` computes them (the same values), so the matrix
-    is never held; ``results`` maps ``"plain"`` (required) and ``"rerank"`` (optional) to their
+    :func:`rmgl.metrics.evaluate_features` computes them with its default memory budget on
+    the features' device (the same values), so the matrix is never held; the worst
+    queries' first true matches are checked against the results; ``results`` maps ``"plain"`` (required) and ``"rerank"`` (optional) to their
     :class:`RankResult`. ``query_features`` / ``gallery_features`` (L2-normalised
     descriptors) with ``feature_names`` enable the per-feature distance breakdown; ``model``
     (an RMGL in eval mode with ``preprocess``) enables activation maps and ABP stripes;
@@ -105,6 +106,12 @@ def report_data(
                 f"distmat has shape {blocks.shape}, expected ({len(q_pids)}, {len(g_pids)})"
             )
     elif inputs.query_features is not None and inputs.gallery_features is not None:
+        sizes = (len(inputs.query_features), len(inputs.gallery_features))
+        if sizes != (len(q_pids), len(g_pids)):
+            raise ValueError(
+                f"{sizes[0]} query and {sizes[1]} gallery features for {len(q_pids)} query and "
+                f"{len(g_pids)} gallery images"
+            )
         # the blocks of evaluate_features' default budget: the same products, so the same
         # values bit for bit whatever the BLAS (about 400 MB of temporaries at any scale)
         blocks = pairwise_distance_chunks(
@@ -142,6 +149,12 @@ def report_data(
             row, int(q_pids[q]), int(q_cams[q]), g_pids, g_cams, inputs.protocol,
             int(own[q]) if own is not None else -1,
         )
+        if len(ranking.match_ranks) and ranking.match_ranks[0] - 1 != plain.per_query_first_rank[q]:
+            raise ValueError(
+                f"query {q}: its first true match is at rank {ranking.match_ranks[0]} in these "
+                f"distances but at rank {plain.per_query_first_rank[q] + 1} in the results: the "
+                "results come from other distances (another metric or other features?)"
+            )
         top = ranking.order[:topk]
         missed = [
             (int(g), int(r)) for g, r in zip(ranking.match_indices, ranking.match_ranks, strict=True) if r > topk
