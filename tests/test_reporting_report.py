@@ -104,13 +104,30 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)
 
 
-def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path):
+def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path, monkeypatch):
+    """`rmgl eval --report --rerank`: the page's numbers are results.json's, and the features
+    are extracted once per split and re-ranking runs once, shared by both."""
+    from rmgl.engine import evaluation, report
+
+    calls = {"extract": 0, "rerank": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(evaluation, "extract_features", counted("extract", evaluation.extract_features))
+    for module in (evaluation, report):
+        monkeypatch.setattr(module, "k_reciprocal_rerank", counted("rerank", module.k_reciprocal_rerank))
     out = tmp_path / "ev"
     assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(data),
-                 "--out", str(out), "--report", "--worst", "2", "--workers", "0"]) == 0
+                 "--out", str(out), "--report", "--rerank", "--worst", "2", "--workers", "0"]) == 0
+    assert calls == {"extract": 2, "rerank": 1}
     results = json.loads((out / "results.json").read_text())["results"]
     got = _report_data((out / "report.html").read_text())
-    assert got["metrics"]["plain"]["mAP"] == pytest.approx(100 * results["plain"]["mAP"])
+    for key in ("plain", "rerank"):
+        assert got["metrics"][key]["mAP"] == pytest.approx(100 * results[key]["mAP"])
     assert len(got["worst"]) == 2
 
 

@@ -43,7 +43,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from rmgl.data.datasets import load_dataset
     from rmgl.data.loading import check_readable
-    from rmgl.engine.evaluation import evaluate_model
+    from rmgl.engine.evaluation import evaluate_model, extract_query_gallery
     from rmgl.engine.load import load_model
     from rmgl.engine.runtime import amp_dtype
 
@@ -59,14 +59,19 @@ def run_eval(args: argparse.Namespace) -> int:
     precision = amp_dtype(args.amp or model.config.run.amp, device, evaluation=True)
     out = Path(args.out) if args.out else default_out_dir(checkpoint, dataset.name, args.root)
     with torch.no_grad():
+        features = extract_query_gallery(
+            model, dataset, model.preprocess.size, args.batch_size, args.workers, amp=precision
+        )
         results = evaluate_model(
             model, dataset, model.preprocess.size, rerank=args.rerank, metric=model.config.eval.metric,
             batch_size=args.batch_size, workers=args.workers, out_dir=out, amp=precision,
             protocol=args.protocol, provenance={"checkpoint": str(checkpoint.resolve())},
+            features=features,
         )
     for key, result in results.items():
         print(f"{dataset.name} {key}:\n{result}")
     print(f"wrote {out / 'results.json'}, {out / 'cmc.png'}, {out / 'ranked_list.png'}")
-    if args.report:  # extracts the features once more: evaluate_model does not hand them out
-        write_report(model, dataset, out / "report.html", args, precision, args.rerank)
+    if args.report:  # the same features and results: nothing is extracted or re-ranked twice
+        write_report(model, dataset, out / "report.html", args, precision, args.rerank,
+                     features=features, results=results)
     return 0

@@ -44,13 +44,18 @@ def check_report_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--worst must be >= 0 and --topk >= 1, got {args.worst} and {args.topk}")
 
 
-def write_report(model, dataset, out: Path, args: argparse.Namespace, precision, rerank: bool) -> Path:
-    """Build the report of a loaded model and a checked dataset; prints its path."""
+def write_report(
+    model, dataset, out: Path, args: argparse.Namespace, precision, rerank: bool,
+    features=None, results=None,
+) -> Path:
+    """Build the report of a loaded model and a checked dataset (reusing an evaluation's
+    ``features`` and ``results`` when given); prints its path."""
     from rmgl.engine.report import report_model
 
     path, data, _ = report_model(
         model, dataset, out, rerank=rerank, protocol=args.protocol, batch_size=args.batch_size,
         workers=args.workers, amp=precision, worst=args.worst, topk=args.topk,
+        features=features, results=results,
     )
     t = data["timings"]
     print(f"report: {path} (features {t['features_s']:.1f} s, ranking {t['ranking_s']:.1f} s, "

@@ -13,6 +13,7 @@ from rmgl.data.loading import eval_loader
 from rmgl.data.records import ReidDataset, same_image_index
 from rmgl.data.transforms import build_eval_transform
 from rmgl.metrics import (
+    ExtractedFeatures,
     RankResult,
     evaluate_features,
     evaluate_rank,
@@ -31,6 +32,27 @@ def resolve_protocol(protocol: str, dataset: ReidDataset) -> str:
     return dataset.protocol if protocol == "auto" else protocol
 
 
+def extract_query_gallery(
+    model: torch.nn.Module,
+    dataset: ReidDataset,
+    size: tuple[int, int],
+    batch_size: int = 128,
+    workers: int = 2,
+    progress: bool = True,
+    amp: torch.dtype | None = None,
+) -> tuple[ExtractedFeatures, ExtractedFeatures]:
+    """The evaluation's (query, gallery) features: flip-averaged, L2-normalised descriptors
+    of the eval transform at ``size``."""
+    transform = build_eval_transform(size)
+    query, gallery = (
+        extract_features(
+            model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp
+        )
+        for records in (dataset.query, dataset.gallery)
+    )
+    return query, gallery
+
+
 def evaluate_model(
     model: torch.nn.Module,
     dataset: ReidDataset,
@@ -44,22 +66,20 @@ def evaluate_model(
     amp: torch.dtype | None = None,
     protocol: str = "auto",
     provenance: dict[str, Any] | None = None,
+    features: tuple[ExtractedFeatures, ExtractedFeatures] | None = None,
 ) -> dict[str, RankResult]:
     """Results keyed ``"plain"`` (and ``"rerank"``).
 
     ``amp`` is the autocast dtype of feature extraction (None = float32, the default: see
     :func:`rmgl.engine.runtime.amp_dtype`). With ``out_dir`` also writes ``results.json``
     (with ``provenance`` and the settings used), ``cmc.png`` and ``ranked_list.png`` there.
+    ``features``: the (query, gallery) features of :func:`extract_query_gallery`, when the
+    caller has them already (``rmgl eval --report`` extracts once for both).
     """
     protocol = resolve_protocol(protocol, dataset)
-    transform = build_eval_transform(size)
-    features = {
-        split: extract_features(
-            model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp
-        )
-        for split, records in (("query", dataset.query), ("gallery", dataset.gallery))
-    }
-    query, gallery = features["query"], features["gallery"]
+    if features is None:
+        features = extract_query_gallery(model, dataset, size, batch_size, workers, progress, amp)
+    query, gallery = features
     own = same_image_index(dataset.query, dataset.gallery)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
     # distances and metrics per query chunk: the Q x G matrix is never held (the ranked-list

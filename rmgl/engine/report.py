@@ -12,15 +12,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rmgl.data.loading import eval_loader
 from rmgl.data.records import ReidDataset, same_image_index
-from rmgl.data.transforms import build_eval_transform
-from rmgl.engine.evaluation import resolve_protocol
+from rmgl.engine.evaluation import extract_query_gallery, resolve_protocol
 from rmgl.metrics import (
+    ExtractedFeatures,
     RankResult,
     evaluate_features,
     evaluate_rank,
-    extract_features,
     k_reciprocal_rerank,
     pairwise_distance,
 )
@@ -54,36 +52,42 @@ def report_model(
     worst: int = 20,
     topk: int = 10,
     progress: bool = True,
+    features: tuple[ExtractedFeatures, ExtractedFeatures] | None = None,
+    results: dict[str, RankResult] | None = None,
 ) -> tuple[Path, dict, dict[str, RankResult]]:
     """Extract features of the query and gallery (as :func:`~rmgl.engine.evaluation.evaluate_model`
     does: flip-averaged, L2-normalised, the config's distance), rank, and write the report.
 
     ``model`` is a model from :func:`rmgl.engine.load.load_model` (it carries ``preprocess``,
-    ``config`` and ``checkpoint``). Returns the page's path, its numbers (with ``timings``)
-    and the results.
+    ``config`` and ``checkpoint``). ``features`` (from
+    :func:`~rmgl.engine.evaluation.extract_query_gallery`) and ``results`` (from
+    :func:`~rmgl.engine.evaluation.evaluate_model` on those features) are reused when given,
+    so that ``rmgl eval --report`` extracts and re-ranks once. Returns the page's path, its
+    numbers (with ``timings``) and the results.
     """
     protocol = resolve_protocol(protocol, dataset)
     metric = model.config.eval.metric
-    transform = build_eval_transform(model.preprocess.size)
     start = time.perf_counter()
-    with torch.no_grad():
-        query, gallery = (
-            extract_features(model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp)
-            for records in (dataset.query, dataset.gallery)
-        )
+    if features is None:
+        with torch.no_grad():
+            features = extract_query_gallery(
+                model, dataset, model.preprocess.size, batch_size, workers, progress, amp
+            )
+    query, gallery = features
     extracted = time.perf_counter()
     own = same_image_index(dataset.query, dataset.gallery)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    results = dict(results or {})
     distmat = None
     if len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20:
         # small enough to hold: one distance pass serves the ranking and the page
         distmat = pairwise_distance(query.features, gallery.features, metric=metric)
-        plain = evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
-    else:  # streamed, as evaluate_model does; the page's analysis streams it a second time
-        plain = evaluate_features(query.features, gallery.features, *labels, metric=metric,
-                                  protocol=protocol, query_in_gallery=own)
-    results = {"plain": plain}
-    if rerank:
+        if "plain" not in results:
+            results["plain"] = evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
+    elif "plain" not in results:  # streamed, as evaluate_model does; the page streams it again
+        results["plain"] = evaluate_features(query.features, gallery.features, *labels,
+                                             metric=metric, protocol=protocol, query_in_gallery=own)
+    if rerank and "rerank" not in results:
         results["rerank"] = evaluate_rank(
             k_reciprocal_rerank(query.features, gallery.features), *labels, protocol=protocol,
             query_in_gallery=own,
