@@ -78,15 +78,17 @@ def report_model(
     own = same_image_index(dataset.query, dataset.gallery)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
     results = dict(results or {})
-    distmat = None
-    if len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20:
-        # small enough to hold: one distance pass serves the ranking and the page
-        distmat = pairwise_distance(query.features, gallery.features, metric=metric)
-        if "plain" not in results:
-            results["plain"] = evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
-    elif "plain" not in results:  # streamed, as evaluate_model does; the page streams it again
-        results["plain"] = evaluate_features(query.features, gallery.features, *labels,
-                                             metric=metric, protocol=protocol, query_in_gallery=own)
+    small = len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20
+    # small enough to hold: one distance pass serves the ranking and the page; else both
+    # stream it (the ranking as evaluate_model does, the page once more)
+    distmat = pairwise_distance(query.features, gallery.features, metric=metric) if small else None
+    if "plain" not in results:
+        results["plain"] = (
+            evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
+            if small
+            else evaluate_features(query.features, gallery.features, *labels, metric=metric,
+                                   protocol=protocol, query_in_gallery=own)
+        )
     if rerank and "rerank" not in results:
         results["rerank"] = evaluate_rank(
             k_reciprocal_rerank(query.features, gallery.features), *labels, protocol=protocol,

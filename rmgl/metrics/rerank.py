@@ -147,7 +147,7 @@ def _candidate_dtype(candidate_precision: str) -> torch.dtype | None:
     native bfloat16 products were only about 2x faster than float32 ones and re-scoring
     (memory-bound gathers) ate the gain; on an H200 the float32 pass takes 0.3 s at
     Market-1501 scale and 6 s at MSMT17 scale, and the candidate pass 0.9 s and 8.3 s
-    (it re-scores ~1,000 small 16-row products one after the other, each with a round trip
+    (it re-scores 1,000-5,000 small 16-row products one after the other, each with a round trip
     to the host; not broken down further). ``"bfloat16"`` asks for it anywhere.
     """
     if candidate_precision not in ("auto", "bfloat16", "full"):
