@@ -78,6 +78,7 @@ def test_new_keys_default_to_the_papers_recipe():
     (["model.head=neck"], "model.head='neck' is not one of: reduction, bnneck"),
     (["loss.ce_reduction=avg"], "loss.ce_reduction='avg' is not one of: sum, mean"),
     (["loss.triplet_reduction=max"], "loss.triplet_reduction='max' is not one of: sum, mean"),
+    (["loss.triplet_weight=-0.5"], "loss.triplet_weight"),
     (["model.abp_warmup_epochs=-1"], "model.abp_warmup_epochs=-1 must be >= 0"),
     (["data.augment.rsa_start_epoch=-1"], "data.augment.rsa_start_epoch=-1 must be >= 0"),
     (["data.augment.rsa_ramp_epochs=-2"], "data.augment.rsa_ramp_epochs=-2 must be >= 0"),
@@ -374,6 +375,27 @@ def test_loss_reductions_and_the_names_of_the_terms():
     assert torch.allclose(averaged * 14, summed, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="ce_reduction must be one of"):
         RMGLLoss(ce_reduction="avg")
+
+
+def test_triplet_weight_scales_the_triplet_family_and_zero_leaves_cross_entropy_alone():
+    model = _model()
+    out = model.train()(_images())
+    _, terms = RMGLLoss()(out, PIDS)
+    ce = sum(v for k, v in terms.items() if k.startswith("ce/"))
+    triplet = sum(v for k, v in terms.items() if k.startswith("triplet/"))
+    assert triplet > 0  # an untrained network violates the margin: the check below can fail
+    for weight in (0.0, 0.5, 2.0):
+        got, got_terms = RMGLLoss(triplet_weight=weight)(out, PIDS)
+        assert torch.allclose(got, ce + weight * triplet)
+        assert got_terms.keys() == terms.keys()  # the triplet terms are still logged
+    # with weight 0 the triplet sends no gradient: the gradient equals cross-entropy's alone
+    weight = model.branches[0].heads["orig_global"].reduction[0].weight
+    ce_only = torch.autograd.grad(RMGLLoss(triplet_weight=0.0)(out, PIDS)[0], weight, retain_graph=True)[0]
+    ce_graph = sum(torch.nn.functional.cross_entropy(logits, PIDS) for logits in out.logits.values())
+    by_hand = torch.autograd.grad(ce_graph, weight, retain_graph=True)[0]
+    assert torch.allclose(ce_only, by_hand)
+    with pytest.raises(ValueError, match="triplet_weight must be >= 0"):
+        RMGLLoss(triplet_weight=-1.0)
 
 
 def test_every_option_keeps_the_logged_term_names():

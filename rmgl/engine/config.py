@@ -61,6 +61,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     ce_reduction: str = "sum"  # sum (Eq. 4) | mean over the classifiers
     triplet_reduction: str = "sum"  # sum (Eq. 4) | mean over the branches
+    triplet_weight: float = 1.0  # Eq. 4's unit weight; 0 = cross-entropy only (PCB's objective)
 
 
 @dataclass
@@ -268,6 +269,7 @@ RANGES = [
     ("data.augment.rsa_ramp_epochs", lambda v: v >= 0, ">= 0"),
     ("loss.triplet_margin", lambda v: v >= 0, ">= 0"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.triplet_weight", lambda v: v >= 0, ">= 0 (0 = cross-entropy only)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.head_lr_mult", lambda v: v > 0, "> 0"),

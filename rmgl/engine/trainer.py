@@ -128,6 +128,7 @@ class Trainer:
             cfg.loss.label_smoothing,
             cfg.loss.ce_reduction,
             cfg.loss.triplet_reduction,
+            cfg.loss.triplet_weight,
         )
         self.ddp = self.model
         if self.runtime.distributed:

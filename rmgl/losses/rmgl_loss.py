@@ -23,6 +23,10 @@ class RMGLLoss(nn.Module):
     terms over the classifiers / the triplet terms over the branches instead of summing them,
     so that a family's share of the gradient does not grow with its number of terms. The
     logged terms stay unweighted either way.
+
+    ``triplet_weight`` scales the triplet family (Eq. 4: 1). At 0 the objective is
+    cross-entropy on every classifier alone, the PCB baseline's; the triplet terms are still
+    computed and logged, so runs with and without it log the same columns.
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class RMGLLoss(nn.Module):
         label_smoothing: float = 0.0,
         ce_reduction: str = "sum",
         triplet_reduction: str = "sum",
+        triplet_weight: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("ce_reduction", ce_reduction), ("triplet_reduction", triplet_reduction)):
@@ -42,6 +47,9 @@ class RMGLLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.ce_reduction = ce_reduction
         self.triplet_reduction = triplet_reduction
+        if triplet_weight < 0:
+            raise ValueError(f"triplet_weight must be >= 0, got {triplet_weight}")
+        self.triplet_weight = triplet_weight
 
     def forward(self, output: RMGLOutput, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, Tensor] = {}
@@ -55,7 +63,8 @@ class RMGLLoss(nn.Module):
             )
         scale = {
             "ce": 1.0 / len(output.logits) if self.ce_reduction == "mean" else 1.0,
-            "triplet": 1.0 / len(output.branch_features) if self.triplet_reduction == "mean" else 1.0,
+            "triplet": self.triplet_weight
+            * (1.0 / len(output.branch_features) if self.triplet_reduction == "mean" else 1.0),
         }
         # one sum over the terms in their order; x * 1.0 == x, so "sum" is Eq. 4's sum exactly
         total = sum(scale[key.split("/")[0]] * value for key, value in terms.items())
@@ -65,5 +74,5 @@ class RMGLLoss(nn.Module):
         kind = "soft margin" if self.soft_margin else f"margin={self.margin}"
         return (
             f"{kind}, label_smoothing={self.label_smoothing}, ce_reduction={self.ce_reduction}, "
-            f"triplet_reduction={self.triplet_reduction}"
+            f"triplet_reduction={self.triplet_reduction}, triplet_weight={self.triplet_weight}"
         )
