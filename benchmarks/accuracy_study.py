@@ -1,8 +1,8 @@
 """Summarise a seeded study: mean ± spread of the final metrics and the learning curves.
 
-The runs are ordinary rmgl runs named ``<name>_seed<N>`` and trained with ``eval.every=1``
-(so ``evaluations.jsonl`` holds one row per epoch), e.g. for the CPU study of
-``docs/accuracy.md``::
+The runs are ordinary rmgl runs named ``<name>_seed<N>``, trained with ``eval.every=1`` (one
+curve point per epoch) or every few epochs (``eval.every=3``: points at epochs 3, 6, ...),
+e.g. for the CPU study of ``docs/accuracy.md``::
 
     rmgl synth --out data/realistic --realism realistic
     OMP_NUM_THREADS=1 rmgl sweep cpu/global cpu/pcb6 cpu/multibranch cpu/rmgl --seeds 3 \\
@@ -10,8 +10,9 @@ The runs are ordinary rmgl runs named ``<name>_seed<N>`` and trained with ``eval
     python benchmarks/accuracy_study.py runs/study --plot docs/images/study_curves.png
 
 Prints two markdown tables: final rank-1 / mAP / mINP per configuration (mean ± sample
-standard deviation over seeds, seeds listed), and mAP after every epoch (mean over seeds).
-Runs that have not reached the last epoch are left out and named.
+standard deviation over seeds, seeds listed), and mAP at every evaluated epoch (mean over
+seeds; a configuration's columns are the epochs all its finished seeds evaluated). Runs that
+have not reached the last epoch are left out and named.
 """
 
 from __future__ import annotations
@@ -45,25 +46,37 @@ def mean_spread(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
 
 
+def finished(seeds: dict[int, list[dict]], epochs: int) -> dict[int, list[dict]]:
+    """The seeds whose run evaluated its last epoch."""
+    return {s: rows for s, rows in seeds.items() if rows and rows[-1]["epoch"] + 1 == epochs}
+
+
+def mean_curve(runs: list[list[dict]]) -> dict[int, float]:
+    """{epoch (1-based): mean mAP} over the epochs every run evaluated."""
+    by_epoch = [{r["epoch"] + 1: r["mAP"] for r in rows} for rows in runs]
+    shared = sorted(set.intersection(*(set(e) for e in by_epoch)))
+    return {e: statistics.fmean(run[e] for run in by_epoch) for e in shared}
+
+
 def summarise(curves: dict[str, dict[int, list[dict]]], epochs: int) -> str:
     lines = ["| config | seeds | R1 | mAP | mINP |", "|---|---|---|---|---|"]
     unfinished = []
     for name, seeds in curves.items():
-        done = {s: rows for s, rows in seeds.items() if rows and rows[-1]["epoch"] + 1 == epochs}
+        done = finished(seeds, epochs)
         unfinished += [f"{name}_seed{s}" for s in seeds if s not in done]
         if not done:
             continue
         final = [rows[-1] for rows in done.values()]
         cells = [mean_spread([r[k] for r in final]) for k in ("rank1", "mAP", "mINP")]
         lines.append(f"| {name} | {', '.join(map(str, sorted(done)))} | {' | '.join(cells)} |")
-    lines += ["", "mAP after each epoch (mean over the finished seeds):", "",
-              "| config | " + " | ".join(f"ep {e + 1}" for e in range(epochs)) + " |",
-              "|---|" + "---|" * epochs]
-    for name, seeds in curves.items():
-        done = [rows for rows in seeds.values() if rows and rows[-1]["epoch"] + 1 == epochs]
-        if done:
-            means = [statistics.fmean(rows[e]["mAP"] for rows in done) for e in range(epochs)]
-            lines.append(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means) + " |")
+    means = {name: mean_curve(list(done.values()))
+             for name, seeds in curves.items() if (done := finished(seeds, epochs))}
+    columns = sorted({e for curve in means.values() for e in curve})
+    lines += ["", "mAP at each evaluated epoch (mean over the finished seeds):", "",
+              "| config | " + " | ".join(f"ep {e}" for e in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for name, curve in means.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * curve[e]:.1f}" if e in curve else "" for e in columns) + " |")
     if unfinished:
         lines += ["", f"not finished (left out): {', '.join(unfinished)}"]
     return "\n".join(lines)
@@ -77,14 +90,14 @@ def plot(curves: dict[str, dict[int, list[dict]]], epochs: int, path: Path) -> N
 
     figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     for name, seeds in curves.items():
-        done = [rows for rows in seeds.values() if rows and rows[-1]["epoch"] + 1 == epochs]
+        done = list(finished(seeds, epochs).values())
         if not done:
             continue
-        x = list(range(1, epochs + 1))
-        means = [100 * statistics.fmean(rows[e]["mAP"] for rows in done) for e in range(epochs)]
-        line = axes.plot(x, means, marker="o", label=f"{name} (n={len(done)})")[0]
+        curve = mean_curve(done)
+        line = axes.plot(list(curve), [100 * m for m in curve.values()], marker="o", label=f"{name} (n={len(done)})")[0]
         for rows in done:
-            axes.plot(x, [100 * r["mAP"] for r in rows], color=line.get_color(), alpha=0.25, lw=0.8)
+            axes.plot([r["epoch"] + 1 for r in rows], [100 * r["mAP"] for r in rows],
+                      color=line.get_color(), alpha=0.25, lw=0.8)
     axes.set_xlabel("epoch")
     axes.set_ylabel("mAP (%)")
     axes.set_title("learning curves: mean over seeds (thin: each seed)")
