@@ -60,7 +60,8 @@ class ReportInputs:
     :func:`rmgl.metrics.evaluate_features` computes them with its default memory budget on
     the features' device (the same values), so the matrix is never held; the worst
     queries' first true matches are checked against the results. ``results`` maps
-    ``"plain"`` (required) and ``"rerank"`` (optional) to their :class:`RankResult`. ``query_features`` / ``gallery_features`` (L2-normalised
+    ``"plain"`` (required) and ``"rerank"`` (optional) to their :class:`RankResult`.
+    ``query_features`` / ``gallery_features`` (L2-normalised
     descriptors) with ``feature_names`` enable the per-feature distance breakdown; ``model``
     (an RMGL in eval mode with ``preprocess``) enables activation maps and ABP stripes;
     ``run_dir`` (the training run's folder) the training curves.
