@@ -25,6 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmgl tests benchmarks
+	$(VENV)/bin/ruff format --check rmgl tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

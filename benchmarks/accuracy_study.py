@@ -43,7 +43,11 @@ def read_curves(runs: Path) -> dict[str, dict[int, list[dict]]]:
 
 def mean_spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
-    return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
+    return (
+        f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+        if len(values) > 1
+        else f"{100 * mean:.1f}"
+    )
 
 
 def finished(seeds: dict[int, list[dict]], epochs: int) -> dict[int, list[dict]]:
@@ -69,14 +73,25 @@ def summarise(curves: dict[str, dict[int, list[dict]]], epochs: int) -> str:
         final = [rows[-1] for rows in done.values()]
         cells = [mean_spread([r[k] for r in final]) for k in ("rank1", "mAP", "mINP")]
         lines.append(f"| {name} | {', '.join(map(str, sorted(done)))} | {' | '.join(cells)} |")
-    means = {name: mean_curve(list(done.values()))
-             for name, seeds in curves.items() if (done := finished(seeds, epochs))}
+    means = {
+        name: mean_curve(list(done.values()))
+        for name, seeds in curves.items()
+        if (done := finished(seeds, epochs))
+    }
     columns = sorted({e for curve in means.values() for e in curve})
-    lines += ["", "mAP at each evaluated epoch (mean over the finished seeds):", "",
-              "| config | " + " | ".join(f"ep {e}" for e in columns) + " |",
-              "|---|" + "---|" * len(columns)]
+    lines += [
+        "",
+        "mAP at each evaluated epoch (mean over the finished seeds):",
+        "",
+        "| config | " + " | ".join(f"ep {e}" for e in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for name, curve in means.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * curve[e]:.1f}" if e in curve else "" for e in columns) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * curve[e]:.1f}" if e in curve else "" for e in columns)
+            + " |"
+        )
     if unfinished:
         lines += ["", f"not finished (left out): {', '.join(unfinished)}"]
     return "\n".join(lines)
@@ -94,10 +109,20 @@ def plot(curves: dict[str, dict[int, list[dict]]], epochs: int, path: Path) -> N
         if not done:
             continue
         curve = mean_curve(done)
-        line = axes.plot(list(curve), [100 * m for m in curve.values()], marker="o", label=f"{name} (n={len(done)})")[0]
+        line = axes.plot(
+            list(curve),
+            [100 * m for m in curve.values()],
+            marker="o",
+            label=f"{name} (n={len(done)})",
+        )[0]
         for rows in done:
-            axes.plot([r["epoch"] + 1 for r in rows], [100 * r["mAP"] for r in rows],
-                      color=line.get_color(), alpha=0.25, lw=0.8)
+            axes.plot(
+                [r["epoch"] + 1 for r in rows],
+                [100 * r["mAP"] for r in rows],
+                color=line.get_color(),
+                alpha=0.25,
+                lw=0.8,
+            )
     axes.set_xlabel("epoch")
     axes.set_ylabel("mAP (%)")
     axes.set_title("learning curves: mean over seeds (thin: each seed)")
@@ -112,7 +137,12 @@ def plot(curves: dict[str, dict[int, list[dict]]], epochs: int, path: Path) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding the <name>_seed<N> runs")
-    parser.add_argument("--epochs", type=int, default=5, help="the schedule's length (runs that did not finish are left out)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=5,
+        help="the schedule's length (runs that did not finish are left out)",
+    )
     parser.add_argument("--plot", type=Path, help="also write the learning curves as a PNG")
     args = parser.parse_args()
     curves = read_curves(args.runs)

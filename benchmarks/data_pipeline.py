@@ -43,8 +43,15 @@ def single_process(dataset: ReidImageDataset, n: int) -> float:
 
 
 def with_workers(dataset: ReidImageDataset, workers: int, n: int, batch: int = 48) -> float:
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        worker_init_fn=lambda _: torch.set_num_threads(1), persistent_workers=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        worker_init_fn=lambda _: torch.set_num_threads(1),
+        persistent_workers=True,
+    )
     it = iter(loader)
     next(it)  # start-up
     seen, start = 0, time.perf_counter()
@@ -61,7 +68,9 @@ def with_workers(dataset: ReidImageDataset, workers: int, n: int, batch: int = 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=2000, help="images timed per setting")
-    parser.add_argument("--data", help="a Market-style folder (default: a fresh synthetic benchmark)")
+    parser.add_argument(
+        "--data", help="a Market-style folder (default: a fresh synthetic benchmark)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or tmp
@@ -69,7 +78,10 @@ def main() -> None:
             generate(SynthConfig(seed=0), root, progress=False)
         records = read_folder(root).train
         rows = []
-        for name, aug in (("RSA + flip (paper default)", AugmentConfig()), ("RSA + flip + erasing", AugmentConfig(random_erasing=0.5))):
+        for name, aug in (
+            ("RSA + flip (paper default)", AugmentConfig()),
+            ("RSA + flip + erasing", AugmentConfig(random_erasing=0.5)),
+        ):
             dataset = ReidImageDataset(records, build_train_transform((384, 128), aug), train=True)
             rows.append((name, "1 process, 1 thread", single_process(dataset, args.images)))
             rows.append((name, "DataLoader, 2 workers", with_workers(dataset, 2, args.images)))

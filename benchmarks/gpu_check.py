@@ -91,8 +91,14 @@ def check_train_throughput(ctx: Context) -> list[Row]:
             rate = measure(setting, ctx.device, 10, 10, channels_last=channels_last, windows=3)
         except Exception as error:
             traceback.print_exc()
-            rows.append(Row(f"train {setting['name']}, batch {P * 4}, {recipe}", "FAIL",
-                            f"error: {error!r}"[:120], ""))
+            rows.append(
+                Row(
+                    f"train {setting['name']}, batch {P * 4}, {recipe}",
+                    "FAIL",
+                    f"error: {error!r}"[:120],
+                    "",
+                )
+            )
             continue
         if P == 12 and channels_last:
             ctx.train_rate = rate  # the trainer's setting, for the data-pipeline row
@@ -406,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             for row in rows:
                 failed += row.verdict == "FAIL"
-                print(f"{row.verdict:<17} {row.check}: {row.measured} (goal {row.goal or '-'})"
-                      f" [{seconds:.0f} s]", flush=True)
+                print(
+                    f"{row.verdict:<17} {row.check}: {row.measured} (goal {row.goal or '-'})"
+                    f" [{seconds:.0f} s]",
+                    flush=True,
+                )
             table += rows
             _write_table(Path(args.out), header, table)  # after every check: a run cut
             # short by its time limit still leaves the rows it finished

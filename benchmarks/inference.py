@@ -57,11 +57,16 @@ def measure(name: str, repeats: int, batch: int, threads: int, folder: Path) -> 
     onnx_path = folder / f"{name}.onnx"
     started = time.perf_counter()
     report = export_onnx(model, onnx_path, images=[torch.randn(3, height, width) for _ in range(4)])
-    print(f"{label}: exported in {time.perf_counter() - started:.0f} s, parity max abs diff "
-          f"{report['parity']['max_abs_diff']:.1e}", flush=True)
+    print(
+        f"{label}: exported in {time.perf_counter() - started:.0f} s, parity max abs diff "
+        f"{report['parity']['max_abs_diff']:.1e}",
+        flush=True,
+    )
     backends = {
         "torch eager": Encoder(model, batch_size=batch),
-        "onnxruntime": Encoder(onnx_path, backend="onnxruntime", device="cpu", batch_size=batch, threads=threads),
+        "onnxruntime": Encoder(
+            onnx_path, backend="onnxruntime", device="cpu", batch_size=batch, threads=threads
+        ),
     }
     rows = []
     for size, rounds in ((1, repeats), (batch, max(3, repeats // 2))):
@@ -79,7 +84,9 @@ def measure(name: str, repeats: int, batch: int, threads: int, folder: Path) -> 
             rows.append(f"| {label} | latency, batch 1 | {cells[0]} | {cells[1]} | {ratio:.2f} |")
         else:
             cells = [f"{size / median[k]:.1f} img/s" for k in backends]
-            rows.append(f"| {label} | throughput, batch {size} | {cells[0]} | {cells[1]} | {ratio:.2f} |")
+            rows.append(
+                f"| {label} | throughput, batch {size} | {cells[0]} | {cells[1]} | {ratio:.2f} |"
+            )
         print(rows[-1], flush=True)
     return rows
 
@@ -87,13 +94,20 @@ def measure(name: str, repeats: int, batch: int, threads: int, folder: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["demo", "r50"])
-    parser.add_argument("--repeats", type=int, default=7, help="rounds for latency (half as many for throughput)")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="rounds for latency (half as many for throughput)"
+    )
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for ONNX Runtime")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads for torch and for ONNX Runtime"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{datetime.date.today()}", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{datetime.date.today()}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

@@ -57,12 +57,22 @@ def records(folder: Path, pids: np.ndarray, cams: np.ndarray, prefix: str) -> li
 def synthetic(num_q: int, num_g: int, num_ids: int, distractors: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     q_pids = rng.integers(1, num_ids + 1, num_q)
-    g_pids = np.concatenate([rng.integers(1, num_ids + 1, num_g - distractors), np.zeros(distractors, dtype=int)])
+    g_pids = np.concatenate(
+        [rng.integers(1, num_ids + 1, num_g - distractors), np.zeros(distractors, dtype=int)]
+    )
     q_cams, g_cams = rng.integers(0, 6, num_q), rng.integers(0, 6, num_g)
     centres = rng.standard_normal((num_ids + 1, PARTS * DIM), dtype=np.float32)
     shift = 0.8 * rng.standard_normal((6, PARTS * DIM), dtype=np.float32)
-    query = centres[q_pids] + shift[q_cams] + NOISE * rng.standard_normal((num_q, PARTS * DIM), dtype=np.float32)
-    gallery = centres[g_pids] + shift[g_cams] + NOISE * rng.standard_normal((num_g, PARTS * DIM), dtype=np.float32)
+    query = (
+        centres[q_pids]
+        + shift[q_cams]
+        + NOISE * rng.standard_normal((num_q, PARTS * DIM), dtype=np.float32)
+    )
+    gallery = (
+        centres[g_pids]
+        + shift[g_cams]
+        + NOISE * rng.standard_normal((num_g, PARTS * DIM), dtype=np.float32)
+    )
     gallery[g_pids == 0] = NOISE * rng.standard_normal((distractors, PARTS * DIM), dtype=np.float32)
     normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     return normalise(query), normalise(gallery), q_pids, g_pids, q_cams, g_cams
@@ -71,15 +81,21 @@ def synthetic(num_q: int, num_g: int, num_ids: int, distractors: int, seed: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="market")
-    parser.add_argument("--images", required=True, help="folder for the stand-in JPEGs (kept between runs)")
+    parser.add_argument(
+        "--images", required=True, help="folder for the stand-in JPEGs (kept between runs)"
+    )
     parser.add_argument("--out", default="report_benchmark.html")
     parser.add_argument("--worst", type=int, default=20)
     parser.add_argument("--model", choices=("none", "resnet18", "resnet50"), default="none")
-    parser.add_argument("--stream", action="store_true", help="never hold the Q x G matrix (as rmgl report)")
+    parser.add_argument(
+        "--stream", action="store_true", help="never hold the Q x G matrix (as rmgl report)"
+    )
     args = parser.parse_args()
     num_q, num_g, num_ids, distractors = SCALES[args.scale]
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {num_q} queries x {num_g} gallery, {PARTS * DIM}-d")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {num_q} queries x {num_g} gallery, {PARTS * DIM}-d"
+    )
     query, gallery, q_pids, g_pids, q_cams, g_cams = synthetic(num_q, num_g, num_ids, distractors)
     tick = time.perf_counter()
     q_records = records(Path(args.images) / args.scale / "query", q_pids, q_cams, "q")
@@ -109,16 +125,28 @@ def main() -> None:
         result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
         times["ranking"] = time.perf_counter() - start
     inputs = ReportInputs(
-        dataset=f"synthetic {args.scale}", query=q_records, gallery=g_records, distmat=dist,
-        results={"plain": result}, protocol="cross_camera", query_features=query, gallery_features=gallery,
-        feature_names=[f"f{i}" for i in range(PARTS)], model=model,
+        dataset=f"synthetic {args.scale}",
+        query=q_records,
+        gallery=g_records,
+        distmat=dist,
+        results={"plain": result},
+        protocol="cross_camera",
+        query_features=query,
+        gallery_features=gallery,
+        feature_names=[f"f{i}" for i in range(PARTS)],
+        model=model,
     )
     path, data = build_report(args.out, inputs, worst=args.worst)
     times["analysis"], times["page"] = data["timings"]["analysis_s"], data["timings"]["page_s"]
     print(f"R1 {100 * result.rank(1):.1f}, mAP {100 * result.mAP:.1f}")
-    print(" | ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f" | total {sum(times.values()):.1f} s")
-    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {path.read_text().count('<img ')} images; "
-          f"peak memory above the features {rss_mb('VmHWM') - before:,.0f} MB")
+    print(
+        " | ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        + f" | total {sum(times.values()):.1f} s"
+    )
+    print(
+        f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {path.read_text().count('<img ')} images; "
+        f"peak memory above the features {rss_mb('VmHWM') - before:,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

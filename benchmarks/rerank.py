@@ -180,12 +180,8 @@ def main() -> None:
         choices=["auto", "bfloat16", "full"],
         help="candidate_precision of the 'rmgl' run; 'rmgl-full' always runs the full pass",
     )
-    parser.add_argument(
-        "--no-full", action="store_true", help="skip the full-precision rmgl pass"
-    )
-    parser.add_argument(
-        "--worker", choices=["ours", "ours-full", "dense"], help=argparse.SUPPRESS
-    )
+    parser.add_argument("--no-full", action="store_true", help="skip the full-precision rmgl pass")
+    parser.add_argument("--worker", choices=["ours", "ours-full", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

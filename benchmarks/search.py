@@ -51,7 +51,9 @@ class Generator:
 
     def images(self, pids: np.ndarray, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        latent = self.centres[pids] + 0.7 * rng.standard_normal((len(pids), LATENT), dtype=np.float32)
+        latent = self.centres[pids] + 0.7 * rng.standard_normal(
+            (len(pids), LATENT), dtype=np.float32
+        )
         x = (latent * self.scale) @ self.basis
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         x += 0.3 / np.sqrt(DIM) * rng.standard_normal(x.shape, dtype=np.float32)
@@ -72,7 +74,9 @@ def write_folder(folder: Path, blocks, pids: np.ndarray, num: int) -> None:
         handle.write("index,path,pid,camid,frame\n")
         for i, (pid, cam) in enumerate(zip(pids.tolist(), cams.tolist())):
             handle.write(f"{i},/footage/c{cam}/{i:07d}.jpg,{pid},{cam},{i}\n")
-    (folder / "extract.json").write_text(json.dumps({"complete": True, "dim": DIM, "synthetic": True}))
+    (folder / "extract.json").write_text(
+        json.dumps({"complete": True, "dim": DIM, "synthetic": True})
+    )
 
 
 def make_data(work: Path, size: int, num_queries: int) -> tuple[Path, Path]:
@@ -87,7 +91,10 @@ def make_data(work: Path, size: int, num_queries: int) -> tuple[Path, Path]:
     write_folder(gallery, blocks, pids, size)
     q_pids = np.random.default_rng(7).integers(0, num_ids, num_queries)
     write_folder(query, [gen.images(q_pids, 99)], q_pids, num_queries)
-    print(f"  data: {size} gallery + {num_queries} queries in {time.perf_counter() - t:.0f} s", flush=True)
+    print(
+        f"  data: {size} gallery + {num_queries} queries in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     return gallery, query
 
 
@@ -99,10 +106,17 @@ def exact_top10(gallery: Path, query: Path) -> tuple[np.ndarray, float]:
     best_sim = np.empty((len(q), 0), dtype=np.float32)
     t = time.perf_counter()
     for start in range(0, len(g), BLOCK):
-        block = np.memmap(g.filename, np.float32, "r", g.offset + 4 * DIM * start,
-                          (min(BLOCK, len(g) - start), DIM))
+        block = np.memmap(
+            g.filename,
+            np.float32,
+            "r",
+            g.offset + 4 * DIM * start,
+            (min(BLOCK, len(g) - start), DIM),
+        )
         sims = q @ np.asarray(block).T
-        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], 1)
+        ids = np.concatenate(
+            [best_ids, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], 1
+        )
         sims = np.concatenate([best_sim, sims], 1)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :10]
         best_ids, best_sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
@@ -116,9 +130,16 @@ def child_build(args) -> None:
     reset_peak_rss()
     t = time.perf_counter()
     index = GalleryIndex.build(args.gallery, args.index, kind=args.kind, pca=args.pca)
-    print(json.dumps({"build_s": time.perf_counter() - t, "build_peak_mb": rss_mb("VmHWM"),
-                      "resolved": index.manifest.get("resolved", {}),
-                      "disk_mb": {k: v / 2**20 for k, v in index.info()["bytes"].items()}}))
+    print(
+        json.dumps(
+            {
+                "build_s": time.perf_counter() - t,
+                "build_peak_mb": rss_mb("VmHWM"),
+                "resolved": index.manifest.get("resolved", {}),
+                "disk_mb": {k: v / 2**20 for k, v in index.info()["bytes"].items()},
+            }
+        )
+    )
 
 
 def child_search(args) -> None:
@@ -133,7 +154,9 @@ def child_search(args) -> None:
     passes = []
     for _ in range(3):  # the median of three passes: the machine is shared and noisy
         t = time.perf_counter()
-        ids = np.concatenate([index.nearest(q[s : s + args.batch], 10)[0] for s in range(0, len(q), args.batch)])
+        ids = np.concatenate(
+            [index.nearest(q[s : s + args.batch], 10)[0] for s in range(0, len(q), args.batch)]
+        )
         passes.append(1000 * (time.perf_counter() - t) / len(q))
     ms = float(np.median(passes))
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
@@ -143,11 +166,26 @@ def child_search(args) -> None:
     worst = 0.0
     for i in range(20):
         rows = np.asarray(g[np.sort(ids[i])]).astype(np.float64)
-        ref = np.sort(distances_from_ip(rows @ q[i].astype(np.float64), 1.0 * q[i].astype(np.float64) @ q[i],
-                                        (rows * rows).sum(1), "euclidean"))
+        ref = np.sort(
+            distances_from_ip(
+                rows @ q[i].astype(np.float64),
+                1.0 * q[i].astype(np.float64) @ q[i],
+                (rows * rows).sum(1),
+                "euclidean",
+            )
+        )
         worst = max(worst, float(np.abs(np.sort(dist[i]) - ref).max()))
-    print(json.dumps({"ms_per_query": ms, "ms_passes": passes, "recall10": recall, "search_peak_mb": rss_mb("VmHWM"),
-                      "max_distance_error": worst}))
+    print(
+        json.dumps(
+            {
+                "ms_per_query": ms,
+                "ms_passes": passes,
+                "recall10": recall,
+                "search_peak_mb": rss_mb("VmHWM"),
+                "max_distance_error": worst,
+            }
+        )
+    )
 
 
 def run_child(*argv) -> dict:
@@ -163,7 +201,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw"])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--pca", type=int, default=256, help="reduced dimension of the approximate kinds")
+    parser.add_argument(
+        "--pca", type=int, default=256, help="reduced dimension of the approximate kinds"
+    )
     parser.add_argument("--scan-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
@@ -172,8 +212,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
     work = Path(args.work)
     for size in args.sizes:
         gallery, query = make_data(work, size, args.queries)
@@ -186,20 +229,53 @@ def main() -> None:
         for kind in args.kinds:
             index = work / (f"index_{kind}_{size}" + (f"_pca{args.pca}" if args.pca != 256 else ""))
             if not (index / "manifest.json").exists():
-                build = run_child("_build", "--gallery", str(gallery), "--index", str(index), "--kind", kind,
-                                  "--pca", str(args.pca))
+                build = run_child(
+                    "_build",
+                    "--gallery",
+                    str(gallery),
+                    "--index",
+                    str(index),
+                    "--kind",
+                    kind,
+                    "--pca",
+                    str(args.pca),
+                )
             else:
                 build = {"build_s": float("nan"), "build_peak_mb": float("nan")}
-            settings = {"flat": [None], "pcaflat": [None], "hnsw": args.ef, "ivfpq": args.nprobe}[kind]
+            settings = {"flat": [None], "pcaflat": [None], "hnsw": args.ef, "ivfpq": args.nprobe}[
+                kind
+            ]
             for value in settings:
-                extra = {"hnsw": ["--ef-search", str(value)], "ivfpq": ["--nprobe", str(value)],
-                         "pcaflat": ["--scan-dtype", args.scan_dtype]}.get(kind, [])
-                found = run_child("_search", "--gallery", str(gallery), "--index", str(index), "--query",
-                                  str(query), "--truth", str(truth_path), "--batch", str(args.batch), *extra)
-                row = {"size": size, "kind": kind, "param": value, "pca": args.pca, "batch": args.batch,
-                       "scan_dtype": args.scan_dtype if kind == "pcaflat" else None,
-                       **build, **found,
-                       "brute_force_ms": brute_ms}
+                extra = {
+                    "hnsw": ["--ef-search", str(value)],
+                    "ivfpq": ["--nprobe", str(value)],
+                    "pcaflat": ["--scan-dtype", args.scan_dtype],
+                }.get(kind, [])
+                found = run_child(
+                    "_search",
+                    "--gallery",
+                    str(gallery),
+                    "--index",
+                    str(index),
+                    "--query",
+                    str(query),
+                    "--truth",
+                    str(truth_path),
+                    "--batch",
+                    str(args.batch),
+                    *extra,
+                )
+                row = {
+                    "size": size,
+                    "kind": kind,
+                    "param": value,
+                    "pca": args.pca,
+                    "batch": args.batch,
+                    "scan_dtype": args.scan_dtype if kind == "pcaflat" else None,
+                    **build,
+                    **found,
+                    "brute_force_ms": brute_ms,
+                }
                 print(json.dumps(row), flush=True)
                 if args.results:
                     with open(args.results, "a") as handle:

@@ -59,14 +59,20 @@ def measure(
     opt_model = model
     if compile:
         model = torch.compile(model)
-    opt = torch.optim.SGD(parameter_groups(opt_model, 0.01, 10.0), lr=0.01, momentum=0.9, weight_decay=1e-3)
+    opt = torch.optim.SGD(
+        parameter_groups(opt_model, 0.01, 10.0), lr=0.01, momentum=0.9, weight_decay=1e-3
+    )
     criterion = RMGLLoss()
     batch = setting["P"] * setting["K"]
     images = torch.randn(batch, 3, *setting["size"], device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.arange(setting["P"], device=device).repeat_interleave(setting["K"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
     def step():
         with autocast:
@@ -94,7 +100,9 @@ def measure(
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
         with profiler(activities=activities) as prof:
             for _ in range(3):
                 step()
@@ -105,20 +113,40 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--windows", type=int, default=1, help="timed windows of --steps; the median is printed")
+    parser.add_argument(
+        "--windows", type=int, default=1, help="timed windows of --steps; the median is printed"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=sorted(SETTINGS))
-    parser.add_argument("--identities", "--r50-identities", dest="identities", type=int, default=None,
-                        help="P for RMGL-R50 (default 12 on GPU, 2 on CPU, where a 48-image step takes minutes)")
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument(
+        "--identities",
+        "--r50-identities",
+        dest="identities",
+        type=int,
+        default=None,
+        help="P for RMGL-R50 (default 12 on GPU, 2 on CPU, where a 48-image step takes minutes)",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True"
+    )
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="a string build_model argument, e.g. rp_position=output or abp=off (repeatable)")
-    parser.add_argument("--profile", action="store_true",
-                        help="after timing, print PyTorch's profiler table of 3 steps (by GPU time on CUDA)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a string build_model argument, e.g. rp_position=output or abp=off (repeatable)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, print PyTorch's profiler table of 3 steps (by GPU time on CUDA)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     SETTINGS["r50"]["P"] = args.identities or (12 if device.type == "cuda" else 2)
@@ -126,15 +154,27 @@ def main() -> None:
     if any("=" not in item for item in args.model):
         parser.error("--model takes KEY=VALUE, e.g. --model rp_position=output")
     model_kwargs = dict(item.split("=", 1) for item in args.model)  # string values only
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    what = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    )
     arguments = model_kwargs or "the paper's"
     print(f"device: {what}; torch {torch.__version__}; model arguments: {arguments}")
     print("| setting | batch | images/s | 60-epoch Market-1501 (projected) |\n|---|---|---|---|")
     for key, setting in SETTINGS.items():
         if args.only and key != args.only:
             continue
-        rate = measure(setting, device, args.steps, args.warmup, compile=args.compile,
-                       windows=args.windows, model_kwargs=model_kwargs, profile=args.profile)
+        rate = measure(
+            setting,
+            device,
+            args.steps,
+            args.warmup,
+            compile=args.compile,
+            windows=args.windows,
+            model_kwargs=model_kwargs,
+            profile=args.profile,
+        )
         hours = 60 * MARKET_TRAIN_IMAGES / rate / 3600
         print(f"| {setting['name']} | {setting['P'] * setting['K']} | {rate:.1f} | {hours:.2f} h |")
 

@@ -57,29 +57,53 @@ class PageCheck:
 
 
 def _run(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
-               "--enable-logging=stderr", "--v=0", *args]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def check_page(browser: str, page: Path, work: Path, size: tuple[int, int] = (1280, 1600)) -> PageCheck:
+def check_page(
+    browser: str, page: Path, work: Path, size: tuple[int, int] = (1280, 1600)
+) -> PageCheck:
     """Open ``page`` (a local HTML file) twice: once as it is for a screenshot, once with
     the recorder for the image and error checks."""
     work.mkdir(parents=True, exist_ok=True)
     screenshot = work / "screenshot.png"
-    shot = _run(browser, work / "profile-shot", f"--window-size={size[0]},{size[1]}",
-                f"--screenshot={screenshot}", page.resolve().as_uri())
+    shot = _run(
+        browser,
+        work / "profile-shot",
+        f"--window-size={size[0]},{size[1]}",
+        f"--screenshot={screenshot}",
+        page.resolve().as_uri(),
+    )
     if not screenshot.is_file():
         raise RuntimeError(f"no screenshot from {browser}: {shot.stderr[-2000:]}")
     text = page.read_text(encoding="utf-8")
     instrumented = page.with_name(page.stem + ".checked.html")
     instrumented.write_text(text.replace("<head>", "<head>" + RECORDER, 1), encoding="utf-8")
-    dump = _run(browser, work / "profile-dom", "--virtual-time-budget=10000", "--dump-dom",
-                instrumented.resolve().as_uri())
+    dump = _run(
+        browser,
+        work / "profile-dom",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        instrumented.resolve().as_uri(),
+    )
     found = re.search(r'<pre id="rmgl-check">(.*?)</pre>', dump.stdout, re.S)
     if not found:
-        raise RuntimeError(f"the recorder did not report (load event never fired?): {dump.stderr[-2000:]}")
+        raise RuntimeError(
+            f"the recorder did not report (load event never fired?): {dump.stderr[-2000:]}"
+        )
     import html
 
     result = json.loads(html.unescape(found.group(1)))

@@ -25,5 +25,10 @@ def synth_dir(tmp_path_factory):
     from rmgl.data.synthetic import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth")
-    generate(SynthConfig(seed=3, train_ids=30, test_ids=30, distractors=20, junk=10), out, workers=1, progress=False)
+    generate(
+        SynthConfig(seed=3, train_ids=30, test_ids=30, distractors=20, junk=10),
+        out,
+        workers=1,
+        progress=False,
+    )
     return out

@@ -24,8 +24,16 @@ def main() -> None:
         trainer.train()
     params = torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
     with open(f"{out}/rank{trainer.rank}.json", "w") as f:
-        json.dump({"steps": record.steps, "iters": trainer.iters_per_epoch, "params": params.tolist()[:5000],
-                   "checksum": float(params.sum()), "abs": float(params.abs().sum())}, f)
+        json.dump(
+            {
+                "steps": record.steps,
+                "iters": trainer.iters_per_epoch,
+                "params": params.tolist()[:5000],
+                "checksum": float(params.sum()),
+                "abs": float(params.abs().sum()),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

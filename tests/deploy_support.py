@@ -17,20 +17,46 @@ from rmgl.model import build_model
 
 def make_synthetic(root: Path) -> Path:
     """A tiny synthetic benchmark in Market-1501 layout (about 50 images)."""
-    generate(SynthConfig(seed=5, train_ids=8, test_ids=6, distractors=4, junk=2, cameras_per_id=(2, 3),
-                         images_per_camera=(2, 3)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=5,
+            train_ids=8,
+            test_ids=6,
+            distractors=4,
+            junk=2,
+            cameras_per_id=(2, 3),
+            images_per_camera=(2, 3),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
-def make_checkpoint(path: Path, data_root: Path | str, height: int = 48, width: int = 16, seed: int = 0,
-                    overrides: tuple[str, ...] = ()) -> Path:
+def make_checkpoint(
+    path: Path,
+    data_root: Path | str,
+    height: int = 48,
+    width: int = 16,
+    seed: int = 0,
+    overrides: tuple[str, ...] = (),
+) -> Path:
     """An rmgl checkpoint of an untrained ResNet-18 RMGL (a checkpoint is a checkpoint: the
     deploy code only reads weights and config). BatchNorm statistics are randomised so that
     the network is not the identity-like function of a fresh model."""
-    cfg = load_config(None, [
-        "data.dataset=folder", f"data.root={data_root}", f"data.height={height}", f"data.width={width}",
-        "model.backbone=resnet18", "model.pretrained=none", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.root={data_root}",
+            f"data.height={height}",
+            f"data.width={width}",
+            "model.backbone=resnet18",
+            "model.pretrained=none",
+            *overrides,
+        ],
+    )
     options = model_options(OmegaConf.to_container(cfg.model))
     torch.manual_seed(seed)
     model = build_model(8, **options)

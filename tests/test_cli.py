@@ -10,7 +10,24 @@ from rmgl.cli import main
 
 def test_synth_then_data_info(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["synth", "--out", str(out), "--train-ids", "12", "--test-ids", "10", "--scale", "1", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(out),
+                "--train-ids",
+                "12",
+                "--test-ids",
+                "10",
+                "--scale",
+                "1",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert main(["data-info", "folder", "--root", str(out)]) == 0
     table = capsys.readouterr().out
@@ -26,7 +43,9 @@ def test_data_info_wrong_root_is_a_clear_error(tmp_path, capsys):
 
 
 def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "rmgl.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rmgl.cli", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "synth" in result.stdout and "data-info" in result.stdout
 
 
@@ -38,16 +57,24 @@ def test_configs_lists_and_prints_builtin_configs(capsys):
     assert "dataset: market1501" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "no_such_config"], "rmgl train: error: config no_such_config is neither a file nor a built-in config"),
-    (["train", "demo", "run.name="], "rmgl train: error: run.name='' is not a usable run name"),
-    (["train", "demo", "optim.epoch=3"], "did you mean 'optim.epochs'?"),
-    (["train", "demo", "optim.epochs=0"], "rmgl train: error: optim.epochs=0 must be >= 1"),
-    (["sweep", "demo", "--seeds", "0"], "rmgl sweep: error: --seeds must be >= 1"),
-    (["eval", "--checkpoint", "missing.safetensors", "--dataset", "folder", "--root", "."],
-     "rmgl eval: error: checkpoint missing.safetensors does not exist"),
-    (["demo", "--scale", "0"], "rmgl demo: error: --scale must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "no_such_config"],
+            "rmgl train: error: config no_such_config is neither a file nor a built-in config",
+        ),
+        (["train", "demo", "run.name="], "rmgl train: error: run.name='' is not a usable run name"),
+        (["train", "demo", "optim.epoch=3"], "did you mean 'optim.epochs'?"),
+        (["train", "demo", "optim.epochs=0"], "rmgl train: error: optim.epochs=0 must be >= 1"),
+        (["sweep", "demo", "--seeds", "0"], "rmgl sweep: error: --seeds must be >= 1"),
+        (
+            ["eval", "--checkpoint", "missing.safetensors", "--dataset", "folder", "--root", "."],
+            "rmgl eval: error: checkpoint missing.safetensors does not exist",
+        ),
+        (["demo", "--scale", "0"], "rmgl demo: error: --scale must be > 0"),
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 1
@@ -65,7 +92,10 @@ def test_eval_default_folders_differ_per_checkpoint_dataset_and_root(tmp_path):
     from rmgl.cli.evaluate import default_out_dir
 
     ck = tmp_path / "run" / "best.safetensors"
-    folders = {default_out_dir(ck, "folder", tmp_path / "a"), default_out_dir(ck, "folder", tmp_path / "b"),
-               default_out_dir(ck, "market1501", tmp_path / "a"),
-               default_out_dir(tmp_path / "run" / "last.safetensors", "folder", tmp_path / "a")}
+    folders = {
+        default_out_dir(ck, "folder", tmp_path / "a"),
+        default_out_dir(ck, "folder", tmp_path / "b"),
+        default_out_dir(ck, "market1501", tmp_path / "a"),
+        default_out_dir(tmp_path / "run" / "last.safetensors", "folder", tmp_path / "a"),
+    }
     assert len(folders) == 4 and all(f.parent == tmp_path / "run" for f in folders)

@@ -45,7 +45,9 @@ def write_raw_mat(path: Path) -> None:
                         if slot in PRESENT[(campair, pid)]:
                             cells[pid, slot] = store(pixels(campair, pid, slot, variant).T)
                         else:
-                            cells[pid, slot] = store(np.zeros(2, dtype=np.uint64))  # MATLAB's empty cell
+                            cells[pid, slot] = store(
+                                np.zeros(2, dtype=np.uint64)
+                            )  # MATLAB's empty cell
                 pair_refs.append(store(cells.T))
             f.create_dataset(variant, data=np.array([pair_refs], dtype=h5py.ref_dtype))
 
@@ -66,11 +68,17 @@ def write_config(path: Path) -> dict:
     gallery = [i for i in test if i not in query]
     filelist = np.empty((len(names), 1), dtype=object)
     filelist[:, 0] = names
-    savemat(path, {
-        "train_idx": np.array(train)[:, None] + 1, "query_idx": np.array(query)[:, None] + 1,
-        "gallery_idx": np.array(gallery)[:, None] + 1, "labels": labels[:, None],
-        "filelist": filelist, "camId": np.array([int(n[6]) for n in names])[:, None],
-    })
+    savemat(
+        path,
+        {
+            "train_idx": np.array(train)[:, None] + 1,
+            "query_idx": np.array(query)[:, None] + 1,
+            "gallery_idx": np.array(gallery)[:, None] + 1,
+            "labels": labels[:, None],
+            "filelist": filelist,
+            "camId": np.array([int(n[6]) for n in names])[:, None],
+        },
+    )
     return {"names": names, "labels": labels, "train": train, "query": query, "gallery": gallery}
 
 
@@ -113,7 +121,9 @@ def test_cuhk03_cache_is_relative_and_survives_a_move(cuhk03_root, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.move(str(root), moved)
     again = read_cuhk03(moved, "labeled")
-    assert [Path(r.path).relative_to(moved) for r in again.gallery] == [Path(r.path).relative_to(root) for r in first.gallery]
+    assert [Path(r.path).relative_to(moved) for r in again.gallery] == [
+        Path(r.path).relative_to(root) for r in first.gallery
+    ]
     assert all(Path(r.path).is_file() for r in again.train + again.query + again.gallery)
 
 
@@ -125,7 +135,9 @@ def test_cuhk03_release_layout(tmp_path):
     config = write_config(root / "cuhk03_new_protocol_config_detected.mat")
     ds = read_cuhk03(tmp_path, "detected")
     assert ds.root == str(root)
-    assert [r.path for r in ds.query] == [str(root / "images_detected" / config["names"][i]) for i in config["query"]]
+    assert [r.path for r in ds.query] == [
+        str(root / "images_detected" / config["names"][i]) for i in config["query"]
+    ]
     assert not list(root.rglob("*.tmp*"))
 
 
@@ -141,14 +153,23 @@ def test_cuhk03_missing_files(tmp_path):
 
 # --- MSMT17 ------------------------------------------------------------------------------
 
+
 def make_msmt17(root: Path, version: str) -> Path:
     base = root / f"MSMT17_{version}"
-    train_dir, test_dir = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}[version]
+    train_dir, test_dir = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}[
+        version
+    ]
     lists = {
-        "list_train.txt": [(train_dir, "0000/0000_000_01_0303morning_0015_0.jpg", 0), (train_dir, "0001/0001_000_15_0303noon_0010_1.jpg", 1)],
+        "list_train.txt": [
+            (train_dir, "0000/0000_000_01_0303morning_0015_0.jpg", 0),
+            (train_dir, "0001/0001_000_15_0303noon_0010_1.jpg", 1),
+        ],
         "list_val.txt": [(train_dir, "0002/0002_003_07_0303afternoon_0100_0.jpg", 2)],
         "list_query.txt": [(test_dir, "0000/0000_000_02_0303morning_0001_0.jpg", 0)],
-        "list_gallery.txt": [(test_dir, "0000/0000_001_03_0303morning_0002_0.jpg", 0), (test_dir, "0005/0005_000_12_0303noon_0003_0.jpg", 5)],
+        "list_gallery.txt": [
+            (test_dir, "0000/0000_001_03_0303morning_0002_0.jpg", 0),
+            (test_dir, "0005/0005_000_12_0303noon_0003_0.jpg", 5),
+        ],
     }
     for list_name, rows in lists.items():
         lines = []
@@ -164,7 +185,9 @@ def make_msmt17(root: Path, version: str) -> Path:
 @pytest.mark.parametrize("version", ["V1", "V2"])
 def test_msmt17_records(tmp_path, version):
     base = make_msmt17(tmp_path, version)
-    train_dir, test_dir = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}[version]
+    train_dir, test_dir = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}[
+        version
+    ]
     ds = read_msmt17(tmp_path)
     assert ds.name == f"msmt17_{version.lower()}"
     assert ds.train == [  # train + val, relabelled
@@ -172,7 +195,9 @@ def test_msmt17_records(tmp_path, version):
         ImageRecord(str(base / train_dir / "0001/0001_000_15_0303noon_0010_1.jpg"), 1, 14),
         ImageRecord(str(base / train_dir / "0002/0002_003_07_0303afternoon_0100_0.jpg"), 2, 6),
     ]
-    assert ds.query == [ImageRecord(str(base / test_dir / "0000/0000_000_02_0303morning_0001_0.jpg"), 0, 1)]
+    assert ds.query == [
+        ImageRecord(str(base / test_dir / "0000/0000_000_02_0303morning_0001_0.jpg"), 0, 1)
+    ]
     assert [(r.pid, r.camid) for r in ds.gallery] == [(0, 2), (5, 11)]
     assert len(read_msmt17(tmp_path, combine_val=False).train) == 2
 

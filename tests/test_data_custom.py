@@ -110,7 +110,9 @@ def test_identity_names_are_numbered_in_sorted_order_and_shared(tmp_path):
     assert [r.pid for r in ds.query] == [3, 2]
     assert [r.pid for r in ds.gallery] == [2, 3, 0]
     assert [r.pid for r in ds.train] == [1, 0]  # zoe (4) and alice (1), relabelled
-    assert any("4 identity names numbered 1..4" in note and "'alice' -> 1" in note for note in ds.notes)
+    assert any(
+        "4 identity names numbered 1..4" in note and "'alice' -> 1" in note for note in ds.notes
+    )
 
 
 def test_integer_pids_are_used_as_given(tmp_path):
@@ -131,7 +133,11 @@ def test_header_is_forgiving_about_bom_case_spaces_and_blank_lines(tmp_path):
         encoding="utf-8",
     )
     ds = read_csv_dataset(tmp_path / "d.csv")
-    assert [Path(r.path).name for r in ds.train + ds.query + ds.gallery] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [Path(r.path).name for r in ds.train + ds.query + ds.gallery] == [
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+    ]
 
 
 def test_quoted_paths_with_commas(tmp_path):
@@ -145,7 +151,8 @@ def test_quoted_paths_with_commas(tmp_path):
 def test_distractor_pid_outside_the_gallery_is_dropped_with_a_note(tmp_path):
     images(tmp_path, "a.jpg", "z.jpg", "b.jpg", "c.jpg")
     csv_file = write(
-        tmp_path / "d.csv", "path,pid,split\na.jpg,1,train\nz.jpg,0,train\nb.jpg,2,query\nc.jpg,2,gallery\n"
+        tmp_path / "d.csv",
+        "path,pid,split\na.jpg,1,train\nz.jpg,0,train\nb.jpg,2,query\nc.jpg,2,gallery\n",
     )
     ds = read_csv_dataset(csv_file)
     assert len(ds.train) == 1
@@ -155,7 +162,8 @@ def test_distractor_pid_outside_the_gallery_is_dropped_with_a_note(tmp_path):
 def test_one_camera_with_camid_column_gets_a_note(tmp_path):
     images(tmp_path, "a.jpg", "b.jpg", "c.jpg")
     csv_file = write(
-        tmp_path / "d.csv", "path,pid,camid,split\na.jpg,1,0,train\nb.jpg,2,3,query\nc.jpg,2,3,gallery\n"
+        tmp_path / "d.csv",
+        "path,pid,camid,split\na.jpg,1,0,train\nb.jpg,2,3,query\nc.jpg,2,3,gallery\n",
     )
     ds = read_csv_dataset(csv_file)
     assert ds.protocol == "cross_camera"
@@ -168,23 +176,47 @@ GOOD = ["a.jpg,1,0,train", "b.jpg,2,1,query", "c.jpg,2,2,gallery"]
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ([], r"d\.csv:1: no header row; the first line must name the columns: path,pid,camid,split"),
+        (
+            [],
+            r"d\.csv:1: no header row; the first line must name the columns: path,pid,camid,split",
+        ),
         (["path,camid,split"] + GOOD, r"d\.csv:1: missing column 'pid'"),
         (["path,pid,camid"] + GOOD, r"d\.csv:1: missing column 'split'.*folder of train\.csv"),
         (["path,pid,camera,split"] + GOOD, r"d\.csv:1: unknown column 'camera'; the columns are"),
         (GOOD, r"d\.csv:1: unknown column 'a\.jpg'.*is the header row missing\?"),
         (["path,pid,pid,split"] + GOOD, r"d\.csv:1: column 'pid' appears twice"),
-        (["path,pid,camid,split", "a.jpg,1,0"], r"d\.csv:2: expected 4 fields \(path,pid,camid,split\), found 3"),
-        (["path,pid,camid,split", *GOOD[:2], "c.jpg,2,2,test"], r"d\.csv:4: split 'test' is not one of train, query, gallery"),
-        (["path,pid,camid,split", "nope/x.jpg,1,0,train"], r"d\.csv:2: image nope/x\.jpg not found at .*relative paths start at"),
+        (
+            ["path,pid,camid,split", "a.jpg,1,0"],
+            r"d\.csv:2: expected 4 fields \(path,pid,camid,split\), found 3",
+        ),
+        (
+            ["path,pid,camid,split", *GOOD[:2], "c.jpg,2,2,test"],
+            r"d\.csv:4: split 'test' is not one of train, query, gallery",
+        ),
+        (
+            ["path,pid,camid,split", "nope/x.jpg,1,0,train"],
+            r"d\.csv:2: image nope/x\.jpg not found at .*relative paths start at",
+        ),
         (["path,pid,camid,split", ",1,0,train"], r"d\.csv:2: empty path"),
-        (["path,pid,camid,split", "a.jpg,1,c1,train"], r"d\.csv:2: camid 'c1' is not a camera number; expected an integer >= 0"),
+        (
+            ["path,pid,camid,split", "a.jpg,1,c1,train"],
+            r"d\.csv:2: camid 'c1' is not a camera number; expected an integer >= 0",
+        ),
         (["path,pid,camid,split", "a.jpg,1,-2,train"], r"d\.csv:2: camid '-2'"),
         (["path,pid,camid,split", "a.jpg,-3,0,train"], r"d\.csv:2: pid -3 is negative; only -1"),
         (["path,pid,camid,split", "a.jpg, ,0,train"], r"d\.csv:2: empty pid"),
-        (["path,pid,camid,split", *GOOD, "a.jpg,1,0,train"], r"d\.csv:5: a\.jpg is listed twice in the train split \(first on line 2\)"),
-        (["path,pid,camid,split", GOOD[0], GOOD[2]], r"the query split is empty: .*d\.csv \(rows with split query\)"),
-        (["path,pid,camid,split", GOOD[0], "b.jpg,-1,0,query", GOOD[2]], r"the query split is empty"),
+        (
+            ["path,pid,camid,split", *GOOD, "a.jpg,1,0,train"],
+            r"d\.csv:5: a\.jpg is listed twice in the train split \(first on line 2\)",
+        ),
+        (
+            ["path,pid,camid,split", GOOD[0], GOOD[2]],
+            r"the query split is empty: .*d\.csv \(rows with split query\)",
+        ),
+        (
+            ["path,pid,camid,split", GOOD[0], "b.jpg,-1,0,query", GOOD[2]],
+            r"the query split is empty",
+        ),
     ],
 )
 def test_csv_errors_name_file_line_and_expectation(tmp_path, lines, message):
@@ -200,7 +232,12 @@ def test_csv_that_is_not_utf8(tmp_path):
         read_csv_dataset(tmp_path / "d.csv")
 
 
-def split_files(tmp_path, train="path,pid\na.jpg,1\n", query="path,pid\nb.jpg,2\n", gallery="path,pid\nc.jpg,2\n"):
+def split_files(
+    tmp_path,
+    train="path,pid\na.jpg,1\n",
+    query="path,pid\nb.jpg,2\n",
+    gallery="path,pid\nc.jpg,2\n",
+):
     images(tmp_path, "a.jpg", "b.jpg", "c.jpg")
     for name, text in (("train", train), ("query", query), ("gallery", gallery)):
         if text is not None:
@@ -210,13 +247,17 @@ def split_files(tmp_path, train="path,pid\na.jpg,1\n", query="path,pid\nb.jpg,2\
 
 def test_split_column_in_a_split_file_is_an_error(tmp_path):
     split_files(tmp_path, query="path,pid,split\nb.jpg,2,query\n")
-    with pytest.raises(DatasetLayoutError, match=r"query\.csv:1: column 'split' only belongs in a single CSV"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"query\.csv:1: column 'split' only belongs in a single CSV"
+    ):
         read_csv_dataset(tmp_path)
 
 
 def test_cameras_in_some_split_files_only_is_an_error(tmp_path):
     split_files(tmp_path, train="path,pid,camid\na.jpg,1,0\n")
-    with pytest.raises(DatasetLayoutError, match=r"query\.csv:1: no camid column, but .*train\.csv has one"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"query\.csv:1: no camid column, but .*train\.csv has one"
+    ):
         read_csv_dataset(tmp_path)
 
 
@@ -230,7 +271,10 @@ def test_missing_split_file_or_root(tmp_path):
 
 def test_empty_split_file(tmp_path):
     split_files(tmp_path, gallery="path,pid\n")
-    with pytest.raises(DatasetLayoutError, match=r"the gallery split is empty: .*gallery\.csv holds no usable image"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"the gallery split is empty: .*gallery\.csv holds no usable image",
+    ):
         read_csv_dataset(tmp_path)
 
 
@@ -250,12 +294,17 @@ def test_identity_folders_records_exact(tmp_path):
     assert ds.train == [ImageRecord(p("train/12/a.jpg"), 1, 0), ImageRecord(p("train/12/b.JPEG"), 1, 0),
                         ImageRecord(p("train/3/c.png"), 0, 0)]  # fmt: skip
     assert ds.query == [ImageRecord(p("query/5/q.bmp"), 5, 0)]
-    assert ds.gallery == [ImageRecord(p("gallery/0/d.jpg"), 0, 0), ImageRecord(p("gallery/5/g.jpg"), 5, 0)]
+    assert ds.gallery == [
+        ImageRecord(p("gallery/0/d.jpg"), 0, 0),
+        ImageRecord(p("gallery/5/g.jpg"), 5, 0),
+    ]
     assert (ds.name, ds.root, ds.protocol) == ("identity_folders", str(root), "any_camera")
 
 
 def test_identity_folder_names_share_one_numbering(tmp_path):
-    images(tmp_path, "train/zoe/1.jpg", "query/bob/1.jpg", "query/alice/1.jpg", "gallery/alice/2.jpg")
+    images(
+        tmp_path, "train/zoe/1.jpg", "query/bob/1.jpg", "query/alice/1.jpg", "gallery/alice/2.jpg"
+    )
     images(tmp_path, "gallery/bob/2.jpg")
     ds = read_identity_folders(tmp_path)
     assert [(Path(r.path).parent.name, r.pid) for r in ds.query] == [("alice", 1), ("bob", 2)]
@@ -265,7 +314,10 @@ def test_identity_folder_names_share_one_numbering(tmp_path):
 @pytest.mark.parametrize(
     "files, message",
     [
-        (["train/a.jpg"], r"image .*train/a\.jpg is not in an identity folder; move it to .*train/<pid or name>/a\.jpg"),
+        (
+            ["train/a.jpg"],
+            r"image .*train/a\.jpg is not in an identity folder; move it to .*train/<pid or name>/a\.jpg",
+        ),
         (["train/7/readme.txt"], r"identity folder .*train/7 holds no image \(\.jpg"),
         (["train/-4/a.jpg"], r"train/-4: pid -4 is negative"),
     ],
@@ -287,7 +339,9 @@ def test_identity_folders_missing_split(tmp_path):
 
 def test_identity_folders_empty_split(tmp_path):
     images(tmp_path, "train/1/x.jpg", "query/2/x.jpg", "gallery/-1/y.jpg")
-    with pytest.raises(DatasetLayoutError, match=r"the gallery split is empty: .*gallery holds no usable"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"the gallery split is empty: .*gallery holds no usable"
+    ):
         read_identity_folders(tmp_path)
 
 
@@ -381,9 +435,13 @@ def test_register_as_call_and_as_decorator(clean_registry, tmp_path):
 
 
 def test_taken_names_need_overwrite(clean_registry, tmp_path):
-    with pytest.raises(ValueError, match="dataset name 'market1501' is already registered.*overwrite=True"):
+    with pytest.raises(
+        ValueError, match="dataset name 'market1501' is already registered.*overwrite=True"
+    ):
         register_dataset("market1501", tiny_dataset)
-    with pytest.raises(ValueError, match=r"dataset name 'duke' is already registered \(as 'dukemtmcreid'\)"):
+    with pytest.raises(
+        ValueError, match=r"dataset name 'duke' is already registered \(as 'dukemtmcreid'\)"
+    ):
         register_dataset("mine", tiny_dataset, aliases=["duke"])
     assert "mine" not in datasets.READERS  # nothing half-registered
     register_dataset("market1501", tiny_dataset, overwrite=True)
@@ -400,24 +458,28 @@ def test_register_rejects_bad_arguments(clean_registry):
 
 def test_unknown_name_lists_registered_ones(clean_registry, tmp_path):
     register_dataset("tiny", tiny_dataset)
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose one of market1501, .*csv.*tiny"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'imagenet'; choose one of market1501, .*csv.*tiny"
+    ):
         load_dataset("imagenet", tmp_path)
 
 
 def test_reader_must_return_a_dataset(clean_registry, tmp_path):
     register_dataset("broken", lambda root: [])
-    with pytest.raises(TypeError, match="reader of dataset 'broken' returned list, not a ReidDataset"):
+    with pytest.raises(
+        TypeError, match="reader of dataset 'broken' returned list, not a ReidDataset"
+    ):
         load_dataset("broken", tmp_path)
 
 
-PLUGIN = '''
+PLUGIN = """
 from pathlib import Path
 from rmgl.data import ImageRecord, ReidDataset
 
 def read(root):
     record = ImageRecord(str(Path(root) / "x.jpg"), 4, 0)
     return ReidDataset("from_plugin", [record], [record], [record], root=str(root))
-'''
+"""
 
 
 @pytest.fixture
@@ -455,12 +517,16 @@ def test_entry_point_readers_are_found_lazily(installed_plugin, tmp_path):
 
 
 def test_entry_point_that_fails_to_import(installed_plugin, tmp_path):
-    with pytest.raises(ImportError, match="dataset reader 'broken' .*rmgl_missing_package:read.*failed to import"):
+    with pytest.raises(
+        ImportError, match="dataset reader 'broken' .*rmgl_missing_package:read.*failed to import"
+    ):
         load_dataset("broken", tmp_path)
 
 
 def test_entry_point_names_are_listed_for_unknown_names(installed_plugin, tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'nope'; choose one of .*identity_folders, broken, mydata"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'nope'; choose one of .*identity_folders, broken, mydata"
+    ):
         load_dataset("nope", tmp_path)
 
 

@@ -54,7 +54,9 @@ def test_training_skips_bad_images_within_the_identity(records, caplog):
     assert pid == 1 and camid == 0
     assert int(image[0, 0, 0]) in range(40 + 2 - 3, 40 + 2 + 4)  # JPEG of value 42
     assert ds.num_skipped == 2
-    assert any("1_0.jpg" in m for m in caplog.messages) and any("1_1.jpg" in m for m in caplog.messages)
+    assert any("1_0.jpg" in m for m in caplog.messages) and any(
+        "1_1.jpg" in m for m in caplog.messages
+    )
     ds[4]  # known-bad files are not retried
     assert ds.num_skipped == 2
 
@@ -73,9 +75,13 @@ def test_evaluation_refuses_bad_images(records):
 
 
 def test_loaders_with_workers_count_skips(records):
-    loader = train_loader(records, build_train_transform((32, 16)), num_identities=4, num_instances=2, workers=2)
+    loader = train_loader(
+        records, build_train_transform((32, 16)), num_identities=4, num_instances=2, workers=2
+    )
     seen = [pids for _, pids, _ in loader]
     assert seen and all(p.numel() == 8 for p in seen)
     assert loader.dataset.num_skipped >= 1  # counted inside worker processes
-    images, pids, camids = next(iter(eval_loader(records[:3], build_eval_transform((32, 16)), batch_size=2, workers=0)))
+    images, pids, camids = next(
+        iter(eval_loader(records[:3], build_eval_transform((32, 16)), batch_size=2, workers=0))
+    )
     assert images.shape == (2, 3, 32, 16) and pids.tolist() == [0, 0] and camids.tolist() == [0, 1]

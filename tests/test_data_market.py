@@ -15,9 +15,20 @@ from rmgl.data.datasets import (
 from rmgl.data.records import ImageRecord
 
 MARKET_FILES = {
-    "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c2s1_000301_01.jpg", "0007_c3s3_077419_03.jpg", "0010_c6s4_002427_02.jpg", "Thumbs.db"],
+    "bounding_box_train": [
+        "0002_c1s1_000451_03.jpg",
+        "0002_c2s1_000301_01.jpg",
+        "0007_c3s3_077419_03.jpg",
+        "0010_c6s4_002427_02.jpg",
+        "Thumbs.db",
+    ],
     "query": ["0003_c1s1_000176_00.jpg", "0003_c4s1_000401_00.jpg", "0011_c2s2_000176_00.jpg"],
-    "bounding_box_test": ["-1_c1s1_000401_03.jpg", "0000_c3s1_000151_01.jpg", "0003_c2s1_000426_02.jpg", "0011_c5s3_065662_01.jpg"],
+    "bounding_box_test": [
+        "-1_c1s1_000401_03.jpg",
+        "0000_c3s1_000151_01.jpg",
+        "0003_c2s1_000426_02.jpg",
+        "0011_c5s3_065662_01.jpg",
+    ],
 }
 
 
@@ -31,7 +42,9 @@ def make_layout(base: Path, files: dict[str, list[str]]) -> Path:
 
 def test_market_records_exact(tmp_path):
     root = tmp_path / "market"
-    data_dir = make_layout(root / "Market-1501-v15.09.15", MARKET_FILES)  # the official archive's nesting
+    data_dir = make_layout(
+        root / "Market-1501-v15.09.15", MARKET_FILES
+    )  # the official archive's nesting
     ds = read_market1501(root)
     p = lambda folder, name: str(data_dir / folder / name)  # noqa: E731
     # train pids relabelled in sorted order: 2 -> 0, 7 -> 1, 10 -> 2; camid 0-based
@@ -57,14 +70,30 @@ def test_market_records_exact(tmp_path):
 
 def test_relabel_is_sorted_not_set_order(tmp_path):
     names = [f"{pid:04d}_c1s1_000001_01.jpg" for pid in (900, 5, 33, 120)]
-    make_layout(tmp_path, {"bounding_box_train": names, "query": ["0001_c1s1_1.jpg"], "bounding_box_test": ["0001_c2s1_1.jpg"]})
+    make_layout(
+        tmp_path,
+        {
+            "bounding_box_train": names,
+            "query": ["0001_c1s1_1.jpg"],
+            "bounding_box_test": ["0001_c2s1_1.jpg"],
+        },
+    )
     ds = read_folder(tmp_path)
-    assert {Path(r.path).name[:4]: r.pid for r in ds.train} == {"0005": 0, "0033": 1, "0120": 2, "0900": 3}
+    assert {Path(r.path).name[:4]: r.pid for r in ds.train} == {
+        "0005": 0,
+        "0033": 1,
+        "0120": 2,
+        "0900": 3,
+    }
 
 
 def test_duke_naming(tmp_path):
     files = {
-        "bounding_box_train": ["0001_c2_f0046182.jpg", "0001_c8_f0046183.jpg", "0005_c1_f0000001.jpg"],
+        "bounding_box_train": [
+            "0001_c2_f0046182.jpg",
+            "0001_c8_f0046183.jpg",
+            "0005_c1_f0000001.jpg",
+        ],
         "query": ["0006_c3_f0000002.jpg"],
         "bounding_box_test": ["0006_c7_f0000003.jpg", "0100_c2_f0000004.jpg"],
     }
@@ -106,13 +135,27 @@ def test_unparseable_name_names_the_file(tmp_path):
 
 
 def test_camera_zero_is_rejected(tmp_path):
-    make_layout(tmp_path, {"bounding_box_train": ["0001_c0s1_1.jpg"], "query": ["0002_c1s1_1.jpg"], "bounding_box_test": ["0002_c2s1_1.jpg"]})
+    make_layout(
+        tmp_path,
+        {
+            "bounding_box_train": ["0001_c0s1_1.jpg"],
+            "query": ["0002_c1s1_1.jpg"],
+            "bounding_box_test": ["0002_c2s1_1.jpg"],
+        },
+    )
     with pytest.raises(DatasetLayoutError, match="0001_c0s1_1.jpg"):
         read_folder(tmp_path)
 
 
 def test_empty_split_is_an_error(tmp_path):
-    make_layout(tmp_path, {"bounding_box_train": ["0001_c1s1_1.jpg"], "query": ["-1_c1s1_1.jpg"], "bounding_box_test": ["0002_c2s1_1.jpg"]})
+    make_layout(
+        tmp_path,
+        {
+            "bounding_box_train": ["0001_c1s1_1.jpg"],
+            "query": ["-1_c1s1_1.jpg"],
+            "bounding_box_test": ["0002_c2s1_1.jpg"],
+        },
+    )
     with pytest.raises(DatasetLayoutError, match="query split is empty"):
         read_folder(tmp_path)
 

@@ -38,7 +38,12 @@ def test_deterministic_for_a_seed_whatever_the_workers(tmp_path):
     generate(config, tmp_path / "a", workers=1, progress=False)
     generate(config, tmp_path / "b", workers=2, progress=False)
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
-    generate(SynthConfig(seed=12, train_ids=8, test_ids=8, distractors=5, junk=3), tmp_path / "c", workers=1, progress=False)
+    generate(
+        SynthConfig(seed=12, train_ids=8, test_ids=8, distractors=5, junk=3),
+        tmp_path / "c",
+        workers=1,
+        progress=False,
+    )
     assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
 
 
@@ -65,8 +70,12 @@ def test_market_protocol(synth_dir):
     query = Counter((r.pid, r.camid) for r in ds.query)
     assert set(query.values()) == {1}, "one query per identity and camera"
     for pid, cam in query:
-        assert gallery[(pid, cam)] >= 1  # same-camera gallery images exist (the protocol must ignore them)
-        assert any(g_pid == pid and g_cam != cam for g_pid, g_cam in gallery), "a cross-camera match exists"
+        assert (
+            gallery[(pid, cam)] >= 1
+        )  # same-camera gallery images exist (the protocol must ignore them)
+        assert any(g_pid == pid and g_cam != cam for g_pid, g_cam in gallery), (
+            "a cross-camera match exists"
+        )
 
 
 def test_twin_differs_in_exactly_one_fine_attribute():
@@ -86,10 +95,22 @@ def test_twin_drawing_differs_only_where_the_attribute_is_drawn():
     rng = np.random.default_rng(5)
     base = random_identity(1, rng)
     base = Identity(**{**base.to_dict(), "logo_shape": "circle", "stripes": "none", "bag": "none"})
-    regions = {"logo_shape": (30, 46), "logo_color": (30, 46), "shoe_color": (112, 128), "stripes": (24, 72)}
+    regions = {
+        "logo_shape": (30, 46),
+        "logo_color": (30, 46),
+        "shoe_color": (112, 128),
+        "stripes": (24, 72),
+    }
     for attribute, (row_lo, row_hi) in regions.items():
-        twin = next(t for t in (make_twin(base, 2, np.random.default_rng(s)) for s in range(200)) if t.twin_attribute == attribute)
-        a, b = Image.new("RGB", (SCENE_W, SCENE_H), "grey"), Image.new("RGB", (SCENE_W, SCENE_H), "grey")
+        twin = next(
+            t
+            for t in (make_twin(base, 2, np.random.default_rng(s)) for s in range(200))
+            if t.twin_attribute == attribute
+        )
+        a, b = (
+            Image.new("RGB", (SCENE_W, SCENE_H), "grey"),
+            Image.new("RGB", (SCENE_W, SCENE_H), "grey"),
+        )
         draw_person(a, base, "front", np.random.default_rng(9))
         draw_person(b, twin, "front", np.random.default_rng(9))
         diff = np.nonzero((np.asarray(a) != np.asarray(b)).any(axis=2))
@@ -126,7 +147,19 @@ def test_views_follow_each_cameras_distribution(synth_dir):
 
 def test_misalignment_knob(tmp_path):
     for strength in (0.0, 2.0):
-        meta = generate(SynthConfig(seed=2, train_ids=6, test_ids=6, distractors=0, junk=0, misalignment={"strength": strength}), tmp_path / str(strength), workers=1, progress=False)
+        meta = generate(
+            SynthConfig(
+                seed=2,
+                train_ids=6,
+                test_ids=6,
+                distractors=0,
+                junk=0,
+                misalignment={"strength": strength},
+            ),
+            tmp_path / str(strength),
+            workers=1,
+            progress=False,
+        )
         tops = np.array([s["box"]["top"] for s in meta["images"]])
         if strength == 0:
             assert np.allclose(tops, BOX_TOP)

@@ -43,7 +43,14 @@ def test_patch_is_inside_canvas_and_rest_is_fill(size):
 
 
 def test_sampled_ratios_within_bounds():
-    t = RandomShift(p=0.5, crop_prob=0.5, crop_ratio_min=0.7, height_scale_min=0.5, width_scale_min=0.6, size=(384, 128))
+    t = RandomShift(
+        p=0.5,
+        crop_prob=0.5,
+        crop_ratio_min=0.7,
+        height_scale_min=0.5,
+        width_scale_min=0.6,
+        size=(384, 128),
+    )
     x = constant_image()
     torch.manual_seed(0)
     draws = [t.make_params([x]) for _ in range(4000)]
@@ -88,7 +95,10 @@ def test_fill_values_per_input_kind():
     assert fill.any() and torch.allclose(out[~fill], torch.ones(()), atol=1e-5)
     pil = t(Image.new("RGB", (64, 128), (200, 10, 10)))
     arr = np.asarray(pil)
-    assert pil.size == (64, 128) and ((arr == 127).all(axis=2) | (arr == (200, 10, 10)).all(axis=2)).all()
+    assert (
+        pil.size == (64, 128)
+        and ((arr == 127).all(axis=2) | (arr == (200, 10, 10)).all(axis=2)).all()
+    )
     wrapped = t(tv_tensors.Image(constant_image()))
     assert isinstance(wrapped, tv_tensors.Image)
 
@@ -96,7 +106,9 @@ def test_fill_values_per_input_kind():
 def test_probability_zero_only_resizes():
     x = torch.randint(0, 255, (3, 128, 64), dtype=torch.uint8)
     assert torch.equal(RandomShift(p=0.0)(x), x)
-    assert torch.equal(RandomShift(p=0.0, size=(256, 128))(x), F.resize(x, [256, 128], antialias=True))
+    assert torch.equal(
+        RandomShift(p=0.0, size=(256, 128))(x), F.resize(x, [256, 128], antialias=True)
+    )
 
 
 def test_reproducible_under_seed():
@@ -119,7 +131,13 @@ def test_bad_parameters():
         RandomShift(p=1.0)(3)
 
 
-@pytest.mark.parametrize("aug", [AugmentConfig(), AugmentConfig(rsa=0.0, random_erasing=1.0, color_jitter=1.0, random_crop=1.0, rcrs=1.0)])
+@pytest.mark.parametrize(
+    "aug",
+    [
+        AugmentConfig(),
+        AugmentConfig(rsa=0.0, random_erasing=1.0, color_jitter=1.0, random_crop=1.0, rcrs=1.0),
+    ],
+)
 def test_pipelines_give_normalised_tensors(aug):
     x = torch.randint(0, 255, (3, 128, 64), dtype=torch.uint8)
     out = build_train_transform((384, 128), aug)(x)

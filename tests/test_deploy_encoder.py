@@ -39,7 +39,9 @@ def test_torch_encoder_gives_the_evaluation_descriptors_bit_for_bit(setup, galle
     evaluate_model (rmgl eval) runs, at the same batch size."""
     _, checkpoint = setup
     model = load_model(checkpoint, "cpu")
-    loader = eval_loader(gallery, build_eval_transform(model.preprocess.size), batch_size=5, workers=0)
+    loader = eval_loader(
+        gallery, build_eval_transform(model.preprocess.size), batch_size=5, workers=0
+    )
     expected = extract_features(model, loader, progress=False).features.numpy()
     paths = [r.path for r in gallery]
     for encoder in (Encoder(model, batch_size=5), Encoder(checkpoint, device="cpu", batch_size=5)):
@@ -49,7 +51,10 @@ def test_torch_encoder_gives_the_evaluation_descriptors_bit_for_bit(setup, galle
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
     # flip-averaging is on: the descriptor is not the plain normalised output
     with torch.no_grad():
-        plain = torch.nn.functional.normalize(model(torch.stack([build_eval_transform((48, 16))(read_image(p)) for p in paths[:5]])), dim=1)
+        plain = torch.nn.functional.normalize(
+            model(torch.stack([build_eval_transform((48, 16))(read_image(p)) for p in paths[:5]])),
+            dim=1,
+        )
     assert not np.allclose(plain.numpy(), expected[:5], atol=1e-3)
 
 
@@ -63,7 +68,10 @@ def test_every_input_kind_gives_the_same_descriptors(setup, gallery):
     kinds = {
         "PIL": ([Image.open(p) for p in paths], False),
         "RGB arrays": (rgb, False),
-        "BGR arrays": ([a[:, :, ::-1] for a in rgb], True),  # a negative-stride view, as cv2 code makes
+        "BGR arrays": (
+            [a[:, :, ::-1] for a in rgb],
+            True,
+        ),  # a negative-stride view, as cv2 code makes
         "uint8 tensors": ([read_image(p) for p in paths], False),
         "BGR uint8 tensors": ([read_image(p).flip(0) for p in paths], True),
         "prepared float tensors": (prepared, False),
@@ -78,14 +86,17 @@ def test_every_input_kind_gives_the_same_descriptors(setup, gallery):
     assert encoder.encode([]).shape == (0, encoder.descriptor_dim)
 
 
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((10, 5, 3), dtype=np.float32), "H x W x 3 uint8"),
-    (np.zeros((10, 5), dtype=np.uint8), "H x W x 3 uint8"),
-    (torch.zeros(3, 10, 5), "prepared input and must be 3 x 48 x 16"),
-    (torch.zeros(1, 48, 16), "3 x H x W"),
-    (torch.zeros(3, 48, 16, dtype=torch.float64), "uint8 \\(raw RGB\\) or float32"),
-    (42, "cannot encode a int"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((10, 5, 3), dtype=np.float32), "H x W x 3 uint8"),
+        (np.zeros((10, 5), dtype=np.uint8), "H x W x 3 uint8"),
+        (torch.zeros(3, 10, 5), "prepared input and must be 3 x 48 x 16"),
+        (torch.zeros(1, 48, 16), "3 x H x W"),
+        (torch.zeros(3, 48, 16, dtype=torch.float64), "uint8 \\(raw RGB\\) or float32"),
+        (42, "cannot encode a int"),
+    ],
+)
 def test_bad_images_are_one_line_errors(setup, image, message):
     encoder = Encoder(setup[1], device="cpu")
     with pytest.raises(ValueError, match=message) as err:
@@ -108,9 +119,18 @@ def test_bad_models_and_settings_are_one_line_errors(setup, tmp_path):
         (lambda: Encoder(torch.nn.Linear(2, 2)), "needs an rmgl checkpoint path or the model"),
         (lambda: Encoder(setup[1], backend="tensorrt"), "backend must be one of"),
         (lambda: Encoder(setup[1], batch_size=0), "batch_size must be >= 1"),
-        (lambda: Encoder(tmp_path / "m.onnx"), "is an ONNX model: use Encoder\\(..., backend='onnxruntime'\\)"),
-        (lambda: Encoder(tmp_path / "m.onnx", backend="onnxruntime"), "ONNX model .*m.onnx does not exist"),
-        (lambda: Encoder(setup[1], backend="onnxruntime", amp="bf16"), "amp is a torch-backend setting"),
+        (
+            lambda: Encoder(tmp_path / "m.onnx"),
+            "is an ONNX model: use Encoder\\(..., backend='onnxruntime'\\)",
+        ),
+        (
+            lambda: Encoder(tmp_path / "m.onnx", backend="onnxruntime"),
+            "ONNX model .*m.onnx does not exist",
+        ),
+        (
+            lambda: Encoder(setup[1], backend="onnxruntime", amp="bf16"),
+            "amp is a torch-backend setting",
+        ),
     ]
     for make, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -119,7 +139,9 @@ def test_bad_models_and_settings_are_one_line_errors(setup, tmp_path):
 
 def test_missing_onnxruntime_says_what_to_install(setup, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
-    with pytest.raises(ModuleNotFoundError, match=r"onnxruntime is not installed.*pip install 'rmgl\[deploy\]'"):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"onnxruntime is not installed.*pip install 'rmgl\[deploy\]'"
+    ):
         require("onnxruntime")
     with pytest.raises(ModuleNotFoundError, match=r"rmgl\[deploy\]"):
         Encoder(tmp_path / "m.onnx", backend="onnxruntime")

@@ -35,7 +35,20 @@ def exported(tmp_path_factory):
     root = make_synthetic(tmp_path_factory.mktemp("exp_synth"))
     folder = tmp_path_factory.mktemp("exp")
     checkpoint = make_checkpoint(folder / "ck.safetensors", root, HEIGHT, WIDTH)
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(folder / "m.onnx")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "onnx",
+                "--out",
+                str(folder / "m.onnx"),
+            ]
+        )
+        == 0
+    )
     return root, checkpoint, folder / "m.onnx"
 
 
@@ -58,12 +71,25 @@ def test_export_writes_a_dynamic_batch_graph_and_its_sidecar(exported, capsys):
     model = load_model(checkpoint, "cpu")
     assert meta["opset"] == OPSET == 18 and meta["precision"] == "fp32" and meta["flip"] is True
     assert meta["input"]["height"] == HEIGHT and meta["input"]["width"] == WIDTH
-    assert meta["input"]["mean"] == list(model.preprocess.mean) and meta["input"]["std"] == list(model.preprocess.std)
-    assert meta["output"] == {"name": "descriptor", "dtype": "float32", "dim": model.descriptor_dim, "l2_normalized": True}
-    assert meta["feature_names"] == model.feature_names and meta["source_checkpoint"] == str(checkpoint.resolve())
+    assert meta["input"]["mean"] == list(model.preprocess.mean) and meta["input"]["std"] == list(
+        model.preprocess.std
+    )
+    assert meta["output"] == {
+        "name": "descriptor",
+        "dtype": "float32",
+        "dim": model.descriptor_dim,
+        "l2_normalized": True,
+    }
+    assert meta["feature_names"] == model.feature_names and meta["source_checkpoint"] == str(
+        checkpoint.resolve()
+    )
     assert meta["rmgl_version"] and meta["architecture"]["branches"] == [2, 3]
     parity = meta["parity"]
-    assert parity["images"] >= 16 and parity["max_abs_diff"] <= 1e-4 and parity["min_cosine"] >= 0.99999
+    assert (
+        parity["images"] >= 16
+        and parity["max_abs_diff"] <= 1e-4
+        and parity["min_cosine"] >= 0.99999
+    )
     graph = onnx.load(str(path))
     assert [o.version for o in graph.opset_import if o.domain == ""] == [OPSET]
     batch_axis = graph.graph.input[0].type.tensor_type.shape.dim[0]
@@ -84,7 +110,10 @@ def test_onnx_equals_torch_with_per_sample_abp_boundaries_at_batch_5_and_1(expor
         bounds = abp_boundaries(found.original, branch.stripes)
         assert len({tuple(b) for b in bounds.tolist()}) >= 2, (branch.stripes, bounds.tolist())
     expected = torch_encoder.encode(images)
-    for got in (onnx_encoder.encode(images), np.concatenate([onnx_encoder.encode([i]) for i in images])):
+    for got in (
+        onnx_encoder.encode(images),
+        np.concatenate([onnx_encoder.encode([i]) for i in images]),
+    ):
         assert np.abs(got - expected).max() <= 1e-4
         assert (got * expected).sum(1).min() >= 0.99999
     # an export with uniform stripes, or without the flip, would be far outside that tolerance
@@ -105,10 +134,18 @@ def test_abp_boundaries_export_exactly(tmp_path):
         def forward(self, x):
             return abp_boundaries(x, 3)
 
-    program = torch.onnx.export(Bounds().eval(), (torch.rand(2, 16, 8, 3),), dynamo=True, opset_version=OPSET,
-                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, verbose=False)
+    program = torch.onnx.export(
+        Bounds().eval(),
+        (torch.rand(2, 16, 8, 3),),
+        dynamo=True,
+        opset_version=OPSET,
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        verbose=False,
+    )
     program.save(str(tmp_path / "bounds.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "bounds.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "bounds.onnx"), providers=["CPUExecutionProvider"]
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-2, 4, (6, 16, 8, 3), generator=g).float()  # small integers: many ties
     x[0] = -1.0
@@ -131,15 +168,36 @@ def test_onnxruntime_encoder_and_extract_need_only_the_exported_files(exported, 
     gallery = sorted((root / "bounding_box_test").glob("*.jpg"))[:7]
     expected = Encoder(checkpoint, device="cpu").encode(gallery)
     encoder = Encoder(alone / "reid.onnx", backend="onnxruntime")
-    assert encoder.descriptor_dim == expected.shape[1] and encoder.preprocess.size == (HEIGHT, WIDTH)
+    assert encoder.descriptor_dim == expected.shape[1] and encoder.preprocess.size == (
+        HEIGHT,
+        WIDTH,
+    )
     np.testing.assert_allclose(encoder.encode(gallery), expected, atol=1e-4)
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(str(p) for p in gallery))
-    assert main(["extract", "--onnx", str(alone / "reid.onnx"), "--images", str(listing), "--out",
-                 str(tmp_path / "f"), "--workers", "0", "--batch-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--onnx",
+                str(alone / "reid.onnx"),
+                "--images",
+                str(listing),
+                "--out",
+                str(tmp_path / "f"),
+                "--workers",
+                "0",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     found = read_features(tmp_path / "f")
     np.testing.assert_allclose(found.features, expected, atol=1e-4)
-    assert found.meta["backend"] == "onnxruntime" and found.meta["onnx"] == str((alone / "reid.onnx").resolve())
+    assert found.meta["backend"] == "onnxruntime" and found.meta["onnx"] == str(
+        (alone / "reid.onnx").resolve()
+    )
     assert found.meta["checkpoint"] is None
     (alone / "reid.json").unlink()
     with pytest.raises(FileNotFoundError, match="reid.onnx has no sidecar .*reid.json"):
@@ -155,7 +213,10 @@ def test_a_disagreeing_export_fails_loudly_and_leaves_nothing(exported, tmp_path
     shutil.copy(path, copy)
     with torch.no_grad():  # the torch model drifts away from the exported graph
         model.branches[0].heads["orig_global"].reduction[1].bias.add_(0.5)
-    with pytest.raises(ValueError, match=r"disagrees with the torch model on 3 images \(max abs diff .*allowed: max_abs_diff 0.0001"):
+    with pytest.raises(
+        ValueError,
+        match=r"disagrees with the torch model on 3 images \(max abs diff .*allowed: max_abs_diff 0.0001",
+    ):
         export_module._check_parity(model, copy, meta, images, fp16=False)
 
     def fake_export(graph, example, partial, opset):
@@ -170,13 +231,20 @@ def test_a_disagreeing_export_fails_loudly_and_leaves_nothing(exported, tmp_path
 def test_weights_export_is_a_plain_state_dict_with_a_description(exported, tmp_path, capsys):
     _, checkpoint, _ = exported
     out = tmp_path / "w.safetensors"
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "weights", "--out", str(out)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "weights", "--out", str(out)])
+        == 0
+    )
     state = load_file(str(out))  # safetensors alone, no rmgl
     model = load_model(checkpoint, "cpu")
     own = model.state_dict()
     assert set(state) == set(own) and all(np.array_equal(state[k], own[k].numpy()) for k in own)
     notes = out.with_suffix(".md").read_text()
-    assert f"resized to {HEIGHT} x {WIDTH}" in notes and "`b3.rp.s3`" in notes and "`branches`: `[2, 3]`" in notes
+    assert (
+        f"resized to {HEIGHT} x {WIDTH}" in notes
+        and "`b3.rp.s3`" in notes
+        and "`branches`: `[2, 3]`" in notes
+    )
     assert f"{model.descriptor_dim} numbers" in notes
 
 
@@ -192,10 +260,19 @@ def test_bad_export_requests_are_one_line_errors(exported, tmp_path, capsys, mon
     base = ["export", "--checkpoint", str(checkpoint)]
     cases = [
         (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "--out must name an .onnx file"),
-        (["--format", "weights", "--out", str(tmp_path / "w.safetensors"), "--fp16"], "--fp16 and --images apply to --format onnx"),
+        (
+            ["--format", "weights", "--out", str(tmp_path / "w.safetensors"), "--fp16"],
+            "--fp16 and --images apply to --format onnx",
+        ),
         (["--format", "weights", "--out", str(tmp_path / "w.bin")], "must end in .safetensors"),
-        (["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--images", str(tmp_path)], "holds no images"),
-        (["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--opset", "11"], "opset must be between 18"),
+        (
+            ["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--images", str(tmp_path)],
+            "holds no images",
+        ),
+        (
+            ["--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--opset", "11"],
+            "opset must be between 18",
+        ),
     ]
     for args, message in cases:
         assert main([*base, *args]) == 1, args
@@ -206,13 +283,30 @@ def test_bad_export_requests_are_one_line_errors(exported, tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     shutil.move(cfg_root, str(tmp_path / "elsewhere"))  # the checkpoint's dataset is gone
     try:
-        assert main(["export", "--checkpoint", str(moved), "--format", "onnx", "--out", "m.onnx"]) == 1
+        assert (
+            main(["export", "--checkpoint", str(moved), "--format", "onnx", "--out", "m.onnx"]) == 1
+        )
         line = one_error_line(capsys)
-        assert "the parity check needs real images" in line and line.endswith("give --images FOLDER")
+        assert "the parity check needs real images" in line and line.endswith(
+            "give --images FOLDER"
+        )
     finally:
         shutil.move(str(tmp_path / "elsewhere"), cfg_root)
     (tmp_path / "bad.safetensors").write_bytes(b"x" * 10)
-    assert main(["export", "--checkpoint", str(tmp_path / "bad.safetensors"), "--format", "onnx", "--out", "m.onnx"]) == 1
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "bad.safetensors"),
+                "--format",
+                "onnx",
+                "--out",
+                "m.onnx",
+            ]
+        )
+        == 1
+    )
     assert "bad.safetensors is not a readable rmgl checkpoint" in one_error_line(capsys)
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main([*base, "--format", "onnx", "--out", "m.onnx"]) == 1

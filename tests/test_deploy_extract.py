@@ -48,15 +48,35 @@ def run(*args: str) -> int:
 def one_error_line(capsys) -> str:
     """The error line; the progress bar (carriage returns) may come before it."""
     err = capsys.readouterr().err
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not line.startswith("extract:")]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("rmgl extract: error: "), err
+    lines = [
+        line
+        for line in re.split(r"[\r\n]", err)
+        if line.strip() and not line.startswith("extract:")
+    ]
+    assert (
+        "Traceback" not in err and len(lines) == 1 and lines[0].startswith("rmgl extract: error: ")
+    ), err
     return lines[0]
 
 
 def test_extract_writes_the_documented_folder(setup, images, tmp_path, capsys):
     out = tmp_path / "feats"
-    assert run("extract", "--checkpoint", str(setup[1]), "--images", str(images), "--out", str(out),
-               "--batch-size", "4", "--workers", "0") == 0
+    assert (
+        run(
+            "extract",
+            "--checkpoint",
+            str(setup[1]),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+        )
+        == 0
+    )
     assert "wrote 9 descriptors (3584-d) of 10 images" in capsys.readouterr().out
     features = np.load(out / "features.npy")  # plain NumPy, no rmgl
     assert features.dtype == np.float32 and features.shape == (9, 3584)
@@ -64,8 +84,9 @@ def test_extract_writes_the_documented_folder(setup, images, tmp_path, capsys):
         rows = list(csv.reader(handle))
     assert rows[0] == ["index", "path", "pid", "camid", "frame"]
     paths = [r[1] for r in rows[1:]]
-    expected_order = sorted(str(p) for p in images.glob("*.jpg") if "0005_c3" not in p.name) + \
-        [str(p) for p in (images / "cam2").glob("*.jpg")]
+    expected_order = sorted(str(p) for p in images.glob("*.jpg") if "0005_c3" not in p.name) + [
+        str(p) for p in (images / "cam2").glob("*.jpg")
+    ]
     assert paths == expected_order  # sorted walk: files of a folder, then its sub-folders
     assert [r[0] for r in rows[1:]] == [str(i) for i in range(9)]
     by_name = {p.rsplit("/", 1)[1]: r for p, r in zip(paths, rows[1:])}
@@ -78,37 +99,56 @@ def test_extract_writes_the_documented_folder(setup, images, tmp_path, capsys):
     assert failed[0] == ["input_index", "path", "reason"] and len(failed) == 2
     assert failed[1][1].endswith("0005_c3s1_000100_00.jpg") and "cannot read image" in failed[1][2]
     meta = json.loads((out / "extract.json").read_text())
-    assert meta["complete"] is True and meta["count"] == 9 and meta["failed"] == 1 and meta["inputs"] == 10
+    assert (
+        meta["complete"] is True
+        and meta["count"] == 9
+        and meta["failed"] == 1
+        and meta["inputs"] == 10
+    )
     assert meta["checkpoint"] == str(setup[1].resolve()) and meta["backend"] == "torch"
-    assert meta["descriptor_dim"] == 3584 and meta["input_size"] == [48, 16] and meta["precision"] == "float32"
+    assert (
+        meta["descriptor_dim"] == 3584
+        and meta["input_size"] == [48, 16]
+        and meta["precision"] == "float32"
+    )
     # the numbers are the encoder's (same model, same preprocessing)
-    np.testing.assert_allclose(features, Encoder(setup[1], device="cpu", batch_size=4).encode(paths), atol=1e-6)
+    np.testing.assert_allclose(
+        features, Encoder(setup[1], device="cpu", batch_size=4).encode(paths), atol=1e-6
+    )
     found = read_features(out)
     assert isinstance(found.features, np.memmap) and np.array_equal(found.features, features)
     assert found.records[int(by_name["frame_17.jpg"][0])] == {
-        "index": int(by_name["frame_17.jpg"][0]), "path": str(images / "frame_17.jpg"),
-        "pid": None, "camid": None, "frame": None}
+        "index": int(by_name["frame_17.jpg"][0]),
+        "path": str(images / "frame_17.jpg"),
+        "pid": None,
+        "camid": None,
+        "frame": None,
+    }
     assert found.records[int(by_name[name][0])]["pid"] == pid and found.meta["count"] == 9
 
 
 def test_csv_and_text_lists_give_paths_and_labels(setup, images, tmp_path):
     files = sorted(images.glob("0*.jpg"))[:3]
     table = tmp_path / "list.csv"
-    table.write_text("path,pid,camid\n"
-                     f"{files[0]},7,2\n"
-                     f"crops/{files[1].name},,\n"
-                     f"crops/{files[2].name},-1,0\n")
+    table.write_text(
+        f"path,pid,camid\n{files[0]},7,2\ncrops/{files[1].name},,\ncrops/{files[2].name},-1,0\n"
+    )
     assert images == tmp_path / "crops"  # relative paths are relative to the list's folder
     listed = read_image_list(table)
-    assert list(listed.paths) == [str(files[0]), str(tmp_path / "crops" / files[1].name),
-                                  str(tmp_path / "crops" / files[2].name)]
+    assert list(listed.paths) == [
+        str(files[0]),
+        str(tmp_path / "crops" / files[1].name),
+        str(tmp_path / "crops" / files[2].name),
+    ]
     assert [listed.label(i) for i in range(3)] == [(7, 2, None), (None, None, None), (-1, 0, None)]
     text = tmp_path / "list.txt"
     text.write_text(f"# crops\n{files[0]}\n\ncrops/{files[1].name}\n")
     listed = read_image_list(text)
     assert len(listed) == 2 and listed.label(0) == parse_market_name(files[0].name)
     encoder = Encoder(setup[1], device="cpu", batch_size=2)
-    meta = extract_to_folder(encoder, read_image_list(table), tmp_path / "f", workers=0, progress=False)
+    meta = extract_to_folder(
+        encoder, read_image_list(table), tmp_path / "f", workers=0, progress=False
+    )
     assert [r["pid"] for r in read_features(tmp_path / "f").records] == [7, None, -1]
     assert meta["complete"]
 
@@ -117,7 +157,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(setup, images, tmp_path, monkeypatch):
+def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(
+    setup, images, tmp_path, monkeypatch
+):
     encoder = Encoder(setup[1], device="cpu", batch_size=3)
     listed = read_image_list(images)
     whole = tmp_path / "whole"
@@ -139,7 +181,9 @@ def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(setu
     meta = json.loads((out / "extract.json").read_text())
     assert meta["complete"] is False and meta["inputs_done"] == 6
     assert np.load(out / "features.npy").shape == (10, 3584)  # one row per input until the end
-    with pytest.raises(ValueError, match=r"unfinished extraction \(6 of 10 images done\).*--resume"):
+    with pytest.raises(
+        ValueError, match=r"unfinished extraction \(6 of 10 images done\).*--resume"
+    ):
         read_features(out)
     with open(out / "images.csv", "a") as handle:  # rows written after the last commit
         handle.write("99,/half/written.jpg,1,")
@@ -154,16 +198,38 @@ def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(setu
     assert np.array_equal(done.features, reference.features)
     assert done.records == reference.records
     assert (out / "failed.csv").read_text() == (whole / "failed.csv").read_text()
-    assert {k: v for k, v in done.meta.items() if k not in ("started", "finished", "images_per_second")} == \
-        {k: v for k, v in reference.meta.items() if k not in ("started", "finished", "images_per_second")}
+    assert {
+        k: v for k, v in done.meta.items() if k not in ("started", "finished", "images_per_second")
+    } == {
+        k: v
+        for k, v in reference.meta.items()
+        if k not in ("started", "finished", "images_per_second")
+    }
     # resuming a finished folder does nothing
-    assert extract_to_folder(encoder, listed, out, resume=True, workers=0, progress=False)["count"] == 9
+    assert (
+        extract_to_folder(encoder, listed, out, resume=True, workers=0, progress=False)["count"]
+        == 9
+    )
 
 
-def test_strict_stops_at_the_broken_image_and_resume_continues_once_it_is_fixed(setup, images, tmp_path, capsys):
+def test_strict_stops_at_the_broken_image_and_resume_continues_once_it_is_fixed(
+    setup, images, tmp_path, capsys
+):
     out = tmp_path / "strict"
-    args = ["extract", "--checkpoint", str(setup[1]), "--images", str(images), "--out", str(out),
-            "--batch-size", "4", "--workers", "0", "--strict"]
+    args = [
+        "extract",
+        "--checkpoint",
+        str(setup[1]),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--strict",
+    ]
     assert run(*args) == 1
     assert "0005_c3s1_000100_00.jpg" in one_error_line(capsys)
     with pytest.raises(ValueError, match="unfinished"):
@@ -178,7 +244,9 @@ def test_workers_decode_in_other_processes_with_the_same_result(setup, images, t
     listed = read_image_list(images)
     extract_to_folder(encoder, listed, tmp_path / "a", workers=0, progress=False)
     extract_to_folder(encoder, listed, tmp_path / "b", workers=2, progress=False)
-    assert np.array_equal(read_features(tmp_path / "a").features, read_features(tmp_path / "b").features)
+    assert np.array_equal(
+        read_features(tmp_path / "a").features, read_features(tmp_path / "b").features
+    )
 
 
 def test_shrinking_the_npy_keeps_a_plain_npy(tmp_path):
@@ -195,20 +263,56 @@ def test_shrinking_the_npy_keeps_a_plain_npy(tmp_path):
 def test_packed_paths_round_trip():
     items = ["/a/b.jpg", "/ü/ñ.png", "", "/x"]
     packed = PackedStrings(items)
-    assert list(packed) == items and packed[-1] == "/x" and packed[1:3] == items[1:3] and len(packed) == 4
+    assert (
+        list(packed) == items
+        and packed[-1] == "/x"
+        and packed[1:3] == items[1:3]
+        and len(packed) == 4
+    )
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "empty")], "holds no images"),
-    (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "missing")], "missing does not exist"),
-    (lambda d, ck: ["--checkpoint", str(d / "bad.safetensors"), "--images", str(d / "crops")],
-     "bad.safetensors is not a readable rmgl checkpoint"),
-    (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "bad.csv")], "bad.csv:1: the header must name"),
-    (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "crops"), "--backend", "onnxruntime"],
-     "rmgl export --checkpoint CK --format onnx"),
-    (lambda d, ck: ["--onnx", str(d / "m.onnx"), "--images", str(d / "crops")], "m.onnx does not exist"),
-    (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "crops"), "--batch-size", "0"], "--batch-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d, ck: ["--checkpoint", ck, "--images", str(d / "empty")], "holds no images"),
+        (
+            lambda d, ck: ["--checkpoint", ck, "--images", str(d / "missing")],
+            "missing does not exist",
+        ),
+        (
+            lambda d, ck: [
+                "--checkpoint",
+                str(d / "bad.safetensors"),
+                "--images",
+                str(d / "crops"),
+            ],
+            "bad.safetensors is not a readable rmgl checkpoint",
+        ),
+        (
+            lambda d, ck: ["--checkpoint", ck, "--images", str(d / "bad.csv")],
+            "bad.csv:1: the header must name",
+        ),
+        (
+            lambda d, ck: [
+                "--checkpoint",
+                ck,
+                "--images",
+                str(d / "crops"),
+                "--backend",
+                "onnxruntime",
+            ],
+            "rmgl export --checkpoint CK --format onnx",
+        ),
+        (
+            lambda d, ck: ["--onnx", str(d / "m.onnx"), "--images", str(d / "crops")],
+            "m.onnx does not exist",
+        ),
+        (
+            lambda d, ck: ["--checkpoint", ck, "--images", str(d / "crops"), "--batch-size", "0"],
+            "--batch-size must be >= 1",
+        ),
+    ],
+)
 def test_bad_inputs_are_one_line_errors(setup, images, tmp_path, capsys, make_args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
@@ -220,7 +324,15 @@ def test_bad_inputs_are_one_line_errors(setup, images, tmp_path, capsys, make_ar
 
 def test_out_that_is_a_file_or_holds_a_finished_extraction(setup, images, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    base = ["extract", "--checkpoint", str(setup[1]), "--images", str(images / "cam2"), "--workers", "0"]
+    base = [
+        "extract",
+        "--checkpoint",
+        str(setup[1]),
+        "--images",
+        str(images / "cam2"),
+        "--workers",
+        "0",
+    ]
     assert run(*base, "--out", str(tmp_path / "file")) == 1
     assert "is a file" in one_error_line(capsys)
     assert run(*base, "--out", str(tmp_path / "f")) == 0

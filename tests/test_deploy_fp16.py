@@ -19,14 +19,32 @@ def test_fp16_export_runs_in_half_precision_within_its_tolerance(tmp_path, capsy
     root = make_synthetic(tmp_path / "synth")
     checkpoint = make_checkpoint(tmp_path / "ck.safetensors", root)
     out = tmp_path / "half.onnx"
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out), "--fp16"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "onnx",
+                "--out",
+                str(out),
+                "--fp16",
+            ]
+        )
+        == 0
+    )
     assert "fp16" in capsys.readouterr().out
     meta = read_sidecar(out)
     assert meta["precision"] == "fp16" and meta["input"]["dtype"] == "float32"
     assert meta["parity"]["tolerance"] == {"min_cosine": FP16_MIN_COSINE}
     assert meta["parity"]["min_cosine"] >= FP16_MIN_COSINE
     graph = onnx.load(str(out))
-    weights = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in graph.graph.initializer if len(t.dims) == 4}
+    weights = {
+        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        for t in graph.graph.initializer
+        if len(t.dims) == 4
+    }
     assert weights == {np.dtype(np.float16)}  # the convolutions' weights are half precision
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     images = sorted((root / "query").glob("*.jpg"))[:8]

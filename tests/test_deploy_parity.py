@@ -21,7 +21,9 @@ def test_extract_index_search_reproduces_the_evaluation(tmp_path):
     data = make_synthetic(tmp_path / "data")
     model = load_model(make_checkpoint(tmp_path / "ck.safetensors", data), device="cpu")
     dataset = load_dataset("folder", data)
-    expected = evaluate_model(model, dataset, model.preprocess.size, workers=0, progress=False)["plain"]
+    expected = evaluate_model(model, dataset, model.preprocess.size, workers=0, progress=False)[
+        "plain"
+    ]
 
     encoder = Encoder(model)
     folders = {}
@@ -32,9 +34,13 @@ def test_extract_index_search_reproduces_the_evaluation(tmp_path):
             writer.writerow(["path", "pid", "camid"])
             writer.writerows([r.path, r.pid, r.camid] for r in getattr(dataset, split))
         folders[split] = tmp_path / f"feats_{split}"
-        extract_to_folder(encoder, read_image_list(listing), folders[split], workers=0, progress=False)
+        extract_to_folder(
+            encoder, read_image_list(listing), folders[split], workers=0, progress=False
+        )
     index = GalleryIndex.build(folders["gallery"], tmp_path / "gallery.idx")
-    result = search_features(index, folders["query"], k=len(dataset.gallery), exclude_same_camera=True)
+    result = search_features(
+        index, folders["query"], k=len(dataset.gallery), exclude_same_camera=True
+    )
 
     first, aps = [], []
     for q, record in enumerate(dataset.query):

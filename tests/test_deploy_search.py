@@ -31,7 +31,9 @@ def clustered(num: int, dim: int, num_ids: int, seed: int, noise: float = 0.6):
     return x.astype(np.float32), pids, rng.integers(0, 4, num)
 
 
-def write_folder(path: Path, features, pids=None, camids=None, frames=None, complete=True, paths=None):
+def write_folder(
+    path: Path, features, pids=None, camids=None, frames=None, complete=True, paths=None
+):
     """A feature folder exactly as `rmgl extract` writes it."""
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / "features.npy", np.asarray(features, dtype=np.float32))
@@ -40,12 +42,18 @@ def write_folder(path: Path, features, pids=None, camids=None, frames=None, comp
         writer = csv.writer(handle)
         writer.writerow(["index", "path", "pid", "camid", "frame"])
         for i in range(n):
-            writer.writerow([
-                i, paths[i] if paths is not None else f"/cams/{path.name}/{i:05d}.jpg",
-                "" if pids is None else int(pids[i]), "" if camids is None else int(camids[i]),
-                "" if frames is None else frames[i],
-            ])
-    (path / "extract.json").write_text(json.dumps({"complete": complete, "dim": int(np.shape(features)[1])}))
+            writer.writerow(
+                [
+                    i,
+                    paths[i] if paths is not None else f"/cams/{path.name}/{i:05d}.jpg",
+                    "" if pids is None else int(pids[i]),
+                    "" if camids is None else int(camids[i]),
+                    "" if frames is None else frames[i],
+                ]
+            )
+    (path / "extract.json").write_text(
+        json.dumps({"complete": complete, "dim": int(np.shape(features)[1])})
+    )
     (path / "failed.csv").write_text("path,error\n")
     return path
 
@@ -60,7 +68,12 @@ def dataset(tmp_path_factory):
     write_folder(root / "gallery", gallery, g_pids, g_cams, frames)
     write_folder(root / "query", query, q_pids, q_cams)
     index = GalleryIndex.build(root / "gallery", root / "flat.idx")
-    return {"root": root, "index": index, "g": (gallery, g_pids, g_cams, frames), "q": (query, q_pids, q_cams)}
+    return {
+        "root": root,
+        "index": index,
+        "g": (gallery, g_pids, g_cams, frames),
+        "q": (query, q_pids, q_cams),
+    }
 
 
 def average_precision_from_ranking(ranked_pids, q_pid):
@@ -78,7 +91,9 @@ def test_protocol_search_reproduces_evaluate_rank(dataset):
     gallery, g_pids, g_cams, _ = dataset["g"]
     query, q_pids, q_cams = dataset["q"]
     index = dataset["index"]
-    result = search_features(index, dataset["root"] / "query", k=len(gallery), exclude_same_camera=True)
+    result = search_features(
+        index, dataset["root"] / "query", k=len(gallery), exclude_same_camera=True
+    )
     reference = evaluate_rank(pairwise_distance(query, gallery), q_pids, g_pids, q_cams, g_cams)
 
     aps, first = [], []
@@ -116,7 +131,9 @@ def test_ties_are_broken_by_gallery_id(tmp_path):
         index = GalleryIndex.build(tmp_path / "g", tmp_path / f"{kind}.idx", kind=kind, pca=None)
         ids, dist = index.nearest(features[:1], 6)
         assert ids[0].tolist() == [0, 2, 4, 1, 3, 5]
-        np.testing.assert_allclose(dist[0], [0, 0, 0, np.sqrt(2), np.sqrt(2), np.sqrt(2)], atol=1e-7)
+        np.testing.assert_allclose(
+            dist[0], [0, 0, 0, np.sqrt(2), np.sqrt(2), np.sqrt(2)], atol=1e-7
+        )
 
 
 # ---- approximate indexes
@@ -138,15 +155,20 @@ def large(tmp_path_factory):
 #   hnsw (ef 64):               recall@10 0.984, with a 1-in-2 camera filter 0.933
 #   ivfpq (64 lists, nprobe 16): recall@10 0.946, with a 1-in-2 camera filter 0.904
 # The thresholds sit ~0.01-0.02 below, to leave room for other faiss builds.
-@pytest.mark.parametrize("kind, params, threshold, filtered_threshold", [
-    ("pcaflat", {"pca": 32}, 0.97, 0.92),
-    ("pcaflat", {"pca": 32, "scan_dtype": "bfloat16"}, 0.97, 0.92),
-    ("hnsw", {"pca": 32, "ef_search": 64}, 0.97, 0.92),
-    ("ivfpq", {"pca": 32, "nprobe": 16, "nlist": 64}, 0.93, 0.88),
-])
+@pytest.mark.parametrize(
+    "kind, params, threshold, filtered_threshold",
+    [
+        ("pcaflat", {"pca": 32}, 0.97, 0.92),
+        ("pcaflat", {"pca": 32, "scan_dtype": "bfloat16"}, 0.97, 0.92),
+        ("hnsw", {"pca": 32, "ef_search": 64}, 0.97, 0.92),
+        ("ivfpq", {"pca": 32, "nprobe": 16, "nlist": 64}, 0.93, 0.88),
+    ],
+)
 def test_approximate_recall_and_exact_distances(large, kind, params, threshold, filtered_threshold):
     root, gallery, query, truth, full, cams = large
-    index = GalleryIndex.build(root / "gallery", root / f"{kind}_{len(params)}.idx", kind=kind, **params)
+    index = GalleryIndex.build(
+        root / "gallery", root / f"{kind}_{len(params)}.idx", kind=kind, **params
+    )
     ids, dist = index.nearest(query, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
     assert recall >= threshold
@@ -182,7 +204,11 @@ def test_selective_filter_is_exact_with_approximate_index(large):
     # fewer allowed items than k: all of them, then padding
     few = index.store.allowed(frames=(10, 12.5))
     ids, dist = index.nearest(query[:2], 5, allowed=few)
-    assert sorted(ids[0][:3]) == [10, 11, 12] and (ids[:, 3:] == -1).all() and np.isinf(dist[:, 3:]).all()
+    assert (
+        sorted(ids[0][:3]) == [10, 11, 12]
+        and (ids[:, 3:] == -1).all()
+        and np.isinf(dist[:, 3:]).all()
+    )
 
 
 def test_short_approximate_result_falls_back_to_exact(large, monkeypatch):
@@ -212,11 +238,18 @@ def test_short_approximate_result_falls_back_to_exact(large, monkeypatch):
 
 def test_store_round_trip_and_filters(tmp_path):
     store = Store(tmp_path / "s.sqlite")
-    store.add([("a.jpg", 1, 0, 5.0), ("b.jpg", None, 1, None), ("c.jpg", 2, None, 7.5)], "f", {"x": 1})
+    store.add(
+        [("a.jpg", 1, 0, 5.0), ("b.jpg", None, 1, None), ("c.jpg", 2, None, 7.5)], "f", {"x": 1}
+    )
     store.close()
     store = Store(tmp_path / "s.sqlite")
     assert len(store) == 3 and store.item(1).to_dict() == {
-        "id": 1, "path": "b.jpg", "pid": None, "camid": 1, "frame": None}
+        "id": 1,
+        "path": "b.jpg",
+        "pid": None,
+        "camid": 1,
+        "frame": None,
+    }
     assert store.allowed(cameras=[1]).tolist() == [False, True, False]
     assert store.allowed(frames=(5, None)).tolist() == [True, False, True]
     assert store.allowed(frames=(None, 6)).tolist() == [True, False, False]
@@ -260,8 +293,9 @@ def test_rerank_reorders_the_shortlist(dataset):
     result = search(index, query[:3], k=5, rerank=True, rerank_shortlist=40)
     for q in range(3):
         shortlist, _ = index.nearest(query[q : q + 1], 40)
-        expected = k_reciprocal_rerank(query[q : q + 1].astype(np.float64),
-                                       index.vectors.rows(shortlist[0]).astype(np.float64))[0]
+        expected = k_reciprocal_rerank(
+            query[q : q + 1].astype(np.float64), index.vectors.rows(shortlist[0]).astype(np.float64)
+        )[0]
         order = np.lexsort((shortlist[0], expected))[:5]
         np.testing.assert_array_equal(result.ids[q], shortlist[0][order])
         np.testing.assert_allclose(result.rerank_distances[q], expected[order])
@@ -301,10 +335,13 @@ def test_search_by_images_uses_the_encoder_lazily(dataset, tmp_path, monkeypatch
         images.append(tmp_path / f"q{i}.png")
         Image.new("RGB", (32, 64), (40 * i, 90, 200)).save(images[-1])
     figure = tmp_path / "ranked.png"
-    result = search_images(dataset["index"], images, "model.safetensors", k=4, backend="onnx",
-                           figure=figure)
+    result = search_images(
+        dataset["index"], images, "model.safetensors", k=4, backend="onnx", figure=figure
+    )
     assert calls == [("model.safetensors", "onnx", "auto"), [str(p) for p in images]]
-    assert result.ids[:, 0].tolist() == [5, 9] and result.distances[:, 0] == pytest.approx(0, abs=1e-3)
+    assert result.ids[:, 0].tolist() == [5, 9] and result.distances[:, 0] == pytest.approx(
+        0, abs=1e-3
+    )
     with Image.open(figure) as picture:  # 2 rows, query + 4 tiles (gallery files missing: grey)
         assert picture.size == (5 * 64 + 12, 2 * (128 + 14))
     with pytest.raises(ValueError, match="query image .*missing.png does not exist"):
@@ -323,7 +360,9 @@ def test_add_save_load_round_trip(tmp_path):
     for kind in ("flat", "pcaflat", "hnsw", "ivfpq"):
         if kind == "ivfpq":
             write_folder(tmp_path / "big", *clustered(1200, 16, 30, seed=7))
-            index = GalleryIndex.build(tmp_path / "big", tmp_path / f"{kind}.idx", kind=kind, pca=8, nprobe=64)
+            index = GalleryIndex.build(
+                tmp_path / "big", tmp_path / f"{kind}.idx", kind=kind, pca=8, nprobe=64
+            )
             base = np.load(tmp_path / "big" / "features.npy")
         else:
             index = GalleryIndex.build(tmp_path / "a", tmp_path / f"{kind}.idx", kind=kind, pca=8)
@@ -383,16 +422,22 @@ def make_bad_folder(tmp_path: Path, case: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_csv", r"missing_csv/images.csv is missing"),
-    ("rows", r"rows/images.csv has 20 rows but .*rows/features.npy has 19"),
-    ("incomplete", r"incomplete/extract.json says the extraction is incomplete"),
-    ("empty", r"empty/features.npy holds no features \(empty gallery"),
-    ("not_normalised", r"not_normalised/features.npy: row 0 has norm 2; descriptors must be L2-normalised"),
-    ("header", r"header/images.csv: header must be index,path,pid,camid,frame"),
-    ("bad_npy", r"bad_npy/features.npy cannot be read as a .npy array"),
-    ("float64", r"float64/features.npy must hold a float32 \(N, D\) array"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_csv", r"missing_csv/images.csv is missing"),
+        ("rows", r"rows/images.csv has 20 rows but .*rows/features.npy has 19"),
+        ("incomplete", r"incomplete/extract.json says the extraction is incomplete"),
+        ("empty", r"empty/features.npy holds no features \(empty gallery"),
+        (
+            "not_normalised",
+            r"not_normalised/features.npy: row 0 has norm 2; descriptors must be L2-normalised",
+        ),
+        ("header", r"header/images.csv: header must be index,path,pid,camid,frame"),
+        ("bad_npy", r"bad_npy/features.npy cannot be read as a .npy array"),
+        ("float64", r"float64/features.npy must hold a float32 \(N, D\) array"),
+    ],
+)
 def test_bad_feature_folders_are_one_line_errors(tmp_path, case, message):
     folder = make_bad_folder(tmp_path, case)
     with pytest.raises(ValueError, match=message):
@@ -406,7 +451,9 @@ def test_index_errors_name_the_file(tmp_path):
     write_folder(tmp_path / "g", x, p, c)
     write_folder(tmp_path / "wide", clustered(5, 16, 2, seed=11)[0])
     index = GalleryIndex.build(tmp_path / "g", tmp_path / "i.idx")
-    with pytest.raises(ValueError, match=r"wide/features.npy has 16-d features but the index .*i.idx holds 8-d"):
+    with pytest.raises(
+        ValueError, match=r"wide/features.npy has 16-d features but the index .*i.idx holds 8-d"
+    ):
         index.add(tmp_path / "wide")
     with pytest.raises(ValueError, match=r"i.idx already exists"):
         GalleryIndex.build(tmp_path / "g", tmp_path / "i.idx")
@@ -434,17 +481,50 @@ def test_cli_build_add_info_search(dataset, tmp_path, capsys):
     gallery, g_pids, g_cams, frames = dataset["g"]
     extra = write_folder(tmp_path / "extra", *clustered(30, 32, 60, seed=13))
     index = tmp_path / "cli.idx"
-    assert main(["index", "build", "--features", str(root / "gallery"), "--out", str(index),
-                 "--kind", "hnsw", "--pca", "16"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--features",
+                str(root / "gallery"),
+                "--out",
+                str(index),
+                "--kind",
+                "hnsw",
+                "--pca",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "add", "--index", str(index), "--features", str(extra)]) == 0
     assert "ids 600..629" in capsys.readouterr().out
     assert main(["index", "info", str(index)]) == 0
     info = capsys.readouterr().out
     assert "hnsw index of 630 32-d vectors" in info and "reduced_dim=16" in info
     out = tmp_path / "hits.csv"
-    assert main(["search", "--index", str(index), "--features", str(root / "query"), "--k", "5",
-                 "--cameras", "1,2", "--frames", "100:4000", "--exclude-same-camera",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(index),
+                "--features",
+                str(root / "query"),
+                "--k",
+                "5",
+                "--cameras",
+                "1,2",
+                "--frames",
+                "100:4000",
+                "--exclude-same-camera",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 80 * 5
     for row in rows:
@@ -452,15 +532,49 @@ def test_cli_build_add_info_search(dataset, tmp_path, capsys):
         assert not (row["pid"] == row["query_pid"] and row["camid"] == row["query_camid"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["search", "--index", "{idx}", "--features", "{q}", "--out", "x.txt"], "rmgl search: error: output x.txt must end in .json or .csv"),
-    (["search", "--index", "{idx}", "--images", "a.jpg", "--out", "x.json"], "rmgl search: error: --images needs --checkpoint"),
-    (["search", "--index", "{idx}", "--features", "{q}", "--frames", "5", "--out", "x.json"], "rmgl search: error: --frames must be A:B, A: or :B"),
-    (["search", "--index", "{idx}", "--features", "{q}", "--cameras", "a,b", "--out", "x.json"], "rmgl search: error: --cameras must be integers"),
-    (["search", "--index", "missing.idx", "--features", "{q}", "--out", "x.json"], "rmgl search: error: index folder missing.idx does not exist"),
-    (["index", "info", "missing.idx"], "rmgl index: error: index folder missing.idx does not exist"),
-    (["index", "build", "--features", "nope", "--out", "o.idx"], "rmgl index: error: feature folder nope does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["search", "--index", "{idx}", "--features", "{q}", "--out", "x.txt"],
+            "rmgl search: error: output x.txt must end in .json or .csv",
+        ),
+        (
+            ["search", "--index", "{idx}", "--images", "a.jpg", "--out", "x.json"],
+            "rmgl search: error: --images needs --checkpoint",
+        ),
+        (
+            ["search", "--index", "{idx}", "--features", "{q}", "--frames", "5", "--out", "x.json"],
+            "rmgl search: error: --frames must be A:B, A: or :B",
+        ),
+        (
+            [
+                "search",
+                "--index",
+                "{idx}",
+                "--features",
+                "{q}",
+                "--cameras",
+                "a,b",
+                "--out",
+                "x.json",
+            ],
+            "rmgl search: error: --cameras must be integers",
+        ),
+        (
+            ["search", "--index", "missing.idx", "--features", "{q}", "--out", "x.json"],
+            "rmgl search: error: index folder missing.idx does not exist",
+        ),
+        (
+            ["index", "info", "missing.idx"],
+            "rmgl index: error: index folder missing.idx does not exist",
+        ),
+        (
+            ["index", "build", "--features", "nope", "--out", "o.idx"],
+            "rmgl index: error: feature folder nope does not exist",
+        ),
+    ],
+)
 def test_cli_user_errors_are_one_line(dataset, argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [a.format(idx=dataset["index"].path, q=dataset["root"] / "query") for a in argv]

@@ -11,17 +11,38 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("rmgl", "configs")
 
 def test_defaults_are_the_papers_recipe():
     cfg = load_config()
-    assert (cfg.data.height, cfg.data.width, cfg.data.num_identities, cfg.data.num_instances) == (384, 128, 12, 4)
-    assert cfg.model.backbone == "resnet50" and list(cfg.model.branches) == [2, 3] and cfg.model.rp_position == "layer2"
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (0.01, 0.9, 1e-3, 10.0)
-    assert (cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr, list(cfg.optim.milestones), cfg.optim.epochs) == (3, 1e-5, [30, 50], 60)
+    assert (cfg.data.height, cfg.data.width, cfg.data.num_identities, cfg.data.num_instances) == (
+        384,
+        128,
+        12,
+        4,
+    )
+    assert (
+        cfg.model.backbone == "resnet50"
+        and list(cfg.model.branches) == [2, 3]
+        and cfg.model.rp_position == "layer2"
+    )
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (
+        0.01,
+        0.9,
+        1e-3,
+        10.0,
+    )
+    assert (
+        cfg.optim.warmup_epochs,
+        cfg.optim.warmup_start_lr,
+        list(cfg.optim.milestones),
+        cfg.optim.epochs,
+    ) == (3, 1e-5, [30, 50], 60)
     assert cfg.loss.triplet_margin == 0.6 and cfg.data.augment.rsa == 0.5
 
 
 def test_base_chain_and_overrides(tmp_path):
     (tmp_path / "a.yaml").write_text("optim:\n  epochs: 7\nmodel:\n  branches: [2]\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\noptim:\n  lr: 0.02\n")
-    cfg = load_config(tmp_path / "b.yaml", ["model.branches=[2,3,4]", "model.abp=off", "run.amp=off"])
+    cfg = load_config(
+        tmp_path / "b.yaml", ["model.branches=[2,3,4]", "model.abp=off", "run.amp=off"]
+    )
     assert cfg.optim.epochs == 7 and cfg.optim.lr == 0.02
     assert list(cfg.model.branches) == [2, 3, 4]
     assert cfg.model.abp == "off" and cfg.run.amp == "off"  # not the YAML boolean False
@@ -40,14 +61,17 @@ def test_yaml_off_is_not_a_boolean(tmp_path):
     assert load_config(tmp_path / "c.yaml").model.abp == "off"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.epoch=3", "unknown config key 'optim.epoch'; did you mean 'optim.epochs'"),
-    ("model.branchs=[2]", "did you mean 'model.branches'"),
-    ("optim.epochs=many", "bad value for 'optim.epochs'"),
-    ("epochs", "must look like key=value"),
-    ("optim.milestones=[30,50", "not valid YAML"),
-    ("data=3", "'data' is a section, not a value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.epoch=3", "unknown config key 'optim.epoch'; did you mean 'optim.epochs'"),
+        ("model.branchs=[2]", "did you mean 'model.branches'"),
+        ("optim.epochs=many", "bad value for 'optim.epochs'"),
+        ("epochs", "must look like key=value"),
+        ("optim.milestones=[30,50", "not valid YAML"),
+        ("data=3", "'data' is a section, not a value"),
+    ],
+)
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, [override])
@@ -72,7 +96,10 @@ def test_round_trip_through_yaml_text():
 
 
 def test_every_paper_experiment_has_a_config():
-    names = {p.relative_to(p.parents[1]).as_posix() if p.parent.name != "configs" else p.name for p in CONFIGS}
+    names = {
+        p.relative_to(p.parents[1]).as_posix() if p.parent.name != "configs" else p.name
+        for p in CONFIGS
+    }
     for dataset in ("market1501", "dukemtmcreid", "cuhk03_labeled", "cuhk03_detected", "msmt17"):
         assert f"{dataset}.yaml" in names
     for folder in ("ablation", "augmentation", "partition", "rsa_params", "studies"):
@@ -139,7 +166,9 @@ TABLE_V = {
 
 
 def _comment(path: Path) -> str:
-    return " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+    return " ".join(
+        line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")
+    )
 
 
 def test_every_ablation_config_is_in_the_table():
@@ -152,10 +181,28 @@ def test_ablation_config_is_its_table_v_row(name):
     row, branches, rp_position, only_rp, abp, rsa = TABLE_V[name]
     cfg = load_config(f"ablation/{name}")
     m, aug = cfg.model, cfg.data.augment
-    assert (list(m.branches), m.rp_position, m.only_rp, m.abp, aug.rsa > 0) == (branches, rp_position, only_rp, abp, rsa)
+    assert (list(m.branches), m.rp_position, m.only_rp, m.abp, aug.rsa > 0) == (
+        branches,
+        rp_position,
+        only_rp,
+        abp,
+        rsa,
+    )
     # nothing else of the paper's recipe moves: no other augmentation, the paper's pooling
-    assert (aug.random_erasing, aug.color_jitter, aug.random_crop, aug.rcrs, aug.flip) == (0, 0, 0, 0, 0.5)
-    assert (m.backbone, m.pooling, m.abp_pool, cfg.data.height, cfg.optim.epochs) == ("resnet50", "max", "avg", 384, 60)
+    assert (aug.random_erasing, aug.color_jitter, aug.random_crop, aug.rcrs, aug.flip) == (
+        0,
+        0,
+        0,
+        0,
+        0.5,
+    )
+    assert (m.backbone, m.pooling, m.abp_pool, cfg.data.height, cfg.optim.epochs) == (
+        "resnet50",
+        "max",
+        "avg",
+        384,
+        60,
+    )
     comment = _comment(find_config(f"ablation/{name}"))
     assert comment.startswith(f'Table V row "{row}":' if row else "Not a row of Table V"), comment
 
@@ -164,7 +211,10 @@ def test_ablation_config_is_its_table_v_row(name):
 # (row, branches, rsa, random_erasing, color_jitter, random_crop, rcrs) as "on" flags.
 TABLE_VI = {
     f"{prefix}_{aug}": (f"{label}+{row}", branches, *flags)
-    for prefix, label, branches in (("2stripe", "2-stripe", [2]), ("multibranch", "2+3-stripe", [2, 3]))
+    for prefix, label, branches in (
+        ("2stripe", "2-stripe", [2]),
+        ("multibranch", "2+3-stripe", [2, 3]),
+    )
     for aug, row, flags in (
         ("rcj", "RCJ", (False, False, True, False, False)),
         ("rc", "RC", (False, False, False, True, False)),
@@ -186,6 +236,12 @@ def test_augmentation_config_is_its_table_vi_row(name):
     cfg = load_config(f"augmentation/{name}")
     m, aug = cfg.model, cfg.data.augment
     assert (list(m.branches), m.rp_position, m.only_rp, m.abp) == (branches, "output", False, "off")
-    on = [aug.rsa > 0, aug.random_erasing > 0, aug.color_jitter > 0, aug.random_crop > 0, aug.rcrs > 0]
+    on = [
+        aug.rsa > 0,
+        aug.random_erasing > 0,
+        aug.color_jitter > 0,
+        aug.random_crop > 0,
+        aug.rcrs > 0,
+    ]
     assert on == flags and aug.flip == 0.5
     assert _comment(find_config(f"augmentation/{name}")).startswith(f'Table VI row "{row}":')

@@ -18,18 +18,40 @@ from rmgl.model import build_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = [
-    "data.dataset=folder", "data.height=48", "data.width=16", "data.num_identities=4",
-    "data.num_instances=2", "data.workers=0", "data.test_batch_size=64",
-    "model.backbone=resnet18", "model.pretrained=none", "optim.epochs=1", "optim.warmup_epochs=1",
-    "optim.milestones=[2]", "eval.every=0", "run.log_every=1",
+    "data.dataset=folder",
+    "data.height=48",
+    "data.width=16",
+    "data.num_identities=4",
+    "data.num_instances=2",
+    "data.workers=0",
+    "data.test_batch_size=64",
+    "model.backbone=resnet18",
+    "model.pretrained=none",
+    "optim.epochs=1",
+    "optim.warmup_epochs=1",
+    "optim.milestones=[2]",
+    "eval.every=0",
+    "run.log_every=1",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib_synth")
-    generate(SynthConfig(seed=5, train_ids=8, test_ids=6, distractors=4, junk=2, cameras_per_id=(2, 3),
-                         images_per_camera=(2, 3)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=5,
+            train_ids=8,
+            test_ids=6,
+            distractors=4,
+            junk=2,
+            cameras_per_id=(2, 3),
+            images_per_camera=(2, 3),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -37,7 +59,9 @@ def tiny_data(tmp_path_factory):
 def trained(tiny_data, tmp_path_factory):
     """One tiny trained run shared by the tests that only read its checkpoint."""
     out = tmp_path_factory.mktemp("lib_runs")
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={out}", "run.name=base"])
+    cfg = load_config(
+        None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={out}", "run.name=base"]
+    )
     with Trainer(cfg, progress=False) as trainer:
         results = trainer.train()
     return out / "base", results
@@ -48,18 +72,25 @@ def test_load_model_rebuilds_the_trained_model(trained, tiny_data):
     model = load_model(run / "last.safetensors", device="cpu")
     assert not model.training
     assert model.preprocess.size == (48, 16) and model.preprocess.flip
-    assert model.config.model.backbone == "resnet18" and model.checkpoint.endswith("last.safetensors")
+    assert model.config.model.backbone == "resnet18" and model.checkpoint.endswith(
+        "last.safetensors"
+    )
     from rmgl.data.datasets import load_dataset
     from rmgl.engine.evaluation import evaluate_model
 
-    again = evaluate_model(model, load_dataset("folder", tiny_data), model.preprocess.size, workers=0, progress=False)
+    again = evaluate_model(
+        model, load_dataset("folder", tiny_data), model.preprocess.size, workers=0, progress=False
+    )
     assert again["plain"].mAP == pytest.approx(results["plain"].mAP, abs=1e-6)
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", "not a readable rmgl checkpoint"),
-    (b"\x00" * 64, "not a readable rmgl checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "not a readable rmgl checkpoint"),
+        (b"\x00" * 64, "not a readable rmgl checkpoint"),
+    ],
+)
 def test_load_model_rejects_files_that_are_not_checkpoints(tmp_path, content, expected):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
@@ -108,20 +139,35 @@ def test_init_from_another_architecture_names_the_mismatch(trained):
     run, _ = trained
     cfg = load_config(None, [*TINY, "data.root=unused", "model.branches=[2,3,4]"])
     model = build_model(8, **_options(cfg))
-    with pytest.raises(ValueError, match=r"another architecture \(branches: checkpoint \[2, 3\] vs config \[2, 3, 4\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"another architecture \(branches: checkpoint \[2, 3\] vs config \[2, 3, 4\]\)",
+    ):
         init_from_checkpoint(model, cfg.model, run / "last.safetensors")
 
 
 def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path, caplog):
     run, _ = trained
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "run.name=ft",
-                             f"model.init_from={run / 'last.safetensors'}", "optim.lr=1e-9", "optim.warmup_start_lr=1e-12"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={tiny_data}",
+            f"run.output_dir={tmp_path}",
+            "run.name=ft",
+            f"model.init_from={run / 'last.safetensors'}",
+            "optim.lr=1e-9",
+            "optim.warmup_start_lr=1e-12",
+        ],
+    )
     with caplog.at_level("INFO", logger="rmgl"):
         with Trainer(cfg, progress=False) as trainer:
             start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert "model.init_from: loaded" in caplog.text
     trained_state = load_model(run / "last.safetensors").state_dict()
-    assert all(torch.equal(start[k], trained_state[k]) for k in start)  # same data: classifiers kept too
+    assert all(
+        torch.equal(start[k], trained_state[k]) for k in start
+    )  # same data: classifiers kept too
 
 
 class Counter(Callback):
@@ -148,7 +194,9 @@ class Counter(Callback):
 
 def test_callbacks_are_called_in_order(tiny_data, tmp_path):
     counter = Counter()
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=2"])
+    cfg = load_config(
+        None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=2"]
+    )
     with Trainer(cfg, progress=False, callbacks=[counter]) as trainer:
         trainer.train()
         n = trainer.iters_per_epoch
@@ -165,7 +213,10 @@ def test_failed_evaluation_keeps_the_epoch(tiny_data, tmp_path):
             raise ValueError("evaluation failed")
 
     cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}"])
-    with Trainer(cfg, progress=False, callbacks=[Boom()]) as trainer, pytest.raises(ValueError, match="evaluation failed"):
+    with (
+        Trainer(cfg, progress=False, callbacks=[Boom()]) as trainer,
+        pytest.raises(ValueError, match="evaluation failed"),
+    ):
         trainer.train()
     from rmgl.engine.checkpoint import load_checkpoint
 
@@ -183,7 +234,9 @@ def test_run_names_that_could_escape_the_output_folder_are_refused(name):
 def test_overwrite_only_removes_the_runs_own_folder(tiny_data, tmp_path):
     (tmp_path / "other_run").mkdir()
     (tmp_path / "other_run" / "keep.txt").write_text("mine")
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "run.name=x"])
+    cfg = load_config(
+        None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "run.name=x"]
+    )
     Trainer(cfg, progress=False).close()
     with pytest.raises(FileExistsError, match="an earlier run that has no checkpoint"):
         Trainer(cfg, progress=False)
@@ -194,32 +247,51 @@ def test_overwrite_only_removes_the_runs_own_folder(tiny_data, tmp_path):
 def test_resume_refuses_settings_that_change_the_run(trained, tiny_data):
     run, _ = trained
     saved = load_config(None, [*TINY, "data.root=x"])
-    check_resume_changes(saved, load_config(None, [*TINY, "data.root=y", "optim.epochs=3", "eval.every=1"]), 1)
-    with pytest.raises(ConfigError, match=r"optim.lr: 0.01 -> 0.02.*data.height: 48 -> 64|data.height: 48 -> 64.*optim.lr"):
-        check_resume_changes(saved, load_config(None, [*TINY, "data.root=x", "optim.lr=0.02", "data.height=64"]), 1)
+    check_resume_changes(
+        saved, load_config(None, [*TINY, "data.root=y", "optim.epochs=3", "eval.every=1"]), 1
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.lr: 0.01 -> 0.02.*data.height: 48 -> 64|data.height: 48 -> 64.*optim.lr",
+    ):
+        check_resume_changes(
+            saved, load_config(None, [*TINY, "data.root=x", "optim.lr=0.02", "data.height=64"]), 1
+        )
     with pytest.raises(ConfigError, match="already trained 1 epochs and optim.epochs is 1"):
         check_resume_changes(saved, saved, 1)
     # a refused resume leaves the run's record untouched
     before = (run / "config.yaml").read_text()
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={run.parent}", "run.name=base",
-                             "optim.epochs=2", "model.backbone=resnet34"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={tiny_data}",
+            f"run.output_dir={run.parent}",
+            "run.name=base",
+            "optim.epochs=2",
+            "model.backbone=resnet34",
+        ],
+    )
     with pytest.raises(ConfigError, match="model.backbone: resnet18 -> resnet34"):
         Trainer(cfg, resume=True, progress=False)
     assert (run / "config.yaml").read_text() == before
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.epochs=0", "optim.epochs=0 must be >= 1"),
-    ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0 must be >= 0"),
-    ("data.augment.rsa=1.5", "data.augment.rsa=1.5 must be a probability in \\[0, 1\\]"),
-    ("data.height=0", "data.height=0 must be > 0"),
-    ("loss.label_smoothing=1", "loss.label_smoothing=1.0 must be in \\[0, 1\\)"),
-    ("run.log_every=0", "run.log_every=0 must be >= 1"),
-    ("eval.metric=bogus", "eval.metric='bogus' is not one of"),
-    ("eval.protocol=nope", "eval.protocol='nope' is not one of"),
-    ("model.pooling=median", "model.pooling='median' is not one of"),
-    ("data.test_batch_size=0", "data.test_batch_size=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.epochs=0", "optim.epochs=0 must be >= 1"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0 must be >= 0"),
+        ("data.augment.rsa=1.5", "data.augment.rsa=1.5 must be a probability in \\[0, 1\\]"),
+        ("data.height=0", "data.height=0 must be > 0"),
+        ("loss.label_smoothing=1", "loss.label_smoothing=1.0 must be in \\[0, 1\\)"),
+        ("run.log_every=0", "run.log_every=0 must be >= 1"),
+        ("eval.metric=bogus", "eval.metric='bogus' is not one of"),
+        ("eval.protocol=nope", "eval.protocol='nope' is not one of"),
+        ("model.pooling=median", "model.pooling='median' is not one of"),
+        ("data.test_batch_size=0", "data.test_batch_size=0 must be >= 1"),
+    ],
+)
 def test_bad_values_fail_when_the_config_is_loaded(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -232,9 +304,15 @@ def test_only_rp_at_the_output_is_refused():
 
 def test_evaluation_precision_is_float32_unless_asked():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert amp_dtype("auto", gpu) == torch.bfloat16 and amp_dtype("auto", gpu, evaluation=True) is None
-    assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu, evaluation=True) == torch.bfloat16
-    assert amp_dtype("fp16", gpu, evaluation=True) == torch.float16 and amp_dtype("off", gpu) is None
+    assert (
+        amp_dtype("auto", gpu) == torch.bfloat16 and amp_dtype("auto", gpu, evaluation=True) is None
+    )
+    assert (
+        amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu, evaluation=True) == torch.bfloat16
+    )
+    assert (
+        amp_dtype("fp16", gpu, evaluation=True) == torch.float16 and amp_dtype("off", gpu) is None
+    )
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         amp_dtype("fp16", cpu)
 
@@ -244,25 +322,42 @@ def test_seeds_table_reports_mean_and_spread():
     from rmgl.reporting import seeds_table
 
     def result(r1, ap):
-        return RankResult(cmc=torch.tensor([r1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]).numpy(),
-                          mAP=ap, mINP=0.1, num_valid_queries=10, num_skipped_queries=0)
+        return RankResult(
+            cmc=torch.tensor([r1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]).numpy(),
+            mAP=ap,
+            mINP=0.1,
+            num_valid_queries=10,
+            num_skipped_queries=0,
+        )
 
-    runs = {"a": [{"results": {"plain": result(0.5, 0.4)}, "seconds": 10},
-                  {"results": {"plain": result(0.7, 0.6)}, "seconds": 20}]}
+    runs = {
+        "a": [
+            {"results": {"plain": result(0.5, 0.4)}, "seconds": 10},
+            {"results": {"plain": result(0.7, 0.6)}, "seconds": 20},
+        ]
+    }
     row = seeds_table(runs).splitlines()[2]
     # mean 60.0, sample standard deviation of (50, 70) = 14.1; mAP 50.0 ± 14.1
-    assert row.startswith("| a | plain | 2 | 60.0 ± 14.1 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 14.1 | 10.0 ± 0.0 | 15 |")
+    assert row.startswith(
+        "| a | plain | 2 | 60.0 ± 14.1 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 14.1 | 10.0 ± 0.0 | 15 |"
+    )
 
 
 def test_results_json_round_trip(tmp_path):
     from rmgl.metrics import RankResult
     from rmgl.reporting import write_results_json
 
-    r = RankResult(cmc=torch.ones(3).numpy(), mAP=0.5, mINP=0.25, num_valid_queries=2, num_skipped_queries=1)
-    path = write_results_json(tmp_path / "r" / "results.json", {"plain": r}, checkpoint="ck", protocol="any_camera")
+    r = RankResult(
+        cmc=torch.ones(3).numpy(), mAP=0.5, mINP=0.25, num_valid_queries=2, num_skipped_queries=1
+    )
+    path = write_results_json(
+        tmp_path / "r" / "results.json", {"plain": r}, checkpoint="ck", protocol="any_camera"
+    )
     saved = json.loads(path.read_text())
     assert saved["provenance"] == {"checkpoint": "ck", "protocol": "any_camera"}
-    assert saved["results"]["plain"]["mAP"] == 0.5 and not list(tmp_path.joinpath("r").glob("*.tmp"))
+    assert saved["results"]["plain"]["mAP"] == 0.5 and not list(
+        tmp_path.joinpath("r").glob("*.tmp")
+    )
 
 
 def test_train_and_evaluate_data_without_cameras(tiny_data, tmp_path):
@@ -279,16 +374,31 @@ def test_train_and_evaluate_data_without_cameras(tiny_data, tmp_path):
             if r.pid > 0:
                 (root / split / f"id{r.pid:03d}").mkdir(parents=True, exist_ok=True)
                 shutil.copy(r.path, root / split / f"id{r.pid:03d}" / Path(r.path).name)
-    cfg = load_config(None, [*TINY, "data.dataset=identity_folders", f"data.root={root}",
-                             f"run.output_dir={tmp_path / 'runs'}"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.dataset=identity_folders",
+            f"data.root={root}",
+            f"run.output_dir={tmp_path / 'runs'}",
+        ],
+    )
     with Trainer(cfg, progress=False) as trainer:
         assert trainer.dataset.protocol == "any_camera"
         results = trainer.train()
     assert results["plain"].protocol == "any_camera" and results["plain"].num_valid_queries > 0
     saved = json.loads((tmp_path / "runs" / "rmgl" / "eval" / "results.json").read_text())
     assert saved["provenance"]["protocol"] == "any_camera"
-    strict = load_config(None, [*TINY, "data.dataset=identity_folders", f"data.root={root}",
-                                f"run.output_dir={tmp_path / 'runs2'}", "eval.protocol=cross_camera"])
+    strict = load_config(
+        None,
+        [
+            *TINY,
+            "data.dataset=identity_folders",
+            f"data.root={root}",
+            f"run.output_dir={tmp_path / 'runs2'}",
+            "eval.protocol=cross_camera",
+        ],
+    )
     with Trainer(strict, progress=False) as trainer, pytest.raises(ValueError, match="any_camera"):
         trainer.train()
 
@@ -300,7 +410,12 @@ def test_gem_exponents_are_not_weight_decayed():
     model = build_model(5, **_options(cfg))
     optimizer = build_optimizer(model, cfg.optim)
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    exempt = {
+        names[id(p)]
+        for g in optimizer.param_groups
+        if g["weight_decay"] == 0.0
+        for p in g["params"]
+    }
     assert exempt == model.no_weight_decay() and exempt and all(n.endswith(".p") for n in exempt)
     decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
     assert sum(len(g["params"]) for g in decayed) + len(exempt) == len(names)

@@ -22,7 +22,9 @@ def test_warmup_is_exponential_from_1e5_then_steps():
     ipe = 10
 
     def lr(it):
-        return cfg.lr * lr_factor(it, ipe, cfg.lr, cfg.warmup_epochs, cfg.warmup_start_lr, list(cfg.milestones), cfg.gamma)
+        return cfg.lr * lr_factor(
+            it, ipe, cfg.lr, cfg.warmup_epochs, cfg.warmup_start_lr, list(cfg.milestones), cfg.gamma
+        )
 
     assert lr(0) == pytest.approx(1e-5)
     assert lr(15) == pytest.approx(math.sqrt(1e-5 * 1e-2))  # halfway through 30 warm-up iterations
@@ -37,29 +39,43 @@ class Tiny(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
         self.body = nn.Linear(4, 4)
-        self.heads = nn.ModuleDict({"g": nn.ModuleDict({"reduction": nn.Linear(4, 2), "classifier": nn.Linear(2, classes)})})
+        self.heads = nn.ModuleDict(
+            {
+                "g": nn.ModuleDict(
+                    {"reduction": nn.Linear(4, 2), "classifier": nn.Linear(2, classes)}
+                )
+            }
+        )
 
 
 def test_heads_get_ten_times_the_rate_through_the_schedule():
     model = Tiny()
     cfg = load_config().optim
-    opt = torch.optim.SGD(parameter_groups(model, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=0.9)
+    opt = torch.optim.SGD(
+        parameter_groups(model, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=0.9
+    )
     assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
     sched = build_scheduler(opt, 10, cfg)
     for _ in range(40):
         opt.step()
         sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01) and opt.param_groups[1]["lr"] == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01) and opt.param_groups[1][
+        "lr"
+    ] == pytest.approx(0.1)
 
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss = model.heads["g"]["classifier"](model.heads["g"]["reduction"](model.body(torch.randn(5, 4)))).sum()
+    loss = model.heads["g"]["classifier"](
+        model.heads["g"]["reduction"](model.body(torch.randn(5, 4)))
+    ).sum()
     loss.backward()
     opt.step()
-    path = save_checkpoint(tmp_path / "last.safetensors", model, "run:\n  name: x\n", {"epoch": 4}, opt)
+    path = save_checkpoint(
+        tmp_path / "last.safetensors", model, "run:\n  name: x\n", {"epoch": 4}, opt
+    )
     assert not list(tmp_path.glob("*.tmp"))
     ckpt = load_checkpoint(path)
     assert ckpt.trainer["epoch"] == 4 and "name: x" in ckpt.config_yaml
@@ -78,7 +94,9 @@ def test_incompatible_checkpoints_are_explained(tmp_path):
     state = load_checkpoint(path).model_state()
     with pytest.raises(ValueError, match="(?s)shape mismatch.*classifier.*drop_classifiers"):
         check_compatible(Tiny(classes=5), state)
-    assert "heads.g.classifier.weight" not in check_compatible(Tiny(classes=5), state, drop_classifiers=True)
+    assert "heads.g.classifier.weight" not in check_compatible(
+        Tiny(classes=5), state, drop_classifiers=True
+    )
     other = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="(?s)missing from checkpoint"):
         check_compatible(other, state)

@@ -35,7 +35,20 @@ run: {{name: tiny, output_dir: {out}, log_every: 1}}
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_synth")
-    generate(SynthConfig(seed=4, train_ids=8, test_ids=6, distractors=4, junk=2, cameras_per_id=(2, 3), images_per_camera=(2, 3)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=4,
+            train_ids=8,
+            test_ids=6,
+            distractors=4,
+            junk=2,
+            cameras_per_id=(2, 3),
+            images_per_camera=(2, 3),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -46,8 +59,15 @@ def write_config(tmp_path, root, epochs=3, workers=0, name="tiny.yaml"):
 
 
 def rmgl(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "rmgl.cli", *args], env=ENV, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rmgl.cli", *args],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -86,9 +106,17 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
     resumed = rmgl("train", str(config), "run.name=killed", "--resume")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert f"resumed from {ckpt} at epoch {resumed_from + 2}" in (tmp_path / "runs" / "killed" / "train.log").read_text()
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == len({(r["epoch"], r["iter"]) for r in rows}), "the interrupted epoch's rows are dropped"
+    assert (
+        f"resumed from {ckpt} at epoch {resumed_from + 2}"
+        in (tmp_path / "runs" / "killed" / "train.log").read_text()
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == len({(r["epoch"], r["iter"]) for r in rows}), (
+        "the interrupted epoch's rows are dropped"
+    )
 
     expected = losses_after(tmp_path / "runs" / "full" / "metrics.jsonl", resumed_from + 1)
     got = losses_after(tmp_path / "runs" / "killed" / "metrics.jsonl", resumed_from + 1)
@@ -119,7 +147,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
         return total * float("nan"), terms
 
     monkeypatch.setattr(trainer.criterion, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan \(on this rank\) at epoch 2, iteration 1.*last good checkpoint"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss is nan \(on this rank\) at epoch 2, iteration 1.*last good checkpoint",
+    ):
         trainer.train()
     trainer.close()
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
@@ -130,8 +161,17 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "--master_addr=127.0.0.1", str(REPO / "tests" / "ddp_worker.py"), str(config), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(config),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -177,8 +217,20 @@ def test_eval_command_on_a_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "runs" / "tiny"
     assert (run / "best.safetensors").is_file() and (run / "eval" / "ranked_list.png").is_file()
     assert any((run / "tensorboard").iterdir())
-    proc = rmgl("eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "folder", "--root", str(tiny_data),
-                "--rerank", "--out", str(tmp_path / "ev"), "--workers", "0")
+    proc = rmgl(
+        "eval",
+        "--checkpoint",
+        str(run / "best.safetensors"),
+        "--dataset",
+        "folder",
+        "--root",
+        str(tiny_data),
+        "--rerank",
+        "--out",
+        str(tmp_path / "ev"),
+        "--workers",
+        "0",
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -192,7 +244,9 @@ def test_eval_command_on_a_checkpoint(tiny_data, tmp_path):
     curve = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
     assert [(row["epoch"], row["eval"]) for row in curve] == [(0, "plain")]
     assert curve[0]["mAP"] == pytest.approx(results["plain"].mAP)
-    assert (tmp_path / "ev" / "cmc.png").is_file() and (tmp_path / "ev" / "ranked_list.png").is_file()
+    assert (tmp_path / "ev" / "cmc.png").is_file() and (
+        tmp_path / "ev" / "ranked_list.png"
+    ).is_file()
 
 
 def test_compiled_training_forward(tiny_data, tmp_path, monkeypatch):

@@ -43,6 +43,8 @@ def test_reduced_cpu_mode_runs_every_check(tmp_path):
     # re-ranking: the float64 row compares both passes with the CPU reference; on a CPU-only
     # machine they run on the CPU, so they agree to float64 rounding
     float64_row = next(row for row in rows if "re-ranking" in row and "float64" in row)
-    assert float(re.search(r"max abs diff ([0-9.e+-]+)", float64_row).group(1)) <= 1e-12, float64_row
+    assert float(re.search(r"max abs diff ([0-9.e+-]+)", float64_row).group(1)) <= 1e-12, (
+        float64_row
+    )
     float32_row = next(row for row in rows if "re-ranking" in row and "float32" in row)
     assert "cpu full vs cpu: 0 of 300 query rows differ" in float32_row, float32_row

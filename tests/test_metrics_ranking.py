@@ -320,7 +320,11 @@ def test_protocols_match_reference(seed, protocol, ranking_path):
     rng = np.random.default_rng(300 + seed)
     num_cams = int(rng.integers(1, 4))  # one camera: cross_camera often has no valid query
     case, own = case_with_queries_in_gallery(
-        rng, int(rng.integers(2, 30)), int(rng.integers(30, 200)), int(rng.integers(2, 10)), num_cams
+        rng,
+        int(rng.integers(2, 30)),
+        int(rng.integers(30, 200)),
+        int(rng.integers(2, 10)),
+        num_cams,
     )
     assert_protocol_matches_reference(case, protocol, own)
 

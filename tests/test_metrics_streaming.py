@@ -34,7 +34,11 @@ def _case(seed: int, num_q: int, num_g: int, dim: int, quantise: bool):
     return (
         torch.from_numpy(query.astype(np.float32)),
         torch.from_numpy(gallery.astype(np.float32)),
-        q_pids, g_pids, q_cams, g_cams, own,
+        q_pids,
+        g_pids,
+        q_cams,
+        g_cams,
+        own,
     )
 
 
@@ -54,8 +58,17 @@ def test_equals_full_matrix_path(seed, num_q, num_g, metric, protocol, budget, q
         dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
     )
     result = evaluate_features(
-        query, gallery, q_pids, g_pids, q_cams, g_cams, metric=metric, protocol=protocol,
-        query_in_gallery=own, topk=7, memory_budget_mb=budget,
+        query,
+        gallery,
+        q_pids,
+        g_pids,
+        q_cams,
+        g_cams,
+        metric=metric,
+        protocol=protocol,
+        query_in_gallery=own,
+        topk=7,
+        memory_budget_mb=budget,
     )
     assert np.array_equal(result.cmc, expected.cmc)
     assert result.mAP == expected.mAP and result.mINP == expected.mINP
@@ -65,9 +78,9 @@ def test_equals_full_matrix_path(seed, num_q, num_g, metric, protocol, budget, q
     # top-k lists against a per-query loop: stable argsort of the non-ignored items
     lists = result.ranked_lists
     for q in range(num_q):
-        keep = np.flatnonzero(~ignored_gallery_mask(
-            q_pids[q], q_cams[q], g_pids, g_cams, protocol, int(own[q])
-        ))
+        keep = np.flatnonzero(
+            ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, int(own[q]))
+        )
         order = keep[np.argsort(dist[q, keep], kind="stable")[:7]]
         assert np.array_equal(lists.indices[q, : len(order)], order), q
         assert np.array_equal(lists.distances[q, : len(order)], dist[q, order])

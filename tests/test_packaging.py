@@ -48,32 +48,80 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     ``rmgl demo`` from a folder outside the checkout. The new environment borrows this one's
     third-party packages through a .pth file (torch alone is gigabytes) but not its rmgl."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("rmgl-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # without PYTHONPATH: a checkout on it would make pip think rmgl is installed already
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
     def run(*args):
-        return subprocess.run([str(venv / "bin" / "rmgl"), *args], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [str(venv / "bin" / "rmgl"), *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
-    where = subprocess.run([str(python), "-c", "import rmgl; print(rmgl.__file__)"], cwd=elsewhere, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(python), "-c", "import rmgl; print(rmgl.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(site)), where
     listing = run("configs")
-    assert listing.returncode == 0 and "market1501" in listing.stdout and "ablation/" in listing.stdout
+    assert (
+        listing.returncode == 0 and "market1501" in listing.stdout and "ablation/" in listing.stdout
+    )
     demo = run("demo", "--out", "demo", "--scale", "0.1", "optim.epochs=1", "data.workers=0")
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "| RMGL (Local-2 + Local-3) | plain |" in demo.stdout
@@ -81,4 +129,8 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     assert (elsewhere / "demo" / "demo_results.md").is_file()
     assert (elsewhere / "demo" / "rmgl" / "eval" / "ranked_list.png").is_file()
     report = elsewhere / "demo" / "rmgl" / "report.html"
-    assert report.is_file() and f"report of the RMGL run (open it in a browser): {Path('demo/rmgl/report.html')}" in demo.stdout
+    assert (
+        report.is_file()
+        and f"report of the RMGL run (open it in a browser): {Path('demo/rmgl/report.html')}"
+        in demo.stdout
+    )

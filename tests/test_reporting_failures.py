@@ -46,7 +46,9 @@ def test_camera_pair_r1_matches_a_loop(protocol, with_own):
     hits = np.zeros((len(cams), len(cams)))
     counts = np.zeros((len(cams), len(cams)), dtype=int)
     for q in range(len(q_pids)):
-        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q])
+        order = _order(
+            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q]
+        )
         for b, cam in enumerate(cams):
             ranked = order[g_cams[order] == cam]
             if not (g_pids[ranked] == q_pids[q]).any():
@@ -70,7 +72,9 @@ def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
     )
     counter, directed, expected_distractors = Counter(), Counter(), 0
     for q in range(len(q_pids)):
-        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q])
+        order = _order(
+            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q]
+        )
         assert nearest[q] == order[0]
         assert has_match[q] == (g_pids[order] == q_pids[q]).any()
         if not has_match[q] or g_pids[order[0]] == q_pids[q]:
@@ -88,7 +92,9 @@ def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
         assert all(q_pids[q] in (p.a, p.b) for q in p.examples)
     assert [p.count for p in pairs] == sorted((p.count for p in pairs), reverse=True)
     # rank-1 of the valid queries is the metric's rank-1
-    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own)
+    result = evaluate_rank(
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+    )
     correct = has_match & (g_pids[nearest] == q_pids)
     assert correct.sum() / has_match.sum() == pytest.approx(result.rank(1))
 
@@ -96,10 +102,14 @@ def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
 @pytest.mark.parametrize(("protocol", "with_own"), CASES)
 def test_query_ranking_and_worst_queries(protocol, with_own):
     dist, q_pids, g_pids, q_cams, g_cams, own = _problem(3, with_own=with_own)
-    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own)
+    result = evaluate_rank(
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+    )
     for q in range(len(q_pids)):
         own_q = -1 if own is None else int(own[q])
-        ranking = failures.query_ranking(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q)
+        ranking = failures.query_ranking(
+            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q
+        )
         order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q)
         np.testing.assert_array_equal(ranking.order, order)
         expected_ranks = [i + 1 for i, g in enumerate(order) if g_pids[g] == q_pids[q]]
@@ -111,7 +121,9 @@ def test_query_ranking_and_worst_queries(protocol, with_own):
             assert result.per_query_ap[q] == pytest.approx(ap)
     worst = failures.worst_queries(result, 7)
     valid = [q for q in range(len(q_pids)) if not np.isnan(result.per_query_ap[q])]
-    expected = sorted(valid, key=lambda q: (result.per_query_ap[q], -result.per_query_first_rank[q], q))[:7]
+    expected = sorted(
+        valid, key=lambda q: (result.per_query_ap[q], -result.per_query_first_rank[q], q)
+    )[:7]
     assert worst.tolist() == expected
     assert len(failures.worst_queries(result, 10_000)) == len(valid)
 
@@ -187,13 +199,25 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypa
         [ImageRecord(f"{kind}{i}.jpg", int(p), int(c)) for i, (p, c) in enumerate(zip(pids, cams))]
         for kind, pids, cams in (("q", q_pids, q_cams), ("g", g_pids, g_cams))
     ]
-    common = dict(dataset="toy", query=records[0], gallery=records[1], results={"plain": result},
-                  protocol="cross_camera", metric=metric, query_features=query, gallery_features=gallery)
+    common = dict(
+        dataset="toy",
+        query=records[0],
+        gallery=records[1],
+        results={"plain": result},
+        protocol="cross_camera",
+        metric=metric,
+        query_features=query,
+        gallery_features=gallery,
+    )
     streamed = report_data(ReportInputs(distmat=None, **common), worst=5)
-    full = report_data(ReportInputs(distmat=pairwise_distance(query, gallery, metric), **common), worst=5)
+    full = report_data(
+        ReportInputs(distmat=pairwise_distance(query, gallery, metric), **common), worst=5
+    )
     assert streamed == full
     assert len(streamed["worst"]) == 5 and streamed["camera_pairs"]["queries"]
-    with pytest.raises(ValueError, match="needs the distance matrix or the query and gallery features"):
+    with pytest.raises(
+        ValueError, match="needs the distance matrix or the query and gallery features"
+    ):
         report_data(ReportInputs(distmat=None, **{**common, "query_features": None}))
     with pytest.raises(ValueError, match="29 query and 70 gallery features for 30 query"):
         report_data(ReportInputs(distmat=None, **{**common, "query_features": query[1:]}))

@@ -61,7 +61,9 @@ def test_rp_stripe_map_sees_only_its_receptive_region(model, stripes):
         for replacement in (torch.zeros_like(images), torch.randn_like(images) * 3):
             changed = torch.where(outside[None, None, :, None], replacement, images)
             view = inspect_tensors(model, changed)[0][branch]
-            np.testing.assert_allclose(view.partitioned[k], base.partitioned[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                view.partitioned[k], base.partitioned[k], rtol=1e-5, atol=1e-6
+            )
             rows = base.original.shape[0] // stripes
             band = slice(k * rows, (k + 1) * rows)
             assert not np.allclose(view.original[band], base.original[band], rtol=1e-3, atol=1e-5)
@@ -93,20 +95,31 @@ def test_views_match_the_models_maps_and_abp(model):
             for c in range(x.shape[0]):
                 flat = x[c].flatten()
                 if float(flat.max()) > 0:
-                    votes[int(np.flatnonzero(flat.numpy() == float(flat.max()))[0]) // x.shape[2]] += 1
+                    votes[
+                        int(np.flatnonzero(flat.numpy() == float(flat.max()))[0]) // x.shape[2]
+                    ] += 1
             np.testing.assert_array_equal(view.votes, votes)
             from rmgl.model import abp_boundaries
 
-            np.testing.assert_array_equal(view.abp, abp_boundaries(x[None], branch.stripes)[0].numpy())
-            assert view.uniform.tolist() == [k * x.shape[1] // branch.stripes for k in range(branch.stripes + 1)]
+            np.testing.assert_array_equal(
+                view.abp, abp_boundaries(x[None], branch.stripes)[0].numpy()
+            )
+            assert view.uniform.tolist() == [
+                k * x.shape[1] // branch.stripes for k in range(branch.stripes + 1)
+            ]
             assert view.abp_in_test  # abp='both' by default
 
 
 def test_rp_heat_uses_each_stripes_band():
     view = inspection.BranchView(
-        name="b2", stripes=2, original=np.ones((4, 2)),
+        name="b2",
+        stripes=2,
+        original=np.ones((4, 2)),
         partitioned=[np.zeros((2, 2)), np.full((2, 2), 4.0)],
-        votes=np.zeros(4, dtype=int), abp=np.array([0, 2, 4]), uniform=np.array([0, 2, 4]), abp_in_test=True,
+        votes=np.zeros(4, dtype=int),
+        abp=np.array([0, 2, 4]),
+        uniform=np.array([0, 2, 4]),
+        abp_in_test=True,
     )
     heat = inspection.path_heat(view, "rp", (16, 8))
     assert heat.shape == (16, 8)
@@ -122,7 +135,9 @@ def test_write_inspection_pictures(model, tmp_path):
     paths = []
     for i in range(2):
         path = tmp_path / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (128, 48, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(
+            np.random.default_rng(i).integers(0, 255, (128, 48, 3), dtype=np.uint8)
+        ).save(path)
         paths.append(str(path))
     model.preprocess = type("P", (), {"size": SIZE})()
     try:

@@ -20,8 +20,20 @@ def data(tmp_path_factory):
     from rmgl.data.synthetic import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("report_synth")
-    generate(SynthConfig(seed=4, train_ids=6, test_ids=8, distractors=3, junk=1, cameras_per_id=(2, 3),
-                         images_per_camera=(2, 2)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=4,
+            train_ids=6,
+            test_ids=8,
+            distractors=3,
+            junk=1,
+            cameras_per_id=(2, 3),
+            images_per_camera=(2, 2),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -37,7 +49,11 @@ def checkpoint(data, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(6, backbone="resnet18", pretrained="none", branches=[2, 3])
     path = save_checkpoint(run / "best.safetensors", model, to_yaml(cfg), {"num_classes": 6})
-    rows = [{"epoch": e, "iter": i, "lr": 0.01, "loss": 50.0 - e - i / 4} for e in range(2) for i in range(4)]
+    rows = [
+        {"epoch": e, "iter": i, "lr": 0.01, "loss": 50.0 - e - i / 4}
+        for e in range(2)
+        for i in range(4)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     evals = [{"epoch": 1, "eval": "plain", "mAP": 0.2, "rank1": 0.25, "mINP": 0.1}]
     (run / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
@@ -45,7 +61,9 @@ def checkpoint(data, tmp_path_factory):
 
 
 def _report_data(page: str) -> dict:
-    found = re.search(r"<script type='application/json' id='report-data'>(.*?)</script>", page, re.S)
+    found = re.search(
+        r"<script type='application/json' id='report-data'>(.*?)</script>", page, re.S
+    )
     assert found, "the page carries its numbers"
     return json.loads(found.group(1).replace("<\\/", "</"))
 
@@ -56,8 +74,29 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
     from rmgl.engine.load import load_model
 
     out = tmp_path / "page.html"
-    assert main(["report", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(data),
-                 "--out", str(out), "--rerank", "--worst", "3", "--topk", "5", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "folder",
+                "--root",
+                str(data),
+                "--out",
+                str(out),
+                "--rerank",
+                "--worst",
+                "3",
+                "--topk",
+                "5",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert f"report: {out}" in capsys.readouterr().out
     page = out.read_text()
     got = _report_data(page)
@@ -65,7 +104,9 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
     model = load_model(checkpoint, "cpu")
     dataset = load_dataset("folder", data)
     with torch.no_grad():
-        expected = evaluate_model(model, dataset, model.preprocess.size, rerank=True, workers=0, progress=False)
+        expected = evaluate_model(
+            model, dataset, model.preprocess.size, rerank=True, workers=0, progress=False
+        )
     assert set(got["metrics"]) == {"plain", "rerank"}
     for key, result in expected.items():
         m = got["metrics"][key]
@@ -83,7 +124,11 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
     worst = got["worst"]
     assert [w["query"] for w in worst] == sorted(
         range(len(dataset.query)),
-        key=lambda q: (np.nan_to_num(plain.per_query_ap[q], nan=9), -plain.per_query_first_rank[q], q),
+        key=lambda q: (
+            np.nan_to_num(plain.per_query_ap[q], nan=9),
+            -plain.per_query_first_rank[q],
+            q,
+        ),
     )[:3]
     for w in worst:
         assert w["ap"] == pytest.approx(plain.per_query_ap[w["query"]])
@@ -93,11 +138,20 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
         assert w["missed_total"] + sum(t["match"] for t in w["top"]) == w["matches_total"]
         assert f"id='q{w['query']}'" in page
     # every section is there; training curves from the run folder; the config and checkpoint
-    for section in ("sec-metrics", "sec-ap", "sec-cameras", "sec-confused", "sec-worst", "sec-training"):
+    for section in (
+        "sec-metrics",
+        "sec-ap",
+        "sec-cameras",
+        "sec-confused",
+        "sec-worst",
+        "sec-training",
+    ):
         assert f"id={section}" in page
     assert "alt='training curves'" in page and "backbone: resnet18" in page
     assert str(checkpoint.resolve()) in page
-    assert page.count("alt='O-2'") == page.count("alt='RP-3'") >= 3  # query and rank-1 of each worst query
+    assert (
+        page.count("alt='O-2'") == page.count("alt='RP-3'") >= 3
+    )  # query and rank-1 of each worst query
     # self-contained: every picture embedded, nothing fetched
     sources = re.findall(r"<img src='([^']*)'", page)
     assert sources and all(s.startswith("data:image/") for s in sources)
@@ -115,14 +169,39 @@ def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path, mo
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
-    monkeypatch.setattr(evaluation, "extract_features", counted("extract", evaluation.extract_features))
+    monkeypatch.setattr(
+        evaluation, "extract_features", counted("extract", evaluation.extract_features)
+    )
     for module in (evaluation, report):
-        monkeypatch.setattr(module, "k_reciprocal_rerank", counted("rerank", module.k_reciprocal_rerank))
+        monkeypatch.setattr(
+            module, "k_reciprocal_rerank", counted("rerank", module.k_reciprocal_rerank)
+        )
     out = tmp_path / "ev"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(data),
-                 "--out", str(out), "--report", "--rerank", "--worst", "2", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "folder",
+                "--root",
+                str(data),
+                "--out",
+                str(out),
+                "--report",
+                "--rerank",
+                "--worst",
+                "2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert calls == {"extract": 2, "rerank": 1}
     results = json.loads((out / "results.json").read_text())["results"]
     got = _report_data((out / "report.html").read_text())
@@ -133,7 +212,10 @@ def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path, mo
 
 def test_inspect_writes_pictures(data, checkpoint, tmp_path, capsys):
     images = sorted(str(p) for p in (data / "query").glob("*.jpg"))[:2]
-    assert main(["inspect", "--checkpoint", str(checkpoint), *images, "--out", str(tmp_path / "ins")]) == 0
+    assert (
+        main(["inspect", "--checkpoint", str(checkpoint), *images, "--out", str(tmp_path / "ins")])
+        == 0
+    )
     names = sorted(p.name for p in (tmp_path / "ins").iterdir())
     assert names == ["abp.png", "activations.png", "receptive_regions.png"]
     assert "wrote" in capsys.readouterr().out
@@ -142,13 +224,51 @@ def test_inspect_writes_pictures(data, checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["report", "--checkpoint", "{tmp}/missing.safetensors", "--dataset", "folder", "--root", "{data}"],
-         "missing.safetensors"),
-        (["report", "--checkpoint", "{ck}", "--dataset", "nosuch", "--root", "{data}"], "unknown dataset 'nosuch'"),
-        (["report", "--checkpoint", "{ck}", "--dataset", "folder", "--root", "{data}", "--worst", "-1"],
-         "--worst must be >= 0"),
-        (["eval", "--checkpoint", "{ck}", "--dataset", "folder", "--root", "{data}", "--report", "--topk", "0"],
-         "--topk >= 1"),
+        (
+            [
+                "report",
+                "--checkpoint",
+                "{tmp}/missing.safetensors",
+                "--dataset",
+                "folder",
+                "--root",
+                "{data}",
+            ],
+            "missing.safetensors",
+        ),
+        (
+            ["report", "--checkpoint", "{ck}", "--dataset", "nosuch", "--root", "{data}"],
+            "unknown dataset 'nosuch'",
+        ),
+        (
+            [
+                "report",
+                "--checkpoint",
+                "{ck}",
+                "--dataset",
+                "folder",
+                "--root",
+                "{data}",
+                "--worst",
+                "-1",
+            ],
+            "--worst must be >= 0",
+        ),
+        (
+            [
+                "eval",
+                "--checkpoint",
+                "{ck}",
+                "--dataset",
+                "folder",
+                "--root",
+                "{data}",
+                "--report",
+                "--topk",
+                "0",
+            ],
+            "--topk >= 1",
+        ),
         (["inspect", "--checkpoint", "{ck}", "{tmp}/broken.jpg"], "cannot read image"),
         (["inspect", "--checkpoint", "{ck}", "{tmp}/nothere.jpg"], "nothere.jpg"),
         (["inspect", "--checkpoint", "{tmp}/missing.safetensors", "{img}"], "missing.safetensors"),
@@ -172,7 +292,9 @@ def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
     from rmgl.engine.report import report_model
 
     model = load_model(checkpoint, "cpu")
-    path, got, _ = report_model(model, load_dataset("folder", data), tmp_path, workers=0, worst=1, progress=False)
+    path, got, _ = report_model(
+        model, load_dataset("folder", data), tmp_path, workers=0, worst=1, progress=False
+    )
     assert path == tmp_path / "report.html"
     assert path.stat().st_size < 600_000
     assert set(got["timings"]) == {"features_s", "ranking_s", "analysis_s", "page_s"}
@@ -185,11 +307,15 @@ def test_streamed_report_equals_the_matrix_report(checkpoint, data, tmp_path, mo
     from rmgl.engine.load import load_model
 
     model, dataset = load_model(checkpoint, "cpu"), load_dataset("folder", data)
-    _, held, _ = report.report_model(model, dataset, tmp_path / "a", workers=0, worst=3, progress=False)
+    _, held, _ = report.report_model(
+        model, dataset, tmp_path / "a", workers=0, worst=3, progress=False
+    )
     monkeypatch.setattr(report, "MATRIX_LIMIT_MB", 0)
     seen = []
     monkeypatch.setattr(report, "pairwise_distance", lambda *a, **k: seen.append(a))  # must not run
-    _, streamed, _ = report.report_model(model, dataset, tmp_path / "b", workers=0, worst=3, progress=False)
+    _, streamed, _ = report.report_model(
+        model, dataset, tmp_path / "b", workers=0, worst=3, progress=False
+    )
     assert not seen
     for data_ in (held, streamed):
         data_.pop("timings")
@@ -204,11 +330,31 @@ def test_report_renders_in_a_real_browser(data, checkpoint, tmp_path):
 
     browser = find_browser()
     if browser is None:
-        pytest.skip("no Chromium binary (chromium, chromium-browser, google-chrome or $RMGL_CHROMIUM): "
-                    "install Debian's package with `apt-get install -y chromium` (.ci/run does when it can)")
+        pytest.skip(
+            "no Chromium binary (chromium, chromium-browser, google-chrome or $RMGL_CHROMIUM): "
+            "install Debian's package with `apt-get install -y chromium` (.ci/run does when it can)"
+        )
     out = tmp_path / "report.html"
-    assert main(["report", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(data),
-                 "--out", str(out), "--worst", "2", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "folder",
+                "--root",
+                str(data),
+                "--out",
+                str(out),
+                "--worst",
+                "2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     check = check_page(browser, out, tmp_path / "browser")
     expected_images = out.read_text().count("<img ")
     assert check.images == expected_images > 20
@@ -217,4 +363,6 @@ def test_report_renders_in_a_real_browser(data, checkpoint, tmp_path):
     with Image.open(check.screenshot) as shot:
         pixels = np.asarray(shot.convert("L"), dtype=np.float64)
     assert pixels.shape == (1600, 1280)
-    assert (pixels < 200).mean() > 0.02 and pixels.std() > 20  # text, tables and plots, not a blank page
+    assert (
+        pixels < 200
+    ).mean() > 0.02 and pixels.std() > 20  # text, tables and plots, not a blank page

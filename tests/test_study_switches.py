@@ -37,10 +37,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = (48, 16)  # ResNet-18: 12 rows before layer2, a 3x1 final map
 PIDS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 TINY = [
-    "data.dataset=folder", "data.height=48", "data.width=16", "data.num_identities=2",
-    "data.num_instances=2", "data.workers=0", "data.test_batch_size=64",
-    "model.backbone=resnet18", "model.pretrained=none", "model.branches=[2]",
-    "optim.warmup_epochs=1", "optim.milestones=[5]", "eval.every=0", "run.log_every=1",
+    "data.dataset=folder",
+    "data.height=48",
+    "data.width=16",
+    "data.num_identities=2",
+    "data.num_instances=2",
+    "data.workers=0",
+    "data.test_batch_size=64",
+    "model.backbone=resnet18",
+    "model.pretrained=none",
+    "model.branches=[2]",
+    "optim.warmup_epochs=1",
+    "optim.milestones=[5]",
+    "eval.every=0",
+    "run.log_every=1",
 ]
 
 
@@ -57,8 +67,20 @@ def _images(n: int = 8, size: tuple[int, int] = SIZE) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("study_synth")
-    generate(SynthConfig(seed=6, train_ids=4, test_ids=3, distractors=2, junk=1, cameras_per_id=(2, 2),
-                         images_per_camera=(2, 2)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=6,
+            train_ids=4,
+            test_ids=3,
+            distractors=2,
+            junk=1,
+            cameras_per_id=(2, 2),
+            images_per_camera=(2, 2),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -66,25 +88,41 @@ def tiny_data(tmp_path_factory) -> Path:
 def test_new_keys_default_to_the_papers_recipe():
     cfg = load_config()
     assert (cfg.data.augment.rsa_start_epoch, cfg.data.augment.rsa_ramp_epochs) == (0, 0)
-    assert (cfg.model.abp_warmup_epochs, cfg.model.rp_batchnorm, cfg.model.head) == (0, "shared", "reduction")
+    assert (cfg.model.abp_warmup_epochs, cfg.model.rp_batchnorm, cfg.model.head) == (
+        0,
+        "shared",
+        "reduction",
+    )
     assert (cfg.loss.ce_reduction, cfg.loss.triplet_reduction) == ("sum", "sum")
     # rp_batchnorm and head define the network: a checkpoint only fits a model that agrees
     assert {"rp_batchnorm", "head"} <= set(ARCHITECTURE_KEYS)
     assert "abp_warmup_epochs" not in model_options(OmegaConf.to_container(cfg.model))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["model.rp_batchnorm=split"], "model.rp_batchnorm='split' is not one of: shared, separate"),
-    (["model.head=neck"], "model.head='neck' is not one of: reduction, bnneck"),
-    (["loss.ce_reduction=avg"], "loss.ce_reduction='avg' is not one of: sum, mean"),
-    (["loss.triplet_reduction=max"], "loss.triplet_reduction='max' is not one of: sum, mean"),
-    (["loss.triplet_weight=-0.5"], "loss.triplet_weight"),
-    (["model.abp_warmup_epochs=-1"], "model.abp_warmup_epochs=-1 must be >= 0"),
-    (["data.augment.rsa_start_epoch=-1"], "data.augment.rsa_start_epoch=-1 must be >= 0"),
-    (["data.augment.rsa_ramp_epochs=-2"], "data.augment.rsa_ramp_epochs=-2 must be >= 0"),
-    (["model.abp_warmup_epochs=5", "model.abp=test"], "needs ABP in training (model.abp=train or both)"),
-    (["model.rp_batchnorm=separate", "model.rp_position=output"], "needs a receptive partition"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.rp_batchnorm=split"],
+            "model.rp_batchnorm='split' is not one of: shared, separate",
+        ),
+        (["model.head=neck"], "model.head='neck' is not one of: reduction, bnneck"),
+        (["loss.ce_reduction=avg"], "loss.ce_reduction='avg' is not one of: sum, mean"),
+        (["loss.triplet_reduction=max"], "loss.triplet_reduction='max' is not one of: sum, mean"),
+        (["loss.triplet_weight=-0.5"], "loss.triplet_weight"),
+        (["model.abp_warmup_epochs=-1"], "model.abp_warmup_epochs=-1 must be >= 0"),
+        (["data.augment.rsa_start_epoch=-1"], "data.augment.rsa_start_epoch=-1 must be >= 0"),
+        (["data.augment.rsa_ramp_epochs=-2"], "data.augment.rsa_ramp_epochs=-2 must be >= 0"),
+        (
+            ["model.abp_warmup_epochs=5", "model.abp=test"],
+            "needs ABP in training (model.abp=train or both)",
+        ),
+        (
+            ["model.rp_batchnorm=separate", "model.rp_position=output"],
+            "needs a receptive partition",
+        ),
+    ],
+)
 def test_bad_values_are_refused_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
@@ -107,8 +145,16 @@ class Recorder(Callback):
 
 def test_default_schedules_keep_the_papers_settings_every_epoch(tiny_data, tmp_path, monkeypatch):
     """Hook order and defaults, without training: RSA at the configured p and ABP every epoch."""
-    cfg = load_config(None, [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=3",
-                             "data.augment.rsa=0.3"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={tiny_data}",
+            f"run.output_dir={tmp_path}",
+            "optim.epochs=3",
+            "data.augment.rsa=0.3",
+        ],
+    )
     recorder = Recorder()
     with Trainer(cfg, progress=False, callbacks=[recorder]) as trainer:
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, PeriodicEvaluation)]
@@ -118,22 +164,36 @@ def test_default_schedules_keep_the_papers_settings_every_epoch(tiny_data, tmp_p
     assert recorder.seen == [x for e in range(3) for x in (("start", e, 0.3, False), ("end", e))]
 
 
-def test_schedules_follow_the_epoch_and_a_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_path):
+def test_schedules_follow_the_epoch_and_a_resumed_run_equals_an_uninterrupted_one(
+    tiny_data, tmp_path
+):
     """RSA ramps 0.25 -> 0.5 and ABP takes over after one uniform epoch; a run stopped after
     epoch 1 and resumed trains epoch 2 exactly as the uninterrupted run, though the resumed
     process starts with other values in the transform and the model flag."""
-    base = [*TINY, f"data.root={tiny_data}", f"run.output_dir={tmp_path}", "optim.epochs=2",
-            "data.augment.rsa=0.5", "data.augment.rsa_ramp_epochs=2", "model.abp_warmup_epochs=1"]
+    base = [
+        *TINY,
+        f"data.root={tiny_data}",
+        f"run.output_dir={tmp_path}",
+        "optim.epochs=2",
+        "data.augment.rsa=0.5",
+        "data.augment.rsa_ramp_epochs=2",
+        "model.abp_warmup_epochs=1",
+    ]
     full = Recorder()
-    with Trainer(load_config(None, [*base, "run.name=full"]), progress=False, callbacks=[full]) as trainer:
+    with Trainer(
+        load_config(None, [*base, "run.name=full"]), progress=False, callbacks=[full]
+    ) as trainer:
         trainer.train()
     assert full.seen == [("start", 0, 0.25, True), ("end", 0), ("start", 1, 0.5, False), ("end", 1)]
 
-    with Trainer(load_config(None, [*base, "run.name=cut", "optim.epochs=1"]), progress=False) as trainer:
+    with Trainer(
+        load_config(None, [*base, "run.name=cut", "optim.epochs=1"]), progress=False
+    ) as trainer:
         trainer.train()
     resumed = Recorder()
-    with Trainer(load_config(None, [*base, "run.name=cut"]), resume=True, progress=False,
-                 callbacks=[resumed]) as trainer:
+    with Trainer(
+        load_config(None, [*base, "run.name=cut"]), resume=True, progress=False, callbacks=[resumed]
+    ) as trainer:
         trainer.model.abp_warmup = True  # what a fresh process may hold must not matter
         _random_shift(trainer.loader.dataset.transform).p = 0.123
         trainer.train()
@@ -141,21 +201,29 @@ def test_schedules_follow_the_epoch_and_a_resumed_run_equals_an_uninterrupted_on
 
     def rows(run: str) -> list[dict]:
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines
+        ]
 
     expected = [r for r in rows("full") if r["epoch"] == 1]
     assert expected and [r for r in rows("cut") if r["epoch"] == 1] == expected
-    a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "last.safetensors")),
+        load_file(str(tmp_path / "cut" / "last.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
 
 
 # --- RSA schedule --------------------------------------------------------------------------
-@pytest.mark.parametrize(("start", "ramp", "expected"), [
-    (0, 0, [0.5, 0.5, 0.5, 0.5, 0.5]),  # the default: the paper's p throughout
-    (2, 0, [0.0, 0.0, 0.5, 0.5, 0.5]),
-    (0, 2, [0.25, 0.5, 0.5, 0.5, 0.5]),
-    (1, 4, [0.0, 0.125, 0.25, 0.375, 0.5]),
-])
+@pytest.mark.parametrize(
+    ("start", "ramp", "expected"),
+    [
+        (0, 0, [0.5, 0.5, 0.5, 0.5, 0.5]),  # the default: the paper's p throughout
+        (2, 0, [0.0, 0.0, 0.5, 0.5, 0.5]),
+        (0, 2, [0.25, 0.5, 0.5, 0.5, 0.5]),
+        (1, 4, [0.0, 0.125, 0.25, 0.375, 0.5]),
+    ],
+)
 def test_rsa_probability_per_epoch(start, ramp, expected):
     assert [rsa_probability(epoch, 0.5, start, ramp) for epoch in range(5)] == expected
 
@@ -165,7 +233,9 @@ def test_rsa_probability_set_before_an_epoch_reaches_the_loader_workers(tiny_dat
     records = load_dataset("folder", str(tiny_data)).train
 
     def first_batch(transform) -> torch.Tensor:
-        loader = train_loader(records, transform, num_identities=2, num_instances=2, workers=1, seed=0)
+        loader = train_loader(
+            records, transform, num_identities=2, num_instances=2, workers=1, seed=0
+        )
         torch.manual_seed(0)
         return next(iter(loader))[0]
 
@@ -238,8 +308,11 @@ def test_separate_batchnorm_shares_convolutions_and_starts_as_the_original_paths
     with torch.no_grad():
         descriptor = separate.eval()(x)
         assert torch.equal(descriptor, shared.eval()(x))  # identical until trained
-    after_cut = [n for n, m in separate.named_modules()
-                 if n.split(".")[2:3] and n.split(".")[2] in ("layer2", "layer3", "layer4")]
+    after_cut = [
+        n
+        for n, m in separate.named_modules()
+        if n.split(".")[2:3] and n.split(".")[2] in ("layer2", "layer3", "layer4")
+    ]
     convs = [n for n in after_cut if isinstance(separate.get_submodule(n), nn.Conv2d)]
     norms = [n for n in after_cut if isinstance(separate.get_submodule(n), PathBatchNorm)]
     assert convs and norms and len(norms) == len([k for k in extra if k.endswith(".rp.weight")])
@@ -259,17 +332,28 @@ def test_separate_batchnorm_keeps_each_paths_statistics_and_affine_parameters():
     for mode in ("shared", "separate"):
         model = _model(rp_batchnorm=mode)
         original_only = _model(rp_position="output")
-        original_only.load_state_dict({k: v for k, v in model.state_dict().items() if k in original_only.state_dict()})
+        original_only.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k in original_only.state_dict()}
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         loss, _ = RMGLLoss()(model.train()(x), PIDS)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             original_only.train()(x)
-        pairs = [(n, m, original_only.get_submodule(n)) for n, m in model.named_modules()
-                 if isinstance(m, nn.BatchNorm2d) and ".layer" in n and ".rp" not in n and "branches." in n]
-        same = [torch.equal(m.running_mean, r.running_mean) and torch.equal(m.running_var, r.running_var)
-                for _, m, r in pairs]
+        pairs = [
+            (n, m, original_only.get_submodule(n))
+            for n, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+            and ".layer" in n
+            and ".rp" not in n
+            and "branches." in n
+        ]
+        same = [
+            torch.equal(m.running_mean, r.running_mean)
+            and torch.equal(m.running_var, r.running_var)
+            for _, m, r in pairs
+        ]
         if mode == "shared":
             assert not any(same)
         else:
@@ -281,12 +365,15 @@ def test_separate_batchnorm_keeps_each_paths_statistics_and_affine_parameters():
             assert all(not torch.equal(m.weight, m.rp.weight) for m in norms)
 
 
-@pytest.mark.parametrize(("position", "layers"), [
-    ("input", {"layer2", "layer3", "layer4"}),
-    ("layer2", {"layer2", "layer3", "layer4"}),
-    ("layer3", {"layer3", "layer4"}),
-    ("layer4", {"layer4"}),
-])
+@pytest.mark.parametrize(
+    ("position", "layers"),
+    [
+        ("input", {"layer2", "layer3", "layer4"}),
+        ("layer2", {"layer2", "layer3", "layer4"}),
+        ("layer3", {"layer3", "layer4"}),
+        ("layer4", {"layer4"}),
+    ],
+)
 def test_separate_batchnorm_only_where_the_rp_path_runs(position, layers):
     """RP BatchNorm layers exist only after the cut, and every parameter gets a gradient
     (DDP refuses unused parameters)."""
@@ -304,7 +391,9 @@ def _pooled_inputs(model: nn.Module) -> dict:
     for branch in model.branches:
         for part, head in branch.heads.items():
             name = f"{branch.name}.{part.replace('_', '.')}"
-            head.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, args[0]))
+            head.register_forward_hook(
+                lambda m, args, out, name=name: captured.__setitem__(name, args[0])
+            )
     return captured
 
 
@@ -321,7 +410,9 @@ def test_reduction_head_is_one_feature_for_triplet_classifier_and_descriptor():
     model.eval()
     with torch.no_grad():
         descriptor = model(x)
-        assert torch.equal(descriptor, torch.cat([heads[n](pooled[n]) for n in model.feature_names], dim=1))
+        assert torch.equal(
+            descriptor, torch.cat([heads[n](pooled[n]) for n in model.feature_names], dim=1)
+        )
 
 
 def test_bnneck_head_triplet_before_the_batchnorm_classifier_and_descriptor_after():
@@ -336,9 +427,13 @@ def test_bnneck_head_triplet_before_the_batchnorm_classifier_and_descriptor_afte
         feature = out.features[name]
         assert torch.equal(feature, head.reduction(pooled[name][:, :, None, None]).flatten(1))
         assert (feature < 0).any()  # no ReLU
-        necked = F.batch_norm(feature, None, None, head.neck.weight, head.neck.bias, training=True, eps=head.neck.eps)
+        necked = F.batch_norm(
+            feature, None, None, head.neck.weight, head.neck.bias, training=True, eps=head.neck.eps
+        )
         assert torch.allclose(out.logits[name], head.classifier(necked), atol=1e-6)
-    assert torch.equal(out.branch_features["b2"], torch.cat([out.features[n] for n in heads], dim=1))
+    assert torch.equal(
+        out.branch_features["b2"], torch.cat([out.features[n] for n in heads], dim=1)
+    )
 
     model.eval()
     with torch.no_grad():
@@ -347,7 +442,10 @@ def test_bnneck_head_triplet_before_the_batchnorm_classifier_and_descriptor_afte
         for name, head in heads.items():
             bn = head.neck
             feature = head(pooled[name])
-            expected.append((feature - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias)
+            expected.append(
+                (feature - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight
+                + bn.bias
+            )
     assert torch.allclose(descriptor, torch.cat(expected, dim=1), atol=1e-5)
 
 
@@ -366,7 +464,9 @@ def test_loss_reductions_and_the_names_of_the_terms():
         ("sum", "mean", sum(ce) + sum(triplet) / 2),
     ]:
         got, got_terms = RMGLLoss(ce_reduction=ce_mode, triplet_reduction=triplet_mode)(out, PIDS)
-        assert got_terms.keys() == terms.keys() and all(torch.equal(got_terms[k], terms[k]) for k in terms)
+        assert got_terms.keys() == terms.keys() and all(
+            torch.equal(got_terms[k], terms[k]) for k in terms
+        )
         assert torch.allclose(got, expected)
     # the CE's share of the gradient: a classifier's gradient is 1/14 of its summed one
     weight = model.branches[0].heads["orig_global"].classifier.weight
@@ -390,8 +490,12 @@ def test_triplet_weight_scales_the_triplet_family_and_zero_leaves_cross_entropy_
         assert got_terms.keys() == terms.keys()  # the triplet terms are still logged
     # with weight 0 the triplet sends no gradient: the gradient equals cross-entropy's alone
     weight = model.branches[0].heads["orig_global"].reduction[0].weight
-    ce_only = torch.autograd.grad(RMGLLoss(triplet_weight=0.0)(out, PIDS)[0], weight, retain_graph=True)[0]
-    ce_graph = sum(torch.nn.functional.cross_entropy(logits, PIDS) for logits in out.logits.values())
+    ce_only = torch.autograd.grad(
+        RMGLLoss(triplet_weight=0.0)(out, PIDS)[0], weight, retain_graph=True
+    )[0]
+    ce_graph = sum(
+        torch.nn.functional.cross_entropy(logits, PIDS) for logits in out.logits.values()
+    )
     by_hand = torch.autograd.grad(ce_graph, weight, retain_graph=True)[0]
     assert torch.allclose(ce_only, by_hand)
     with pytest.raises(ValueError, match="triplet_weight must be >= 0"):
@@ -411,11 +515,22 @@ def test_every_option_keeps_the_logged_term_names():
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("rp_batchnorm", "head"), [("separate", "reduction"), ("shared", "bnneck")])
+@pytest.mark.parametrize(
+    ("rp_batchnorm", "head"), [("separate", "reduction"), ("shared", "bnneck")]
+)
 def test_checkpoint_of_an_option_loads_with_load_model(tmp_path, rp_batchnorm, head):
-    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "model.branches=[2]",
-                             f"model.rp_batchnorm={rp_batchnorm}", f"model.head={head}",
-                             "data.height=48", "data.width=16"])
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=none",
+            "model.branches=[2]",
+            f"model.rp_batchnorm={rp_batchnorm}",
+            f"model.head={head}",
+            "data.height=48",
+            "data.width=16",
+        ],
+    )
     model = _model(branches=(2,), rp_batchnorm=rp_batchnorm, head=head)
     optimizer = build_optimizer(model, cfg.optim)
     loss, _ = RMGLLoss()(model.train()(_images()), PIDS)
@@ -423,7 +538,9 @@ def test_checkpoint_of_an_option_loads_with_load_model(tmp_path, rp_batchnorm, h
     optimizer.step()
     if head == "bnneck":  # weight decay and momentum leave the frozen bias at 0
         assert all(not h.neck.bias.any() for h in model.branches[0].heads.values())
-    path = save_checkpoint(tmp_path / "m.safetensors", model, to_yaml(cfg), {"epoch": 0, "num_classes": 7}, optimizer)
+    path = save_checkpoint(
+        tmp_path / "m.safetensors", model, to_yaml(cfg), {"epoch": 0, "num_classes": 7}, optimizer
+    )
     loaded = load_model(path, device="cpu")
     x = _images()
     with torch.no_grad():

@@ -34,8 +34,20 @@ def data(tmp_path_factory):
     from rmgl.data.synthetic import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("err_synth")
-    generate(SynthConfig(seed=6, train_ids=8, test_ids=6, distractors=2, junk=1, cameras_per_id=(2, 3),
-                         images_per_camera=(2, 2)), root, workers=1, progress=False)
+    generate(
+        SynthConfig(
+            seed=6,
+            train_ids=8,
+            test_ids=6,
+            distractors=2,
+            junk=1,
+            cameras_per_id=(2, 3),
+            images_per_camera=(2, 2),
+        ),
+        root,
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -121,7 +133,17 @@ def _gallery_truncated_eval_in_a_worker(env: Env) -> list[str]:
     root = env.copy_data()
     bad = _first(root / "bounding_box_test")
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
-    return ["eval", "--checkpoint", str(env.checkpoint), "--dataset", "folder", "--root", str(root), "--workers", "1"]
+    return [
+        "eval",
+        "--checkpoint",
+        str(env.checkpoint),
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--workers",
+        "1",
+    ]
 
 
 def _resume_other_backbone(env: Env) -> list[str]:
@@ -151,75 +173,273 @@ def _init_from_other_architecture(env: Env) -> list[str]:
 # in a one-line "rmgl <command>: error: ..." and no traceback.
 CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     # configs
-    ("unknown config", lambda e: ["train", "nosuch"], "config nosuch is neither a file nor a built-in config"),
-    ("yaml list at top level", lambda e: ["train", e.file("l.yaml", b"- 1\n")], "top level must be a mapping"),
+    (
+        "unknown config",
+        lambda e: ["train", "nosuch"],
+        "config nosuch is neither a file nor a built-in config",
+    ),
+    (
+        "yaml list at top level",
+        lambda e: ["train", e.file("l.yaml", b"- 1\n")],
+        "top level must be a mapping",
+    ),
     ("broken yaml", lambda e: ["train", e.file("b.yaml", b"data: [1,\n")], "not valid YAML"),
-    ("section given a value", lambda e: ["train", e.file("s.yaml", b"data: 5\n")], "'data' is a section with keys"),
-    ("section overridden by a value", lambda e: ["train", e.config(), "data=5"], "'data' is a section, not a value"),
-    ("unknown key", lambda e: ["train", e.config(), "optim.epoch=2"], "did you mean 'optim.epochs'?"),
-    ("wrong type", lambda e: ["train", e.config(), "optim.epochs=abc"], "bad value for 'optim.epochs'"),
-    ("list expected", lambda e: ["train", e.config(), "model.branches=2"], "'model.branches' must be a list"),
-    ("zero epochs", lambda e: ["train", e.config(), "optim.epochs=0"], "optim.epochs=0 must be >= 1"),
-    ("negative warm-up", lambda e: ["train", e.config(), "optim.warmup_epochs=-1"], "optim.warmup_epochs=-1.0 must be >= 0"),
-    ("probability above 1", lambda e: ["train", e.config(), "data.augment.flip=2"], "a probability in [0, 1]"),
+    (
+        "section given a value",
+        lambda e: ["train", e.file("s.yaml", b"data: 5\n")],
+        "'data' is a section with keys",
+    ),
+    (
+        "section overridden by a value",
+        lambda e: ["train", e.config(), "data=5"],
+        "'data' is a section, not a value",
+    ),
+    (
+        "unknown key",
+        lambda e: ["train", e.config(), "optim.epoch=2"],
+        "did you mean 'optim.epochs'?",
+    ),
+    (
+        "wrong type",
+        lambda e: ["train", e.config(), "optim.epochs=abc"],
+        "bad value for 'optim.epochs'",
+    ),
+    (
+        "list expected",
+        lambda e: ["train", e.config(), "model.branches=2"],
+        "'model.branches' must be a list",
+    ),
+    (
+        "zero epochs",
+        lambda e: ["train", e.config(), "optim.epochs=0"],
+        "optim.epochs=0 must be >= 1",
+    ),
+    (
+        "negative warm-up",
+        lambda e: ["train", e.config(), "optim.warmup_epochs=-1"],
+        "optim.warmup_epochs=-1.0 must be >= 0",
+    ),
+    (
+        "probability above 1",
+        lambda e: ["train", e.config(), "data.augment.flip=2"],
+        "a probability in [0, 1]",
+    ),
     ("zero size", lambda e: ["train", e.config(), "data.width=0"], "data.width=0 must be > 0"),
-    ("zero log interval", lambda e: ["train", e.config(), "run.log_every=0"], "run.log_every=0 must be >= 1"),
-    ("label smoothing 1", lambda e: ["train", e.config(), "loss.label_smoothing=1"], "must be in [0, 1)"),
-    ("bad metric", lambda e: ["train", e.config(), "eval.metric=bogus"], "eval.metric='bogus' is not one of"),
-    ("bad backbone", lambda e: ["train", e.config(), "model.backbone=resnet7"], "model.backbone='resnet7' is not one of"),
+    (
+        "zero log interval",
+        lambda e: ["train", e.config(), "run.log_every=0"],
+        "run.log_every=0 must be >= 1",
+    ),
+    (
+        "label smoothing 1",
+        lambda e: ["train", e.config(), "loss.label_smoothing=1"],
+        "must be in [0, 1)",
+    ),
+    (
+        "bad metric",
+        lambda e: ["train", e.config(), "eval.metric=bogus"],
+        "eval.metric='bogus' is not one of",
+    ),
+    (
+        "bad backbone",
+        lambda e: ["train", e.config(), "model.backbone=resnet7"],
+        "model.backbone='resnet7' is not one of",
+    ),
     ("bad amp", lambda e: ["train", e.config(), "run.amp=fp8"], "run.amp='fp8' is not one of"),
-    ("zero test batch", lambda e: ["train", e.config(), "data.test_batch_size=0"], "data.test_batch_size=0 must be >= 1"),
-    ("only_rp at output", lambda e: ["train", e.config(), "model.only_rp=true", "model.rp_position=output"],
-     "only_rp=true needs a receptive partition"),
+    (
+        "zero test batch",
+        lambda e: ["train", e.config(), "data.test_batch_size=0"],
+        "data.test_batch_size=0 must be >= 1",
+    ),
+    (
+        "only_rp at output",
+        lambda e: ["train", e.config(), "model.only_rp=true", "model.rp_position=output"],
+        "only_rp=true needs a receptive partition",
+    ),
     ("empty run name", lambda e: ["train", e.config(), "run.name="], "is not a usable run name"),
-    ("run name escaping", lambda e: ["train", e.config(), "run.name=../x"], "is not a usable run name"),
-    ("missing base", lambda e: ["train", e.file("c.yaml", b"base: nothere.yaml\n")], "config nothere.yaml is neither"),
-    ("cuda without gpu", lambda e: ["train", e.config(), "run.device=cuda"], "no CUDA device is available"),
+    (
+        "run name escaping",
+        lambda e: ["train", e.config(), "run.name=../x"],
+        "is not a usable run name",
+    ),
+    (
+        "missing base",
+        lambda e: ["train", e.file("c.yaml", b"base: nothere.yaml\n")],
+        "config nothere.yaml is neither",
+    ),
+    (
+        "cuda without gpu",
+        lambda e: ["train", e.config(), "run.device=cuda"],
+        "no CUDA device is available",
+    ),
     ("unknown device", lambda e: ["train", e.config(), "run.device=tpu"], "unknown device 'tpu'"),
-    ("P larger than the identities", lambda e: ["train", e.config(), "data.num_identities=100"], "at least P=100 identities"),
+    (
+        "P larger than the identities",
+        lambda e: ["train", e.config(), "data.num_identities=100"],
+        "at least P=100 identities",
+    ),
     # data
-    ("unknown dataset", lambda e: ["train", e.config(), "data.dataset=nosuch"], "unknown dataset 'nosuch'"),
+    (
+        "unknown dataset",
+        lambda e: ["train", e.config(), "data.dataset=nosuch"],
+        "unknown dataset 'nosuch'",
+    ),
     ("missing root", lambda e: ["train", e.config(root=e.tmp / "missing")], "bounding_box_train"),
     ("corrupt query image", _query_corrupt, "query image"),
-    ("identity with no readable image", _all_train_images_of_one_identity, "every image of training identity"),
-    ("data-info on a file", lambda e: ["data-info", "folder", "--root", e.file("f.txt", b"x")], "bounding_box_train"),
+    (
+        "identity with no readable image",
+        _all_train_images_of_one_identity,
+        "every image of training identity",
+    ),
+    (
+        "data-info on a file",
+        lambda e: ["data-info", "folder", "--root", e.file("f.txt", b"x")],
+        "bounding_box_train",
+    ),
     # weights and checkpoints
-    ("pretrained missing", lambda e: ["train", e.config(), f"model.pretrained={e.tmp / 'no.pth'}"],
-     "neither one of"),
-    ("pretrained random bytes", lambda e: ["train", e.config(), f"model.pretrained={e.file('r.pth', bytes(range(256)) * 8)}"],
-     "is not readable as a torchvision ResNet state dict"),
-    ("pretrained empty safetensors", lambda e: ["train", e.config(), f"model.pretrained={e.file('e.safetensors', b'')}"],
-     "is not readable as a torchvision ResNet state dict"),
-    ("pretrained another depth", _torchvision_weights_of_another_depth, "do not fit a torchvision resnet18"),
-    ("pretrained is an rmgl checkpoint", lambda e: ["train", e.config(), f"model.pretrained={e.checkpoint}"],
-     "is an rmgl checkpoint, not backbone weights; to start from a trained rmgl model use model.init_from"),
-    ("init_from random bytes", lambda e: ["train", e.config(), f"model.init_from={e.file('x.safetensors', b'garbage')}"],
-     "is not a readable rmgl checkpoint"),
-    ("init_from other architecture", _init_from_other_architecture, "is another architecture (branches: checkpoint [2] vs config [2, 3])"),
-    ("eval empty checkpoint", lambda e: ["eval", "--checkpoint", e.file("z.safetensors", b""), "--dataset", "folder",
-                                         "--root", str(e.data)], "is not a readable rmgl checkpoint"),
-    ("eval truncated checkpoint", lambda e: ["eval", "--checkpoint", e.file("t.safetensors", e.checkpoint.read_bytes()[:5000]),
-                                             "--dataset", "folder", "--root", str(e.data)], "is not a readable rmgl checkpoint"),
-    ("eval torch file", lambda e: ["eval", "--checkpoint", e.file("w.pth", b"PK\x03\x04junk"), "--dataset", "folder",
-                                   "--root", str(e.data)], "is not a readable rmgl checkpoint"),
+    (
+        "pretrained missing",
+        lambda e: ["train", e.config(), f"model.pretrained={e.tmp / 'no.pth'}"],
+        "neither one of",
+    ),
+    (
+        "pretrained random bytes",
+        lambda e: [
+            "train",
+            e.config(),
+            f"model.pretrained={e.file('r.pth', bytes(range(256)) * 8)}",
+        ],
+        "is not readable as a torchvision ResNet state dict",
+    ),
+    (
+        "pretrained empty safetensors",
+        lambda e: ["train", e.config(), f"model.pretrained={e.file('e.safetensors', b'')}"],
+        "is not readable as a torchvision ResNet state dict",
+    ),
+    (
+        "pretrained another depth",
+        _torchvision_weights_of_another_depth,
+        "do not fit a torchvision resnet18",
+    ),
+    (
+        "pretrained is an rmgl checkpoint",
+        lambda e: ["train", e.config(), f"model.pretrained={e.checkpoint}"],
+        "is an rmgl checkpoint, not backbone weights; to start from a trained rmgl model use model.init_from",
+    ),
+    (
+        "init_from random bytes",
+        lambda e: ["train", e.config(), f"model.init_from={e.file('x.safetensors', b'garbage')}"],
+        "is not a readable rmgl checkpoint",
+    ),
+    (
+        "init_from other architecture",
+        _init_from_other_architecture,
+        "is another architecture (branches: checkpoint [2] vs config [2, 3])",
+    ),
+    (
+        "eval empty checkpoint",
+        lambda e: [
+            "eval",
+            "--checkpoint",
+            e.file("z.safetensors", b""),
+            "--dataset",
+            "folder",
+            "--root",
+            str(e.data),
+        ],
+        "is not a readable rmgl checkpoint",
+    ),
+    (
+        "eval truncated checkpoint",
+        lambda e: [
+            "eval",
+            "--checkpoint",
+            e.file("t.safetensors", e.checkpoint.read_bytes()[:5000]),
+            "--dataset",
+            "folder",
+            "--root",
+            str(e.data),
+        ],
+        "is not a readable rmgl checkpoint",
+    ),
+    (
+        "eval torch file",
+        lambda e: [
+            "eval",
+            "--checkpoint",
+            e.file("w.pth", b"PK\x03\x04junk"),
+            "--dataset",
+            "folder",
+            "--root",
+            str(e.data),
+        ],
+        "is not a readable rmgl checkpoint",
+    ),
     ("eval plain safetensors", _plain_safetensors, "is not an rmgl checkpoint"),
-    ("eval checkpoint is a folder", lambda e: ["eval", "--checkpoint", str(e.tmp), "--dataset", "folder", "--root",
-                                               str(e.data)], "is a folder"),
+    (
+        "eval checkpoint is a folder",
+        lambda e: [
+            "eval",
+            "--checkpoint",
+            str(e.tmp),
+            "--dataset",
+            "folder",
+            "--root",
+            str(e.data),
+        ],
+        "is a folder",
+    ),
     ("eval corrupt gallery image", _gallery_corrupt_eval, "gallery image"),
-    ("eval truncated gallery image in a worker", _gallery_truncated_eval_in_a_worker, "cannot read image"),
-    ("eval bad batch size", lambda e: ["eval", "--checkpoint", str(e.checkpoint), "--dataset", "folder", "--root",
-                                       str(e.data), "--batch-size", "0"], "--batch-size must be >= 1"),
+    (
+        "eval truncated gallery image in a worker",
+        _gallery_truncated_eval_in_a_worker,
+        "cannot read image",
+    ),
+    (
+        "eval bad batch size",
+        lambda e: [
+            "eval",
+            "--checkpoint",
+            str(e.checkpoint),
+            "--dataset",
+            "folder",
+            "--root",
+            str(e.data),
+            "--batch-size",
+            "0",
+        ],
+        "--batch-size must be >= 1",
+    ),
     # runs and outputs
     ("resume without checkpoint", lambda e: ["train", e.config(), "--resume"], "no checkpoint at"),
-    ("resume with another backbone", _resume_other_backbone, "model.backbone: resnet18 -> resnet34"),
+    (
+        "resume with another backbone",
+        _resume_other_backbone,
+        "model.backbone: resnet18 -> resnet34",
+    ),
     ("resume with no epochs left", _resume_fewer_epochs, "already trained 1 epochs"),
     ("output folder is a file", _output_dir_is_a_file, "is a file"),
-    ("output folder not writable", lambda e: ["train", e.config(), "run.output_dir=/proc/rmgl_runs"], "cannot"),
+    (
+        "output folder not writable",
+        lambda e: ["train", e.config(), "run.output_dir=/proc/rmgl_runs"],
+        "cannot",
+    ),
     # other commands
-    ("synth bad scale", lambda e: ["synth", "--out", str(e.tmp / "s"), "--scale", "-1"], "--scale must be > 0"),
-    ("synth bad twin fraction", lambda e: ["synth", "--out", str(e.tmp / "s"), "--twin-fraction", "2"],
-     "--twin-fraction must be in [0, 1]"),
-    ("rf bad height", lambda e: ["rf", "--height", "0"], "height, width and stripes must be positive"),
+    (
+        "synth bad scale",
+        lambda e: ["synth", "--out", str(e.tmp / "s"), "--scale", "-1"],
+        "--scale must be > 0",
+    ),
+    (
+        "synth bad twin fraction",
+        lambda e: ["synth", "--out", str(e.tmp / "s"), "--twin-fraction", "2"],
+        "--twin-fraction must be in [0, 1]",
+    ),
+    (
+        "rf bad height",
+        lambda e: ["rf", "--height", "0"],
+        "height, width and stripes must be positive",
+    ),
     ("sweep bad seeds", lambda e: ["sweep", e.config(), "--seeds", "0"], "--seeds must be >= 1"),
 ]
 
@@ -235,7 +455,9 @@ def test_user_error_is_one_line(case, data, checkpoint, tmp_path, capsys, monkey
     assert code == 1, f"exit {code}; stderr: {captured.err[-1500:]}"
     assert "Traceback" not in captured.err
     errors = [line for line in captured.err.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and errors[0].startswith(f"rmgl {argv[0]}: error: "), captured.err[-1500:]
+    assert len(errors) == 1 and errors[0].startswith(f"rmgl {argv[0]}: error: "), captured.err[
+        -1500:
+    ]
     assert fragment in captured.err, captured.err[-1500:]
 
 
@@ -249,7 +471,9 @@ def test_a_refused_resume_rewrites_nothing(data, checkpoint, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
-def test_overwrite_with_an_empty_run_name_never_deletes_the_output_folder(data, checkpoint, tmp_path):
+def test_overwrite_with_an_empty_run_name_never_deletes_the_output_folder(
+    data, checkpoint, tmp_path
+):
     keep = tmp_path / "runs" / "other" / "last.safetensors"
     keep.parent.mkdir(parents=True)
     keep.write_bytes(b"precious")
@@ -285,7 +509,10 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(data, tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-        with pytest.raises(OSError, match=r"could not write checkpoint .*last.safetensors \(No space left on device\); the previous last.safetensors is intact"):
+        with pytest.raises(
+            OSError,
+            match=r"could not write checkpoint .*last.safetensors \(No space left on device\); the previous last.safetensors is intact",
+        ):
             trainer.save("last", 1)
         monkeypatch.setattr(checkpoint_module, "save_file", real)
     assert trainer.record.last.read_bytes() == good
@@ -326,7 +553,11 @@ def test_overrides_may_follow_options_and_unknown_options_are_usage_errors(capsy
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "demo", "--bogus"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in err and "Traceback" not in err
+    assert (
+        exit_info.value.code == 2
+        and "unrecognized arguments: --bogus" in err
+        and "Traceback" not in err
+    )
     assert build_parser().parse_args(["train", "demo", "a=1"]).overrides == ["a=1"]
 
 
@@ -338,8 +569,15 @@ def test_odd_but_valid_images_train_and_evaluate(data, tmp_path, caplog):
     env = Env(tmp_path, data, tmp_path)
     root = env.copy_data()
     train = sorted((root / "bounding_box_train").glob("*.jpg"))
-    modes = [("L", ".jpg"), ("P", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("I;16", ".png"), ("1x1", ".png"),
-             ("wide", ".png")]
+    modes = [
+        ("L", ".jpg"),
+        ("P", ".png"),
+        ("RGBA", ".png"),
+        ("CMYK", ".jpg"),
+        ("I;16", ".png"),
+        ("1x1", ".png"),
+        ("wide", ".png"),
+    ]
     for path, (mode, suffix) in zip(train, modes):
         with Image.open(path) as image:
             if mode == "1x1":
@@ -377,7 +615,10 @@ def test_malicious_weights_and_checkpoints_never_run_code(data, checkpoint, tmp_
     env = Env(tmp_path, data, checkpoint)
     for path in (evil, tmp_path / "evil_zip.pth"):
         assert main(["train", env.config(), f"model.pretrained={path}"]) == 1
-        assert main(["eval", "--checkpoint", str(path), "--dataset", "folder", "--root", str(data)]) == 1
+        assert (
+            main(["eval", "--checkpoint", str(path), "--dataset", "folder", "--root", str(data)])
+            == 1
+        )
         assert main(["train", env.config(), f"model.init_from={path}", "run.name=x"]) == 1
     err = capsys.readouterr().err
     assert not marker.exists(), "unpickling ran code"

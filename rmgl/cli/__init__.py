@@ -78,7 +78,12 @@ def user_message(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(err, OSError) and err.filename and err.strerror and str(err.filename) not in err.strerror:
+    if (
+        isinstance(err, OSError)
+        and err.filename
+        and err.strerror
+        and str(err.filename) not in err.strerror
+    ):
         return f"{err.strerror}: {err.filename}"
     return text
 

@@ -24,26 +24,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate the synthetic multi-camera benchmark (Market-1501 layout)",
         description="Generate the synthetic multi-camera re-ID benchmark. Every knob is described in docs/data.md.",
     )
-    synth.add_argument("--out", required=True, help="output folder (created; must be empty or an earlier benchmark)")
+    synth.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created; must be empty or an earlier benchmark)",
+    )
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--scale", type=float, default=1.0, help="multiplies identity, distractor and junk counts")
+    synth.add_argument(
+        "--scale", type=float, default=1.0, help="multiplies identity, distractor and junk counts"
+    )
     synth.add_argument("--train-ids", type=int, default=100)
     synth.add_argument("--test-ids", type=int, default=100)
     synth.add_argument("--cameras", type=int, default=6)
-    synth.add_argument("--twin-fraction", type=float, default=0.25, help="share of hard-negative twin identities")
-    synth.add_argument("--misalignment", type=float, default=1.0, help="detector error strength (0 = perfect boxes)")
+    synth.add_argument(
+        "--twin-fraction", type=float, default=0.25, help="share of hard-negative twin identities"
+    )
+    synth.add_argument(
+        "--misalignment",
+        type=float,
+        default=1.0,
+        help="detector error strength (0 = perfect boxes)",
+    )
     synth.add_argument("--height", type=int, default=128)
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--workers", type=int, default=0, help="render processes (0 = up to 4)")
-    synth.add_argument("--realism", choices=tuple(PRESETS), default="classic", help="realism preset (docs/data.md)")
-    synth.add_argument("--set", action="append", default=[], metavar="GROUP.KNOB=VALUE",
-                       help="change one realism knob of the preset, e.g. occlusion.prob=0.5 or degradation.jpeg_quality=30,70 (repeatable)")
+    synth.add_argument(
+        "--realism", choices=tuple(PRESETS), default="classic", help="realism preset (docs/data.md)"
+    )
+    synth.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="GROUP.KNOB=VALUE",
+        help="change one realism knob of the preset, e.g. occlusion.prob=0.5 or degradation.jpeg_quality=30,70 (repeatable)",
+    )
     synth.set_defaults(func=run_synth)
 
     info = subparsers.add_parser(
         "data-info", help="print identities / images / cameras per split of a dataset"
     )
-    info.add_argument("dataset", help=f"one of: {', '.join(dataset_names())} (a synthetic benchmark is a 'folder')")
+    info.add_argument(
+        "dataset",
+        help=f"one of: {', '.join(dataset_names())} (a synthetic benchmark is a 'folder')",
+    )
     info.add_argument("--root", required=True, help="dataset folder")
     info.set_defaults(func=run_data_info)
 
@@ -69,10 +92,14 @@ def run_synth(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 <= args.twin_fraction <= 1 or args.misalignment < 0 or args.workers < 0:
-        raise ValueError("--twin-fraction must be in [0, 1], --misalignment >= 0 and --workers >= 0")
+        raise ValueError(
+            "--twin-fraction must be in [0, 1], --misalignment >= 0 and --workers >= 0"
+        )
     start = time.perf_counter()
     meta = generate(synth_config(args), args.out, workers=args.workers)
-    print(f"wrote {len(meta['images'])} images to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {len(meta['images'])} images to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
     print(f"sample mosaic: {Path(args.out) / MOSAIC_FILE}; metadata: {Path(args.out) / META_FILE}")
     print(load_dataset("folder", args.out).summary())
     return 0
@@ -81,4 +108,3 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_data_info(args: argparse.Namespace) -> int:
     print(load_dataset(args.dataset, args.root).summary())
     return 0
-

@@ -12,30 +12,49 @@ OPSET = 18  # rmgl.deploy.export.OPSET, repeated so that `rmgl --help` does not 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ex = subparsers.add_parser(
-        "extract", help="descriptors of a folder or list of images into a feature folder",
+        "extract",
+        help="descriptors of a folder or list of images into a feature folder",
         description="Write FOLDER/features.npy (float32 N x D), images.csv, extract.json and "
         "failed.csv (docs/deploy.md). Unreadable images are listed and skipped.",
     )
     model = ex.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="an rmgl checkpoint (.safetensors): torch backend")
-    model.add_argument("--onnx", help="a model written by rmgl export --format onnx (its .json beside it)")
-    ex.add_argument("--images", required=True,
-                    help="a folder (searched recursively), a .txt list (one path per line) or a .csv "
-                    "with the header path[,pid][,camid][,frame]")
+    model.add_argument(
+        "--onnx", help="a model written by rmgl export --format onnx (its .json beside it)"
+    )
+    ex.add_argument(
+        "--images",
+        required=True,
+        help="a folder (searched recursively), a .txt list (one path per line) or a .csv "
+        "with the header path[,pid][,camid][,frame]",
+    )
     ex.add_argument("--out", required=True, help="the feature folder to write")
-    ex.add_argument("--backend", choices=("torch", "onnxruntime"),
-                    help="default: torch for --checkpoint, onnxruntime for --onnx")
+    ex.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        help="default: torch for --checkpoint, onnxruntime for --onnx",
+    )
     ex.add_argument("--batch-size", type=int, default=64)
-    ex.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
-    ex.add_argument("--workers", type=int, default=2, help="image decoding processes (0 = in this one)")
-    ex.add_argument("--amp", choices=("off", "bf16", "fp16"),
-                    help="torch backend: precision (default float32, as rmgl eval)")
+    ex.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N"
+    )
+    ex.add_argument(
+        "--workers", type=int, default=2, help="image decoding processes (0 = in this one)"
+    )
+    ex.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        help="torch backend: precision (default float32, as rmgl eval)",
+    )
     ex.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    ex.add_argument("--resume", action="store_true", help="continue an interrupted extraction in --out")
+    ex.add_argument(
+        "--resume", action="store_true", help="continue an interrupted extraction in --out"
+    )
     ex.set_defaults(func=run_extract)
 
     exp = subparsers.add_parser(
-        "export", help="a checkpoint as an ONNX graph (+ sidecar JSON) or plain safetensors weights",
+        "export",
+        help="a checkpoint as an ONNX graph (+ sidecar JSON) or plain safetensors weights",
         description="--format onnx writes a graph from prepared images to the finished descriptor "
         "(ABP, flip-averaging and L2 normalisation inside; dynamic batch) after checking it "
         "against the torch model on real images; --format weights writes a plain state dict "
@@ -44,10 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
     exp.add_argument("--format", required=True, choices=("onnx", "weights"))
     exp.add_argument("--out", required=True, help="the .onnx or .safetensors file to write")
-    exp.add_argument("--images", nargs="+", metavar="SOURCE",
-                     help="images for the parity check (folders, .txt or .csv lists); default: "
-                     "the checkpoint's own dataset")
-    exp.add_argument("--fp16", action="store_true", help="onnx: half-precision graph (float32 in and out)")
+    exp.add_argument(
+        "--images",
+        nargs="+",
+        metavar="SOURCE",
+        help="images for the parity check (folders, .txt or .csv lists); default: "
+        "the checkpoint's own dataset",
+    )
+    exp.add_argument(
+        "--fp16", action="store_true", help="onnx: half-precision graph (float32 in and out)"
+    )
     exp.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     exp.set_defaults(func=run_export)
 
@@ -73,20 +98,34 @@ def run_extract(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be >= 1 and --workers >= 0")
     backend = args.backend or ("onnxruntime" if args.onnx else "torch")
     if args.onnx and backend != "onnxruntime":
-        raise ValueError("--onnx runs on the onnxruntime backend; for --backend torch give --checkpoint")
+        raise ValueError(
+            "--onnx runs on the onnxruntime backend; for --backend torch give --checkpoint"
+        )
     if args.checkpoint and backend != "torch":
         raise ValueError(
             "--backend onnxruntime runs an exported model: rmgl export --checkpoint CK --format onnx "
             "--out model.onnx, then rmgl extract --onnx model.onnx"
         )
     images = read_image_list(args.images)  # before loading a model: a wrong path costs nothing
-    encoder = Encoder(args.checkpoint or args.onnx, backend=backend, device=args.device,
-                      batch_size=args.batch_size, amp=args.amp)
-    meta = extract_to_folder(encoder, images, args.out, strict=args.strict, resume=args.resume,
-                             workers=args.workers)
-    failed = f"; {meta['failed']} unreadable, listed in {Path(args.out) / 'failed.csv'}" if meta["failed"] else ""
-    print(f"wrote {meta['count']} descriptors ({meta['descriptor_dim']}-d) of {meta['inputs']} images "
-          f"to {args.out}{failed}")
+    encoder = Encoder(
+        args.checkpoint or args.onnx,
+        backend=backend,
+        device=args.device,
+        batch_size=args.batch_size,
+        amp=args.amp,
+    )
+    meta = extract_to_folder(
+        encoder, images, args.out, strict=args.strict, resume=args.resume, workers=args.workers
+    )
+    failed = (
+        f"; {meta['failed']} unreadable, listed in {Path(args.out) / 'failed.csv'}"
+        if meta["failed"]
+        else ""
+    )
+    print(
+        f"wrote {meta['count']} descriptors ({meta['descriptor_dim']}-d) of {meta['inputs']} images "
+        f"to {args.out}{failed}"
+    )
     return 0
 
 
@@ -113,10 +152,14 @@ def run_export(args: argparse.Namespace) -> int:
     meta = export_onnx(model, args.out, images=images, fp16=args.fp16, opset=args.opset)
     parity = meta["parity"]
     sidecar = Path(args.out).with_suffix(".json")
-    print(f"wrote {args.out} (opset {meta['opset']}, {meta['precision']}, {meta['output']['dim']}-d) "
-          f"and {sidecar}")
-    print(f"parity with the torch model on {parity['images']} images (batch {parity['batch_sizes'][0]} "
-          f"and 1): max abs diff {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.7f}")
+    print(
+        f"wrote {args.out} (opset {meta['opset']}, {meta['precision']}, {meta['output']['dim']}-d) "
+        f"and {sidecar}"
+    )
+    print(
+        f"parity with the torch model on {parity['images']} images (batch {parity['batch_sizes'][0]} "
+        f"and 1): max abs diff {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.7f}"
+    )
     return 0
 
 

@@ -11,22 +11,36 @@ from rmgl.data.datasets import dataset_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ev = subparsers.add_parser("eval", help="evaluate a checkpoint on a dataset (cross-dataset works)")
+    ev = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on a dataset (cross-dataset works)"
+    )
     ev.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
     ev.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
     ev.add_argument("--root", required=True)
     ev.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    ev.add_argument("--protocol", default="auto", choices=("auto", "cross_camera", "any_camera"),
-                    help="auto: the dataset's own (cross_camera, or any_camera for data without cameras)")
-    ev.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
-                    help="precision of feature extraction (default: the checkpoint's run.amp; auto = float32)")
-    ev.add_argument("--out", help="folder for results.json, cmc.png, ranked_list.png "
-                    "(default: beside the checkpoint, one folder per checkpoint, dataset and root)")
+    ev.add_argument(
+        "--protocol",
+        default="auto",
+        choices=("auto", "cross_camera", "any_camera"),
+        help="auto: the dataset's own (cross_camera, or any_camera for data without cameras)",
+    )
+    ev.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        help="precision of feature extraction (default: the checkpoint's run.amp; auto = float32)",
+    )
+    ev.add_argument(
+        "--out",
+        help="folder for results.json, cmc.png, ranked_list.png "
+        "(default: beside the checkpoint, one folder per checkpoint, dataset and root)",
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--workers", type=int, default=2)
     # --report: the HTML failure-analysis report of rmgl report, in the --out folder
-    ev.add_argument("--report", action="store_true", help="also write report.html (see rmgl report)")
+    ev.add_argument(
+        "--report", action="store_true", help="also write report.html (see rmgl report)"
+    )
     add_report_options(ev)
     ev.set_defaults(func=run_eval)
 
@@ -63,15 +77,31 @@ def run_eval(args: argparse.Namespace) -> int:
             model, dataset, model.preprocess.size, args.batch_size, args.workers, amp=precision
         )
         results = evaluate_model(
-            model, dataset, model.preprocess.size, rerank=args.rerank, metric=model.config.eval.metric,
-            batch_size=args.batch_size, workers=args.workers, out_dir=out, amp=precision,
-            protocol=args.protocol, provenance={"checkpoint": str(checkpoint.resolve())},
+            model,
+            dataset,
+            model.preprocess.size,
+            rerank=args.rerank,
+            metric=model.config.eval.metric,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            out_dir=out,
+            amp=precision,
+            protocol=args.protocol,
+            provenance={"checkpoint": str(checkpoint.resolve())},
             features=features,
         )
     for key, result in results.items():
         print(f"{dataset.name} {key}:\n{result}")
     print(f"wrote {out / 'results.json'}, {out / 'cmc.png'}, {out / 'ranked_list.png'}")
     if args.report:  # the same features and results: nothing is extracted or re-ranked twice
-        write_report(model, dataset, out / "report.html", args, precision, args.rerank,
-                     features=features, results=results)
+        write_report(
+            model,
+            dataset,
+            out / "report.html",
+            args,
+            precision,
+            args.rerank,
+            features=features,
+            results=results,
+        )
     return 0

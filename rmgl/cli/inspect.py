@@ -18,13 +18,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stripe boundaries with the votes per row, Fig. 5) and receptive_regions.png (the input "
         "rows each RP stripe can see, for the first image). See docs/report.md.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (crops of one person)")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (crops of one person)"
+    )
     parser.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    parser.add_argument("--out", default="inspect", help="folder for the pictures (default: ./inspect)")
-    parser.add_argument("--position", choices=RP_POSITIONS[:-1],
-                        help="RP position of the receptive-region picture (default: the model's)")
-    parser.add_argument("--stripes", type=int, nargs="+", metavar="K",
-                        help="stripe counts of the receptive-region picture (default: the model's)")
+    parser.add_argument(
+        "--out", default="inspect", help="folder for the pictures (default: ./inspect)"
+    )
+    parser.add_argument(
+        "--position",
+        choices=RP_POSITIONS[:-1],
+        help="RP position of the receptive-region picture (default: the model's)",
+    )
+    parser.add_argument(
+        "--stripes",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="stripe counts of the receptive-region picture (default: the model's)",
+    )
     parser.add_argument("--device", default="auto")
     parser.set_defaults(func=run_inspect)
 

@@ -22,11 +22,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
     parser.add_argument("--root", required=True)
-    parser.add_argument("--out", default="report", help="an .html file, or a folder for report.html (default: ./report)")
+    parser.add_argument(
+        "--out",
+        default="report",
+        help="an .html file, or a folder for report.html (default: ./report)",
+    )
     parser.add_argument("--rerank", action="store_true", help="also show k-reciprocal re-ranking")
-    parser.add_argument("--protocol", default="auto", choices=("auto", "cross_camera", "any_camera"))
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
-                        help="precision of feature extraction (default: the checkpoint's run.amp)")
+    parser.add_argument(
+        "--protocol", default="auto", choices=("auto", "cross_camera", "any_camera")
+    )
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        help="precision of feature extraction (default: the checkpoint's run.amp)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
@@ -35,8 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_report_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``rmgl report`` and ``rmgl eval --report``."""
-    parser.add_argument("--worst", type=int, default=20, metavar="N", help="queries shown in detail (default 20)")
-    parser.add_argument("--topk", type=int, default=10, help="length of their ranked lists (default 10)")
+    parser.add_argument(
+        "--worst", type=int, default=20, metavar="N", help="queries shown in detail (default 20)"
+    )
+    parser.add_argument(
+        "--topk", type=int, default=10, help="length of their ranked lists (default 10)"
+    )
 
 
 def check_report_options(args: argparse.Namespace) -> None:
@@ -45,21 +58,38 @@ def check_report_options(args: argparse.Namespace) -> None:
 
 
 def write_report(
-    model, dataset, out: Path, args: argparse.Namespace, precision, rerank: bool,
-    features=None, results=None,
+    model,
+    dataset,
+    out: Path,
+    args: argparse.Namespace,
+    precision,
+    rerank: bool,
+    features=None,
+    results=None,
 ) -> Path:
     """Build the report of a loaded model and a checked dataset (reusing an evaluation's
     ``features`` and ``results`` when given); prints its path."""
     from rmgl.engine.report import report_model
 
     path, data, _ = report_model(
-        model, dataset, out, rerank=rerank, protocol=args.protocol, batch_size=args.batch_size,
-        workers=args.workers, amp=precision, worst=args.worst, topk=args.topk,
-        features=features, results=results,
+        model,
+        dataset,
+        out,
+        rerank=rerank,
+        protocol=args.protocol,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        amp=precision,
+        worst=args.worst,
+        topk=args.topk,
+        features=features,
+        results=results,
     )
     t = data["timings"]
-    print(f"report: {path} (features {t['features_s']:.1f} s, ranking {t['ranking_s']:.1f} s, "
-          f"analysis {t['analysis_s']:.1f} s, page {t['page_s']:.1f} s)")
+    print(
+        f"report: {path} (features {t['features_s']:.1f} s, ranking {t['ranking_s']:.1f} s, "
+        f"analysis {t['analysis_s']:.1f} s, page {t['page_s']:.1f} s)"
+    )
     return path
 
 
@@ -94,7 +124,12 @@ def report_for_run(run_dir: Path, dataset, rerank: bool, worst: int = 20) -> Pat
     model = load_model(checkpoint, "auto")
     workers = int(model.config.data.workers)
     path, _, _ = report_model(
-        model, dataset, run_dir / "report.html", rerank=rerank,
-        batch_size=int(model.config.data.test_batch_size), workers=workers, worst=worst,
+        model,
+        dataset,
+        run_dir / "report.html",
+        rerank=rerank,
+        batch_size=int(model.config.data.test_batch_size),
+        workers=workers,
+        worst=worst,
     )
     return path

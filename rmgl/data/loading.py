@@ -61,7 +61,9 @@ def check_readable(records: Sequence[ImageRecord], split: str) -> None:
 class ReidImageDataset(Dataset):
     """``(image, pid, camid)`` items from records; ``train`` selects the skip-on-error policy."""
 
-    def __init__(self, records: Sequence[ImageRecord], transform: Callable | None = None, train: bool = False):
+    def __init__(
+        self, records: Sequence[ImageRecord], transform: Callable | None = None, train: bool = False
+    ):
         self.records = list(records)
         self.transform = transform
         self.train = train
@@ -98,7 +100,11 @@ class ReidImageDataset(Dataset):
                 self._bad.add(candidate)
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                log.warning("skipping unreadable training image (%s); using another image of identity %d", err, record.pid)
+                log.warning(
+                    "skipping unreadable training image (%s); using another image of identity %d",
+                    err,
+                    record.pid,
+                )
         raise UnreadableImageError(
             f"every image of training identity {record.pid} is unreadable "
             f"({len(candidates)} files, e.g. {record.path}); fix or remove them"
@@ -117,7 +123,9 @@ def train_loader(
 ) -> DataLoader:
     """PK-sampled training loader; call ``loader.sampler.set_epoch(e)`` every epoch."""
     dataset = ReidImageDataset(records, transform, train=True)
-    sampler = PKSampler([r.pid for r in records], num_identities, num_instances, seed, rank, world_size)
+    sampler = PKSampler(
+        [r.pid for r in records], num_identities, num_instances, seed, rank, world_size
+    )
     return DataLoader(
         dataset,
         batch_size=num_identities * num_instances,
@@ -131,7 +139,9 @@ def train_loader(
     )
 
 
-def eval_loader(records: Sequence[ImageRecord], transform: Callable, batch_size: int = 128, workers: int = 2) -> DataLoader:
+def eval_loader(
+    records: Sequence[ImageRecord], transform: Callable, batch_size: int = 128, workers: int = 2
+) -> DataLoader:
     """Loader over query or gallery records in their given order (never shuffled)."""
     return DataLoader(
         ReidImageDataset(records, transform, train=False),

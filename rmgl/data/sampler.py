@@ -76,7 +76,9 @@ class PKSampler(Sampler[int]):
     def _rank_pids(self) -> list[list[int]]:
         """Disjoint identity lists, one per rank. The split depends on the seed only, so every
         epoch has the same length (the LR schedule counts iterations)."""
-        order = [self.pids[i] for i in np.random.default_rng([self.seed, 1]).permutation(len(self.pids))]
+        order = [
+            self.pids[i] for i in np.random.default_rng([self.seed, 1]).permutation(len(self.pids))
+        ]
         return [order[r :: self.world_size] for r in range(self.world_size)]
 
     def _num_groups(self, pid: int) -> int:
@@ -111,7 +113,9 @@ class PKSampler(Sampler[int]):
             elif len(indices) % self.K:
                 # top up the last group from the other groups' images, never its own
                 full = len(indices) - len(indices) % self.K
-                indices += list(rng.choice(indices[:full], size=self.K - len(indices) % self.K, replace=False))
+                indices += list(
+                    rng.choice(indices[:full], size=self.K - len(indices) % self.K, replace=False)
+                )
             groups = [indices[i : i + self.K] for i in range(0, len(indices), self.K)]
             layout.extend(groups[:num_batches])
         batches = [

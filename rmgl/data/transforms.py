@@ -88,7 +88,9 @@ class RandomShift(v2.Transform):
         out_h, out_w = self.size or (in_h, in_w)
         if torch.rand(()).item() >= self.p:
             return {"apply": False, "size": (out_h, out_w)}
-        ratio = _uniform(self.crop_ratio_min, 1.0) if torch.rand(()).item() < self.crop_prob else 1.0
+        ratio = (
+            _uniform(self.crop_ratio_min, 1.0) if torch.rand(()).item() < self.crop_prob else 1.0
+        )
         band = max(1, min(in_h, round(ratio * in_h)))
         top = _randint(0, in_h - band)
         rh = _uniform(self.height_scale_min, 1.0 / ratio)
@@ -118,26 +120,36 @@ class RandomShift(v2.Transform):
         patch_h, patch_w = params["patch"]
         y, x = params["offset"]
         if isinstance(inpt, Image.Image):
-            patch = inpt.crop((0, top, inpt.width, top + band)).resize((patch_w, patch_h), Image.BILINEAR)
+            patch = inpt.crop((0, top, inpt.width, top + band)).resize(
+                (patch_w, patch_h), Image.BILINEAR
+            )
             fill = 127 if self.fill is None else int(self.fill)
             canvas = Image.new(inpt.mode, (out_w, out_h), (fill,) * len(inpt.getbands()))
             canvas.paste(patch, (x, y))
             return canvas
         patch = F.resize(inpt[..., top : top + band, :], [patch_h, patch_w], antialias=True)
         fill = self.fill if self.fill is not None else (0.5 if inpt.is_floating_point() else 127)
-        canvas = torch.full((*inpt.shape[:-2], out_h, out_w), fill, dtype=inpt.dtype, device=inpt.device)
+        canvas = torch.full(
+            (*inpt.shape[:-2], out_h, out_w), fill, dtype=inpt.dtype, device=inpt.device
+        )
         canvas[..., y : y + patch_h, x : x + patch_w] = patch
-        return tv_tensors.wrap(canvas, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else canvas
+        return (
+            tv_tensors.wrap(canvas, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else canvas
+        )
 
 
-def crop_resize_shift(size: tuple[int, int], p: float = 0.5, translate: float = 0.1) -> v2.Transform:
+def crop_resize_shift(
+    size: tuple[int, int], p: float = 0.5, translate: float = 0.1
+) -> v2.Transform:
     """RCRS, the Table VI comparison: crop a random region of any size, resize it to the input
     size, then translate it randomly (uncovered pixels mid-grey)."""
     height, width = size
     aspect = width / height
     return v2.RandomApply(
         [
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.75 * aspect, 1.33 * aspect), antialias=True),
+            v2.RandomResizedCrop(
+                size, scale=(0.5, 1.0), ratio=(0.75 * aspect, 1.33 * aspect), antialias=True
+            ),
             v2.RandomAffine(degrees=0, translate=(translate, translate), fill=127),
         ],
         p=p,

@@ -130,7 +130,9 @@ class Encoder:
         self.batch_size = batch_size
         if backend == "torch":
             if onnx_path is not None:
-                raise ValueError("onnx_path is for backend='onnxruntime'; the torch backend runs the checkpoint")
+                raise ValueError(
+                    "onnx_path is for backend='onnxruntime'; the torch backend runs the checkpoint"
+                )
             self._init_torch(model_or_checkpoint, device, amp)
         else:
             if amp not in (None, "off", "auto"):
@@ -150,9 +152,13 @@ class Encoder:
     def _init_torch(self, model: Any, device: str | torch.device, amp: Any) -> None:
         if isinstance(model, (str, os.PathLike)):
             if Path(model).suffix == ".onnx":
-                raise ValueError(f"{model} is an ONNX model: use Encoder(..., backend='onnxruntime')")
+                raise ValueError(
+                    f"{model} is an ONNX model: use Encoder(..., backend='onnxruntime')"
+                )
             model = load_model(model, device)
-        elif not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "preprocess", None), Preprocess):
+        elif not isinstance(model, torch.nn.Module) or not isinstance(
+            getattr(model, "preprocess", None), Preprocess
+        ):
             raise ValueError(
                 "the torch backend needs an rmgl checkpoint path or the model rmgl.load_model "
                 f"returns (it carries .preprocess), got {type(model).__name__}"
@@ -161,22 +167,36 @@ class Encoder:
             model.to(device if isinstance(device, torch.device) else resolve_device(device))
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.amp = amp if isinstance(amp, torch.dtype) or amp is None else amp_dtype(amp, self.device, evaluation=True)
+        self.amp = (
+            amp
+            if isinstance(amp, torch.dtype) or amp is None
+            else amp_dtype(amp, self.device, evaluation=True)
+        )
         self.preprocess: Preprocess = model.preprocess
         self.descriptor_dim: int = model.descriptor_dim
         self.feature_names: list[str] = list(model.feature_names)
         self.source = getattr(model, "checkpoint", None)
 
-    def _init_onnxruntime(self, path: Path, device: str | torch.device, threads: int | None) -> None:
+    def _init_onnxruntime(
+        self, path: Path, device: str | torch.device, threads: int | None
+    ) -> None:
         ort = require("onnxruntime")
         meta = read_sidecar(path)
         self.meta = meta
         self.preprocess = Preprocess(
-            int(meta["input"]["height"]), int(meta["input"]["width"]),
-            tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]), bool(meta["flip"]),
+            int(meta["input"]["height"]),
+            int(meta["input"]["width"]),
+            tuple(meta["input"]["mean"]),
+            tuple(meta["input"]["std"]),
+            bool(meta["flip"]),
         )
-        if (self.preprocess.mean, self.preprocess.std) != (Preprocess(1, 1).mean, Preprocess(1, 1).std):
-            raise ValueError(f"{sidecar_path(path)}: mean/std other than ImageNet's are not supported")
+        if (self.preprocess.mean, self.preprocess.std) != (
+            Preprocess(1, 1).mean,
+            Preprocess(1, 1).std,
+        ):
+            raise ValueError(
+                f"{sidecar_path(path)}: mean/std other than ImageNet's are not supported"
+            )
         self.descriptor_dim = int(meta["output"]["dim"])
         self.feature_names = list(meta["feature_names"])
         self.source = str(path)
@@ -186,9 +206,14 @@ class Encoder:
             name = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         if name.startswith("cuda"):
             if "CUDAExecutionProvider" not in available:
-                raise ValueError(f"device {name}: this onnxruntime has no CUDA provider (install onnxruntime-gpu) ")
+                raise ValueError(
+                    f"device {name}: this onnxruntime has no CUDA provider (install onnxruntime-gpu) "
+                )
             index = int(name.split(":")[1]) if ":" in name else 0
-            providers: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            providers: list = [
+                ("CUDAExecutionProvider", {"device_id": index}),
+                "CPUExecutionProvider",
+            ]
         elif name == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
@@ -218,7 +243,7 @@ class Encoder:
                     f"a numpy image must be H x W x 3 uint8 (RGB, or BGR with bgr=True), got "
                     f"shape {image.shape} {image.dtype}"
                 )
-            pixels = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
             return self._transform(pixels.flip(0) if bgr else pixels)
         if isinstance(image, torch.Tensor):
             return self._prepare_tensor(image, bgr)
@@ -233,7 +258,9 @@ class Encoder:
         if image.dtype == torch.uint8:
             return self._transform(image.flip(0) if bgr else image)
         if image.dtype != torch.float32:
-            raise ValueError(f"a tensor image must be uint8 (raw RGB) or float32 (prepared input), got {image.dtype}")
+            raise ValueError(
+                f"a tensor image must be uint8 (raw RGB) or float32 (prepared input), got {image.dtype}"
+            )
         if tuple(image.shape[1:]) != self.preprocess.size:
             raise ValueError(
                 f"a float32 tensor is taken as a prepared input and must be 3 x "
@@ -249,8 +276,12 @@ class Encoder:
         if self.backend == "torch":
             zeros = torch.zeros(len(batch), dtype=torch.long)
             found = extract_features(
-                self.model, [(batch, zeros, zeros)], device=self.device, flip=self.preprocess.flip,
-                amp=self.amp, progress=False,
+                self.model,
+                [(batch, zeros, zeros)],
+                device=self.device,
+                flip=self.preprocess.flip,
+                amp=self.amp,
+                progress=False,
             )
             return found.features.numpy()
         output = self.session.run(None, {self._input_name: batch.contiguous().numpy()})[0]
@@ -268,7 +299,9 @@ class Encoder:
         if batch:
             yield self.encode_batch(torch.stack(batch))
 
-    def encode(self, images: Iterable[ImageInput], bgr: bool = False, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, images: Iterable[ImageInput], bgr: bool = False, progress: bool = False
+    ) -> np.ndarray:
         """(N, D) float32 descriptors of ``images``, row i for image i; rows have norm 1.
 
         An unreadable file raises :class:`rmgl.data.loading.UnreadableImageError` naming it

@@ -65,7 +65,9 @@ class DescriptorGraph(nn.Module):
     already); input and output stay float32 so callers never change.
     """
 
-    def __init__(self, model: nn.Module, flip: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: nn.Module, flip: bool = True, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.model, self.flip, self.dtype = model, flip, dtype
 
@@ -102,17 +104,23 @@ def export_onnx(
         raise ValueError(f"the ONNX model's file name must end in .onnx, got {out}")
     newest = require("onnx").defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be between {MIN_OPSET} (the exporter's lowest) and {newest} (this onnx's newest), got {opset}")
+        raise ValueError(
+            f"opset must be between {MIN_OPSET} (the exporter's lowest) and {newest} (this onnx's newest), got {opset}"
+        )
     if check and not images:
         raise ValueError("the parity check needs images (paths, PIL images or arrays)")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     preprocess = model.preprocess
     graph_model = copy.deepcopy(model).half() if fp16 else model
-    graph = DescriptorGraph(graph_model, preprocess.flip, torch.float16 if fp16 else torch.float32).eval()
+    graph = DescriptorGraph(
+        graph_model, preprocess.flip, torch.float16 if fp16 else torch.float32
+    ).eval()
     partial = out.with_name(out.stem + ".partial.onnx")
     device = next(model.parameters()).device
-    example = torch.randn(2, 3, *preprocess.size, device=device)  # batch 2: torch.export specialises 1
+    example = torch.randn(
+        2, 3, *preprocess.size, device=device
+    )  # batch 2: torch.export specialises 1
     try:
         _torch_export(graph, example, partial, opset)
         meta = _sidecar(model, opset, fp16)
@@ -147,8 +155,14 @@ def _torch_export(graph: nn.Module, example: torch.Tensor, path: Path, opset: in
     batch = torch.export.Dim("batch", min=1)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
-            graph, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: batch}}, verbose=False,
+            graph,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: batch}},
+            verbose=False,
         )
         program.save(str(path))
 
@@ -158,22 +172,37 @@ def _sidecar(model: nn.Module, opset: int, fp16: bool) -> dict[str, Any]:
     return {
         "format": SIDECAR_FORMAT,
         "input": {
-            "name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "color": "RGB",
-            "height": p.height, "width": p.width, "mean": list(p.mean), "std": list(p.std),
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "color": "RGB",
+            "height": p.height,
+            "width": p.width,
+            "mean": list(p.mean),
+            "std": list(p.std),
             "scale": "pixels / 255, then (x - mean) / std; resized to height x width (antialiased bilinear)",
         },
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "dim": model.descriptor_dim,
-                   "l2_normalized": True},
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "dim": model.descriptor_dim,
+            "l2_normalized": True,
+        },
         "flip": p.flip,
-        "inside_graph": ["network (ABP included)", "horizontal flip and sum" if p.flip else "no flip",
-                         "L2 normalisation"],
+        "inside_graph": [
+            "network (ABP included)",
+            "horizontal flip and sum" if p.flip else "no flip",
+            "L2 normalisation",
+        ],
         "feature_names": list(model.feature_names),
         "feature_dim": model.reduction_dim,
         "precision": "fp16" if fp16 else "fp32",
         "opset": opset,
         "dynamic_axes": {"batch": 0},
         "architecture": _architecture(model),
-        "source_checkpoint": str(Path(model.checkpoint).resolve()) if getattr(model, "checkpoint", None) else None,
+        "source_checkpoint": str(Path(model.checkpoint).resolve())
+        if getattr(model, "checkpoint", None)
+        else None,
         "rmgl_version": rmgl.__version__,
         "torch_version": torch.__version__,
         "exported_on": platform.platform(),
@@ -183,13 +212,25 @@ def _sidecar(model: nn.Module, opset: int, fp16: bool) -> dict[str, Any]:
 def _architecture(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is not None:
-        return {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("pretrained", "init_from")}
-    return {"backbone": model.arch, "branches": [b.stripes for b in model.branches],
-            "rp_position": model.rp_position, "abp": model.abp, "abp_pool": model.abp_pool,
-            "pooling": model.pooling, "reduction_dim": model.reduction_dim}
+        return {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.model).items()
+            if k not in ("pretrained", "init_from")
+        }
+    return {
+        "backbone": model.arch,
+        "branches": [b.stripes for b in model.branches],
+        "rp_position": model.rp_position,
+        "abp": model.abp,
+        "abp_pool": model.abp_pool,
+        "pooling": model.pooling,
+        "reduction_dim": model.reduction_dim,
+    }
 
 
-def _check_parity(model: nn.Module, path: Path, meta: dict, images: list[ImageInput], fp16: bool) -> dict[str, Any]:
+def _check_parity(
+    model: nn.Module, path: Path, meta: dict, images: list[ImageInput], fp16: bool
+) -> dict[str, Any]:
     """Torch (the evaluation's code) against the exported graph on the same prepared inputs."""
     reference = Encoder(model)
     inputs = torch.stack([reference.prepare(image) for image in images])
@@ -204,11 +245,22 @@ def _check_parity(model: nn.Module, path: Path, meta: dict, images: list[ImageIn
         sidecar_path(path).unlink(missing_ok=True)
     diff = max(float(np.abs(whole - expected).max()), float(np.abs(single - expected).max()))
     cosine = min(float((whole * expected).sum(1).min()), float((single * expected).sum(1).min()))
-    report = {"images": len(images), "batch_sizes": [len(batches[0]), 1], "max_abs_diff": diff,
-              "min_cosine": cosine}
-    report["tolerance"] = {"min_cosine": FP16_MIN_COSINE} if fp16 else {
-        "max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}
-    ok = cosine >= FP16_MIN_COSINE if fp16 else diff <= FP32_MAX_ABS_DIFF and cosine >= FP32_MIN_COSINE
+    report = {
+        "images": len(images),
+        "batch_sizes": [len(batches[0]), 1],
+        "max_abs_diff": diff,
+        "min_cosine": cosine,
+    }
+    report["tolerance"] = (
+        {"min_cosine": FP16_MIN_COSINE}
+        if fp16
+        else {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}
+    )
+    ok = (
+        cosine >= FP16_MIN_COSINE
+        if fp16
+        else diff <= FP32_MAX_ABS_DIFF and cosine >= FP32_MIN_COSINE
+    )
     if not ok or not np.isfinite(whole).all():
         limits = ", ".join(f"{k} {v}" for k, v in report["tolerance"].items())
         raise ValueError(
@@ -244,8 +296,15 @@ def export_weights(model: nn.Module, out: str | os.PathLike) -> tuple[Path, Path
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     arch = _architecture(model)
-    save_file(state, str(out), metadata={"format": "rmgl-weights-v1", "architecture": json.dumps(arch),
-                                          "feature_names": json.dumps(model.feature_names)})
+    save_file(
+        state,
+        str(out),
+        metadata={
+            "format": "rmgl-weights-v1",
+            "architecture": json.dumps(arch),
+            "feature_names": json.dumps(model.feature_names),
+        },
+    )
     notes = out.with_suffix(".md")
     notes.write_text(_weights_readme(model, out, state, arch), encoding="utf-8")
     return out, notes

@@ -80,8 +80,14 @@ def extract_to_folder(
     dataset = _Decoded(images, done_before, encoder.preprocess.transform(), encoder.preprocess.size)
     loader = DataLoader(dataset, batch_size=encoder.batch_size, shuffle=False, num_workers=workers)
     try:
-        with tqdm(total=len(images), initial=done_before, unit="img", desc="extract",
-                  disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(images),
+            initial=done_before,
+            unit="img",
+            desc="extract",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
             for indices, batch, reasons in loader:
                 _add_batch(writer, encoder, images, indices.tolist(), batch, list(reasons), strict)
                 bar.update(len(indices))
@@ -91,29 +97,47 @@ def extract_to_folder(
                 f"are in {out / 'failed.csv'}"
             )
         seconds = time.perf_counter() - started
-        meta = writer.finish(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             images_per_second=round((len(images) - done_before) / max(seconds, 1e-9), 1))
+        meta = writer.finish(
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            images_per_second=round((len(images) - done_before) / max(seconds, 1e-9), 1),
+        )
     finally:
         writer.close()
     return meta
 
 
-def _add_batch(writer: FeatureWriter, encoder: Encoder, images: ImageList, indices: list[int],
-               batch: torch.Tensor, reasons: list[str], strict: bool) -> None:
+def _add_batch(
+    writer: FeatureWriter,
+    encoder: Encoder,
+    images: ImageList,
+    indices: list[int],
+    batch: torch.Tensor,
+    reasons: list[str],
+    strict: bool,
+) -> None:
     readable = [i for i, reason in enumerate(reasons) if not reason]
-    failed = [(indices[i], images.paths[indices[i]], reasons[i]) for i, reason in enumerate(reasons) if reason]
+    failed = [
+        (indices[i], images.paths[indices[i]], reasons[i])
+        for i, reason in enumerate(reasons)
+        if reason
+    ]
     if failed and strict:
         raise UnreadableImageError(
             f"{failed[0][2]}; --strict stops at the first unreadable image: fix it and continue "
             "with --resume, or run without --strict to skip and list such images"
         )
-    features = (encoder.encode_batch(batch[readable]) if readable
-                else np.zeros((0, encoder.descriptor_dim), dtype=np.float32))
+    features = (
+        encoder.encode_batch(batch[readable])
+        if readable
+        else np.zeros((0, encoder.descriptor_dim), dtype=np.float32)
+    )
     rows = [(indices[i], images.paths[indices[i]], *images.label(indices[i])) for i in readable]
     writer.add(features, rows, failed, inputs_done=indices[-1] + 1)
 
 
-def _open_writer(encoder: Encoder, images: ImageList, out: Path, resume: bool) -> FeatureWriter | None:
+def _open_writer(
+    encoder: Encoder, images: ImageList, out: Path, resume: bool
+) -> FeatureWriter | None:
     """A writer for a new folder, or for the unfinished one ``resume`` continues; None when
     ``resume`` finds the folder already complete."""
     meta = _provenance(encoder, images)
@@ -126,8 +150,17 @@ def _open_writer(encoder: Encoder, images: ImageList, out: Path, resume: bool) -
                 "or give another --out"
             )
         saved = read_meta(out)
-        changed = [k for k in ("input_fingerprint", "model_sha256", "backend", "descriptor_dim", "input_size")
-                   if saved.get(k) != meta.get(k)]
+        changed = [
+            k
+            for k in (
+                "input_fingerprint",
+                "model_sha256",
+                "backend",
+                "descriptor_dim",
+                "input_size",
+            )
+            if saved.get(k) != meta.get(k)
+        ]
         if changed:
             raise ValueError(
                 f"{out} was started with other {' / '.join(changed)}; --resume needs the same image "
@@ -150,8 +183,11 @@ def _provenance(encoder: Encoder, images: ImageList) -> dict[str, Any]:
         "model_sha256": _sha256(source) if source else None,
         "backend": encoder.backend,
         "device": str(encoder.device),
-        "precision": {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(encoder.amp, str(encoder.amp))
-        if not onnx else encoder.meta.get("precision", "fp32"),
+        "precision": {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            encoder.amp, str(encoder.amp)
+        )
+        if not onnx
+        else encoder.meta.get("precision", "fp32"),
         "descriptor_dim": encoder.descriptor_dim,
         "input_size": list(encoder.preprocess.size),
         "flip": encoder.preprocess.flip,

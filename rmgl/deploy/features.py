@@ -71,9 +71,13 @@ def read_features(folder: str | os.PathLike) -> FeatureSet:
             f"{meta.get('inputs', '?')} images done); finish it with rmgl extract ... --out {folder} --resume"
         )
     try:
-        features = np.load(folder / FEATURES, mmap_mode="r" if meta["count"] else None, allow_pickle=False)
+        features = np.load(
+            folder / FEATURES, mmap_mode="r" if meta["count"] else None, allow_pickle=False
+        )
     except FileNotFoundError:
-        raise FileNotFoundError(f"{folder / FEATURES} is missing; the feature folder is damaged") from None
+        raise FileNotFoundError(
+            f"{folder / FEATURES} is missing; the feature folder is damaged"
+        ) from None
     except ValueError as err:
         raise ValueError(f"{folder / FEATURES} is not a readable .npy file ({err})") from None
     expected = (meta["count"], meta["descriptor_dim"])
@@ -83,7 +87,9 @@ def read_features(folder: str | os.PathLike) -> FeatureSet:
         )
     records = _read_images_csv(folder / IMAGES)
     if len(records) != meta["count"]:
-        raise ValueError(f"{folder / IMAGES} lists {len(records)} images for {meta['count']} feature rows")
+        raise ValueError(
+            f"{folder / IMAGES} lists {len(records)} images for {meta['count']} feature rows"
+        )
     return FeatureSet(features, records, meta)
 
 
@@ -93,7 +99,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"feature folder {folder} does not exist")
     path = folder / META
     if not path.is_file():
-        raise ValueError(f"{folder} is not an rmgl feature folder (no {META}); write one with rmgl extract")
+        raise ValueError(
+            f"{folder} is not an rmgl feature folder (no {META}); write one with rmgl extract"
+        )
     return read_format_json(path, FORMAT, "an rmgl feature folder's")
 
 
@@ -116,8 +124,13 @@ def _read_images_csv(path: Path) -> list[dict[str, Any]]:
             if tuple(next(reader, ())) != IMAGES_HEADER:
                 raise ValueError(f"{path}:1: header {','.join(IMAGES_HEADER)} expected")
             return [
-                {"index": int(row[0]), "path": row[1],
-                 "pid": _int_or_none(row[2]), "camid": _int_or_none(row[3]), "frame": _int_or_none(row[4])}
+                {
+                    "index": int(row[0]),
+                    "path": row[1],
+                    "pid": _int_or_none(row[2]),
+                    "camid": _int_or_none(row[3]),
+                    "frame": _int_or_none(row[4]),
+                }
                 for row in reader
             ]
     except FileNotFoundError:
@@ -158,18 +171,34 @@ class FeatureWriter:
         self._failed = open(folder / FAILED, "a", newline="", encoding="utf-8")
 
     @classmethod
-    def create(cls, folder: str | os.PathLike, inputs: int, dim: int, meta: dict[str, Any]) -> FeatureWriter:
+    def create(
+        cls, folder: str | os.PathLike, inputs: int, dim: int, meta: dict[str, Any]
+    ) -> FeatureWriter:
         """Start a new folder for ``inputs`` images of ``dim``-d descriptors."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(folder / FEATURES, mode="w+", dtype=np.float32, shape=(inputs, dim)).flush()
+        np.lib.format.open_memmap(
+            folder / FEATURES, mode="w+", dtype=np.float32, shape=(inputs, dim)
+        ).flush()
         sizes = {}
-        for name, header, key in ((IMAGES, IMAGES_HEADER, "images_csv_bytes"), (FAILED, FAILED_HEADER, "failed_csv_bytes")):
+        for name, header, key in (
+            (IMAGES, IMAGES_HEADER, "images_csv_bytes"),
+            (FAILED, FAILED_HEADER, "failed_csv_bytes"),
+        ):
             text = _csv_text([header])
             (folder / name).write_text(text, encoding="utf-8")
             sizes[key] = len(text.encode("utf-8"))
-        meta = {"format": FORMAT, **meta, "descriptor_dim": dim, "inputs": inputs, "inputs_done": 0,
-                "count": 0, "failed": 0, "complete": False, **sizes}
+        meta = {
+            "format": FORMAT,
+            **meta,
+            "descriptor_dim": dim,
+            "inputs": inputs,
+            "inputs_done": 0,
+            "count": 0,
+            "failed": 0,
+            "complete": False,
+            **sizes,
+        }
         _write_json(folder / META, meta)
         return cls(folder, meta)
 
@@ -184,7 +213,9 @@ class FeatureWriter:
     def inputs_done(self) -> int:
         return int(self.meta["inputs_done"])
 
-    def add(self, features: np.ndarray, rows: list[tuple], failed: list[tuple], inputs_done: int) -> None:
+    def add(
+        self, features: np.ndarray, rows: list[tuple], failed: list[tuple], inputs_done: int
+    ) -> None:
         """Append descriptors with their ``rows`` (input_index, path, pid, camid, frame) and
         the ``failed`` (input_index, path, reason) images; ``inputs_done`` is how many input
         images are now handled."""
@@ -193,15 +224,21 @@ class FeatureWriter:
             raise ValueError(f"{len(features)} descriptors for {len(rows)} rows")
         self.features[start : start + len(rows)] = features
         self.features.flush()
-        images_text = _csv_text([(start + i, path, _cell(pid), _cell(camid), _cell(frame))
-                                 for i, (_, path, pid, camid, frame) in enumerate(rows)])
+        images_text = _csv_text(
+            [
+                (start + i, path, _cell(pid), _cell(camid), _cell(frame))
+                for i, (_, path, pid, camid, frame) in enumerate(rows)
+            ]
+        )
         failed_text = _csv_text(failed)
         for handle, text in ((self._images, images_text), (self._failed, failed_text)):
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         self.meta.update(
-            count=start + len(rows), failed=int(self.meta["failed"]) + len(failed), inputs_done=inputs_done,
+            count=start + len(rows),
+            failed=int(self.meta["failed"]) + len(failed),
+            inputs_done=inputs_done,
             images_csv_bytes=self.meta["images_csv_bytes"] + len(images_text.encode("utf-8")),
             failed_csv_bytes=self.meta["failed_csv_bytes"] + len(failed_text.encode("utf-8")),
         )
@@ -210,7 +247,9 @@ class FeatureWriter:
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Shrink features.npy to the rows written and mark the folder complete."""
         if self.inputs_done != self.meta["inputs"]:
-            raise ValueError(f"{self.folder}: {self.inputs_done} of {self.meta['inputs']} images done, cannot finish")
+            raise ValueError(
+                f"{self.folder}: {self.inputs_done} of {self.meta['inputs']} images done, cannot finish"
+            )
         self.close()
         _shrink_npy(self.folder / FEATURES, int(self.meta["count"]))
         self.meta.update(complete=True, **extra)
@@ -237,13 +276,22 @@ def _shrink_npy(path: Path, rows: int) -> None:
     header (padded to its old length, so the data does not move) and truncate the file."""
     with open(path, "r+b") as handle:
         version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, fortran, dtype = read_header(handle)
         data_start = handle.tell()
         length_field = 2 if version == (1, 0) else 4
         header_start = np.lib.format.MAGIC_LEN + length_field
-        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
-                       "shape": (rows, *shape[1:])})
+        header = repr(
+            {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": fortran,
+                "shape": (rows, *shape[1:]),
+            }
+        )
         room = data_start - header_start
         header = header.ljust(room - 1) + "\n"
         if len(header) != room:

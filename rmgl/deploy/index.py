@@ -99,7 +99,14 @@ class IndexParams:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "rerank_factor", "train_size"):
+        for name in (
+            "hnsw_m",
+            "ef_construction",
+            "ef_search",
+            "nprobe",
+            "rerank_factor",
+            "train_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pca is not None and self.pca < 1:
@@ -156,7 +163,9 @@ class FeatureFolder:
             return
         for start in range(0, len(self.features), rows):
             count = min(rows, len(self.features) - start)
-            block = np.memmap(path, np.float32, "r", offset + 4 * self.dim * start, (count, self.dim))
+            block = np.memmap(
+                path, np.float32, "r", offset + 4 * self.dim * start, (count, self.dim)
+            )
             yield np.array(block)
             del block
 
@@ -198,7 +207,9 @@ def _load_feature_folder(folder: str | Path) -> FeatureFolder:
             f"{feature_path} must hold a float32 (N, D) array, got {features.dtype} {features.shape}"
         )
     if len(features) == 0 or features.shape[1] == 0:
-        raise ValueError(f"{feature_path} holds no features (empty gallery, shape {features.shape})")
+        raise ValueError(
+            f"{feature_path} holds no features (empty gallery, shape {features.shape})"
+        )
     records = _read_images_csv(images_path)
     if len(records) != len(features):
         raise ValueError(
@@ -296,7 +307,9 @@ class VectorFile:
         return out
 
 
-def distances_from_ip(ip: np.ndarray, q_sq: np.ndarray, g_sq: np.ndarray, metric: str) -> np.ndarray:
+def distances_from_ip(
+    ip: np.ndarray, q_sq: np.ndarray, g_sq: np.ndarray, metric: str
+) -> np.ndarray:
     """The distances of ``rmgl.metrics.pairwise_distance`` from inner products and squared
     norms: euclidean sqrt(|q|^2 + |g|^2 - 2 q.g) (clamped at 0), its square, or
     1 - cosine. On L2-normalised features euclidean = sqrt(2 - 2 q.g)."""
@@ -379,7 +392,9 @@ class GalleryIndex:
         _check_unique_folders(loaded)
         total = sum(len(folder.features) for folder in loaded)
         if settings.kind == "ivfpq" and total < 1000:
-            raise ValueError(f"ivfpq needs at least 1000 gallery vectors, got {total}; use kind flat")
+            raise ValueError(
+                f"ivfpq needs at least 1000 gallery vectors, got {total}; use kind flat"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -534,8 +549,12 @@ class GalleryIndex:
         """Change search-time parameters for this session (the saved manifest keeps its own):
         a wider HNSW beam, more IVF lists probed or a longer re-scored shortlist buy recall
         with time."""
-        values = {"ef_search": ef_search, "nprobe": nprobe, "rerank_factor": rerank_factor,
-                  "scan_dtype": scan_dtype}
+        values = {
+            "ef_search": ef_search,
+            "nprobe": nprobe,
+            "rerank_factor": rerank_factor,
+            "scan_dtype": scan_dtype,
+        }
         changed = {key: value for key, value in values.items() if value is not None}
         self.params = IndexParams.from_dict({**asdict(self.params), **changed})
         _configure_search(self.faiss_index, self.params)
@@ -573,7 +592,9 @@ class GalleryIndex:
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=bool)
             if allowed.shape != (self.count,):
-                raise ValueError(f"allowed must be a mask of {self.count} items, got {allowed.shape}")
+                raise ValueError(
+                    f"allowed must be a mask of {self.count} items, got {allowed.shape}"
+                )
             num_allowed = int(allowed.sum())
         else:
             num_allowed = self.count
@@ -624,8 +645,9 @@ class GalleryIndex:
         if allowed is not None and num_allowed < self.count:
             keep_alive = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(keep_alive))
-            params = _search_parameters(self.faiss_index, self.params, selector, shortlist,
-                                        num_allowed / self.count)
+            params = _search_parameters(
+                self.faiss_index, self.params, selector, shortlist, num_allowed / self.count
+            )
         elif self.kind == "hnsw":
             params = _search_parameters(self.faiss_index, self.params, None, shortlist, 1.0)
         index = self.faiss_index
@@ -647,11 +669,15 @@ class GalleryIndex:
         if isinstance(flat, faiss.IndexPreTransform):
             queries = faiss.downcast_VectorTransform(flat.chain.at(0)).apply(queries)
             flat = faiss.downcast_index(flat.index)
-        stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
+            flat.ntotal, flat.d
+        )
         low = self.params.scan_dtype == "bfloat16"
         dtype = torch.bfloat16 if low else torch.float32
-        if self._scan_cache is None or self._scan_cache[0].shape[0] != flat.ntotal or (
-            self._scan_cache[0].dtype != dtype
+        if (
+            self._scan_cache is None
+            or self._scan_cache[0].shape[0] != flat.ntotal
+            or (self._scan_cache[0].dtype != dtype)
         ):
             norms = torch.from_numpy(np.einsum("ij,ij->i", stored, stored))
             vectors = torch.from_numpy(stored)  # a view of faiss' storage
@@ -687,7 +713,11 @@ class GalleryIndex:
         """A GPU copy of a flat / IVF-PQ index when faiss has GPU support and sees a GPU."""
         import faiss
 
-        if self._gpu_index is None and self.kind != "hnsw" and hasattr(faiss, "StandardGpuResources"):
+        if (
+            self._gpu_index is None
+            and self.kind != "hnsw"
+            and hasattr(faiss, "StandardGpuResources")
+        ):
             if faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU faiss here
                 self._gpu_resources = faiss.StandardGpuResources()
                 self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.faiss_index)
@@ -799,12 +829,16 @@ def _pca_transform(sample: np.ndarray, out_dim: int, seed: int):
     cov = (centred.T @ centred).double() / max(1, len(data) - 1)
     generator = torch.Generator().manual_seed(seed)
     width = min(cov.shape[0], out_dim + 32)
-    basis = torch.linalg.qr(torch.randn(cov.shape[0], width, generator=generator, dtype=torch.float64))[0]
+    basis = torch.linalg.qr(
+        torch.randn(cov.shape[0], width, generator=generator, dtype=torch.float64)
+    )[0]
     for _ in range(8):
         basis = torch.linalg.qr(cov @ basis)[0]
     values, vectors = torch.linalg.eigh(basis.T @ cov @ basis)
     top = basis @ vectors[:, torch.argsort(values, descending=True)[:out_dim]]  # (D, out_dim)
-    rotation = torch.linalg.qr(torch.randn(out_dim, out_dim, generator=generator, dtype=torch.float64))[0]
+    rotation = torch.linalg.qr(
+        torch.randn(out_dim, out_dim, generator=generator, dtype=torch.float64)
+    )[0]
     matrix = (top @ rotation).T.float().contiguous().numpy()  # (out_dim, D)
     bias = -(matrix @ mean.numpy())
     transform = faiss.LinearTransform(cov.shape[0], out_dim, True)
@@ -829,7 +863,9 @@ def _auto_pq_m(dim: int) -> int:
 def _configure_search(index, params: IndexParams) -> None:
     import faiss
 
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    inner = (
+        faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    )
     if params.kind == "hnsw":
         inner.hnsw.efSearch = params.ef_search
     elif params.kind == "ivfpq":

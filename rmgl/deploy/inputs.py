@@ -123,11 +123,15 @@ def read_image_list(source: str | os.PathLike) -> ImageList:
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"image source {path} does not exist; give a folder of images, a .txt list or a .csv list")
+        raise FileNotFoundError(
+            f"image source {path} does not exist; give a folder of images, a .txt list or a .csv list"
+        )
     if path.is_dir():
         paths = _walk_images(path)
         if not paths:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or below it")
+            raise ValueError(
+                f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or below it"
+            )
         return _from_names(paths, str(path.resolve()))
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
@@ -227,7 +231,9 @@ def _read_csv(path: Path) -> ImageList:
     except csv.Error as err:
         raise ValueError(f"{path}: {err}") from None
     if not paths:
-        raise ValueError(f"{path} lists no images (rows after the header path[,pid][,camid][,frame])")
+        raise ValueError(
+            f"{path} lists no images (rows after the header path[,pid][,camid][,frame])"
+        )
     arrays = [np.asarray(labels[name], dtype=np.int64) for name in ("pid", "camid", "frame")]
     return ImageList(PackedStrings(paths), *arrays, str(path.resolve()))
 
@@ -238,4 +244,6 @@ def _integer(text: str, column: str, path: Path, line: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{path}:{line}: {column} must be an integer or empty, got {text!r}") from None
+        raise ValueError(
+            f"{path}:{line}: {column} must be an integer or empty, got {text!r}"
+        ) from None

@@ -48,8 +48,18 @@ __all__ = [
 
 OUTPUT_SUFFIXES = (".json", ".csv")
 CSV_COLUMNS = [
-    "query", "query_path", "query_pid", "query_camid", "rank", "id", "distance",
-    "rerank_distance", "path", "pid", "camid", "frame",
+    "query",
+    "query_path",
+    "query_pid",
+    "query_camid",
+    "rank",
+    "id",
+    "distance",
+    "rerank_distance",
+    "path",
+    "pid",
+    "camid",
+    "frame",
 ]
 
 
@@ -82,7 +92,13 @@ class SearchResult:
             **self.settings,
             "metric": self.metric,
             "queries": [
-                {"query": q, "path": r.path, "pid": r.pid, "camid": r.camid, "results": list(self.hits(q))}
+                {
+                    "query": q,
+                    "path": r.path,
+                    "pid": r.pid,
+                    "camid": r.camid,
+                    "results": list(self.hits(q)),
+                }
                 for q, r in enumerate(self.queries)
             ],
         }
@@ -100,11 +116,15 @@ class SearchResult:
             writer.writeheader()
             for q, record in enumerate(self.queries):
                 for hit in self.hits(q):
-                    writer.writerow({
-                        "query": q, "query_path": record.path, "query_pid": _blank(record.pid),
-                        "query_camid": _blank(record.camid),
-                        **{key: _blank(value) for key, value in hit.items()},
-                    })
+                    writer.writerow(
+                        {
+                            "query": q,
+                            "query_path": record.path,
+                            "query_pid": _blank(record.pid),
+                            "query_camid": _blank(record.camid),
+                            **{key: _blank(value) for key, value in hit.items()},
+                        }
+                    )
         return path
 
 
@@ -178,10 +198,16 @@ def search(
             "exclude_same_camera": exclude_same_camera,
         },
         "rerank": {"shortlist": rerank_shortlist, "k1": k1, "k2": k2, "lambda": lambda_value}
-        if rerank else None,
+        if rerank
+        else None,
     }
     return SearchResult(
-        list(query_records), ids, dist, index.store.items(ids.reshape(-1)), metric, settings,
+        list(query_records),
+        ids,
+        dist,
+        index.store.items(ids.reshape(-1)),
+        metric,
+        settings,
         rerank_dist,
     )
 
@@ -233,8 +259,12 @@ def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
             continue
         shortlist = ids[q, valid]
         reranked = k_reciprocal_rerank(
-            queries[q : q + 1].astype(np.float64), index.vectors.rows(shortlist).astype(np.float64),
-            k1=k1, k2=k2, lambda_value=lambda_value, device="cpu",
+            queries[q : q + 1].astype(np.float64),
+            index.vectors.rows(shortlist).astype(np.float64),
+            k1=k1,
+            k2=k2,
+            lambda_value=lambda_value,
+            device="cpu",
         )[0]
         order = np.lexsort((shortlist, reranked))[:k]
         out_ids[q, : len(order)] = shortlist[order]
@@ -243,7 +273,9 @@ def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
     return out_ids, out_dist, out_rerank
 
 
-def search_features(index: GalleryIndex, folder: str | Path, k: int = 10, **options) -> SearchResult:
+def search_features(
+    index: GalleryIndex, folder: str | Path, k: int = 10, **options
+) -> SearchResult:
     """Search with every descriptor of a feature folder (as ``rmgl extract`` writes it); its
     images.csv gives the query paths, pids and cameras.
 
@@ -287,7 +319,9 @@ def search_images(
     encoder = Encoder(checkpoint, backend=backend, device=device)
     features = np.asarray(encoder.encode([str(p) for p in paths]), dtype=np.float32)
     if features.shape[0] != len(paths):
-        raise ValueError(f"the encoder returned {features.shape[0]} descriptors for {len(paths)} images")
+        raise ValueError(
+            f"the encoder returned {features.shape[0]} descriptors for {len(paths)} images"
+        )
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     records = [FeatureRecord(str(p), None, None, None) for p in paths]
     result = search(index, features, k, query_records=records, **options)

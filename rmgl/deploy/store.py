@@ -61,7 +61,13 @@ class GalleryItem:
         frame = self.frame
         if frame is not None and float(frame).is_integer():
             frame = int(frame)
-        return {"id": self.id, "path": self.path, "pid": self.pid, "camid": self.camid, "frame": frame}
+        return {
+            "id": self.id,
+            "path": self.path,
+            "pid": self.pid,
+            "camid": self.camid,
+            "frame": frame,
+        }
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,9 @@ class Store:
 
     def sources(self) -> list[dict]:
         """The feature folders added so far, in order: folder, first_id, count, meta."""
-        rows = self._db.execute("SELECT folder, first_id, count, meta FROM sources ORDER BY first_id")
+        rows = self._db.execute(
+            "SELECT folder, first_id, count, meta FROM sources ORDER BY first_id"
+        )
         return [
             {"folder": folder, "first_id": first, "count": count, "meta": json.loads(meta)}
             for folder, first, count, meta in rows
@@ -159,7 +167,8 @@ class Store:
             camids = np.full(count, UNKNOWN, dtype=np.int64)
             frames = np.full(count, np.nan, dtype=np.float64)
             cursor = self._db.execute(
-                "SELECT id, IFNULL(pid, ?), IFNULL(camid, ?) FROM items", (int(UNKNOWN), int(UNKNOWN))
+                "SELECT id, IFNULL(pid, ?), IFNULL(camid, ?) FROM items",
+                (int(UNKNOWN), int(UNKNOWN)),
             )
             while batch := cursor.fetchmany(65536):
                 rows = np.array(batch, dtype=np.int64)

@@ -78,10 +78,14 @@ class MetricsLogger(Callback):
         if not trainer.is_main:
             return
         record = trainer.record
-        record.metrics_row({"epoch": step.epoch, "iter": step.iteration, "lr": step.lr, **step.losses})
+        record.metrics_row(
+            {"epoch": step.epoch, "iter": step.iteration, "lr": step.lr, **step.losses}
+        )
         if step.global_step % self.every == 0:
             record.scalars("train", step.losses, step.global_step)
-            record.scalars("train", {"lr": step.lr, "images_per_s": step.images_per_s}, step.global_step)
+            record.scalars(
+                "train", {"lr": step.lr, "images_per_s": step.images_per_s}, step.global_step
+            )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
         if trainer.is_main:
@@ -138,7 +142,9 @@ def _random_shift(transform) -> RandomShift:
     for step in getattr(transform, "transforms", [transform]):
         if isinstance(step, RandomShift):
             return step
-    raise ValueError("the training transform has no RandomShift whose probability could be scheduled")
+    raise ValueError(
+        "the training transform has no RandomShift whose probability could be scheduled"
+    )
 
 
 class RSASchedule(Callback):
@@ -166,4 +172,8 @@ class ABPWarmup(Callback):
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         trainer.model.abp_warmup = epoch < self.epochs
         if trainer.is_main and self.epochs and epoch in (trainer.start_epoch, self.epochs):
-            log.info("epoch %d: %s stripes in training", epoch + 1, "uniform" if epoch < self.epochs else "ABP")
+            log.info(
+                "epoch %d: %s stripes in training",
+                epoch + 1,
+                "uniform" if epoch < self.epochs else "ABP",
+            )

@@ -61,7 +61,11 @@ def save_checkpoint(
         os.replace(tmp, path)
     except OSError as err:  # a full disk, a lost mount, a folder made read-only
         tmp.unlink(missing_ok=True)
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
+        kept = (
+            f"the previous {path.name} is intact"
+            if path.exists()
+            else f"no earlier {path.name} existed"
+        )
         raise OSError(
             f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space or "
             "fix the folder, then continue with --resume"
@@ -87,8 +91,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an rmgl checkpoint (format {metadata.get('format')!r}); "
-                         "for plain weights use rmgl.engine.checkpoint.load_weights")
+        raise ValueError(
+            f"{path} is not an rmgl checkpoint (format {metadata.get('format')!r}); "
+            "for plain weights use rmgl.engine.checkpoint.load_weights"
+        )
     return Checkpoint(load_file(str(path)), metadata["config"], json.loads(metadata["trainer"]))
 
 
@@ -118,8 +124,12 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], drop_classifiers: bool = False,
-                     classifier_prefix: str = "classifier") -> dict[str, torch.Tensor]:
+def check_compatible(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    drop_classifiers: bool = False,
+    classifier_prefix: str = "classifier",
+) -> dict[str, torch.Tensor]:
     """Check that ``state`` fits ``model`` and say exactly how it does not.
 
     With ``drop_classifiers`` the classifier weights are left out (evaluation on another
@@ -131,8 +141,11 @@ def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], dro
         own = {k: v for k, v in own.items() if classifier_prefix not in k}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         lines = ["the checkpoint does not fit this model (different architecture or class count):"]
         if missing:
@@ -142,6 +155,8 @@ def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], dro
         if wrong:
             lines.append(f"  shape mismatch ({len(wrong)}): {'; '.join(wrong[:5])}")
         if wrong and all(classifier_prefix in w for w in wrong) and not missing and not unexpected:
-            lines.append("  only the classifiers differ (another class count): load with drop_classifiers=True to evaluate")
+            lines.append(
+                "  only the classifiers differ (another class count): load with drop_classifiers=True to evaluate"
+            )
         raise ValueError("\n".join(lines))
     return state

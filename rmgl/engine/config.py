@@ -138,7 +138,9 @@ def _explain(err: Exception, schema: DictConfig, source: str, key: str = "") -> 
         expected = OmegaConf.select(schema, key, default=None) if key else None
         if isinstance(expected, ListConfig):
             example = OmegaConf.to_container(expected) or [1, 2]
-            return ConfigError(f"{source}: '{key}' must be a list, e.g. {key}={json.dumps(example).replace(' ', '')}")
+            return ConfigError(
+                f"{source}: '{key}' must be a list, e.g. {key}={json.dumps(example).replace(' ', '')}"
+            )
         reason = str(err.msg).splitlines()[0] if err.msg else "wrong type"
         return ConfigError(f"{source}: bad value for '{key}': {reason}")
     return ConfigError(f"{source}: {err}")
@@ -166,7 +168,9 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 def builtin_configs() -> list[str]:
     """Names of the configs shipped in the package, e.g. ``market1501``, ``ablation/2stripe_rp``."""
-    return sorted(p.relative_to(BUILTIN_DIR).with_suffix("").as_posix() for p in BUILTIN_DIR.rglob("*.yaml"))
+    return sorted(
+        p.relative_to(BUILTIN_DIR).with_suffix("").as_posix() for p in BUILTIN_DIR.rglob("*.yaml")
+    )
 
 
 def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
@@ -180,7 +184,11 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     close = difflib.get_close_matches(stem, builtin_configs(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; 'rmgl configs' lists the built-in ones"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else "; 'rmgl configs' lists the built-in ones"
+    )
     raise ConfigError(f"config {name} is neither a file nor a built-in config{hint}")
 
 
@@ -188,13 +196,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Dict
     """The YAML at ``path`` after the files it extends (``base:`` a path relative to the file,
     or the name of a built-in config)."""
     if path.resolve() in seen:
-        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen))}")
+        raise ConfigError(
+            f"config files extend each other in a loop: {' -> '.join(map(str, seen))}"
+        )
     try:
         node = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (data:, model:, ...)"
+        )
     base = node.pop("base", None)
     chain = _read_yaml(find_config(base, path.parent), (*seen, path.resolve())) if base else []
     return [*chain, (path, node)]
@@ -281,7 +293,15 @@ RANGES = [
     ("eval.every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("run.log_every", lambda v: v >= 1, ">= 1"),
 ]
-PROBABILITIES = ("flip", "rsa", "rsa_crop_prob", "random_erasing", "color_jitter", "random_crop", "rcrs")
+PROBABILITIES = (
+    "flip",
+    "rsa",
+    "rsa_crop_prob",
+    "random_erasing",
+    "color_jitter",
+    "random_crop",
+    "rcrs",
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -290,14 +310,19 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-    checks = RANGES + [(f"data.augment.{name}", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-                       for name in PROBABILITIES if name in cfg.data.augment]
+    checks = RANGES + [
+        (f"data.augment.{name}", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+        for name in PROBABILITIES
+        if name in cfg.data.augment
+    ]
     for key, test, expected in checks:
         value = OmegaConf.select(cfg, key)
         if not test(value):
             raise ConfigError(f"{key}={value} must be {expected}")
     if cfg.model.only_rp and cfg.model.rp_position == "output":
-        raise ConfigError("model.only_rp=true needs a receptive partition; model.rp_position=output has none")
+        raise ConfigError(
+            "model.only_rp=true needs a receptive partition; model.rp_position=output has none"
+        )
     if cfg.model.rp_batchnorm == "separate" and cfg.model.rp_position == "output":
         raise ConfigError(
             "model.rp_batchnorm=separate needs a receptive partition; model.rp_position=output has none"
@@ -308,9 +333,13 @@ def check_config(cfg: DictConfig) -> None:
             f"(model.abp=train or both), not model.abp={cfg.model.abp}"
         )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
-        raise ConfigError(f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]")
+        raise ConfigError(
+            f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]"
+        )
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
-        raise ConfigError(f"optim.milestones={list(cfg.optim.milestones)} must be increasing epochs")
+        raise ConfigError(
+            f"optim.milestones={list(cfg.optim.milestones)} must be increasing epochs"
+        )
     from rmgl.engine.run_record import check_run_name
 
     try:
@@ -322,8 +351,16 @@ def check_config(cfg: DictConfig) -> None:
 # What a resumed run may change: how long it trains and how it is evaluated and logged, never
 # what it learns from or how (that would make the record disagree with what ran).
 RESUME_MAY_CHANGE = (
-    "optim.epochs", "eval.every", "eval.rerank", "eval.metric", "eval.protocol",
-    "data.workers", "data.test_batch_size", "data.root", "run.log_every", "run.device",
+    "optim.epochs",
+    "eval.every",
+    "eval.rerank",
+    "eval.metric",
+    "eval.protocol",
+    "data.workers",
+    "data.test_batch_size",
+    "data.root",
+    "run.log_every",
+    "run.device",
     "run.output_dir",
 )
 
@@ -333,7 +370,8 @@ def check_resume_changes(saved: DictConfig, new: DictConfig, epochs_done: int) -
     changed = [
         f"{key}: {OmegaConf.select(saved, key)} -> {OmegaConf.select(new, key)}"
         for key in _leaf_keys(new)
-        if key not in RESUME_MAY_CHANGE and OmegaConf.select(saved, key, default=None) != OmegaConf.select(new, key)
+        if key not in RESUME_MAY_CHANGE
+        and OmegaConf.select(saved, key, default=None) != OmegaConf.select(new, key)
     ]
     if changed:
         raise ConfigError(

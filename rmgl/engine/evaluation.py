@@ -85,26 +85,41 @@ def evaluate_model(
     # distances and metrics per query chunk: the Q x G matrix is never held (the ranked-list
     # picture keeps each query's top 10); re-ranking's own output is the only full matrix
     plain = evaluate_features(
-        query.features, gallery.features, *labels, metric=metric, protocol=protocol,
-        query_in_gallery=own, topk=10 if out_dir is not None else 0,
+        query.features,
+        gallery.features,
+        *labels,
+        metric=metric,
+        protocol=protocol,
+        query_in_gallery=own,
+        topk=10 if out_dir is not None else 0,
     )
     results = {"plain": plain}
     if rerank:
         results["rerank"] = evaluate_rank(
-            k_reciprocal_rerank(query.features, gallery.features), *labels,
-            protocol=protocol, query_in_gallery=own,
+            k_reciprocal_rerank(query.features, gallery.features),
+            *labels,
+            protocol=protocol,
+            query_in_gallery=own,
         )
     if out_dir is not None:
         out = Path(out_dir)
         settings = {
-            "dataset": dataset.name, "root": dataset.root, "protocol": protocol, "metric": metric,
-            "precision": PRECISION_NAMES[amp], "input_size": list(size),
-            "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
+            "dataset": dataset.name,
+            "root": dataset.root,
+            "protocol": protocol,
+            "metric": metric,
+            "precision": PRECISION_NAMES[amp],
+            "input_size": list(size),
+            "num_query": len(dataset.query),
+            "num_gallery": len(dataset.gallery),
         }
         write_results_json(out / "results.json", results, **(provenance or {}), **settings)
         plot_cmc({f"{dataset.name} {k}": v for k, v in results.items()}, out / "cmc.png")
         ranked_list_figure(
-            plain.ranked_lists, dataset.query, dataset.gallery, out / "ranked_list.png",
+            plain.ranked_lists,
+            dataset.query,
+            dataset.gallery,
+            out / "ranked_list.png",
             protocol=protocol,
         )
     return results

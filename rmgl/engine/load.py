@@ -33,8 +33,15 @@ log = logging.getLogger(__name__)
 # Config keys that change the network's structure: a checkpoint only fits a model that
 # agrees on all of them (abp and abp_pool change how stripes are pooled, not the weights).
 ARCHITECTURE_KEYS = (
-    "backbone", "last_stride", "branches", "rp_position", "only_rp", "pooling", "reduction_dim",
-    "rp_batchnorm", "head",
+    "backbone",
+    "last_stride",
+    "branches",
+    "rp_position",
+    "only_rp",
+    "pooling",
+    "reduction_dim",
+    "rp_batchnorm",
+    "head",
 )
 # Config model keys that only steer training, not build_model.
 TRAINING_ONLY_KEYS = ("init_from", "abp_warmup_epochs")
@@ -64,7 +71,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """:func:`load_checkpoint` with one-line errors for files that are not rmgl checkpoints."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a checkpoint file such as {path / 'best.safetensors'}")
+        raise ValueError(
+            f"{path} is a folder; give a checkpoint file such as {path / 'best.safetensors'}"
+        )
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, ValueError):
@@ -76,7 +85,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
 
 
-def model_from_checkpoint(ckpt: Checkpoint, source: str | Path = "checkpoint") -> tuple[RMGL, DictConfig]:
+def model_from_checkpoint(
+    ckpt: Checkpoint, source: str | Path = "checkpoint"
+) -> tuple[RMGL, DictConfig]:
     """The model a checkpoint was trained as, with its weights, and the run's config."""
     cfg = from_yaml_text(ckpt.config_yaml)
     num_classes = int(ckpt.trainer.get("num_classes", 1))
@@ -126,7 +137,9 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
         )
     state = ckpt.model_state()
     own = model.state_dict()
-    reset = sorted(k for k in own if CLASSIFIER_KEY in k and k in state and state[k].shape != own[k].shape)
+    reset = sorted(
+        k for k in own if CLASSIFIER_KEY in k and k in state and state[k].shape != own[k].shape
+    )
     kept = {k: v for k, v in state.items() if k not in reset}
     try:
         check_compatible(model, {**kept, **{k: own[k] for k in reset}})

@@ -84,12 +84,20 @@ def report_model(
         results["plain"] = (
             evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
             if small
-            else evaluate_features(query.features, gallery.features, *labels, metric=metric,
-                                   protocol=protocol, query_in_gallery=own)
+            else evaluate_features(
+                query.features,
+                gallery.features,
+                *labels,
+                metric=metric,
+                protocol=protocol,
+                query_in_gallery=own,
+            )
         )
     if rerank and "rerank" not in results:
         results["rerank"] = evaluate_rank(
-            k_reciprocal_rerank(query.features, gallery.features), *labels, protocol=protocol,
+            k_reciprocal_rerank(query.features, gallery.features),
+            *labels,
+            protocol=protocol,
             query_in_gallery=own,
         )
     ranked = time.perf_counter()
@@ -108,11 +116,16 @@ def report_model(
         feature_names=list(getattr(model, "feature_names", [])),
         model=model,
         checkpoint=getattr(model, "checkpoint", None),
-        config_yaml=OmegaConf.to_yaml(model.config) if getattr(model, "config", None) is not None else None,
+        config_yaml=OmegaConf.to_yaml(model.config)
+        if getattr(model, "config", None) is not None
+        else None,
         run_dir=run_folder(getattr(model, "checkpoint", None)),
         timings={"features_s": extracted - start, "ranking_s": ranked - extracted},
     )
     path, data = build_report(out, inputs, worst=worst, topk=topk)
-    log.info("report %s: features %.1f s, ranking %.1f s, analysis %.1f s, page %.1f s", path,
-             *(data["timings"][k] for k in ("features_s", "ranking_s", "analysis_s", "page_s")))
+    log.info(
+        "report %s: features %.1f s, ranking %.1f s, analysis %.1f s, page %.1f s",
+        path,
+        *(data["timings"][k] for k in ("features_s", "ranking_s", "analysis_s", "page_s")),
+    )
     return path, data, results

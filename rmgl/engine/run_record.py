@@ -79,10 +79,14 @@ class RunRecord:
         called before anything is written."""
         _check_writable(self.dir.parent)
         if self.dir.exists() and not self.dir.is_dir():
-            raise FileExistsError(f"the run folder {self.dir} is a file; choose another run.name or output_dir")
+            raise FileExistsError(
+                f"the run folder {self.dir} is a file; choose another run.name or output_dir"
+            )
         if resume:
             if not self.last.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.last}; start without --resume")
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint at {self.last}; start without --resume"
+                )
             return
         holds_run = self.dir.is_dir() and any(self.dir.iterdir())
         if holds_run and not overwrite:

@@ -92,7 +92,9 @@ class Trainer:
         self.record.check_start(resume, overwrite)
         checkpoint = read_checkpoint(self.record.last) if resume else None
         if checkpoint is not None:
-            check_resume_changes(from_yaml_text(checkpoint.config_yaml), cfg, checkpoint.trainer["epoch"] + 1)
+            check_resume_changes(
+                from_yaml_text(checkpoint.config_yaml), cfg, checkpoint.trainer["epoch"] + 1
+            )
         seed_everything(cfg.run.seed + self.rank)
 
         self.dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
@@ -113,7 +115,9 @@ class Trainer:
         )
         self.iters_per_epoch = len(self.loader)
         if self.iters_per_epoch == 0:
-            raise ValueError("the training split is too small for one PK batch; lower data.num_identities")
+            raise ValueError(
+                "the training split is too small for one PK batch; lower data.num_identities"
+            )
 
         self.model = self._build_model(resumed=checkpoint is not None).to(self.device)
         self.amp_dtype = amp_dtype(cfg.run.amp, self.device)
@@ -155,8 +159,12 @@ class Trainer:
         if self.is_main:
             log.info(
                 "%s: %d train ids, %d images; %d iterations/epoch on %s x %d process(es)",
-                self.dataset.name, self.dataset.num_train_pids, len(self.dataset.train),
-                self.iters_per_epoch, self.device, self.runtime.world_size,
+                self.dataset.name,
+                self.dataset.num_train_pids,
+                len(self.dataset.train),
+                self.iters_per_epoch,
+                self.device,
+                self.runtime.world_size,
             )
             if checkpoint is not None:
                 log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
@@ -264,7 +272,9 @@ class Trainer:
         path = self.record.checkpoint(name)
         return save_checkpoint(path, self.model, to_yaml(self.cfg), state, self.optimizer)
 
-    def evaluate(self, rerank: bool | None = None, out_dir: Path | None = None) -> dict[str, RankResult]:
+    def evaluate(
+        self, rerank: bool | None = None, out_dir: Path | None = None
+    ) -> dict[str, RankResult]:
         """Evaluate the current model on the dataset's query and gallery."""
         return evaluate_model(
             self.model,
@@ -310,8 +320,11 @@ def _float_output(output):
     """Losses in float32 whatever the autocast dtype: a bf16 softmax over 751 classes is lossy."""
     if not is_dataclass(output):
         return output
-    return replace(output, **{
-        f.name: {k: v.float() for k, v in getattr(output, f.name).items()}
-        for f in fields(output)
-        if isinstance(getattr(output, f.name), dict)
-    })
+    return replace(
+        output,
+        **{
+            f.name: {k: v.float() for k, v in getattr(output, f.name).items()}
+            for f in fields(output)
+            if isinstance(getattr(output, f.name), dict)
+        },
+    )

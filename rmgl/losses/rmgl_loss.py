@@ -39,7 +39,10 @@ class RMGLLoss(nn.Module):
         triplet_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        for name, value in (("ce_reduction", ce_reduction), ("triplet_reduction", triplet_reduction)):
+        for name, value in (
+            ("ce_reduction", ce_reduction),
+            ("triplet_reduction", triplet_reduction),
+        ):
             if value not in REDUCTIONS:
                 raise ValueError(f"{name} must be one of {REDUCTIONS}, got {value!r}")
         self.margin = margin

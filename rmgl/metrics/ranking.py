@@ -158,7 +158,12 @@ def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids):
     if num_q == 0 or num_g == 0:
         raise ValueError(f"empty evaluation: distmat has shape {dist.shape}")
     labels = _check_labels(
-        q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        num_q,
+        num_g,
         ("distmat has {} rows", "distmat has {} columns"),
     )
     return (dist, *labels)
@@ -215,7 +220,9 @@ def ignored_gallery_mask(
     if len(g_pids) != len(g_camids):
         raise ValueError(f"g_pids has {len(g_pids)} entries but g_camids has {len(g_camids)}")
     if not -1 <= own_index < len(g_pids):
-        raise ValueError(f"own_index {own_index} is not a gallery index (0..{len(g_pids) - 1}) or -1")
+        raise ValueError(
+            f"own_index {own_index} is not a gallery index (0..{len(g_pids) - 1}) or -1"
+        )
     if protocol == "cross_camera":
         mask = (g_pids == q_pid) & (g_camids == q_camid)
     else:
@@ -422,7 +429,15 @@ def evaluate_rank(
         (start, dist[start : start + rows_per_chunk]) for start in range(0, num_q, rows_per_chunk)
     )
     return _evaluate_blocks(
-        blocks, num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank, protocol,
+        blocks,
+        num_q,
+        num_g,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        max_rank,
+        protocol,
         query_in_gallery,
     )
 
@@ -584,7 +599,12 @@ def evaluate_features(
     check_protocol(protocol)
     num_q, num_g = len(query_features), len(gallery_features)
     q_pids, g_pids, q_camids, g_camids = _check_labels(
-        q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        num_q,
+        num_g,
         ("there are {} query features", "there are {} gallery features"),
     )
     chunks = pairwise_distance_chunks(
@@ -592,8 +612,17 @@ def evaluate_features(
     )
     blocks = _regroup_rows(chunks, _rank_chunk_rows(num_g), num_q)
     return _evaluate_blocks(
-        blocks, num_q, num_g, q_pids, g_pids, q_camids, g_camids, max_rank, protocol,
-        query_in_gallery, topk,
+        blocks,
+        num_q,
+        num_g,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        max_rank,
+        protocol,
+        query_in_gallery,
+        topk,
     )
 
 

@@ -86,8 +86,15 @@ class ResNetBackbone(nn.Module):
         unexpected = sorted(set(state) - set(own))
         shapes = [k for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
         if missing or unexpected or shapes:
-            parts = [f"{len(x)} {what} (e.g. {x[0]})" for x, what in
-                     ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
+            parts = [
+                f"{len(x)} {what} (e.g. {x[0]})"
+                for x, what in (
+                    (missing, "missing"),
+                    (unexpected, "unexpected"),
+                    (shapes, "of another shape"),
+                )
+                if x
+            ]
             raise ValueError(
                 f"the weights do not fit a torchvision {self.arch}: {', '.join(parts)} keys; are "
                 "they the weights of another ResNet depth (model.backbone) or another network?"

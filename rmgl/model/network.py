@@ -290,7 +290,9 @@ class RMGL(nn.Module):
         if rp_batchnorm not in RP_BATCHNORMS:
             raise ValueError(f"rp_batchnorm must be one of {RP_BATCHNORMS}, got {rp_batchnorm!r}")
         if rp_batchnorm == "separate" and rp_position == "output":
-            raise ValueError("rp_batchnorm='separate' needs an RP path; rp_position='output' has none")
+            raise ValueError(
+                "rp_batchnorm='separate' needs an RP path; rp_position='output' has none"
+            )
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if num_classes < 1:

@@ -33,7 +33,9 @@ def split_partitions(x: Tensor, stripes: int) -> list[Tensor]:
     batch size symbolic (``chunk``'s ceil(K*N/K) guard made it specialise the batch axis, so
     the ONNX export had a fixed batch)."""
     if x.shape[0] % stripes:
-        raise ValueError(f"a batch of {x.shape[0]} stacked stripes does not split into {stripes} stripes")
+        raise ValueError(
+            f"a batch of {x.shape[0]} stacked stripes does not split into {stripes} stripes"
+        )
     return list(x.unflatten(0, (stripes, -1)).unbind(0))
 
 

@@ -88,8 +88,14 @@ def _matrix_blocks(distmat) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def nearest_valid(
-    distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
-    protocol: str = "cross_camera", query_in_gallery=None, columns: np.ndarray | None = None,
+    distmat: np.ndarray,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    protocol: str = "cross_camera",
+    query_in_gallery=None,
+    columns: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the nearest gallery index among ``columns`` (default all) that the protocol
     does not ignore (-1 when there is none), and whether it has a true match among them."""
@@ -129,8 +135,14 @@ class DistanceScan:
 
 
 def scan_distances(
-    blocks: Iterable[tuple[int, np.ndarray]] | np.ndarray, q_pids, g_pids, q_camids, g_camids,
-    protocol: str = "cross_camera", query_in_gallery=None, keep_rows: Iterable[int] = (),
+    blocks: Iterable[tuple[int, np.ndarray]] | np.ndarray,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    protocol: str = "cross_camera",
+    query_in_gallery=None,
+    keep_rows: Iterable[int] = (),
 ) -> DistanceScan:
     """One pass over the query x gallery distances, given as a full matrix or as consecutive
     ``(first row, block)`` pairs covering every row (e.g.
@@ -194,8 +206,14 @@ class CameraPairR1:
 
 
 def camera_pair_r1(
-    distmat: np.ndarray | None, q_pids, g_pids, q_camids, g_camids,
-    protocol: str = "cross_camera", query_in_gallery=None, scan: DistanceScan | None = None,
+    distmat: np.ndarray | None,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    protocol: str = "cross_camera",
+    query_in_gallery=None,
+    scan: DistanceScan | None = None,
 ) -> CameraPairR1:
     """Rank-1 accuracy per (query camera, gallery camera): which camera pairs are hard.
     ``scan`` (from :func:`scan_distances`) replaces ``distmat``."""
@@ -238,9 +256,16 @@ class ConfusedPair:
 
 
 def confused_identity_pairs(
-    distmat: np.ndarray | None, q_pids, g_pids, q_camids, g_camids,
-    protocol: str = "cross_camera", query_in_gallery=None, top: int = 20,
-    nearest: np.ndarray | None = None, has_match: np.ndarray | None = None,
+    distmat: np.ndarray | None,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    protocol: str = "cross_camera",
+    query_in_gallery=None,
+    top: int = 20,
+    nearest: np.ndarray | None = None,
+    has_match: np.ndarray | None = None,
 ) -> tuple[list[ConfusedPair], int]:
     """The ``top`` identity pairs most often confused at rank 1, and the number of queries
     whose rank-1 image is a distractor (pid 0), which belongs to no pair.
@@ -253,7 +278,9 @@ def confused_identity_pairs(
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     if nearest is None or has_match is None:
         if distmat is None:
-            raise ValueError("confused_identity_pairs needs the distance matrix or nearest/has_match")
+            raise ValueError(
+                "confused_identity_pairs needs the distance matrix or nearest/has_match"
+            )
         nearest, has_match = nearest_valid(
             distmat, q_pids, g_pids, q_camids, g_camids, protocol, query_in_gallery
         )
@@ -279,7 +306,9 @@ def worst_queries(result: RankResult, count: int) -> np.ndarray:
     """Indices of the ``count`` queries with the lowest AP (ties: the later first true match,
     then the lower query index); skipped queries (NaN AP) are left out."""
     if result.per_query_ap is None or result.per_query_first_rank is None:
-        raise ValueError("the result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)")
+        raise ValueError(
+            "the result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)"
+        )
     valid = np.flatnonzero(~np.isnan(result.per_query_ap))
     order = np.lexsort((valid, -result.per_query_first_rank[valid], result.per_query_ap[valid]))
     return valid[order[: max(0, count)]]
@@ -297,8 +326,13 @@ class QueryRanking:
 
 
 def query_ranking(
-    distances: np.ndarray, q_pid: int, q_camid: int, g_pids, g_camids,
-    protocol: str = "cross_camera", own_index: int = -1,
+    distances: np.ndarray,
+    q_pid: int,
+    q_camid: int,
+    g_pids,
+    g_camids,
+    protocol: str = "cross_camera",
+    own_index: int = -1,
 ) -> QueryRanking:
     """The full ranking of one query (one row of the distance matrix)."""
     check_protocol(protocol)

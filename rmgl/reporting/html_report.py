@@ -132,7 +132,9 @@ def report_data(
         }
     ap = plain.per_query_ap
     if ap is None:
-        raise ValueError("the plain result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)")
+        raise ValueError(
+            "the plain result carries no per-query AP (evaluate with rmgl.metrics.evaluate_rank)"
+        )
     valid_ap = ap[~np.isnan(ap)]
     counts, edges = np.histogram(valid_ap, bins=10, range=(0.0, 1.0))
     worst_ids = failures.worst_queries(plain, worst).tolist()
@@ -147,7 +149,12 @@ def report_data(
     for q in worst_ids:
         row = scan.rows[q]
         ranking = failures.query_ranking(
-            row, int(q_pids[q]), int(q_cams[q]), g_pids, g_cams, inputs.protocol,
+            row,
+            int(q_pids[q]),
+            int(q_cams[q]),
+            g_pids,
+            g_cams,
+            inputs.protocol,
             int(own[q]) if own is not None else -1,
         )
         if len(ranking.match_ranks) and ranking.match_ranks[0] - 1 != plain.per_query_first_rank[q]:
@@ -158,26 +165,38 @@ def report_data(
             )
         top = ranking.order[:topk]
         missed = [
-            (int(g), int(r)) for g, r in zip(ranking.match_indices, ranking.match_ranks, strict=True) if r > topk
+            (int(g), int(r))
+            for g, r in zip(ranking.match_indices, ranking.match_ranks, strict=True)
+            if r > topk
         ]
-        worst_rows.append({
-            "query": q,
-            "pid": int(q_pids[q]),
-            "camera": int(q_cams[q]),
-            "path": inputs.query[q].path,
-            "ap": float(ap[q]),
-            "first_match_rank": int(plain.per_query_first_rank[q]) + 1,
-            "top": [
-                {"gallery": int(g), "pid": int(g_pids[g]), "camera": int(g_cams[g]),
-                 "distance": float(row[g]), "match": bool(g_pids[g] == q_pids[q])}
-                for g in top
-            ],
-            "missed": [{"gallery": g, "rank": r, "distance": float(row[g])} for g, r in missed[:max_missed]],
-            "missed_total": len(missed),
-            "matches_total": len(ranking.match_indices),
-            "rank1": int(ranking.order[0]) if len(ranking.order) else -1,
-            "best_match": int(ranking.match_indices[0]) if len(ranking.match_indices) else -1,
-        })
+        worst_rows.append(
+            {
+                "query": q,
+                "pid": int(q_pids[q]),
+                "camera": int(q_cams[q]),
+                "path": inputs.query[q].path,
+                "ap": float(ap[q]),
+                "first_match_rank": int(plain.per_query_first_rank[q]) + 1,
+                "top": [
+                    {
+                        "gallery": int(g),
+                        "pid": int(g_pids[g]),
+                        "camera": int(g_cams[g]),
+                        "distance": float(row[g]),
+                        "match": bool(g_pids[g] == q_pids[q]),
+                    }
+                    for g in top
+                ],
+                "missed": [
+                    {"gallery": g, "rank": r, "distance": float(row[g])}
+                    for g, r in missed[:max_missed]
+                ],
+                "missed_total": len(missed),
+                "matches_total": len(ranking.match_indices),
+                "rank1": int(ranking.order[0]) if len(ranking.order) else -1,
+                "best_match": int(ranking.match_indices[0]) if len(ranking.match_indices) else -1,
+            }
+        )
     return {
         "dataset": inputs.dataset,
         "root": inputs.root,
@@ -186,16 +205,30 @@ def report_data(
         "num_query": len(inputs.query),
         "num_gallery": len(inputs.gallery),
         "metrics": metrics,
-        "ap_histogram": {"edges": edges.tolist(), "counts": counts.astype(int).tolist(),
-                         "median": float(np.median(valid_ap)) if len(valid_ap) else None,
-                         "mean": float(valid_ap.mean()) if len(valid_ap) else None},
-        "rank1_wrong": int((has_match & (nearest >= 0) & (g_pids[np.maximum(nearest, 0)] != q_pids)).sum()),
-        "camera_pairs": {"cameras": [c + 1 for c in cams.cameras],
-                         "r1": [[None if math.isnan(v) else float(v) for v in row] for row in cams.r1],
-                         "queries": cams.queries.tolist()},
+        "ap_histogram": {
+            "edges": edges.tolist(),
+            "counts": counts.astype(int).tolist(),
+            "median": float(np.median(valid_ap)) if len(valid_ap) else None,
+            "mean": float(valid_ap.mean()) if len(valid_ap) else None,
+        },
+        "rank1_wrong": int(
+            (has_match & (nearest >= 0) & (g_pids[np.maximum(nearest, 0)] != q_pids)).sum()
+        ),
+        "camera_pairs": {
+            "cameras": [c + 1 for c in cams.cameras],
+            "r1": [[None if math.isnan(v) else float(v) for v in row] for row in cams.r1],
+            "queries": cams.queries.tolist(),
+        },
         "confused_pairs": [
-            {"a": p.a, "b": p.b, "count": p.count, "a_to_b": p.a_to_b, "b_to_a": p.b_to_a, "examples": p.examples,
-             "example_rank1": [int(nearest[q]) for q in p.examples]}
+            {
+                "a": p.a,
+                "b": p.b,
+                "count": p.count,
+                "a_to_b": p.a_to_b,
+                "b_to_a": p.b_to_a,
+                "examples": p.examples,
+                "example_rank1": [int(nearest[q]) for q in p.examples],
+            }
             for p in pairs
         ],
         "rank1_distractors": distractors,
@@ -214,7 +247,9 @@ def _data_uri(picture: Image.Image, kind: str = "JPEG") -> str:
     return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _thumb(path: str, border: tuple[int, int, int] | None = None, size: tuple[int, int] = THUMB) -> str:
+def _thumb(
+    path: str, border: tuple[int, int, int] | None = None, size: tuple[int, int] = THUMB
+) -> str:
     h, w = size
     with Image.open(path) as image:
         picture = image.convert("RGB").resize((w, h), Image.BILINEAR)
@@ -246,7 +281,11 @@ def _cmc_plot(results: Mapping[str, RankResult]) -> str:
     figure, axes = plt.subplots(figsize=(5, 3.4))
     for name, result in results.items():
         ranks = np.arange(1, result.max_rank + 1)
-        axes.plot(ranks, 100 * result.cmc, label=f"{name} (R1 {100 * result.rank(1):.1f}, mAP {100 * result.mAP:.1f})")
+        axes.plot(
+            ranks,
+            100 * result.cmc,
+            label=f"{name} (R1 {100 * result.rank(1):.1f}, mAP {100 * result.mAP:.1f})",
+        )
     axes.set_xlabel("rank")
     axes.set_ylabel("matching rate (%)")
     axes.grid(True, alpha=0.3)
@@ -259,7 +298,14 @@ def _ap_plot(histogram: dict) -> str:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 3.0))
     edges = np.array(histogram["edges"])
-    axes.bar(edges[:-1], histogram["counts"], width=np.diff(edges), align="edge", color="#4a78b5", edgecolor="white")
+    axes.bar(
+        edges[:-1],
+        histogram["counts"],
+        width=np.diff(edges),
+        align="edge",
+        color="#4a78b5",
+        edgecolor="white",
+    )
     axes.set_xlabel("average precision of the query")
     axes.set_ylabel("queries")
     axes.set_xlim(0, 1)
@@ -293,7 +339,9 @@ def _training_plot(run_dir: Path) -> str | None:
         rows = [r for r in evaluations if r.get("eval", "plain") == key]
         epochs = [r["epoch"] + 1 for r in rows]
         axes[1].plot(epochs, [100 * r["mAP"] for r in rows], marker="o", label=f"mAP {key}")
-        axes[1].plot(epochs, [100 * r["rank1"] for r in rows], marker="s", linestyle="--", label=f"R1 {key}")
+        axes[1].plot(
+            epochs, [100 * r["rank1"] for r in rows], marker="s", linestyle="--", label=f"R1 {key}"
+        )
     axes[1].set_xlabel("epoch")
     axes[1].set_title("evaluations (%)", fontsize=9)
     if evaluations:
@@ -342,12 +390,13 @@ def _pct(value: float | None) -> str:
 def _metrics_html(data: dict) -> str:
     columns = ("R1", "R5", "R10", "mAP", "mINP")
     rows = "".join(
-        f"<tr><td class=l>{_esc(key)}</td>" + "".join(f"<td>{_pct(m[c])}</td>" for c in columns)
+        f"<tr><td class=l>{_esc(key)}</td>"
+        + "".join(f"<td>{_pct(m[c])}</td>" for c in columns)
         + f"<td>{m['valid_queries']}</td><td>{m['skipped_queries']}</td></tr>"
         for key, m in data["metrics"].items()
     )
     head = "".join(f"<th>{c} (%)</th>" for c in columns)
-    return (f"<table id=metrics><tr><th class=l>ranking</th>{head}<th>queries</th><th>skipped</th></tr>{rows}</table>")
+    return f"<table id=metrics><tr><th class=l>ranking</th>{head}<th>queries</th><th>skipped</th></tr>{rows}</table>"
 
 
 def _camera_html(cams: dict) -> str:
@@ -357,20 +406,26 @@ def _camera_html(cams: dict) -> str:
         for b, value in enumerate(row):
             n = cams["queries"][a][b]
             if value is None:
-                tds.append("<td style='background:#eee' title='no query with a true match here'>–</td>")
+                tds.append(
+                    "<td style='background:#eee' title='no query with a true match here'>–</td>"
+                )
             else:
                 # red below 50 %, green above, deeper the farther from 50 %
                 shade = int(255 - 220 * abs(value - 0.5))
                 colour = f"rgb(255,{shade},{shade})" if value < 0.5 else f"rgb({shade},255,{shade})"
-                tds.append(f"<td style='background:{colour}' title='{n} queries'>{100 * value:.0f}</td>")
+                tds.append(
+                    f"<td style='background:{colour}' title='{n} queries'>{100 * value:.0f}</td>"
+                )
         cells.append(f"<tr><th>c{cams['cameras'][a]}</th>{''.join(tds)}</tr>")
     head = "".join(f"<th>c{c}</th>" for c in cams["cameras"])
-    return (f"<table id=camera-r1><tr><th>query \\ gallery</th>{head}</tr>{''.join(cells)}</table>")
+    return f"<table id=camera-r1><tr><th>query \\ gallery</th>{head}</tr>{''.join(cells)}</table>"
 
 
 def _tile(uri: str, caption: str, title: str = "") -> str:
-    return (f"<figure title='{_esc(title)}'><img src='{uri}' alt='{_esc(caption)}'>"
-            f"<figcaption>{caption}</figcaption></figure>")
+    return (
+        f"<figure title='{_esc(title)}'><img src='{uri}' alt='{_esc(caption)}'>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def _feature_breakdown(inputs: ReportInputs, q: int, impostor: int, match: int) -> str:
@@ -389,10 +444,12 @@ def _feature_breakdown(inputs: ReportInputs, q: int, impostor: int, match: int) 
         for n, a, b in zip(names, to_impostor, to_match, strict=True)
     )
     fooled = int((to_impostor < to_match).sum())
-    return (f"<details><summary>per-feature squared distance: {fooled} of {parts} features put the rank-1 "
-            f"image nearer than the best true match (red rows)</summary><table><tr><th class=l>feature</th>"
-            f"<th>to rank-1</th><th>to best true match</th></tr>{rows}<tr><td class=l>total</td>"
-            f"<td>{to_impostor.sum():.3f}</td><td>{to_match.sum():.3f}</td></tr></table></details>")
+    return (
+        f"<details><summary>per-feature squared distance: {fooled} of {parts} features put the rank-1 "
+        f"image nearer than the best true match (red rows)</summary><table><tr><th class=l>feature</th>"
+        f"<th>to rank-1</th><th>to best true match</th></tr>{rows}<tr><td class=l>total</td>"
+        f"<td>{to_impostor.sum():.3f}</td><td>{to_match.sum():.3f}</td></tr></table></details>"
+    )
 
 
 def _inspection_html(inputs: ReportInputs, rows: list[dict]) -> dict[int, str]:
@@ -408,16 +465,24 @@ def _inspection_html(inputs: ReportInputs, rows: list[dict]) -> dict[int, str]:
         owners.append((i, "query"))
         if row["rank1"] >= 0:
             paths.append(inputs.gallery[row["rank1"]].path)
-            owners.append((i, "rank-1" + (" (true match)" if row["top"] and row["top"][0]["match"] else "")))
+            owners.append(
+                (i, "rank-1" + (" (true match)" if row["top"] and row["top"][0]["match"] else ""))
+            )
     inspections = inspect_images(model, paths)
     out: dict[int, list[str]] = {}
     for (i, label), insp in zip(owners, inspections, strict=True):
         scale = 2 if insp.image.shape[0] < 200 else 1
-        tiles = [_tile(_data_uri(pic), _esc(caption)) for caption, pic in activation_panels(insp, scale)]
+        tiles = [
+            _tile(_data_uri(pic), _esc(caption)) for caption, pic in activation_panels(insp, scale)
+        ]
         cards = [
-            _tile(_data_uri(abp_card(insp, b, scale)), f"{_esc(view.name)} ABP · votes {' '.join(map(str, view.votes.tolist()))}",
-                  "left: image, middle: final map; dashed white: uniform stripes, magenta: ABP stripes; bars: votes per row")
-            for b, view in enumerate(insp.branches) if view.stripes > 1
+            _tile(
+                _data_uri(abp_card(insp, b, scale)),
+                f"{_esc(view.name)} ABP · votes {' '.join(map(str, view.votes.tolist()))}",
+                "left: image, middle: final map; dashed white: uniform stripes, magenta: ABP stripes; bars: votes per row",
+            )
+            for b, view in enumerate(insp.branches)
+            if view.stripes > 1
         ]
         out.setdefault(i, []).append(
             f"<div class=row><div style='width:90px;font-size:12px'><b>{_esc(label)}</b></div>{''.join(tiles)}"
@@ -431,22 +496,35 @@ def _worst_html(inputs: ReportInputs, data: dict, topk: int) -> str:
     blocks = []
     for i, row in enumerate(data["worst"]):
         q = row["query"]
-        tiles = [_tile(_thumb(row["path"], (40, 90, 200)), f"query<br>id {row['pid']} c{row['camera'] + 1}")]
+        tiles = [
+            _tile(
+                _thumb(row["path"], (40, 90, 200)), f"query<br>id {row['pid']} c{row['camera'] + 1}"
+            )
+        ]
         tiles.append("<div class=sep></div>")
         for rank, item in enumerate(row["top"], start=1):
             border = GREEN if item["match"] else RED
             pid = "distractor" if item["pid"] == 0 else f"id {item['pid']}"
-            tiles.append(_tile(_thumb(inputs.gallery[item["gallery"]].path, border),
-                               f"{rank}: {item['distance']:.3f}<br>{pid} c{item['camera'] + 1}"))
+            tiles.append(
+                _tile(
+                    _thumb(inputs.gallery[item["gallery"]].path, border),
+                    f"{rank}: {item['distance']:.3f}<br>{pid} c{item['camera'] + 1}",
+                )
+            )
         missed = ""
         if row["missed"]:
             more = row["missed_total"] - len(row["missed"])
             missed_tiles = "".join(
-                _tile(_thumb(inputs.gallery[m["gallery"]].path, GREY), f"rank {m['rank']}<br>{m['distance']:.3f}")
+                _tile(
+                    _thumb(inputs.gallery[m["gallery"]].path, GREY),
+                    f"rank {m['rank']}<br>{m['distance']:.3f}",
+                )
                 for m in row["missed"]
             )
-            missed = (f"<div class=muted>true matches outside the top {topk}"
-                      f"{f' (and {more} more)' if more > 0 else ''}:</div><div class=row>{missed_tiles}</div>")
+            missed = (
+                f"<div class=muted>true matches outside the top {topk}"
+                f"{f' (and {more} more)' if more > 0 else ''}:</div><div class=row>{missed_tiles}</div>"
+            )
         breakdown = ""
         if row["top"] and not row["top"][0]["match"]:
             breakdown = _feature_breakdown(inputs, q, row["rank1"], row["best_match"])
@@ -467,11 +545,15 @@ def _confused_html(inputs: ReportInputs, data: dict) -> str:
         example, rank1 = p["examples"][0], p["example_rank1"][0]
         images = _tile(_thumb(inputs.query[example].path, None, (64, 32)), f"q {example}")
         images += _tile(_thumb(inputs.gallery[rank1].path, RED, (64, 32)), "rank 1")
-        rows.append(f"<tr><td>{p['a']}</td><td>{p['b']}</td><td>{p['count']}</td><td>{p['a_to_b']}</td>"
-                    f"<td>{p['b_to_a']}</td><td class=l>{', '.join(map(str, p['examples']))}</td>"
-                    f"<td><div class=row>{images}</div></td></tr>")
-    return ("<table id=confused><tr><th>id a</th><th>id b</th><th>rank-1 confusions</th><th>a→b</th><th>b→a</th>"
-            f"<th class=l>example queries</th><th>query</th></tr>{''.join(rows)}</table>")
+        rows.append(
+            f"<tr><td>{p['a']}</td><td>{p['b']}</td><td>{p['count']}</td><td>{p['a_to_b']}</td>"
+            f"<td>{p['b_to_a']}</td><td class=l>{', '.join(map(str, p['examples']))}</td>"
+            f"<td><div class=row>{images}</div></td></tr>"
+        )
+    return (
+        "<table id=confused><tr><th>id a</th><th>id b</th><th>rank-1 confusions</th><th>a→b</th><th>b→a</th>"
+        f"<th class=l>example queries</th><th>query</th></tr>{''.join(rows)}</table>"
+    )
 
 
 def _provenance_html(inputs: ReportInputs) -> str:
@@ -485,12 +567,16 @@ def _provenance_html(inputs: ReportInputs) -> str:
                     digest.update(block)
             stat = path.stat()
             modified = datetime.datetime.fromtimestamp(stat.st_mtime).isoformat(timespec="seconds")
-            parts.append(f"<p>checkpoint <code>{_esc(path.resolve())}</code>, {stat.st_size / 2**20:.1f} MiB, "
-                         f"modified {modified}, sha256 <code>{digest.hexdigest()[:16]}</code></p>")
+            parts.append(
+                f"<p>checkpoint <code>{_esc(path.resolve())}</code>, {stat.st_size / 2**20:.1f} MiB, "
+                f"modified {modified}, sha256 <code>{digest.hexdigest()[:16]}</code></p>"
+            )
         else:
             parts.append(f"<p>checkpoint <code>{_esc(path)}</code></p>")
     if inputs.config_yaml:
-        parts.append(f"<details open><summary>config</summary><pre>{_esc(inputs.config_yaml)}</pre></details>")
+        parts.append(
+            f"<details open><summary>config</summary><pre>{_esc(inputs.config_yaml)}</pre></details>"
+        )
     return "".join(parts) or "<p>not recorded</p>"
 
 
@@ -534,22 +620,31 @@ def render_html(inputs: ReportInputs, data: dict, topk: int) -> str:
         "ABP stripes, bars the votes per row.</p>",
         _worst_html(inputs, data, topk),
         "<h2 id=sec-training>Training</h2>",
-        _tile(curves, "training curves") if curves else "<p>No run folder with metrics.jsonl beside the checkpoint.</p>",
+        _tile(curves, "training curves")
+        if curves
+        else "<p>No run folder with metrics.jsonl beside the checkpoint.</p>",
         "<h2 id=sec-provenance>Provenance</h2>",
         _provenance_html(inputs),
         f"<script type='application/json' id='report-data'>{_json_for_html(data)}</script>",
     ]
-    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>"
-            f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
-            + "\n".join(sections) + "</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>"
+        f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
+        + "\n".join(sections)
+        + "</body></html>\n"
+    )
 
 
 def _protocol_note(protocol: str) -> str:
     if protocol == "cross_camera":
-        return ("cross_camera: gallery images of the query's identity from the query's camera are ignored "
-                "(the standard Market-1501 / DukeMTMC-reID / MSMT17 protocol).")
-    return ("any_camera: only the query image itself is ignored; not comparable with published "
-            "cross-camera numbers.")
+        return (
+            "cross_camera: gallery images of the query's identity from the query's camera are ignored "
+            "(the standard Market-1501 / DukeMTMC-reID / MSMT17 protocol)."
+        )
+    return (
+        "any_camera: only the query image itself is ignored; not comparable with published "
+        "cross-camera numbers."
+    )
 
 
 def _json_for_html(data: dict) -> str:
@@ -575,6 +670,9 @@ def build_report(
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
-    data["timings"] = {**inputs.timings, "analysis_s": analysed - start,
-                       "page_s": time.perf_counter() - analysed}
+    data["timings"] = {
+        **inputs.timings,
+        "analysis_s": analysed - start,
+        "page_s": time.perf_counter() - analysed,
+    }
     return path, data

@@ -51,7 +51,14 @@ __all__ = [
 
 # Stripe colours (RGB), one per stripe; ABP boundaries are drawn in ABP_COLOUR, uniform ones
 # in UNIFORM_COLOUR.
-STRIPE_COLOURS = [(230, 80, 60), (60, 140, 230), (60, 180, 90), (220, 170, 40), (170, 90, 200), (40, 190, 190)]
+STRIPE_COLOURS = [
+    (230, 80, 60),
+    (60, 140, 230),
+    (60, 180, 90),
+    (220, 170, 40),
+    (170, 90, 200),
+    (40, 190, 190),
+]
 ABP_COLOUR = (255, 60, 200)
 UNIFORM_COLOUR = (255, 255, 255)
 
@@ -95,7 +102,9 @@ class ImageInspection:
 def activation_map(feature_map: Tensor) -> Tensor:
     """(N, C, h, w) -> (N, h, w): the channel mean of the squared activations per position."""
     if feature_map.dim() != 4:
-        raise ValueError(f"a feature map must be (N, C, h, w), got shape {tuple(feature_map.shape)}")
+        raise ValueError(
+            f"a feature map must be (N, C, h, w), got shape {tuple(feature_map.shape)}"
+        )
     return feature_map.float().pow(2).mean(dim=1)
 
 
@@ -114,7 +123,9 @@ def inspect_tensors(model: RMGL, images: Tensor) -> list[list[BranchView]]:
     for branch, bm in zip(model.branches, maps, strict=True):
         k = branch.stripes
         original = activation_map(bm.original).cpu().numpy()
-        parts = [activation_map(m).cpu().numpy() for m in bm.partitioned] if bm.partitioned else None
+        parts = (
+            [activation_map(m).cpu().numpy() for m in bm.partitioned] if bm.partitioned else None
+        )
         height = bm.original.shape[2]
         votes = abp_row_votes(bm.original).cpu().numpy()
         abp = abp_boundaries(bm.original, k).cpu().numpy() if height >= k else None
@@ -167,7 +178,9 @@ def inspect_images(
         chunk = [str(p) for p in paths[start : start + batch_size]]
         batch, pictures = load_images(chunk, size)
         views = inspect_tensors(model, batch.to(device))
-        out += [ImageInspection(p, pic, v) for p, pic, v in zip(chunk, pictures, views, strict=True)]
+        out += [
+            ImageInspection(p, pic, v) for p, pic, v in zip(chunk, pictures, views, strict=True)
+        ]
     return out
 
 
@@ -185,7 +198,8 @@ def receptive_regions(
     if position not in RP_POSITIONS[:-1]:
         raise ValueError(
             f"receptive regions need an RP position ({', '.join(RP_POSITIONS[:-1])}), got "
-            f"{position!r}" + (" (the model has no RP path; choose a position)" if position == "output" else "")
+            f"{position!r}"
+            + (" (the model has no RP path; choose a position)" if position == "output" else "")
         )
     ks = list(stripes) if stripes else [b.stripes for b in model.branches if b.stripes > 1]
     if any(k < 1 for k in ks):
@@ -204,7 +218,9 @@ def normalised(values: np.ndarray) -> np.ndarray:
 def upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D map to ``size`` (H, W)."""
     t = torch.as_tensor(np.asarray(values, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
 def stripe_bands(height: int, stripes: int) -> list[int]:
@@ -221,14 +237,14 @@ def path_heat(view: BranchView, path: str, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"branch {view.name} has no RP path")
     scale = max(float(p.max()) for p in view.partitioned)
     bands = stripe_bands(size[0], view.stripes)
-    rows = [
-        upsample(p, (bands[k + 1] - bands[k], size[1])) for k, p in enumerate(view.partitioned)
-    ]
+    rows = [upsample(p, (bands[k + 1] - bands[k], size[1])) for k, p in enumerate(view.partitioned)]
     heat = np.concatenate(rows, axis=0)
     return heat / scale if scale > 0 else np.zeros_like(heat)
 
 
-def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def heat_overlay(
+    image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet"
+) -> np.ndarray:
     """``image`` (H, W, 3) uint8 blended with ``heat`` (H, W) in [0, 1] through a colour map."""
     from matplotlib import colormaps
 
@@ -246,7 +262,9 @@ def activation_panels(insp: ImageInspection, scale: int = 1) -> list[tuple[str, 
         if view.partitioned is not None:
             paths.append(("rp", f"RP-{view.stripes}"))
         for path, caption in paths:
-            picture = _scaled(Image.fromarray(heat_overlay(insp.image, path_heat(view, path, (h, w)))), scale)
+            picture = _scaled(
+                Image.fromarray(heat_overlay(insp.image, path_heat(view, path, (h, w)))), scale
+            )
             if path == "rp":
                 draw = ImageDraw.Draw(picture)
                 for row in stripe_bands(h, view.stripes)[1:-1]:
@@ -268,7 +286,9 @@ def abp_card(insp: ImageInspection, branch: int, scale: int = 2) -> Image.Image:
     from matplotlib import colormaps
 
     small = (colormaps["viridis"](heat)[..., :3] * 255).astype(np.uint8)
-    mid = Image.fromarray(small).resize((max(1, round(view.original.shape[1] * cell)), h * scale), Image.NEAREST)
+    mid = Image.fromarray(small).resize(
+        (max(1, round(view.original.shape[1] * cell)), h * scale), Image.NEAREST
+    )
     bar_width = 48
     card = Image.new("RGB", (left.width + mid.width + bar_width + 12, h * scale), "white")
     card.paste(left, (0, 0))
@@ -278,7 +298,9 @@ def abp_card(insp: ImageInspection, branch: int, scale: int = 2) -> Image.Image:
     x0 = left.width + mid.width + 10
     for r, n in enumerate(view.votes):
         y0, y1 = round(r * cell) + 1, round((r + 1) * cell) - 1
-        draw.rectangle([x0, y0, x0 + round((bar_width - 2) * n / top), max(y0, y1)], fill=(90, 90, 90))
+        draw.rectangle(
+            [x0, y0, x0 + round((bar_width - 2) * n / top), max(y0, y1)], fill=(90, 90, 90)
+        )
     for offset, width in ((0, left.width), (left.width + 4, mid.width)):
         for b in view.uniform[1:-1]:
             _dashed(draw, round(b * cell), width, UNIFORM_COLOUR, x_start=offset)
@@ -294,7 +316,9 @@ def _scaled(picture: Image.Image, scale: int) -> Image.Image:
     return picture.resize((picture.width * scale, picture.height * scale), Image.BILINEAR)
 
 
-def _dashed(draw: ImageDraw.ImageDraw, y: int, width: int, colour, x_start: int = 0, dash: int = 4) -> None:
+def _dashed(
+    draw: ImageDraw.ImageDraw, y: int, width: int, colour, x_start: int = 0, dash: int = 4
+) -> None:
     for x in range(x_start, x_start + width, 2 * dash):
         draw.line([(x, y), (min(x + dash, x_start + width) - 1, y)], fill=colour, width=1)
 
@@ -314,7 +338,9 @@ def activation_figure(inspections: Sequence[ImageInspection]):
     plt = _pyplot()
     panels = [activation_panels(insp) for insp in inspections]
     cols = max(len(p) for p in panels)
-    figure, axes = plt.subplots(len(panels), cols, figsize=(1.3 * cols, 2.6 * len(panels)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(panels), cols, figsize=(1.3 * cols, 2.6 * len(panels)), squeeze=False
+    )
     for row, (insp, items) in enumerate(zip(inspections, panels, strict=True)):
         for col in range(cols):
             ax = axes[row, col]
@@ -323,7 +349,9 @@ def activation_figure(inspections: Sequence[ImageInspection]):
                 caption, picture = items[col]
                 ax.imshow(picture)
                 ax.set_title(caption if col else Path(insp.path).name[:18], fontsize=8)
-    figure.suptitle("Activation maps: original path (O-K) and receptive-partitioned path (RP-K)", fontsize=9)
+    figure.suptitle(
+        "Activation maps: original path (O-K) and receptive-partitioned path (RP-K)", fontsize=9
+    )
     figure.tight_layout()
     return figure
 
@@ -342,7 +370,11 @@ def abp_figure(inspections: Sequence[ImageInspection]):
             rows = len(view.votes)
             ax_img, ax_map, ax_votes = axes[row, 3 * b : 3 * b + 3]
             ax_img.imshow(insp.image, extent=(0, w, h, 0))
-            ax_map.imshow(normalised(view.original), cmap="viridis", extent=(0, view.original.shape[1], rows, 0))
+            ax_map.imshow(
+                normalised(view.original),
+                cmap="viridis",
+                extent=(0, view.original.shape[1], rows, 0),
+            )
             for ax, unit in ((ax_img, h / rows), (ax_map, 1.0)):
                 for bound in view.uniform[1:-1]:
                     ax.axhline(bound * unit, color="white", linestyle="--", linewidth=1)
@@ -378,16 +410,28 @@ def regions_figure(image: np.ndarray, fields: dict[int, PartitionField], title: 
         ax.set_ylim(h, 0)
         ax.axis("off")
         if not field.regions:
-            ax.set_title(f"K={k}: {field.cut_height} rows at the cut\ndo not divide by {k}", fontsize=7)
+            ax.set_title(
+                f"K={k}: {field.cut_height} rows at the cut\ndo not divide by {k}", fontsize=7
+            )
             continue
         for s, (lo, hi) in enumerate(field.regions):
             colour = np.array(STRIPE_COLOURS[s % len(STRIPE_COLOURS)]) / 255
             ax.add_patch(Rectangle((0, lo), w, hi - lo + 1, color=colour, alpha=0.18, linewidth=0))
             x = w + 2 + s * 0.18 * w
             ax.add_patch(Rectangle((x, lo), 0.12 * w, hi - lo + 1, color=colour))
-            ax.text(x + 0.06 * w, (lo + hi) / 2, str(s + 1), color="white", fontsize=6, ha="center", va="center")
+            ax.text(
+                x + 0.06 * w,
+                (lo + hi) / 2,
+                str(s + 1),
+                color="white",
+                fontsize=6,
+                ha="center",
+                va="center",
+            )
         for row in stripe_bands(h, k)[1:-1]:
-            ax.axhline(row, xmax=w / (w + 0.18 * w * k + 2), color="white", linestyle="--", linewidth=1)
+            ax.axhline(
+                row, xmax=w / (w + 0.18 * w * k + 2), color="white", linestyle="--", linewidth=1
+            )
         spans = ", ".join(f"{lo}-{hi}" for lo, hi in field.regions)
         ax.set_title(f"K={k} before {field.position}\nrows seen: {spans}", fontsize=7)
     figure.suptitle(title or "Receptive regions of the RP stripes (Eq. 6)", fontsize=9)
@@ -413,7 +457,10 @@ def write_inspection(
     out.mkdir(parents=True, exist_ok=True)
     inspections = inspect_images(model, paths)
     written = []
-    for name, figure in (("activations.png", activation_figure(inspections)), ("abp.png", abp_figure(inspections))):
+    for name, figure in (
+        ("activations.png", activation_figure(inspections)),
+        ("abp.png", abp_figure(inspections)),
+    ):
         figure.savefig(out / name, dpi=dpi)
         plt.close(figure)
         written.append(out / name)

@@ -17,7 +17,9 @@ from rmgl.metrics.ranking import RankedLists, ignored_gallery_mask
 GREEN, RED, BLUE = (30, 170, 60), (210, 40, 40), (40, 90, 200)
 
 
-def _tile(path: str, size: tuple[int, int], border: tuple[int, int, int], width: int = 4) -> Image.Image:
+def _tile(
+    path: str, size: tuple[int, int], border: tuple[int, int, int], width: int = 4
+) -> Image.Image:
     h, w = size
     with Image.open(path) as image:
         tile = image.convert("RGB").resize((w - 2 * width, h - 2 * width), Image.BILINEAR)

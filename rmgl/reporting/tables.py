@@ -26,7 +26,10 @@ def results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
     ``rows`` maps a run name to ``{"results": {"plain": RankResult, ...}, "seconds": float}``.
     """
-    lines = ["| run | eval | " + " | ".join(COLUMNS) + " | train s |", "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [
+        "| run | eval | " + " | ".join(COLUMNS) + " | train s |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for name, row in rows.items():
         for key, result in row["results"].items():
             cells = " | ".join(f"{v:.1f}" for v in result_values(result).values())
@@ -41,8 +44,10 @@ def seeds_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     single seed the spread is shown as "n=1": a difference is a tie until it exceeds the
     spread.
     """
-    lines = ["| config | eval | seeds | " + " | ".join(COLUMNS) + " | train s |",
-             "|---|---|---|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [
+        "| config | eval | seeds | " + " | ".join(COLUMNS) + " | train s |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for name, seeds in runs.items():
         for key in seeds[0]["results"]:
             per_seed = [result_values(s["results"][key]) for s in seeds]
@@ -56,7 +61,9 @@ def seeds_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def write_results_json(path: str | Path, results: Mapping[str, RankResult], **provenance: Any) -> Path:
+def write_results_json(
+    path: str | Path, results: Mapping[str, RankResult], **provenance: Any
+) -> Path:
     """``results.json``: every result, and what produced it (checkpoint, dataset, root,
     protocol, precision, ...), so that two files can never be confused."""
     path = Path(path)

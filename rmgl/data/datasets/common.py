@@ -30,7 +30,9 @@ def find_dataset_dir(root: str | Path, required: Sequence[str], layout_hint: str
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder. {layout_hint}")
+        raise FileNotFoundError(
+            f"dataset root {root} does not exist or is not a folder. {layout_hint}"
+        )
     candidates = [root]
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         candidates.append(child)

@@ -60,7 +60,9 @@ class _Table:
                     if any(f.strip() for f in fields):
                         self._add(dict(zip(columns, fields)), len(fields), columns, reader.line_num)
         except UnicodeDecodeError:
-            raise DatasetLayoutError(f"{self.path}: not UTF-8 text; save the CSV as UTF-8") from None
+            raise DatasetLayoutError(
+                f"{self.path}: not UTF-8 text; save the CSV as UTF-8"
+            ) from None
         except csv.Error as err:
             raise DatasetLayoutError(f"{self.path}:{reader.line_num}: {err}") from None
 

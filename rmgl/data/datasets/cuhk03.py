@@ -59,7 +59,9 @@ def extract_images(mat_path: Path, variant: str, out_dir: Path) -> int:
     written = 0
     with h5py.File(mat_path, "r") as mat:
         if variant not in mat:
-            raise DatasetLayoutError(f"{mat_path} has no '{variant}' entry; is it the CUHK03 release?")
+            raise DatasetLayoutError(
+                f"{mat_path} has no '{variant}' entry; is it the CUHK03 release?"
+            )
         for campair, pair_ref in enumerate(mat[variant][0]):
             people = mat[pair_ref][:].T  # (num_pids, 10) references; MATLAB stores transposed
             for pid, refs in enumerate(people):
@@ -83,7 +85,9 @@ def build_split(config_path: Path, image_dir: Path, base: Path) -> dict[str, lis
     config = loadmat(config_path)
     missing = {"train_idx", "query_idx", "gallery_idx", "labels", "filelist"} - set(config)
     if missing:
-        raise DatasetLayoutError(f"{config_path} lacks {sorted(missing)}; is it a new-protocol config?")
+        raise DatasetLayoutError(
+            f"{config_path} lacks {sorted(missing)}; is it a new-protocol config?"
+        )
     labels = config["labels"].flatten()
     names = [str(np.asarray(item).flatten()[0]) for item in config["filelist"].flatten()]
     split = {}
@@ -107,16 +111,22 @@ def read_cuhk03(root: str | Path, variant: str = "labeled") -> ReidDataset:
     base = find_dataset_dir(root, [config_name], LAYOUT_HINT)
     # The raw file sits beside the protocol files or, as unpacked from the release archive,
     # in cuhk03_release/ next to them.
-    raw = next((p for p in (base / RAW_MAT, base / "cuhk03_release" / RAW_MAT) if p.is_file()), None)
+    raw = next(
+        (p for p in (base / RAW_MAT, base / "cuhk03_release" / RAW_MAT) if p.is_file()), None
+    )
     cache = base / f"split_new_{variant}.json"
     if not cache.is_file():
         if raw is None:
-            raise DatasetLayoutError(f"{RAW_MAT} not found in {base} or {base / 'cuhk03_release'}. {LAYOUT_HINT}")
+            raise DatasetLayoutError(
+                f"{RAW_MAT} not found in {base} or {base / 'cuhk03_release'}. {LAYOUT_HINT}"
+            )
         image_dir = base / f"images_{variant}"
         log.info("extracting CUHK03 %s images to %s (first use only)", variant, image_dir)
         extract_images(raw, variant, image_dir)
         split = build_split(base / config_name, image_dir, base)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # several processes may build it at once
+        tmp = cache.with_name(
+            f"{cache.name}.{os.getpid()}.tmp"
+        )  # several processes may build it at once
         tmp.write_text(json.dumps(split))
         tmp.replace(cache)
     split = json.loads(cache.read_text())

@@ -53,7 +53,9 @@ def parse_market_name(path: Path) -> tuple[int, int]:
         )
     pid, cam = int(match.group(1)), int(match.group(2))
     if pid < -1:
-        raise DatasetLayoutError(f"identity {pid} in {path} is negative (only -1 = junk is allowed)")
+        raise DatasetLayoutError(
+            f"identity {pid} in {path} is negative (only -1 = junk is allowed)"
+        )
     return pid, cam - 1
 
 

@@ -58,7 +58,9 @@ def read_msmt17(root: str | Path, combine_val: bool = True) -> ReidDataset:
     base = find_dataset_dir(root, LIST_FILES, LAYOUT_HINT)
     found = [v for v, dirs in IMAGE_FOLDERS.items() if all((base / d).is_dir() for d in dirs)]
     if not found:
-        raise DatasetLayoutError(f"MSMT17 list files found in {base} but no image folders. {LAYOUT_HINT}")
+        raise DatasetLayoutError(
+            f"MSMT17 list files found in {base} but no image folders. {LAYOUT_HINT}"
+        )
     version = found[0]
     train_dir, test_dir = IMAGE_FOLDERS[version]
     train = read_list(base / "list_train.txt", base / train_dir)
@@ -69,6 +71,10 @@ def read_msmt17(root: str | Path, combine_val: bool = True) -> ReidDataset:
         "query": read_list(base / "list_query.txt", base / test_dir),
         "gallery": read_list(base / "list_gallery.txt", base / test_dir),
     }
-    expected = OFFICIAL_COUNTS if combine_val else {"query": OFFICIAL_COUNTS["query"], "gallery": OFFICIAL_COUNTS["gallery"]}
+    expected = (
+        OFFICIAL_COUNTS
+        if combine_val
+        else {"query": OFFICIAL_COUNTS["query"], "gallery": OFFICIAL_COUNTS["gallery"]}
+    )
     notes = check_official_counts(f"MSMT17_{version}", splits, expected)
     return ReidDataset(f"msmt17_{version.lower()}", root=str(base), notes=notes, **splits)

@@ -69,7 +69,11 @@ class Identity:
 
     def appearance(self) -> tuple:
         """Everything that is drawn; two identities with equal appearance would be one person."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in ("pid", "twin_of", "twin_attribute"))
+        return tuple(
+            getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("pid", "twin_of", "twin_attribute")
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +119,9 @@ def make_twin(source: Identity, pid: int, rng: np.random.Generator) -> Identity:
     else:
         forbidden = {current, source.upper_color} if attribute == "logo_color" else {current}
         new = _pick(rng, [c for c in COLORS if c not in forbidden])
-    return replace(source, pid=pid, twin_of=source.pid, twin_attribute=attribute, **{attribute: new})
+    return replace(
+        source, pid=pid, twin_of=source.pid, twin_attribute=attribute, **{attribute: new}
+    )
 
 
 def make_identities(

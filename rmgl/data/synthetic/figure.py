@@ -41,14 +41,19 @@ def _leg_frames(body: Frame, mid: float, side: int, pose: BodyPose, i: int) -> t
         return thigh, thigh.rotated(side * knee, mid, KNEE)
     # seen from the front or back, a leg swinging in depth only looks shorter
     thigh = body.squeezed(math.cos(math.radians(hip)), HIP)
-    return thigh, thigh.squeezed(math.cos(math.radians(hip - knee)) / math.cos(math.radians(hip)), KNEE)
+    return thigh, thigh.squeezed(
+        math.cos(math.radians(hip - knee)) / math.cos(math.radians(hip)), KNEE
+    )
 
 
 def _ground_drop(body: Frame, legs: list[tuple[int, int]], side: int, pose: BodyPose) -> int:
     """Rows to lower the body so that the lowest sole stays on the ground."""
     if pose.legs == (0.0, 0.0) and pose.knees == (0.0, 0.0):
         return 0
-    soles = [_leg_frames(body, (a + b) / 2, side, pose, i)[1]((a + b) / 2, SOLE)[1] for i, (a, b) in enumerate(legs)]
+    soles = [
+        _leg_frames(body, (a + b) / 2, side, pose, i)[1]((a + b) / 2, SOLE)[1]
+        for i, (a, b) in enumerate(legs)
+    ]
     return round(body(0, SOLE)[1] - max(soles))
 
 
@@ -58,7 +63,9 @@ def _arm_frame(torso: Frame, ax: int, side: int, angle: float) -> Frame:
     return torso.squeezed(math.cos(math.radians(angle)), SHOULDER)
 
 
-def _draw_arm(pen: Pen, frame: Frame, ax: int, person: Identity, skin, crossed: bool, reach: int) -> None:
+def _draw_arm(
+    pen: Pen, frame: Frame, ax: int, person: Identity, skin, crossed: bool, reach: int
+) -> None:
     """Sleeve and bare forearm; a crossed arm stops at the elbow and reaches ``reach`` px sideways."""
     upper = _rgb(person.upper_color)
     sleeve_end = 42 if person.sleeves == "short" else 66
@@ -74,7 +81,13 @@ def _draw_arm(pen: Pen, frame: Frame, ax: int, person: Identity, skin, crossed: 
     pen.rect(frame, hand, 37, hand + 3, 43, skin)
 
 
-def draw_person(canvas: Image.Image, person: Identity, view: str, rng: np.random.Generator, pose: BodyPose | None = None) -> None:
+def draw_person(
+    canvas: Image.Image,
+    person: Identity,
+    view: str,
+    rng: np.random.Generator,
+    pose: BodyPose | None = None,
+) -> None:
     """Draw ``person`` seen from ``view`` into the person box of ``canvas`` (in place).
 
     ``rng`` only drives small placement and build jitter, so the same rng state gives the same
@@ -91,7 +104,9 @@ def draw_person(canvas: Image.Image, person: Identity, view: str, rng: np.random
     upper, lower = _rgb(person.upper_color), _rgb(person.lower_color)
     side = {"left": -1, "right": 1}.get(view, 0)  # which way a side view faces
 
-    legs = [(-half + 1, -1), (1, half - 1)] if not side else [(-half + 2, half - 2)] * 2  # side-on: far, near
+    legs = (
+        [(-half + 1, -1), (1, half - 1)] if not side else [(-half + 2, half - 2)] * 2
+    )  # side-on: far, near
     body = Frame.at(cx, y0)
     body = body.shifted(0, _ground_drop(body, legs, side, pose))
     torso = body.rotated(pose.lean, 0, HIP)
@@ -111,12 +126,21 @@ def draw_person(canvas: Image.Image, person: Identity, view: str, rng: np.random
         else:
             pen.rect(thigh, a, HIP, b, KNEE, lower)
             pen.rect(shin, a, KNEE, b, 118, lower)
-        pen.rect(shin, a - (2 if side < 0 else 0), 118, b + (2 if side > 0 else 0), SOLE, _rgb(person.shoe_color))
+        pen.rect(
+            shin,
+            a - (2 if side < 0 else 0),
+            118,
+            b + (2 if side > 0 else 0),
+            SOLE,
+            _rgb(person.shoe_color),
+        )
 
     # Torso, stripes and arms (side-on, the far arm is behind the torso).
     arms = [-half - 5, half + 1] if not side else [-3, -3]
     if side:
-        _draw_arm(pen, _arm_frame(torso, arms[0], side, pose.arms[0]), arms[0], person, skin, False, 0)
+        _draw_arm(
+            pen, _arm_frame(torso, arms[0], side, pose.arms[0]), arms[0], person, skin, False, 0
+        )
     pen.rect(torso, -half, 26, half, HIP, upper)
     if person.stripes == "horizontal":
         for row in range(30, 68, 7):
@@ -165,7 +189,9 @@ def _draw_logo(pen: Pen, torso: Frame, person: Identity, facing: float, half: in
         pen.polygon(torso, [(lx, 34), (lx + lw, 42), (lx - lw, 42)], color)
 
 
-def _draw_front_bags(pen: Pen, torso: Frame, person: Identity, view: str, side: int, half: int) -> None:
+def _draw_front_bags(
+    pen: Pen, torso: Frame, person: Identity, view: str, side: int, half: int
+) -> None:
     bag = _rgb(person.bag_color)
     if person.bag == "backpack":
         if view == "back":

@@ -62,7 +62,10 @@ class SynthConfig:
     train_ids: int = 100
     test_ids: int = 100
     cameras: int = 6
-    cameras_per_id: tuple[int, int] = (2, 5)  # each identity is seen by this many cameras (inclusive)
+    cameras_per_id: tuple[int, int] = (
+        2,
+        5,
+    )  # each identity is seen by this many cameras (inclusive)
     images_per_camera: tuple[int, int] = (2, 5)  # images of an identity in one camera (inclusive)
     twin_fraction: float = 0.25  # share of identities that are hard-negative twins
     distractors: int = 150  # pid 0 gallery images
@@ -77,25 +80,45 @@ class SynthConfig:
     occlusion: Occlusion | dict | None = None  # people, poles, umbrellas, bags, barriers in front
     background: Background | dict | None = None  # per-camera photographic-like scene, clutter
     degradation: Degradation | dict | None = None  # per-camera low resolution and JPEG quality
-    lighting: Lighting | dict | None = None  # per-camera white balance, gamma, saturation; uneven light
+    lighting: Lighting | dict | None = (
+        None  # per-camera white balance, gamma, saturation; uneven light
+    )
 
     def __post_init__(self):
         if isinstance(self.misalignment, dict):
             self.misalignment = Misalignment(**self.misalignment)
-        for group in ("articulation", "visibility", "occlusion", "background", "degradation", "lighting"):
+        for group in (
+            "articulation",
+            "visibility",
+            "occlusion",
+            "background",
+            "degradation",
+            "lighting",
+        ):
             setattr(self, group, resolve_knob(group, self.realism, getattr(self, group)))
         if self.cameras < 2:
             raise ValueError("the benchmark needs at least 2 cameras for cross-camera matching")
         lo, hi = self.cameras_per_id
         if not 2 <= lo <= hi <= self.cameras:
-            raise ValueError(f"cameras_per_id {self.cameras_per_id} must satisfy 2 <= low <= high <= cameras ({self.cameras})")
+            raise ValueError(
+                f"cameras_per_id {self.cameras_per_id} must satisfy 2 <= low <= high <= cameras ({self.cameras})"
+            )
         if not 2 <= self.images_per_camera[0] <= self.images_per_camera[1]:
-            raise ValueError("images_per_camera must start at 2 or more (one query plus a gallery image)")
+            raise ValueError(
+                "images_per_camera must start at 2 or more (one query plus a gallery image)"
+            )
 
     @property
     def knobs(self) -> Realism:
         """The realism knobs, as the renderer takes them."""
-        return Realism(self.articulation, self.visibility, self.occlusion, self.background, self.degradation, self.lighting)
+        return Realism(
+            self.articulation,
+            self.visibility,
+            self.occlusion,
+            self.background,
+            self.degradation,
+            self.lighting,
+        )
 
     @property
     def num_train_ids(self) -> int:
@@ -132,14 +155,20 @@ def plan(config: SynthConfig) -> tuple[list[Identity], list[Camera], list[ImageJ
     frame = iter(range(1, 10**7))
 
     def add(folder: str, pid: int, camid: int, identity: Identity | None) -> None:
-        name = f"{pid:04d}_c{camid}s1_{next(frame):06d}_01.jpg" if pid >= 0 else f"-1_c{camid}s1_{next(frame):06d}_00.jpg"
+        name = (
+            f"{pid:04d}_c{camid}s1_{next(frame):06d}_01.jpg"
+            if pid >= 0
+            else f"-1_c{camid}s1_{next(frame):06d}_00.jpg"
+        )
         jobs.append(ImageJob(name, folder, pid, camid, int(rng.integers(2**63 - 1)), identity))
 
     for split, identities in (("train", train_ids), ("test", test_ids)):
         for person in identities:
             n_cams = int(rng.integers(config.cameras_per_id[0], config.cameras_per_id[1] + 1))
             for camid in sorted(rng.choice(config.cameras, size=n_cams, replace=False) + 1):
-                n_imgs = int(rng.integers(config.images_per_camera[0], config.images_per_camera[1] + 1))
+                n_imgs = int(
+                    rng.integers(config.images_per_camera[0], config.images_per_camera[1] + 1)
+                )
                 for i in range(n_imgs):
                     if split == "train":
                         folder = "bounding_box_train"
@@ -164,22 +193,37 @@ def render_job(job: ImageJob, camera: Camera, config: SynthConfig) -> tuple[Imag
     if junk and rng.random() < 0.5:
         person = random_identity(-1, rng)  # a sliver of somebody, or background only
     size = (config.height, config.width)
-    image, shot = render_shot(person, camera, config.misalignment, rng, size, junk=junk, knobs=config.knobs, streams=Streams(job.seed))
+    image, shot = render_shot(
+        person,
+        camera,
+        config.misalignment,
+        rng,
+        size,
+        junk=junk,
+        knobs=config.knobs,
+        streams=Streams(job.seed),
+    )
     return image, {"file": f"{job.split}/{job.filename}", "pid": job.pid, **shot.to_dict()}
 
 
 def _render_job(args: tuple[ImageJob, Camera, SynthConfig, str]) -> dict:
     job, camera, config, out_dir = args
     image, shot = render_job(job, camera, config)
-    image.save(Path(out_dir) / job.split / job.filename, quality=camera.jpeg_quality or config.jpeg_quality)
+    image.save(
+        Path(out_dir) / job.split / job.filename, quality=camera.jpeg_quality or config.jpeg_quality
+    )
     return shot
 
 
-def generate(config: SynthConfig, out_dir: str | Path, workers: int = 0, progress: bool = True) -> dict:
+def generate(
+    config: SynthConfig, out_dir: str | Path, workers: int = 0, progress: bool = True
+) -> dict:
     """Write the benchmark to ``out_dir`` and return its metadata (also saved as JSON)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
-        raise FileExistsError(f"{out} exists and is not an rmgl synthetic benchmark; choose an empty folder")
+        raise FileExistsError(
+            f"{out} exists and is not an rmgl synthetic benchmark; choose an empty folder"
+        )
     for folder in ("bounding_box_train", "query", "bounding_box_test"):
         (out / folder).mkdir(parents=True, exist_ok=True)
         for stale in (out / folder).glob("*.jpg"):

@@ -40,11 +40,17 @@ def _layer() -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return layer, ImageDraw.Draw(layer)
 
 
-def _person(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Image, tuple[int, int]]:
+def _person(
+    rng: np.random.Generator, articulation: Articulation
+) -> tuple[Image.Image, tuple[int, int]]:
     """Another pedestrian beside the person, a little nearer the camera (so larger)."""
     layer, _ = _layer()
     view = ("front", "back", "left", "right")[int(rng.integers(4))]
-    pose = sample_pose(view, articulation, Visibility(), rng, rng) if articulation.strength > 0 else None
+    pose = (
+        sample_pose(view, articulation, Visibility(), rng, rng)
+        if articulation.strength > 0
+        else None
+    )
     draw_person(layer, random_identity(-2, rng), view, rng, pose)
     scale = float(rng.uniform(1.0, 1.3))
     size = (round(SCENE_W * scale), round(SCENE_H * scale))
@@ -58,22 +64,33 @@ def _person(rng: np.random.Generator, articulation: Articulation) -> tuple[Image
     return big.crop((left, top, left + SCENE_W, top + SCENE_H)), (side, 0)
 
 
-def _pole(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Image, tuple[int, int]]:
+def _pole(
+    rng: np.random.Generator, articulation: Articulation
+) -> tuple[Image.Image, tuple[int, int]]:
     """A lamp post, tree trunk or sign post: a shaded vertical bar across the whole scene."""
     layer, draw = _layer()
     width = int(rng.integers(4, 16))
     x = int(rng.integers(BOX_LEFT - width // 2, BOX_LEFT + BOX_W - width // 2))
-    base = np.array(_color(rng) if rng.random() < 0.3 else (int(rng.integers(40, 160)),) * 3, np.float32)
+    base = np.array(
+        _color(rng) if rng.random() < 0.3 else (int(rng.integers(40, 160)),) * 3, np.float32
+    )
     for i in range(width):  # cylinder shading: brighter in the middle
         shade = 0.6 + 0.6 * np.sin(np.pi * (i + 0.5) / width)
-        draw.line([(x + i, 0), (x + i, SCENE_H)], fill=tuple(int(v) for v in np.clip(base * shade, 0, 255)) + (255,))
+        draw.line(
+            [(x + i, 0), (x + i, SCENE_H)],
+            fill=tuple(int(v) for v in np.clip(base * shade, 0, 255)) + (255,),
+        )
     if rng.random() < 0.4:  # a sign on the post
         top = int(rng.integers(BOX_TOP - 20, BOX_TOP + 40))
-        draw.rectangle([x - 8, top, x + width + 8, top + int(rng.integers(10, 24))], fill=_color(rng) + (255,))
+        draw.rectangle(
+            [x - 8, top, x + width + 8, top + int(rng.integers(10, 24))], fill=_color(rng) + (255,)
+        )
     return layer, (1 if x + width / 2 > SCENE_W / 2 else -1, 0)
 
 
-def _umbrella(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Image, tuple[int, int]]:
+def _umbrella(
+    rng: np.random.Generator, articulation: Articulation
+) -> tuple[Image.Image, tuple[int, int]]:
     """An open umbrella held over the head: a canopy with ribs and a handle."""
     layer, draw = _layer()
     cx = SCENE_W // 2 + int(rng.integers(-10, 11))
@@ -82,12 +99,22 @@ def _umbrella(rng: np.random.Generator, articulation: Articulation) -> tuple[Ima
     color = _color(rng)
     draw.pieslice([cx - half_w, top, cx + half_w, top + 2 * height], 180, 360, fill=color + (255,))
     for rib in range(-half_w + half_w // 3, half_w, half_w // 2):
-        draw.line([(cx, top), (cx + rib, top + height)], fill=tuple(c // 2 for c in color) + (255,), width=1)
-    draw.line([(cx, top + height), (cx, top + height + int(rng.integers(20, 40)))], fill=(40, 40, 40, 255), width=2)
+        draw.line(
+            [(cx, top), (cx + rib, top + height)],
+            fill=tuple(c // 2 for c in color) + (255,),
+            width=1,
+        )
+    draw.line(
+        [(cx, top + height), (cx, top + height + int(rng.integers(20, 40)))],
+        fill=(40, 40, 40, 255),
+        width=2,
+    )
     return layer, (0, -1)
 
 
-def _bag(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Image, tuple[int, int]]:
+def _bag(
+    rng: np.random.Generator, articulation: Articulation
+) -> tuple[Image.Image, tuple[int, int]]:
     """A carried shopping bag or suitcase in front of the hips and legs."""
     layer, draw = _layer()
     w, h = int(rng.integers(12, 24)), int(rng.integers(16, 32))
@@ -96,11 +123,17 @@ def _bag(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Im
     top = BOX_TOP + int(rng.integers(60, 96))
     color = _color(rng)
     draw.rectangle([cx - w // 2, top, cx + w // 2, top + h], fill=color + (255,))
-    draw.line([(cx - w // 4, top), (cx, top - 8), (cx + w // 4, top)], fill=tuple(c // 2 for c in color) + (255,), width=2)
+    draw.line(
+        [(cx - w // 4, top), (cx, top - 8), (cx + w // 4, top)],
+        fill=tuple(c // 2 for c in color) + (255,),
+        width=2,
+    )
     return layer, (side, 0)
 
 
-def _barrier(rng: np.random.Generator, articulation: Articulation) -> tuple[Image.Image, tuple[int, int]]:
+def _barrier(
+    rng: np.random.Generator, articulation: Articulation
+) -> tuple[Image.Image, tuple[int, int]]:
     """A fence, a parked car or a bench hiding the lower body, from the bottom up."""
     layer, draw = _layer()
     top = BOX_TOP + int(BOX_H * rng.uniform(0.6, 0.85))
@@ -112,15 +145,21 @@ def _barrier(rng: np.random.Generator, articulation: Articulation) -> tuple[Imag
         for x in range(int(rng.integers(0, 8)), SCENE_W, int(rng.integers(6, 12))):
             draw.rectangle([x, top, x + 2, SCENE_H], fill=color + (255,))
     elif kind == 1:  # car body with a window line
-        draw.rounded_rectangle([-10, top, SCENE_W + 10, SCENE_H + 10], radius=10, fill=color + (255,))
+        draw.rounded_rectangle(
+            [-10, top, SCENE_W + 10, SCENE_H + 10], radius=10, fill=color + (255,)
+        )
         draw.rectangle([0, top + 6, SCENE_W, top + 9], fill=(40, 40, 50, 255))
     else:  # bench or low wall
         draw.rectangle([0, top, SCENE_W, SCENE_H], fill=color + (255,))
-        draw.rectangle([0, top, SCENE_W, top + 3], fill=tuple(min(255, c + 40) for c in color) + (255,))
+        draw.rectangle(
+            [0, top, SCENE_W, top + 3], fill=tuple(min(255, c + 40) for c in color) + (255,)
+        )
     return layer, (0, 1)
 
 
-DRAWERS: dict[str, Callable[[np.random.Generator, Articulation], tuple[Image.Image, tuple[int, int]]]] = {
+DRAWERS: dict[
+    str, Callable[[np.random.Generator, Articulation], tuple[Image.Image, tuple[int, int]]]
+] = {
     "person": _person,
     "pole": _pole,
     "umbrella": _umbrella,
@@ -138,7 +177,10 @@ def _coverage(alpha: np.ndarray, dx: int, dy: int) -> float:
 
 
 def draw_occluder(
-    scene: Image.Image, occlusion: Occlusion, rng: np.random.Generator, articulation: Articulation | None = None
+    scene: Image.Image,
+    occlusion: Occlusion,
+    rng: np.random.Generator,
+    articulation: Articulation | None = None,
 ) -> tuple[dict | None, np.ndarray]:
     """Paste one occluder on ``scene`` (in place) covering at most ``max_fraction`` of the person box.
 

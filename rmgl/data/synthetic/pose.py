@@ -43,7 +43,11 @@ class Frame:
     @property
     def is_translation(self) -> bool:
         """True when parts can be drawn with PIL's own rectangle and ellipse calls."""
-        return (self.a, self.b, self.c, self.d) == (1.0, 0.0, 0.0, 1.0) and float(self.tx).is_integer() and float(self.ty).is_integer()
+        return (
+            (self.a, self.b, self.c, self.d) == (1.0, 0.0, 0.0, 1.0)
+            and float(self.tx).is_integer()
+            and float(self.ty).is_integer()
+        )
 
     def __call__(self, x: float, y: float) -> Point:
         return self.a * x + self.b * y + self.tx, self.c * x + self.d * y + self.ty
@@ -74,7 +78,11 @@ class Frame:
         return self if factor == 1 else self.then(1.0, 0.0, 0.0, factor, 0.0, py)
 
     def shifted(self, dx: int, dy: int) -> Frame:
-        return self if dx == dy == 0 else Frame(self.a, self.b, self.c, self.d, self.tx + dx, self.ty + dy)
+        return (
+            self
+            if dx == dy == 0
+            else Frame(self.a, self.b, self.c, self.d, self.tx + dx, self.ty + dy)
+        )
 
 
 class Pen:
@@ -89,7 +97,12 @@ class Pen:
         if f.is_translation:
             self.draw.rectangle([x0 + f.tx, y0 + f.ty, x1 + f.tx, y1 + f.ty], fill=fill)
         else:  # PIL rectangles include both corner pixels: widen by half a pixel each side
-            corners = [(x0 - 0.5, y0 - 0.5), (x1 + 0.5, y0 - 0.5), (x1 + 0.5, y1 + 0.5), (x0 - 0.5, y1 + 0.5)]
+            corners = [
+                (x0 - 0.5, y0 - 0.5),
+                (x1 + 0.5, y0 - 0.5),
+                (x1 + 0.5, y1 + 0.5),
+                (x0 - 0.5, y1 + 0.5),
+            ]
             self.draw.polygon([f(x, y) for x, y in corners], fill=fill)
 
     @staticmethod
@@ -111,7 +124,9 @@ class Pen:
         else:
             self.polygon(f, _arc(box, 0.0, 360.0, self.ARC_POINTS), fill)
 
-    def chord(self, f: Frame, box: tuple[float, float, float, float], start: float, end: float, fill) -> None:
+    def chord(
+        self, f: Frame, box: tuple[float, float, float, float], start: float, end: float, fill
+    ) -> None:
         if f.is_translation:
             x0, y0, x1, y1 = box
             self.draw.chord([x0 + f.tx, y0 + f.ty, x1 + f.tx, y1 + f.ty], start, end, fill=fill)

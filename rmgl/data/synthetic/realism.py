@@ -27,8 +27,15 @@ def _check(name: str, value: float, lo: float, hi: float) -> None:
 
 
 def _check_pair(name: str, pair: tuple, lo: float, hi: float) -> None:
-    if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and lo <= pair[0] <= pair[1] <= hi):
-        raise ValueError(f"{name} must be a pair low,high with {lo:g} <= low <= high <= {hi:g}, got {pair!r}")
+    if not (
+        isinstance(pair, tuple)
+        and len(pair) == 2
+        and all(isinstance(v, (int, float)) for v in pair)
+        and lo <= pair[0] <= pair[1] <= hi
+    ):
+        raise ValueError(
+            f"{name} must be a pair low,high with {lo:g} <= low <= high <= {hi:g}, got {pair!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,9 @@ class Articulation:
     leg_swing: float = 28.0  # peak hip angle of the gait, degrees
     knee_bend: float = 40.0  # peak knee bend of the trailing leg, degrees
     arm_swing: float = 25.0  # peak shoulder angle, degrees
-    lean: float = 5.0  # std of the upper-body lean, degrees (walkers seen side-on also lean forward)
+    lean: float = (
+        5.0  # std of the upper-body lean, degrees (walkers seen side-on also lean forward)
+    )
     standing_prob: float = 0.2  # share of people standing still rather than walking
 
     def __post_init__(self):
@@ -55,7 +64,9 @@ class Visibility:
     """What a pose hides: bodies turned between the four canonical views (a logo foreshortens,
     slides to the side and vanishes beyond 60 degrees from frontal), and forearms across the chest."""
 
-    yaw: float = 0.0  # largest turn away from the camera's canonical view, degrees; 0 = four exact views
+    yaw: float = (
+        0.0  # largest turn away from the camera's canonical view, degrees; 0 = four exact views
+    )
     cross_arm_prob: float = 0.0  # probability that a forearm crosses the chest, hiding part of it
 
     def __post_init__(self):
@@ -77,7 +88,9 @@ class Occlusion:
         _check("occlusion.max_fraction", self.max_fraction, 0, 1)
         unknown = set(self.kinds) - set(OCCLUDER_KINDS)
         if not self.kinds or unknown:
-            raise ValueError(f"occlusion.kinds must be a non-empty subset of {', '.join(OCCLUDER_KINDS)}, got {self.kinds!r}")
+            raise ValueError(
+                f"occlusion.kinds must be a non-empty subset of {', '.join(OCCLUDER_KINDS)}, got {self.kinds!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,9 @@ class Background:
     pavement, multi-scale grain) that people pass in front of, plus clutter per image."""
 
     texture: float = 0.0  # blend of the camera's scene over the classic flat texture, 0..1
-    clutter: float = 0.0  # mean number of clutter shapes per image (signs, lamps, railings, distant people)
+    clutter: float = (
+        0.0  # mean number of clutter shapes per image (signs, lamps, railings, distant people)
+    )
 
     def __post_init__(self):
         _check("background.texture", self.texture, 0, 1)
@@ -97,8 +112,13 @@ class Background:
 class Degradation:
     """Capture quality per camera: low resolution (rendered small, then upscaled) and JPEG quality."""
 
-    resolution: tuple[float, float] = (1.0, 1.0)  # each camera's capture size, fraction of the output size
-    jpeg_quality: tuple[int, int] | None = None  # each camera's JPEG quality; None = SynthConfig.jpeg_quality
+    resolution: tuple[float, float] = (
+        1.0,
+        1.0,
+    )  # each camera's capture size, fraction of the output size
+    jpeg_quality: tuple[int, int] | None = (
+        None  # each camera's JPEG quality; None = SynthConfig.jpeg_quality
+    )
 
     def __post_init__(self):
         _check_pair("degradation.resolution", self.resolution, 0.2, 1.0)
@@ -111,7 +131,9 @@ class Lighting:
     """Camera-to-camera colour and illumination change beyond the classic cast, brightness and contrast."""
 
     strength: float = 0.0  # scales everything below; 0 = classic photometry
-    white_balance: float = 0.3  # largest extra per-channel gain change per camera (0.3 = x0.7..x1.3)
+    white_balance: float = (
+        0.3  # largest extra per-channel gain change per camera (0.3 = x0.7..x1.3)
+    )
     gamma: float = 0.35  # largest |log gamma| per camera
     saturation: float = 0.4  # largest saturation change per camera
     shading: float = 0.35  # largest uneven-lighting amplitude per image (a gradient and a shadow)
@@ -166,10 +188,14 @@ def resolve_knob(group: str, preset: str, given: Any) -> Any:
         known = {f.name for f in fields(base)}
         unknown = sorted(set(given) - known)
         if unknown:
-            raise ValueError(f"unknown knob {group}.{unknown[0]}; {group} has: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown knob {group}.{unknown[0]}; {group} has: {', '.join(sorted(known))}"
+            )
         return replace(base, **{k: _as_tuples(v) for k, v in given.items()})
     if not isinstance(given, type(base)):
-        raise ValueError(f"{group} must be a {type(base).__name__} or a dict, got {type(given).__name__}")
+        raise ValueError(
+            f"{group} must be a {type(base).__name__} or a dict, got {type(given).__name__}"
+        )
     return given
 
 
@@ -195,7 +221,9 @@ def parse_knob_settings(settings: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, text = setting.partition("=")
         group, dot, name = key.strip().partition(".")
         if not sep or not dot:
-            raise ValueError(f"knob setting {setting!r} must look like group.knob=value, e.g. occlusion.prob=0.5")
+            raise ValueError(
+                f"knob setting {setting!r} must look like group.knob=value, e.g. occlusion.prob=0.5"
+            )
         if group not in KNOB_GROUPS:
             raise ValueError(f"unknown knob group {group!r}; groups: {', '.join(KNOB_GROUPS)}")
         value = _parse_value(text)

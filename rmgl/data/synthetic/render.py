@@ -28,8 +28,19 @@ from rmgl.data.synthetic.realism import Lighting, Realism, Streams
 from rmgl.data.synthetic.scene import draw_clutter, scene_window
 
 __all__ = [
-    "BOX_H", "BOX_LEFT", "BOX_TOP", "BOX_W", "SCENE_H", "SCENE_W",
-    "Misalignment", "Shot", "apply_camera", "background_texture", "draw_person", "render_shot", "sample_box",
+    "BOX_H",
+    "BOX_LEFT",
+    "BOX_TOP",
+    "BOX_W",
+    "SCENE_H",
+    "SCENE_W",
+    "Misalignment",
+    "Shot",
+    "apply_camera",
+    "background_texture",
+    "draw_person",
+    "render_shot",
+    "sample_box",
 ]
 
 CLASSIC = Realism()
@@ -81,7 +92,9 @@ def background_texture(camera: Camera, rng: np.random.Generator) -> np.ndarray:
         t = 0.5 + 0.5 * np.sin(xx / 5.0 + yy / 11.0 + phase)
     elif camera.background == "tiles":
         size = 16
-        t = (((yy + rng.integers(size)) // size + (xx + rng.integers(size)) // size) % 2).astype(np.float32)
+        t = (((yy + rng.integers(size)) // size + (xx + rng.integers(size)) // size) % 2).astype(
+            np.float32
+        )
     elif camera.background == "gradient":
         t = np.clip(yy / SCENE_H + 0.2 * np.sin(xx / 17.0 + phase), 0, 1)
     else:
@@ -122,7 +135,9 @@ def apply_camera(
     if light:
         out = out * np.array(camera.white_balance, dtype=np.float32)
         if camera.shading > 0:
-            out = out * shading_map(out.shape[:2], camera.shading * light_rng.uniform(0.5, 1.0), light_rng)
+            out = out * shading_map(
+                out.shape[:2], camera.shading * light_rng.uniform(0.5, 1.0), light_rng
+            )
         out = out * np.float32(np.exp(light_rng.normal(0.0, lighting.exposure * lighting.strength)))
     out = (out - 128.0) * camera.contrast + 128.0 + camera.brightness
     if light:
@@ -150,7 +165,9 @@ class Shot:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _scene(camera: Camera, rng: np.random.Generator, knobs: Realism, streams: Streams) -> Image.Image:
+def _scene(
+    camera: Camera, rng: np.random.Generator, knobs: Realism, streams: Streams
+) -> Image.Image:
     """The background: the classic texture, blended with the camera's scene, plus clutter."""
     texture = background_texture(camera, rng)
     background = knobs.background
@@ -160,7 +177,12 @@ def _scene(camera: Camera, rng: np.random.Generator, knobs: Realism, streams: St
     scene = Image.fromarray(texture.astype(np.uint8))
     if background.clutter > 0:
         count = int(streams["background"].poisson(background.clutter))
-        draw_clutter(scene, count, streams["background"], (BOX_LEFT, BOX_TOP - 20, BOX_LEFT + BOX_W, BOX_TOP + BOX_H))
+        draw_clutter(
+            scene,
+            count,
+            streams["background"],
+            (BOX_LEFT, BOX_TOP - 20, BOX_LEFT + BOX_W, BOX_TOP + BOX_H),
+        )
     return scene
 
 
@@ -191,26 +213,48 @@ def render_shot(
     scene = _scene(camera, rng, knobs, streams)
     pose: BodyPose | None = None
     if knobs.articulation.strength > 0 or knobs.visibility != CLASSIC.visibility:
-        pose = sample_pose(view, knobs.articulation, knobs.visibility, streams["articulation"], streams["visibility"])
+        pose = sample_pose(
+            view,
+            knobs.articulation,
+            knobs.visibility,
+            streams["articulation"],
+            streams["visibility"],
+        )
     if person is not None:
         draw_person(scene, person, view, rng, pose)
     occluder = None
     if knobs.occlusion.prob > 0 and streams["occlusion"].random() < knobs.occlusion.prob:
-        occluder, _ = draw_occluder(scene, knobs.occlusion, streams["occlusion"], knobs.articulation)
+        occluder, _ = draw_occluder(
+            scene, knobs.occlusion, streams["occlusion"], knobs.articulation
+        )
     if junk:
         # A false detection: a box mostly off the person, or a sliver of one.
         top = float(rng.uniform(0, SCENE_H - BOX_H))
         left = float(rng.choice([0.0, SCENE_W - BOX_W * 0.7]))
-        box = {"top": top, "left": left, "bottom": top + BOX_H * rng.uniform(0.6, 1.0), "right": left + BOX_W * 0.7, "cut": "junk"}
+        box = {
+            "top": top,
+            "left": left,
+            "bottom": top + BOX_H * rng.uniform(0.6, 1.0),
+            "right": left + BOX_W * 0.7,
+            "cut": "junk",
+        }
     else:
         box = sample_box(misalignment, rng)
-    crop = scene.crop((round(box["left"]), round(box["top"]), round(box["right"]), round(box["bottom"])))
+    crop = scene.crop(
+        (round(box["left"]), round(box["top"]), round(box["right"]), round(box["bottom"]))
+    )
     scale = _capture_scale(camera, streams)
-    capture = (max(8, round(size[1] * scale)), max(16, round(size[0] * scale))) if scale < 1 else (size[1], size[0])
+    capture = (
+        (max(8, round(size[1] * scale)), max(16, round(size[0] * scale)))
+        if scale < 1
+        else (size[1], size[0])
+    )
     crop = crop.resize(capture, Image.BILINEAR)
     if camera.blur * scale > 0.05:
         crop = crop.filter(ImageFilter.GaussianBlur(camera.blur * scale))
-    pixels = apply_camera(np.asarray(crop, dtype=np.float32), camera, rng, knobs.lighting, streams["lighting"])
+    pixels = apply_camera(
+        np.asarray(crop, dtype=np.float32), camera, rng, knobs.lighting, streams["lighting"]
+    )
     image = Image.fromarray(pixels)
     if scale < 1:  # a small detection, upscaled to the benchmark's size as datasets do
         image = image.resize((size[1], size[0]), Image.BILINEAR)

@@ -22,11 +22,15 @@ SCENE_KINDS = ("street", "indoor", "park")
 def value_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
     """Smooth random field in [0, 1]: a coarse random grid bilinearly upsampled."""
     grid = rng.random((height // cell + 2, width // cell + 2)).astype(np.float32)
-    up = Image.fromarray(grid, mode="F").resize(((width // cell + 2) * cell, (height // cell + 2) * cell), Image.BILINEAR)
+    up = Image.fromarray(grid, mode="F").resize(
+        ((width // cell + 2) * cell, (height // cell + 2) * cell), Image.BILINEAR
+    )
     return np.asarray(up, dtype=np.float32)[:height, :width]
 
 
-def fractal_noise(rng: np.random.Generator, height: int, width: int, cells=(32, 16, 8, 4, 2)) -> np.ndarray:
+def fractal_noise(
+    rng: np.random.Generator, height: int, width: int, cells=(32, 16, 8, 4, 2)
+) -> np.ndarray:
     """Multi-scale grain (octaves halving in size and amplitude), about zero-mean in [-1, 1]."""
     total = np.zeros((height, width), np.float32)
     weight = 0.0
@@ -45,24 +49,43 @@ def _shade(color, factor: float) -> tuple[int, int, int]:
     return tuple(int(np.clip(c * factor, 0, 255)) for c in color)
 
 
-def _facade(draw: ImageDraw.ImageDraw, rng: np.random.Generator, wall, width: int, horizon: int) -> None:
+def _facade(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, wall, width: int, horizon: int
+) -> None:
     """Windows, doors and pilasters on a wall above ``horizon``."""
     win_w, win_h = int(rng.integers(10, 24)), int(rng.integers(14, 30))
     gap_x, gap_y = int(rng.integers(8, 20)), int(rng.integers(10, 22))
-    glass = _shade(wall, rng.uniform(0.3, 0.6)) if rng.random() < 0.6 else (int(rng.integers(120, 200)),) * 3
+    glass = (
+        _shade(wall, rng.uniform(0.3, 0.6))
+        if rng.random() < 0.6
+        else (int(rng.integers(120, 200)),) * 3
+    )
     for top in range(int(rng.integers(0, 12)), horizon - win_h - 8, win_h + gap_y):
         for left in range(int(rng.integers(0, gap_x)), width, win_w + gap_x):
             lit = rng.random() < 0.2
-            draw.rectangle([left - 2, top - 2, left + win_w + 2, top + win_h + 2], fill=_shade(wall, 0.8))
-            draw.rectangle([left, top, left + win_w, top + win_h], fill=(230, 215, 160) if lit else glass)
-    for x in range(int(rng.integers(0, 60)), width, int(rng.integers(50, 110))):  # pilasters and doors
+            draw.rectangle(
+                [left - 2, top - 2, left + win_w + 2, top + win_h + 2], fill=_shade(wall, 0.8)
+            )
+            draw.rectangle(
+                [left, top, left + win_w, top + win_h], fill=(230, 215, 160) if lit else glass
+            )
+    for x in range(
+        int(rng.integers(0, 60)), width, int(rng.integers(50, 110))
+    ):  # pilasters and doors
         w = int(rng.integers(4, 14))
         draw.rectangle([x, 0, x + w, horizon], fill=_shade(wall, rng.uniform(0.7, 1.25)))
         if rng.random() < 0.4:
             draw.rectangle([x + w + 4, horizon - 60, x + w + 30, horizon], fill=_shade(wall, 0.35))
 
 
-def _ground(draw: ImageDraw.ImageDraw, rng: np.random.Generator, ground, width: int, height: int, horizon: int) -> None:
+def _ground(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    ground,
+    width: int,
+    height: int,
+    horizon: int,
+) -> None:
     """Paving or floor tiles in perspective below ``horizon``."""
     line = _shade(ground, rng.uniform(0.6, 0.85))
     row, step = float(horizon + 4), 4.0
@@ -99,13 +122,18 @@ def camera_scene(camera: Camera, height: int, width: int) -> np.ndarray:
     _ground(draw, rng, ground, width, height, horizon)
     pixels = np.asarray(image, dtype=np.float32).copy()
     if kind == "park":
-        green = np.array((50, 100, 45), np.float32) * (0.7 + 0.6 * value_noise(rng, height, width, 4))[..., None]
+        green = (
+            np.array((50, 100, 45), np.float32)
+            * (0.7 + 0.6 * value_noise(rng, height, width, 4))[..., None]
+        )
         alpha = _foliage(rng, height, width, horizon)[..., None]
         pixels = pixels * (1 - alpha) + green * alpha
     rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
     light = 1.15 - 0.3 * rows if kind != "indoor" else 0.9 + 0.25 * np.abs(np.sin(np.pi * rows * 3))
     grain = fractal_noise(rng, height, width)[..., None]
-    pixels = pixels * light * (1.0 + 0.18 * grain) + 10.0 * rng.standard_normal((1, 1, 3)).astype(np.float32)
+    pixels = pixels * light * (1.0 + 0.18 * grain) + 10.0 * rng.standard_normal((1, 1, 3)).astype(
+        np.float32
+    )
     return np.clip(pixels, 0, 255).astype(np.float32)
 
 
@@ -124,7 +152,9 @@ def _color(rng: np.random.Generator) -> tuple[int, int, int]:
     return COLORS[int(rng.integers(len(COLORS)))]
 
 
-def draw_clutter(scene: Image.Image, count: int, rng: np.random.Generator, region: tuple[int, int, int, int]) -> None:
+def draw_clutter(
+    scene: Image.Image, count: int, rng: np.random.Generator, region: tuple[int, int, int, int]
+) -> None:
     """``count`` background shapes around ``region`` (left, top, right, bottom): signs and posters,
     lamps, railings, bollards and small distant people in palette colours (to confuse colour cues)."""
     draw = ImageDraw.Draw(scene)
