@@ -969,13 +969,12 @@ class GalleryIndex:
     def info(self) -> dict:
         """The manifest plus the live and deleted counts and sizes on disk (bytes)."""
         state = self._state
-        names = {"index.faiss": state.faiss_file, "vectors.f32": VECTORS, "store.sqlite": STORE}
         sizes = {}
-        for label, name in names.items():
+        for name in (state.faiss_file, VECTORS, STORE):
             try:
-                sizes[label] = (self.path / name).stat().st_size
+                sizes[name] = (self.path / name).stat().st_size
             except OSError:  # replaced by a newer generation since this state was read
-                sizes[label] = 0
+                sizes[name] = 0
         return {
             **state.manifest,
             "live": state.live_count,
