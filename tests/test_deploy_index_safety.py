@@ -370,27 +370,49 @@ def test_concurrent_adds_in_separate_processes_exclude_each_other(tmp_path):
     check_holds_exactly(tmp_path / "y.idx", raced, 100)
 
 
+WAIT_IN_CHILD = """
+import json, os, sys, time
+from pathlib import Path
+from rmgl.deploy.index import GalleryIndex
+index_path, folder, ready = sys.argv[1:4]
+index = GalleryIndex.open(index_path)
+Path(ready).touch()
+first, added = index.add(folder, wait=120)
+print(json.dumps({"first": first, "added": added, "done": time.time()}))
+"""
+
+
 def test_a_busy_index_names_the_writer_and_a_waiting_add_proceeds(folders, capsys):
     tmp, *_ = folders
     GalleryIndex.build(tmp / "a", tmp / "x.idx")
     argv = ["index", "add", "--index", str(tmp / "x.idx"), "--features", str(tmp / "b")]
+    ready = tmp / "ready"
     with writer_lock(tmp / "x.idx", action="a test"):
         assert main(argv) == 1  # another open file description: refused like another process
         err = capsys.readouterr().err
         assert f"x.idx is being modified by process {os.getpid()} (a test, since " in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         waiting = subprocess.Popen(
-            [sys.executable, "-m", "rmgl.cli", *argv, "--wait", "120"],
+            [sys.executable, "-c", WAIT_IN_CHILD, str(tmp / "x.idx"), str(tmp / "b"), str(ready)],
             env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(6)
-        assert waiting.poll() is None  # still waiting for the lock
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert time.time() < deadline and waiting.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert waiting.poll() is None  # waiting for the lock, not refused
         assert GalleryIndex.open(tmp / "x.idx").count == 300
+        released = time.time()
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0, err.decode()[-2000:]
-    assert "ids 300..419" in out.decode() and GalleryIndex.open(tmp / "x.idx").count == 420
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["done"] > released and (result["first"], result["added"]) == (300, 120)
+    assert GalleryIndex.open(tmp / "x.idx").count == 420
+    assert main([*argv[:-1], str(tmp / "a"), "--wait", "-1"]) == 1
+    assert "--wait must be >= 0 seconds" in capsys.readouterr().err
 
 
 def test_threads_of_one_process_exclude_each_other(folders):
