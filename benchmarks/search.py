@@ -74,8 +74,16 @@ def write_folder(folder: Path, blocks, pids: np.ndarray, num: int) -> None:
         handle.write("index,path,pid,camid,frame\n")
         for i, (pid, cam) in enumerate(zip(pids.tolist(), cams.tolist())):
             handle.write(f"{i},/footage/c{cam}/{i:07d}.jpg,{pid},{cam},{i}\n")
-    (folder / "extract.json").write_text(
-        json.dumps({"complete": True, "dim": DIM, "synthetic": True})
+    (folder / "extract.json").write_text(  # the fields rmgl's feature-folder reader checks
+        json.dumps(
+            {
+                "format": "rmgl-features-v1",
+                "complete": True,
+                "count": num,
+                "descriptor_dim": DIM,
+                "synthetic": True,
+            }
+        )
     )
 
 

@@ -1,9 +1,13 @@
-"""Small data and checkpoints for the deploy tests (rmgl.deploy): built in about a second."""
+"""Small data, feature folders and checkpoints for the deploy tests (rmgl.deploy): built in
+about a second."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -66,3 +70,69 @@ def make_checkpoint(
             module.running_mean.normal_(0.0, 0.1, generator=generator)
             module.running_var.uniform_(0.5, 2.0, generator=generator)
     return save_checkpoint(path, model, to_yaml(cfg), {"num_classes": 8, "epoch": 0})
+
+
+# ---- feature folders as `rmgl extract` writes them
+
+
+def clustered(num: int, dim: int, num_ids: int, seed: int, noise: float = 0.6):
+    """L2-normalised features around one random centre per identity, their pids and cameras."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((num_ids, dim))
+    pids = rng.integers(0, num_ids, num)
+    x = centres[pids] + noise * rng.standard_normal((num, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), pids, rng.integers(0, 4, num)
+
+
+MODEL = "a" * 64  # the SHA-256 of "the checkpoint" the test folders were extracted with
+
+
+def extract_meta(features, complete=True, model=MODEL, **changes) -> dict:
+    """extract.json as rmgl extract writes it (the fields the index and search read)."""
+    return {
+        "format": "rmgl-features-v1",
+        "checkpoint": f"/runs/{model[:4]}/best.safetensors",
+        "onnx": None,
+        "model_sha256": model,
+        "backend": "torch",
+        "precision": "float32",
+        "descriptor_dim": int(np.shape(features)[1]),
+        "input_size": [384, 128],
+        "flip": True,
+        "count": len(features),
+        "complete": complete,
+        **changes,
+    }
+
+
+def write_folder(
+    path: Path,
+    features,
+    pids=None,
+    camids=None,
+    frames=None,
+    complete=True,
+    paths=None,
+    model=MODEL,
+):
+    """A feature folder exactly as `rmgl extract` writes it."""
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "features.npy", np.asarray(features, dtype=np.float32))
+    n = len(features)
+    with open(path / "images.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "path", "pid", "camid", "frame"])
+        for i in range(n):
+            writer.writerow(
+                [
+                    i,
+                    paths[i] if paths is not None else f"/cams/{path.name}/{i:05d}.jpg",
+                    "" if pids is None else int(pids[i]),
+                    "" if camids is None else int(camids[i]),
+                    "" if frames is None or np.isnan(frames[i]) else frames[i],
+                ]
+            )
+    (path / "extract.json").write_text(json.dumps(extract_meta(features, complete, model)))
+    (path / "failed.csv").write_text("input_index,path,reason\n")
+    return path

@@ -120,8 +120,12 @@ def test_bad_models_and_settings_are_one_line_errors(setup, tmp_path):
         (lambda: Encoder(setup[1], backend="tensorrt"), "backend must be one of"),
         (lambda: Encoder(setup[1], batch_size=0), "batch_size must be >= 1"),
         (
-            lambda: Encoder(tmp_path / "m.onnx"),
+            lambda: Encoder(tmp_path / "m.onnx", backend="torch"),
             "is an ONNX model: use Encoder\\(..., backend='onnxruntime'\\)",
+        ),
+        (  # backend="auto" (the default) picks onnxruntime for an .onnx file
+            lambda: Encoder(tmp_path / "m.onnx"),
+            "ONNX model .*m.onnx does not exist",
         ),
         (
             lambda: Encoder(tmp_path / "m.onnx", backend="onnxruntime"),

@@ -5,6 +5,7 @@ from the exported file alone, and plain weights."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -311,3 +312,137 @@ def test_bad_export_requests_are_one_line_errors(exported, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main([*base, "--format", "onnx", "--out", "m.onnx"]) == 1
     assert "pip install 'rmgl[deploy]'" in one_error_line(capsys)
+
+
+# ---- issue 25 cases 1 and 2: outputs are never inputs, and never replaced unasked
+
+
+def test_an_export_never_overwrites_its_checkpoint_or_a_users_file(exported, tmp_path, capsys):
+    _, checkpoint, path = exported
+    training = tmp_path / "last.safetensors"
+    shutil.copy(checkpoint, training)
+    before = training.read_bytes()
+    (tmp_path / "results.json").write_text('{"mine": true}\n')  # a user's file
+    (tmp_path / "w.safetensors").write_bytes(b"old weights")
+    base = ["export", "--checkpoint", str(training)]
+    cases = [
+        (
+            ["--format", "weights", "--out", str(training)],
+            "is .*last.safetensors, one of this command's inputs",
+        ),
+        (
+            ["--format", "weights", "--out", str(training), "--overwrite"],
+            "one of this command's inputs",
+        ),
+        (
+            ["--format", "weights", "--out", str(checkpoint), "--overwrite"],
+            "is an rmgl training checkpoint",
+        ),
+        (
+            ["--format", "weights", "--out", str(tmp_path / "w.safetensors")],
+            "w.safetensors already exists; pass --overwrite",
+        ),
+        (
+            ["--format", "onnx", "--out", str(tmp_path / "results.onnx")],
+            "results.json exists and was not written by rmgl export",
+        ),
+        (
+            ["--format", "onnx", "--out", str(tmp_path / "results.onnx"), "--overwrite"],
+            "move that file or choose another --out",
+        ),
+    ]
+    for args, message in cases:
+        assert main([*base, *args]) == 1, args
+        assert re.search(message, one_error_line(capsys)), args
+    assert training.read_bytes() == before and checkpoint.read_bytes() != b""
+    assert (tmp_path / "results.json").read_text() == '{"mine": true}\n'
+    assert (tmp_path / "w.safetensors").read_bytes() == b"old weights"
+    assert (
+        main(
+            [*base, "--format", "weights", "--out", str(tmp_path / "w.safetensors"), "--overwrite"]
+        )
+        == 0
+    )
+    assert set(load_file(str(tmp_path / "w.safetensors"))) and (tmp_path / "w.md").is_file()
+    (tmp_path / "w.md").write_text("# my own notes\n")
+    assert (
+        main(
+            [*base, "--format", "weights", "--out", str(tmp_path / "w.safetensors"), "--overwrite"]
+        )
+        == 1
+    )
+    assert "w.md exists and was not written by rmgl export" in one_error_line(capsys)
+
+
+def test_onnx_export_writes_the_pair_or_leaves_the_old_pair(exported, tmp_path, monkeypatch):
+    """Issue 18 item 9: the model and its sidecar. Every failure before the renames leaves
+    the previous pair untouched; a crash between the two renames leaves a pair that
+    read_sidecar refuses (the sidecar records the model's SHA-256)."""
+    _, checkpoint, path = exported
+    model = load_model(checkpoint, "cpu")
+    out = tmp_path / "reid.onnx"
+    shutil.copy(path, out)
+    shutil.copy(path.with_suffix(".json"), out.with_suffix(".json"))
+    old = (out.read_bytes(), out.with_suffix(".json").read_bytes())
+    images = band_images(2)
+
+    def other_graph(graph, example, partial, opset):  # a graph whose bytes differ
+        shutil.copy(path, partial)
+        with open(partial, "ab") as handle:
+            handle.write(b"\0")
+
+    monkeypatch.setattr(export_module, "_torch_export", other_graph)
+    with pytest.raises(ValueError, match="reid.onnx already exists; pass --overwrite"):
+        export_onnx(model, out, images=images)
+
+    def failing(graph, example, partial, opset):
+        raise OSError(28, "No space left on device")
+
+    for step in ("export", "parity"):
+        if step == "export":
+            monkeypatch.setattr(export_module, "_torch_export", failing)
+        else:
+            monkeypatch.setattr(export_module, "_torch_export", other_graph)
+            monkeypatch.setattr(
+                export_module,
+                "_check_parity",
+                lambda *a: (_ for _ in ()).throw(ValueError("disagrees")),
+            )
+        with pytest.raises((OSError, ValueError)):
+            export_onnx(model, out, images=images, overwrite=True)
+        assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == old
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["reid.json", "reid.onnx"]
+    monkeypatch.setattr(export_module, "_check_parity", lambda *a: {"images": 2})
+    real_replace = os.replace
+
+    def crash_at_the_second_rename(source, target):
+        if str(target).endswith(".onnx"):
+            raise KeyboardInterrupt  # killed between the sidecar's rename and the model's
+        return real_replace(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", crash_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, out, images=images, overwrite=True)
+    monkeypatch.setattr(export_module.os, "replace", real_replace)
+    assert out.read_bytes() == old[0] and out.with_suffix(".json").read_bytes() != old[1]
+    with pytest.raises(ValueError, match="reid.json describes another model than .*reid.onnx"):
+        Encoder(out)
+    meta = export_onnx(model, out, images=images, overwrite=True)  # exporting again mends it
+    assert read_sidecar(out)["onnx_sha256"] == meta["onnx_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reid.json", "reid.onnx"]
+
+
+def test_onnx_descriptors_count_as_the_checkpoints_own(exported, tmp_path):
+    """The sidecar records the checkpoint's SHA-256, so a gallery extracted with the ONNX
+    export and one extracted with the checkpoint are the same model for the index."""
+    from rmgl.deploy.features import descriptor_model, model_differences
+    from rmgl.deploy.files import sha256_file
+
+    _, checkpoint, path = exported
+    assert read_sidecar(path)["source_checkpoint_sha256"] == sha256_file(checkpoint)
+    onnx, torch_encoder = Encoder(path), Encoder(checkpoint, device="cpu")
+    assert onnx.backend == "onnxruntime" and torch_encoder.backend == "torch"  # backend auto
+    differences = model_differences(
+        descriptor_model(torch_encoder.provenance()), descriptor_model(onnx.provenance())
+    )
+    assert differences == []

@@ -190,7 +190,7 @@ def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(
     with pytest.raises(ValueError, match="already holds files; continue .* with --resume"):
         extract_to_folder(encoder, listed, out, workers=0, progress=False)
     other = read_image_list(images / "cam2")
-    with pytest.raises(ValueError, match="started with other input_fingerprint"):
+    with pytest.raises(ValueError, match=r"started with other settings \(input_fingerprint "):
         extract_to_folder(encoder, other, out, resume=True, workers=0, progress=False)
 
     extract_to_folder(encoder, listed, out, resume=True, workers=0, progress=False)
@@ -344,3 +344,83 @@ def test_out_that_is_a_file_or_holds_a_finished_extraction(setup, images, tmp_pa
         read_features(tmp_path / "f")
     with pytest.raises(ValueError, match="not an rmgl feature folder"):
         read_features(images)
+
+
+def test_a_subfolder_that_cannot_be_read_is_an_error_not_a_gap(
+    setup, images, tmp_path, capsys, monkeypatch
+):
+    """Issue 25 case 4: os.walk skipped unreadable folders silently (images left out, exit 0).
+    The folder is made unreadable by failing its listing (the tests may run as root, who
+    reads every folder whatever its permissions)."""
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("cam2"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot read folder .*crops/cam2 \(Permission denied\): its images would be left out",
+    ):
+        read_image_list(images)
+    out = tmp_path / "feats"
+    args = ["extract", "--checkpoint", str(setup[1]), "--images", str(images), "--out", str(out)]
+    assert run(*args, "--workers", "0") == 1
+    assert "cannot read folder" in one_error_line(capsys) and not out.exists()
+
+
+def test_linked_folders_are_followed_once(images, tmp_path):
+    (images / "again").symlink_to(images / "cam2")  # the same real folder twice
+    (images / "loop").symlink_to(images)  # and a loop
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(next(images.glob("0*.jpg")), outside / "0099_c1s1_000001_00.jpg")
+    (images / "linked").symlink_to(outside)
+    paths = list(read_image_list(images).paths)
+    assert len(paths) == len(set(paths)) == 11  # 10 own images + the linked one, once each
+    assert sum(p.endswith("0099_c1s1_000001_00.jpg") for p in paths) == 1
+
+
+def test_a_list_naming_an_image_twice_is_refused(setup, images, tmp_path, capsys):
+    """Issue 25 case 6 at the source: a gallery would hold the image twice."""
+    files = sorted(images.glob("0*.jpg"))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{files[0]}\n{files[1]}\n{files[2]}\n{files[1]}\n")
+    args = ["extract", "--checkpoint", str(setup[1]), "--images", str(listing)]
+    assert run(*args, "--out", str(tmp_path / "f"), "--workers", "0") == 1
+    line = one_error_line(capsys)
+    assert f"lists {files[1]} twice (entries 2 and 4)" in line and not (tmp_path / "f").exists()
+    assert read_image_list(listing).first_duplicate() == (1, 3)
+    assert read_image_list(images).first_duplicate() is None
+
+
+def test_resume_with_another_precision_is_refused_naming_the_difference(
+    setup, images, tmp_path, monkeypatch, capsys
+):
+    """Issue 18 item 7: a resumed extraction at another --amp would mix float32 and bf16
+    descriptors in one folder."""
+    out = tmp_path / "part"
+    real_add, calls = FeatureWriter.add, []
+
+    def add_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureWriter, "add", add_then_die)
+    encoder = Encoder(setup[1], device="cpu", batch_size=4)
+    with pytest.raises(Interrupt):
+        extract_to_folder(encoder, read_image_list(images), out, workers=0, progress=False)
+    monkeypatch.undo()
+    base = ["extract", "--checkpoint", str(setup[1]), "--images", str(images), "--out", str(out)]
+    assert run(*base, "--batch-size", "4", "--workers", "0", "--resume", "--amp", "bf16") == 1
+    line = one_error_line(capsys)
+    assert "started with other settings (precision float32 -> bf16)" in line
+    assert "would mix two kinds of descriptors" in line
+    assert run(*base, "--batch-size", "4", "--workers", "0", "--resume") == 0
+    assert read_features(out).meta["precision"] == "float32"

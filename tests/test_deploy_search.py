@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -14,48 +15,13 @@ import pytest
 
 pytest.importorskip("faiss")
 
+from deploy_support import clustered, extract_meta, write_folder  # noqa: E402
+
 from rmgl.cli import main  # noqa: E402
 from rmgl.deploy.index import GalleryIndex  # noqa: E402
 from rmgl.deploy.search import search, search_features, search_images  # noqa: E402
 from rmgl.deploy.store import Store  # noqa: E402
 from rmgl.metrics import evaluate_rank, pairwise_distance  # noqa: E402
-
-
-def clustered(num: int, dim: int, num_ids: int, seed: int, noise: float = 0.6):
-    """L2-normalised features around one random centre per identity, their pids and cameras."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(12345).standard_normal((num_ids, dim))
-    pids = rng.integers(0, num_ids, num)
-    x = centres[pids] + noise * rng.standard_normal((num, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), pids, rng.integers(0, 4, num)
-
-
-def write_folder(
-    path: Path, features, pids=None, camids=None, frames=None, complete=True, paths=None
-):
-    """A feature folder exactly as `rmgl extract` writes it."""
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "features.npy", np.asarray(features, dtype=np.float32))
-    n = len(features)
-    with open(path / "images.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "path", "pid", "camid", "frame"])
-        for i in range(n):
-            writer.writerow(
-                [
-                    i,
-                    paths[i] if paths is not None else f"/cams/{path.name}/{i:05d}.jpg",
-                    "" if pids is None else int(pids[i]),
-                    "" if camids is None else int(camids[i]),
-                    "" if frames is None else frames[i],
-                ]
-            )
-    (path / "extract.json").write_text(
-        json.dumps({"complete": complete, "dim": int(np.shape(features)[1])})
-    )
-    (path / "failed.csv").write_text("path,error\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +187,8 @@ def test_short_approximate_result_falls_back_to_exact(large, monkeypatch):
     allowed[::97] = True  # 42 items spread over the graph
     real_search = GalleryIndex._faiss_search
 
-    def starved(self, queries, shortlist, allowed, num_allowed):
-        candidates = real_search(self, queries, shortlist, allowed, num_allowed)
+    def starved(self, state, queries, shortlist, allowed, num_allowed):
+        candidates = real_search(self, state, queries, shortlist, allowed, num_allowed)
         candidates[::2, 5:] = -1  # every other query: only 5 candidates found
         return candidates
 
@@ -254,7 +220,9 @@ def test_store_round_trip_and_filters(tmp_path):
     assert store.allowed(frames=(5, None)).tolist() == [True, False, True]
     assert store.allowed(frames=(None, 6)).tolist() == [True, False, False]
     assert store.allowed(cameras=[0, 1], frames=(0, 10)).tolist() == [True, False, False]
-    assert store.sources() == [{"folder": "f", "first_id": 0, "count": 3, "meta": {"x": 1}}]
+    assert store.sources() == [
+        {"folder": "f", "first_id": 0, "count": 3, "meta": {"x": 1}, "live": 3}
+    ]
     store.truncate(1)
     assert len(store) == 1 and store.next_id() == 1 and len(store.sources()) == 1
     store.truncate(0)
@@ -381,25 +349,6 @@ def test_add_save_load_round_trip(tmp_path):
     assert len(both) == 500
 
 
-def test_interrupted_add_leaves_the_index_readable(tmp_path, monkeypatch):
-    a, pa, ca = clustered(100, 8, 10, seed=8)
-    write_folder(tmp_path / "a", a, pa, ca)
-    write_folder(tmp_path / "b", a[:10], pa[:10], ca[:10])
-    index = GalleryIndex.build(tmp_path / "a", tmp_path / "x.idx")
-
-    def fail(self):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(GalleryIndex, "_write_faiss", fail)
-    with pytest.raises(OSError, match="disk full"):
-        index.add(tmp_path / "b")
-    monkeypatch.undo()
-    reopened = GalleryIndex.open(tmp_path / "x.idx")
-    assert reopened.count == 100 and len(reopened.vectors) == 100 and len(reopened.store) == 100
-    reopened.add(tmp_path / "b")
-    assert GalleryIndex.open(tmp_path / "x.idx").count == 110
-
-
 def make_bad_folder(tmp_path: Path, case: str) -> Path:
     x, p, c = clustered(20, 8, 4, seed=9)
     folder = write_folder(tmp_path / case, x, p, c)
@@ -408,9 +357,23 @@ def make_bad_folder(tmp_path: Path, case: str) -> Path:
     elif case == "rows":
         np.save(folder / "features.npy", x[:19])
     elif case == "incomplete":
-        (folder / "extract.json").write_text('{"complete": false}')
+        (folder / "extract.json").write_text(json.dumps(extract_meta(x, complete=False)))
     elif case == "empty":
         np.save(folder / "features.npy", np.zeros((0, 8), np.float32))
+        (folder / "images.csv").write_text("index,path,pid,camid,frame\n")
+        (folder / "extract.json").write_text(json.dumps(extract_meta(x[:0])))
+    elif case == "other_dim":  # extract.json says 16-d, features.npy holds 8-d
+        (folder / "extract.json").write_text(json.dumps(extract_meta(x, descriptor_dim=16)))
+    elif case == "duplicate":
+        lines = (folder / "images.csv").read_text().splitlines()
+        lines[5] = lines[5].replace("00004.jpg", "00001.jpg")
+        (folder / "images.csv").write_text("\n".join(lines) + "\n")
+    elif case == "row_numbers":
+        lines = (folder / "images.csv").read_text().splitlines()
+        lines[3] = "7" + lines[3][1:]
+        (folder / "images.csv").write_text("\n".join(lines) + "\n")
+    elif case == "no_meta":
+        (folder / "extract.json").unlink()
     elif case == "not_normalised":
         np.save(folder / "features.npy", 2 * x)
     elif case == "header":
@@ -426,16 +389,28 @@ def make_bad_folder(tmp_path: Path, case: str) -> Path:
     "case, message",
     [
         ("missing_csv", r"missing_csv/images.csv is missing"),
-        ("rows", r"rows/images.csv has 20 rows but .*rows/features.npy has 19"),
-        ("incomplete", r"incomplete/extract.json says the extraction is incomplete"),
+        ("rows", r"rows/features.npy holds float32 \(19, 8\), extract.json says float32 \(20, 8\)"),
+        ("incomplete", r"incomplete holds an unfinished extraction .* --resume"),
         ("empty", r"empty/features.npy holds no features \(empty gallery"),
         (
             "not_normalised",
             r"not_normalised/features.npy: row 0 has norm 2; descriptors must be L2-normalised",
         ),
-        ("header", r"header/images.csv: header must be index,path,pid,camid,frame"),
-        ("bad_npy", r"bad_npy/features.npy cannot be read as a .npy array"),
-        ("float64", r"float64/features.npy must hold a float32 \(N, D\) array"),
+        ("header", r"header/images.csv:1: header index,path,pid,camid,frame expected"),
+        ("bad_npy", r"bad_npy/features.npy is not a readable .npy file"),
+        ("float64", r"float64/features.npy holds float64 \(20, 8\), extract.json says float32"),
+        # issue 25 case 5: the dimension extract.json records must be the array's
+        (
+            "other_dim",
+            r"other_dim/features.npy holds float32 \(20, 8\), extract.json says float32 \(20, 16\)",
+        ),
+        # issue 25 case 6: an image listed twice is refused, naming both rows
+        (
+            "duplicate",
+            r"duplicate/images.csv lists /cams/duplicate/00001.jpg twice \(rows 1 and 4\)",
+        ),
+        ("row_numbers", r"row_numbers/images.csv:4: index 7 where 2 was expected"),
+        ("no_meta", r"no_meta is not an rmgl feature folder \(no extract.json\)"),
     ],
 )
 def test_bad_feature_folders_are_one_line_errors(tmp_path, case, message):
@@ -463,8 +438,8 @@ def test_index_errors_name_the_file(tmp_path):
         GalleryIndex.open(tmp_path / "nothing.idx")
     with pytest.raises(ValueError, match=r"queries must be \(Q, 8\) for this index"):
         index.nearest(np.ones((2, 16), np.float32), 3)
-    (tmp_path / "i.idx" / "index.faiss").write_bytes(b"garbage" * 20)
-    with pytest.raises(ValueError, match=r"i.idx/index.faiss cannot be read by faiss \(corrupt"):
+    (tmp_path / "i.idx" / "index-1.faiss").write_bytes(b"garbage" * 20)
+    with pytest.raises(ValueError, match=r"i.idx/index-1.faiss cannot be read by faiss \(corrupt"):
         GalleryIndex.open(tmp_path / "i.idx")
     (tmp_path / "i.idx" / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match=r"i.idx/manifest.json is not valid JSON"):
@@ -581,3 +556,168 @@ def test_cli_user_errors_are_one_line(dataset, argv, message, tmp_path, monkeypa
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---- issue 25: filters that match nothing, huge k, outputs, query models
+
+
+def test_a_camera_or_frame_range_the_index_lacks_names_what_it_has(dataset, tmp_path, capsys):
+    index, query = dataset["index"], dataset["q"][0]
+    with pytest.raises(
+        ValueError,
+        match=r"no live gallery item has camera 7, 99; the cameras of .*flat.idx are 0, 1, 2, 3",
+    ):
+        search(index, query[:2], cameras=[1, 99, 7])
+    with pytest.raises(
+        ValueError,
+        match=r"no live gallery item has a frame in 6000:; the frames of .*flat.idx span 0:5990",
+    ):
+        search(index, query[:2], frames=(6000, None))
+    # each filter matches items, both together none: an empty result, said in a note
+    g_cams, frames = dataset["g"][2], dataset["g"][3]
+    lonely = int(frames[np.flatnonzero(g_cams == 0)[0]])
+    other = int(next(c for c in range(4) if not ((g_cams == c) & (frames == lonely)).any()))
+    result = search(index, query[:2], k=3, cameras=[other], frames=(lonely, lonely))
+    assert (result.ids == -1).all()
+    assert result.notes == [
+        f"no live gallery item passes the filters (cameras {other} and frames {lonely}:{lonely})"
+    ]
+    argv = ["search", "--index", str(index.path), "--features", str(dataset["root"] / "query")]
+    assert main([*argv, "--cameras", "99", "--out", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert "rmgl search: error: no live gallery item has camera 99; the cameras of" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_huge_k_is_capped_at_the_gallery_and_said(dataset, tmp_path, capsys):
+    index, query = dataset["index"], dataset["q"][0]
+    result = search(index, query[:2], k=1_000_000_000)
+    assert result.ids.shape == (2, 600) and (np.sort(result.ids, axis=1) == np.arange(600)).all()
+    assert result.notes == [
+        "k = 1000000000 is more than the 600 live gallery items; all 600 are returned"
+    ]
+    with pytest.raises(ValueError, match="n = 601 is more than the 600 items of the index"):
+        index.nearest(query[:1], 601)
+    argv = ["search", "--index", str(index.path), "--features", str(dataset["root"] / "query")]
+    assert main([*argv, "--k", "1000000000", "--out", str(tmp_path / "all.csv")]) == 0
+    captured = capsys.readouterr()
+    assert "note: k = 1000000000 is more than the 600 live gallery items" in captured.err
+    assert "80 queries, 48000 hits" in captured.out
+
+
+def test_search_outputs_are_never_inputs_and_never_replaced_unasked(dataset, tmp_path, capsys):
+    idx, queries = dataset["index"].path, dataset["root"] / "query"
+    base = ["search", "--index", str(idx), "--features", str(queries), "--k", "2"]
+    (tmp_path / "mine.csv").write_text("my notes\n")
+    cases = [
+        (
+            ["--out", str(tmp_path / "mine.csv")],
+            "--out .*mine.csv already exists; pass --overwrite",
+        ),
+        (
+            ["--out", str(idx / "manifest.json")],
+            "--out .*manifest.json lies inside .*flat.idx, one of this command's inputs",
+        ),
+        (
+            ["--out", str(queries / "extract.json"), "--overwrite"],
+            "lies inside .*query, one of this command's inputs",
+        ),
+        (
+            ["--out", str(tmp_path / "h.json"), "--figure", str(tmp_path / "mine.csv")],
+            "--figure .*mine.csv must end in .png",
+        ),
+    ]
+    manifest = (idx / "manifest.json").read_text()
+    for args, message in cases:
+        assert main([*base, *args]) == 1, args
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert re.search(message, err), err
+    assert (tmp_path / "mine.csv").read_text() == "my notes\n"
+    assert (idx / "manifest.json").read_text() == manifest
+    assert main([*base, "--out", str(tmp_path / "mine.csv"), "--overwrite"]) == 0
+    assert (tmp_path / "mine.csv").read_text().startswith("query,query_path")
+
+
+def test_query_features_of_another_model_are_refused_naming_both(dataset, tmp_path, capsys):
+    query = dataset["q"][0]
+    write_folder(tmp_path / "q", query[:3], model="d" * 64)
+    with pytest.raises(
+        ValueError,
+        match=r"query descriptors of .*q come from another model than the gallery of .*flat.idx "
+        r"\(weights_sha256 aaaaaaaaaaaa vs dddddddddddd\): the gallery has descriptors of "
+        r"/runs/aaaa/best.safetensors, the queries descriptors of /runs/dddd/best.safetensors",
+    ):
+        search_features(dataset["index"], tmp_path / "q")
+    result = search_features(dataset["index"], tmp_path / "q", allow_other_model=True)
+    assert result.notes and result.settings["allow_other_model"] is True
+    # a bf16 extraction of the gallery's own model may query it (precision is not compared)
+    write_folder(tmp_path / "bf16", query[:3])
+    meta = json.loads((tmp_path / "bf16" / "extract.json").read_text())
+    (tmp_path / "bf16" / "extract.json").write_text(json.dumps({**meta, "precision": "bf16"}))
+    assert search_features(dataset["index"], tmp_path / "bf16").notes == []
+    argv = ["search", "--index", str(dataset["index"].path), "--features", str(tmp_path / "q")]
+    assert main([*argv, "--out", str(tmp_path / "h.json")]) == 1
+    assert "aaaaaaaaaaaa vs dddddddddddd" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "h.json"), "--allow-other-model"]) == 0
+    assert "note: queries from another model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A real checkpoint, another one, and a gallery extracted and indexed with the first."""
+    from deploy_support import make_checkpoint, make_synthetic
+
+    from rmgl.deploy import Encoder, extract_to_folder, read_image_list
+
+    root = tmp_path_factory.mktemp("img_search")
+    data = make_synthetic(root / "data")
+    checkpoint = make_checkpoint(root / "ck.safetensors", data)
+    other = make_checkpoint(root / "other.safetensors", data, seed=1)
+    images = sorted((data / "bounding_box_test").glob("*.jpg"))[:12]
+    (root / "list.txt").write_text("\n".join(map(str, images)))
+    extract_to_folder(
+        Encoder(checkpoint, device="cpu"),
+        read_image_list(root / "list.txt"),
+        root / "feats",
+        workers=0,
+        progress=False,
+    )
+    index = GalleryIndex.build(root / "feats", root / "g.idx")
+    return root, checkpoint, other, images, index
+
+
+def test_image_search_with_the_real_encoder_and_the_default_backend(extracted, tmp_path, capsys):
+    """Issue 25 cases 13 and 8: `--backend auto` (the default) runs the real Encoder; a
+    checkpoint other than the gallery's is refused, naming both."""
+    root, checkpoint, other, images, index = extracted
+    argv = ["search", "--index", str(index.path), "--images", str(images[3]), str(images[7])]
+    out = tmp_path / "hits.json"
+    assert main([*argv, "--checkpoint", str(checkpoint), "--k", "3", "--out", str(out)]) == 0
+    hits = json.loads(out.read_text())["queries"]
+    assert [q["results"][0]["path"] for q in hits] == [str(images[3]), str(images[7])]
+    assert [q["results"][0]["distance"] for q in hits] == pytest.approx([0, 0], abs=1e-3)
+    capsys.readouterr()
+    assert main([*argv, "--checkpoint", str(other), "--out", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err
+    assert "queries encoded by" in err and "come from another model than the gallery" in err
+    assert f"the gallery has descriptors of {checkpoint.resolve()}" in err
+    assert f"the queries descriptors of {other.resolve()}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (
+        main(
+            [
+                *argv,
+                "--checkpoint",
+                str(other),
+                "--out",
+                str(tmp_path / "o.json"),
+                "--allow-other-model",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "note: queries from another model than the gallery (weights_sha256"
+        in capsys.readouterr().err
+    )

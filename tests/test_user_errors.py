@@ -623,3 +623,111 @@ def test_malicious_weights_and_checkpoints_never_run_code(data, checkpoint, tmp_
     err = capsys.readouterr().err
     assert not marker.exists(), "unpickling ran code"
     assert "Traceback" not in err and err.count("error:") == 6
+
+
+def _payload_checkpoint(checkpoint: Path, out: Path, marker: Path) -> Path:
+    """The real checkpoint with a YAML payload tag in its embedded config: constructing it
+    would create ``marker``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata["config"] = (
+        f"run_me: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path [{str(marker)!r}]]\n"
+        + metadata["config"]
+    )
+    save_file(load_file(str(checkpoint)), str(out), metadata=metadata)
+    return out
+
+
+def test_a_checkpoint_with_a_yaml_payload_is_one_line_in_every_command(
+    data, checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Issue 25 case 11 / issue 18 item 11: the safe loader refuses the tag where a
+    checkpoint's config is parsed (rmgl.engine.checkpoint.load_checkpoint), so every command
+    that loads checkpoints says so in one line naming the file, and nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code_ran"
+    evil = _payload_checkpoint(checkpoint, tmp_path / "evil.safetensors", marker)
+    env = Env(tmp_path, data, checkpoint)
+    image = str(next((data / "query").glob("*.jpg")))
+    gallery = tmp_path / "feats"
+    gallery.mkdir()
+    import numpy as np
+
+    np.save(gallery / "features.npy", np.eye(1, 8, dtype=np.float32))
+    (gallery / "images.csv").write_text("index,path,pid,camid,frame\n0,/a.jpg,,,\n")
+    (gallery / "extract.json").write_text(
+        json.dumps(
+            {"format": "rmgl-features-v1", "count": 1, "descriptor_dim": 8, "complete": True}
+        )
+    )
+    assert (
+        main(["index", "build", "--features", str(gallery), "--out", str(tmp_path / "g.idx")]) == 0
+    )
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    shutil.copy(evil, run / "last.safetensors")
+    commands = [
+        ["eval", "--checkpoint", str(evil), "--dataset", "folder", "--root", str(data)],
+        ["export", "--checkpoint", str(evil), "--format", "weights", "--out", "w.safetensors"],
+        ["export", "--checkpoint", str(evil), "--format", "onnx", "--out", "m.onnx"],
+        ["extract", "--checkpoint", str(evil), "--images", image, "--out", "f", "--workers", "0"],
+        [
+            "search",
+            "--index",
+            "g.idx",
+            "--images",
+            image,
+            "--checkpoint",
+            str(evil),
+            "--out",
+            "h.json",
+        ],
+        ["report", "--checkpoint", str(evil), "--dataset", "folder", "--root", str(data)],
+        ["inspect", image, "--checkpoint", str(evil)],
+        ["train", env.config(), "--resume", "optim.epochs=2"],
+        ["train", env.config(), f"model.init_from={evil}", "run.name=fine"],
+    ]
+    capsys.readouterr()
+    for argv in commands:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert "Traceback" not in err and len(errors) == 1, (argv, err[-2000:])
+        assert (
+            "the stored config is not valid YAML (could not determine a constructor for the tag"
+            in err
+        ), argv
+        assert "evil.safetensors" in err or "last.safetensors" in err, argv
+    assert not marker.exists(), "the payload ran"
+
+
+def test_configs_prints_built_in_configs_and_yaml_configs_only(data, tmp_path, capsys):
+    """Issue 25 case 10: a name resolves inside the built-in configs; a path must be a
+    YAML file that is a valid config; no other file is ever printed."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n")
+    not_a_config = tmp_path / "other.yaml"
+    not_a_config.write_text("password: hunter2\n")
+    (tmp_path / "configs").mkdir()
+    valid = tmp_path / "mine.yaml"
+    valid.write_text(TINY.format(root=data, out=tmp_path))
+    relative = "../" * (len(Path(__file__).resolve().parts) + 3) + str(secret).lstrip("/")
+    cases = [
+        ("../../../../etc/passwd", "is not a built-in config name and not a .yaml config file"),
+        (relative, "is not a built-in config name and not a .yaml config file"),
+        (str(secret), "is not a built-in config name and not a .yaml config file"),
+        (str(not_a_config), "unknown config key 'password'"),
+        ("../market1501", "is neither a file nor a built-in config"),
+    ]
+    for name, message in cases:
+        assert main(["configs", name]) == 1, name
+        captured = capsys.readouterr()
+        assert message in captured.err and "hunter2" not in captured.out + captured.err, name
+        assert "Traceback" not in captured.err
+    assert main(["configs", "ablation/2stripe_rp"]) == 0
+    assert "rp_position: layer2" in capsys.readouterr().out
+    assert main(["configs", str(valid)]) == 0
+    assert capsys.readouterr().out == valid.read_text()

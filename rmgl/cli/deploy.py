@@ -74,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--fp16", action="store_true", help="onnx: half-precision graph (float32 in and out)"
     )
     exp.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (and the sidecar or description beside it) written "
+        "by an earlier export; a training checkpoint is never replaced",
+    )
     exp.set_defaults(func=run_export)
 
 
@@ -131,25 +137,30 @@ def run_extract(args: argparse.Namespace) -> int:
 
 @_missing_module_is_user_error
 def run_export(args: argparse.Namespace) -> int:
-    from rmgl.deploy.export import export_onnx, export_weights
+    from rmgl.deploy.export import check_export_outputs, export_onnx, export_weights
     from rmgl.engine.load import load_model
 
     if args.format == "weights":
         if args.fp16 or args.images:
             raise ValueError("--fp16 and --images apply to --format onnx")
+        check_export_outputs(args.out, "weights", args.checkpoint, args.overwrite)
         model = load_model(args.checkpoint, "cpu")
-        weights, notes = export_weights(model, args.out)
+        weights, notes = export_weights(model, args.out, overwrite=args.overwrite)
         print(f"wrote {weights} and {notes}")
         return 0
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out must name an .onnx file, got {args.out}")
+    # before minutes of work, not after: the outputs, then the optional modules
+    check_export_outputs(args.out, "onnx", args.checkpoint, args.overwrite)
     from rmgl.deploy.encoder import require
 
-    for module in ("onnx", "onnxscript", "onnxruntime"):  # before minutes of work, not after
+    for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
     model = load_model(args.checkpoint, "cpu")
     images = _parity_images(args, model)
-    meta = export_onnx(model, args.out, images=images, fp16=args.fp16, opset=args.opset)
+    meta = export_onnx(
+        model, args.out, images=images, fp16=args.fp16, opset=args.opset, overwrite=args.overwrite
+    )
     parity = meta["parity"]
     sidecar = Path(args.out).with_suffix(".json")
     print(

@@ -1,10 +1,19 @@
-"""``rmgl index build|add|info`` and ``rmgl search``: large-gallery search over feature
-folders written by ``rmgl extract`` (see docs/search.md)."""
+"""``rmgl index build|add|delete|compact|info`` and ``rmgl search``: large-gallery search over
+feature folders written by ``rmgl extract`` (see docs/search.md)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import sys
+from pathlib import Path
+
+BACKENDS = ("auto", "torch", "onnxruntime")  # rmgl.deploy.encoder.BACKEND_CHOICES (no torch import)
+ALLOW_OTHER_MODEL = (
+    "mix descriptors of another model than the gallery's anyway (recorded); "
+    "their distances are not comparable"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,12 +62,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16"),
         help="pcaflat scan precision (bfloat16: ~3x faster on AVX512-BF16 CPUs)",
     )
+    build.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="append feature folders to an index")
     add.add_argument("--index", required=True)
     add.add_argument("--features", nargs="+", required=True, metavar="FOLDER")
+    add.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
+    add_wait(add)
     add.set_defaults(func=run_add)
+
+    delete = actions.add_parser(
+        "delete",
+        help="delete items by id or by frame (retention); they are never returned again",
+    )
+    delete.add_argument("--index", required=True)
+    which = delete.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", help="ids separated by commas: 1,2,5")
+    which.add_argument(
+        "--ids-file",
+        metavar="FILE",
+        help="one id per line, or a CSV with an id column (such as rmgl search's output)",
+    )
+    which.add_argument(
+        "--before",
+        type=float,
+        metavar="FRAME",
+        help="every item whose frame (or timestamp) is smaller; unknown frames are kept",
+    )
+    add_wait(delete)
+    delete.set_defaults(func=run_delete)
+
+    compact = actions.add_parser(
+        "compact",
+        help="copy the live items into a new index folder (deleted items gone from disk)",
+        description="Write a new index folder with the live items only (same kind and "
+        "parameters, ids renumbered in order; OUT/compacted_ids.csv maps new ids to old). "
+        "The old folder is not changed: remove it once the new one is in use.",
+    )
+    compact.add_argument("--index", required=True)
+    compact.add_argument("--out", required=True, metavar="INDEX", help="new index folder")
+    add_wait(compact)
+    compact.set_defaults(func=run_compact)
 
     info = actions.add_parser("info", help="print what an index holds")
     info.add_argument("index")
@@ -73,9 +118,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", nargs="+", metavar="PATH", help="query images (needs --checkpoint)"
     )
     search.add_argument(
-        "--checkpoint", help="model that encodes --images (the one the gallery was extracted with)"
+        "--checkpoint",
+        help="model that encodes --images: the checkpoint (or exported .onnx) the gallery was "
+        "extracted with",
     )
-    search.add_argument("--backend", default="auto", help="encoder backend for --images")
+    search.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="encoder runtime for --images (auto: onnxruntime for an .onnx, else torch)",
+    )
+    search.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
     search.add_argument("--device", default="auto")
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--cameras", help="only these camids, as in images.csv: 1,2")
@@ -100,7 +153,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--figure", help="ranked-list PNG (image queries or feature queries)")
     search.add_argument("--out", required=True, help="results: FILE.json or FILE.csv")
+    search.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out or --figure file"
+    )
     search.set_defaults(func=run_search)
+
+
+def add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another process modifying the index (default: refuse at once)",
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -120,6 +186,7 @@ def run_build(args: argparse.Namespace) -> int:
         rerank_factor=args.rerank_factor,
         train_size=args.train_size,
         scan_dtype=args.scan_dtype,
+        allow_other_model=args.allow_other_model,
     )
     print(f"wrote {index.path}: {index.count} {index.dim}-d vectors, kind {index.kind}")
     return 0
@@ -128,12 +195,93 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from rmgl.deploy.index import GalleryIndex
 
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
     index = GalleryIndex.open(args.index)
     for folder in args.features:
-        first, added = index.add(folder)
+        first, added = index.add(folder, allow_other_model=args.allow_other_model, wait=args.wait)
         print(f"added {added} vectors from {folder} (ids {first}..{first + added - 1})")
-    print(f"{index.path}: {index.count} vectors")
+    print(f"{index.path}: {index.live_count} live vectors")
     return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    from rmgl.deploy.index import GalleryIndex
+
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    index = GalleryIndex.open(args.index)
+    if args.before is not None:
+        deleted = index.delete(before=args.before, wait=args.wait)
+        what = f"with a frame before {args.before:g}"
+    else:
+        ids = parse_ids(args.ids) if args.ids is not None else read_ids_file(Path(args.ids_file))
+        deleted = index.delete(ids=ids, wait=args.wait)
+        unique = len(set(ids))
+        what = f"of {unique} ids" + (
+            f" ({unique - deleted} were deleted already)" if deleted < unique else ""
+        )
+    print(
+        f"deleted {deleted} items {what}; {index.path}: {index.live_count} live, "
+        f"{index.deleted_count} deleted"
+    )
+    return 0
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from rmgl.deploy.index import GalleryIndex
+
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    old = GalleryIndex.open(args.index)
+    new = old.compact(args.out, wait=args.wait)
+    print(
+        f"wrote {new.path}: the {new.count} live items of {old.path} (ids renumbered; "
+        f"{new.path / 'compacted_ids.csv'} maps them); {old.path} is unchanged"
+    )
+    return 0
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"1,2,5"`` -> [1, 2, 5]."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--ids must be integers separated by commas, got {text!r}") from None
+    if not ids:
+        raise ValueError("--ids is empty")
+    return ids
+
+
+def read_ids_file(path: Path) -> list[int]:
+    """Ids from a file: one per line (blank lines and # comments skipped), or a CSV whose
+    header has an ``id`` column (rmgl search's output)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file of ids") from None
+    header = [cell.strip() for cell in lines[0].split(",")] if lines else []
+    ids = []
+    if "id" in header:
+        for row in csv.DictReader(lines):
+            if row.get("id", "").strip():
+                ids.append(_id(row["id"], path, row))
+    else:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                ids.append(_id(line, path, number))
+    if not ids:
+        raise ValueError(f"{path} holds no ids (one per line, or a CSV with an id column)")
+    return ids
+
+
+def _id(text: str, path: Path, where) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        where = f"line {where}" if isinstance(where, int) else "a row"
+        raise ValueError(f"{path} {where}: {text!r} is not an id (an integer)") from None
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -145,9 +293,20 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     mb = {name: size / 2**20 for name, size in info["bytes"].items()}
     print(
-        f"{info['path']}: {info['kind']} index of {info['count']} {info['dim']}-d vectors "
-        f"(rmgl {info['rmgl_version']}, format {info['format_version']})"
+        f"{info['path']}: {info['kind']} index of {info['count']} {info['dim']}-d vectors: "
+        f"{info['live']} live, {info['deleted']} deleted "
+        f"(generation {info.get('generation', 0)}, rmgl {info['rmgl_version']}, "
+        f"format {info['format_version']})"
     )
+    model = info.get("model") or {}
+    if model.get("model") or model.get("weights_sha256"):
+        print(
+            f"  model: {model.get('model') or 'unrecorded file'} (weights sha256 "
+            f"{str(model.get('weights_sha256'))[:12]}, {model.get('precision')}, input "
+            f"{model.get('input_size')}, flip {model.get('flip')})"
+        )
+    for note in info.get("other_models", []):
+        print(f"  other model in {note['folder']}: {'; '.join(note['differences'])}")
     print(
         "  parameters: "
         + ", ".join(f"{k}={v}" for k, v in {**info["params"], **info.get("resolved", {})}.items())
@@ -188,20 +347,31 @@ def parse_frames(text: str | None) -> tuple[float | None, float | None] | None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from rmgl.deploy.files import check_output
     from rmgl.deploy.index import GalleryIndex
     from rmgl.deploy.search import (
-        _check_output,
+        check_output_name,
         ranked_list_picture,
         search_features,
         search_images,
     )
 
     out = Path(args.out)
-    _check_output(out)
+    check_output_name(out)
     if args.images and not args.checkpoint:
         raise ValueError("--images needs --checkpoint (the model that extracted the gallery)")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.figure and Path(args.figure).suffix.lower() != ".png":
+        raise ValueError(f"--figure {args.figure} must end in .png")
+    # every output checked before any work: never an input, never replaced unasked
+    inputs = [*(args.images or []), args.checkpoint]
+    folders = [args.index, args.features]
+    for path, what in ((out, "--out"), (args.figure, "--figure")):
+        if path is not None:
+            check_output(path, inputs, args.overwrite, what, input_folders=folders)
+    if args.figure and Path(args.figure).resolve() == out.resolve():
+        raise ValueError("--figure and --out name the same file")
     options = {
         "cameras": parse_cameras(args.cameras),
         "frames": parse_frames(args.frames),
@@ -209,6 +379,7 @@ def run_search(args: argparse.Namespace) -> int:
         "rerank": args.rerank,
         "rerank_shortlist": args.rerank_shortlist,
         "metric": args.metric,
+        "allow_other_model": args.allow_other_model,
     }
     index = GalleryIndex.open(args.index)
     index.tune(
@@ -225,14 +396,15 @@ def run_search(args: argparse.Namespace) -> int:
             args.k,
             backend=args.backend,
             device=args.device,
-            figure=args.figure,
             **options,
         )
     else:
         result = search_features(index, args.features, args.k, **options)
-        if args.figure:
-            ranked_list_picture(result, args.figure)
-    result.write(out)
+    result.write(out, overwrite=args.overwrite)
+    if args.figure:
+        ranked_list_picture(result, args.figure)
+    for note in result.notes:
+        print(f"rmgl search: note: {note}", file=sys.stderr)
     hits = int((result.ids >= 0).sum())
     print(
         f"wrote {out}: {len(result.queries)} queries, {hits} hits"

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rmgl.cli.report import report_for_run
-from rmgl.engine.config import builtin_configs, find_config, load_config
+from rmgl.engine.config import builtin_config, builtin_configs, find_config, load_config
 from rmgl.reporting import results_table, seeds_table
 
 
@@ -72,7 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo)
 
     configs = subparsers.add_parser("configs", help="list the built-in configs (or print one)")
-    configs.add_argument("name", nargs="?", help="print this config's file")
+    configs.add_argument(
+        "name",
+        nargs="?",
+        help="print this built-in config (a name from the list), or a .yaml config file after "
+        "checking that it is one",
+    )
     configs.set_defaults(func=run_configs)
 
 
@@ -194,10 +199,29 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_configs(args: argparse.Namespace) -> int:
     if args.name:
-        print(find_config(args.name).read_text(), end="")
+        print(config_text(args.name), end="")
         return 0
     for name in builtin_configs():
         first = find_config(name).read_text().splitlines()[:1]
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
         print(f"{name:<32} {summary[:90]}")
     return 0
+
+
+def config_text(name: str) -> str:
+    """The text of a built-in config (a name resolves inside the package's configs only), or
+    of a YAML config file given by path, which must load as a valid rmgl config: the command
+    never prints an arbitrary file."""
+    builtin = builtin_config(name)
+    if builtin is not None:
+        return builtin.read_text()
+    path = Path(name)
+    if not path.is_file():
+        find_config(name)  # raises: not a file, not a built-in name (with suggestions)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(
+            f"{name} is not a built-in config name and not a .yaml config file; "
+            "'rmgl configs' lists the built-in ones"
+        )
+    load_config(path)  # a config with unknown keys or bad values is refused, naming the key
+    return path.read_text()

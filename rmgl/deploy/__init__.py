@@ -15,22 +15,32 @@ Examples::
     scores = gallery.features @ descriptors[0]
 """
 
-from rmgl.deploy.encoder import Encoder, read_sidecar
-from rmgl.deploy.export import export_onnx, export_weights
-from rmgl.deploy.extract import extract_to_folder
-from rmgl.deploy.features import FeatureSet, FeatureWriter, read_features
-from rmgl.deploy.inputs import ImageList, parse_market_name, read_image_list
+import importlib
 
-__all__ = [
-    "Encoder",
-    "FeatureSet",
-    "FeatureWriter",
-    "ImageList",
-    "export_onnx",
-    "export_weights",
-    "extract_to_folder",
-    "parse_market_name",
-    "read_features",
-    "read_image_list",
-    "read_sidecar",
-]
+# name -> module; imported on first use, so that the index and search modules (numpy, faiss,
+# SQLite) load without torch: `rmgl.deploy.index` is imported in a fraction of a second
+_EXPORTS = {
+    "Encoder": "rmgl.deploy.encoder",
+    "read_sidecar": "rmgl.deploy.encoder",
+    "export_onnx": "rmgl.deploy.export",
+    "export_weights": "rmgl.deploy.export",
+    "extract_to_folder": "rmgl.deploy.extract",
+    "FeatureSet": "rmgl.deploy.features",
+    "FeatureWriter": "rmgl.deploy.features",
+    "read_features": "rmgl.deploy.features",
+    "ImageList": "rmgl.deploy.inputs",
+    "parse_market_name": "rmgl.deploy.inputs",
+    "read_image_list": "rmgl.deploy.inputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rmgl.deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

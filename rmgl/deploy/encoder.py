@@ -40,11 +40,14 @@ from tqdm import tqdm
 
 from rmgl.data.loading import read_image
 from rmgl.deploy.features import read_format_json
+from rmgl.deploy.files import sha256_file
 from rmgl.engine.load import Preprocess, load_model
 from rmgl.engine.runtime import amp_dtype, resolve_device
 from rmgl.metrics.features import extract_features
 
 BACKENDS = ("torch", "onnxruntime")
+# "auto": onnxruntime for an .onnx path, torch for a checkpoint or a loaded model
+BACKEND_CHOICES = ("auto", *BACKENDS)
 SIDECAR_FORMAT = "rmgl-onnx-v1"
 INSTALL_HINT = "pip install 'rmgl[deploy]'"
 
@@ -68,7 +71,9 @@ def sidecar_path(onnx_path: str | os.PathLike) -> Path:
 
 
 def read_sidecar(onnx_path: str | os.PathLike) -> dict:
-    """The sidecar JSON of an exported ``.onnx`` file, checked."""
+    """The sidecar JSON of an exported ``.onnx`` file, checked; a sidecar that records the
+    SHA-256 of its model (``onnx_sha256``, written by every export) must match the file, so
+    a model is never run with another model's sidecar."""
     path = sidecar_path(onnx_path)
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
@@ -77,7 +82,15 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict:
             f"{onnx_path} has no sidecar {path}: the input size, normalisation and descriptor "
             "layout come from it; export with rmgl export --format onnx, which writes both"
         )
-    return read_format_json(path, SIDECAR_FORMAT, "an rmgl ONNX sidecar")
+    meta = read_format_json(path, SIDECAR_FORMAT, "an rmgl ONNX sidecar")
+    recorded = meta.get("onnx_sha256")
+    if recorded is not None and recorded != sha256_file(onnx_path):
+        raise ValueError(
+            f"{path} describes another model than {onnx_path} (its onnx_sha256 differs): the "
+            "two files do not belong together (an interrupted export, or a copied file); "
+            "export again with rmgl export --format onnx"
+        )
+    return meta
 
 
 def prepare_file(path: str | os.PathLike, transform) -> torch.Tensor:
@@ -90,7 +103,8 @@ class Encoder:
 
     ``model_or_checkpoint``: an rmgl checkpoint path or :func:`rmgl.load_model`'s model
     (torch backend), or an exported ``.onnx`` path (onnxruntime backend; ``onnx_path`` says the
-    same). ``device``: ``auto`` (GPU when there is one), ``cpu``, ``cuda[:N]``. ``amp``: None
+    same). ``backend``: ``auto`` (the default) picks onnxruntime for an ``.onnx`` file and torch
+    otherwise; ``torch`` or ``onnxruntime`` say it explicitly. ``device``: ``auto`` (GPU when there is one), ``cpu``, ``cuda[:N]``. ``amp``: None
     (float32, what ``rmgl eval`` uses by default), ``"bf16"``, ``"fp16"`` (GPU) or a torch
     dtype; torch backend only, reduced precision moves ABP boundaries. ``threads``: onnxruntime's
     CPU threads (default: one per core); torch's are process-wide (``torch.set_num_threads``).
@@ -115,15 +129,19 @@ class Encoder:
     def __init__(
         self,
         model_or_checkpoint: Any = None,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str | torch.device = "auto",
         batch_size: int = 64,
         amp: str | torch.dtype | None = None,
         onnx_path: str | os.PathLike | None = None,
         threads: int | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(
+                f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}"
+            )
+        if backend == "auto":
+            backend = _auto_backend(model_or_checkpoint, onnx_path)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.backend = backend
@@ -147,6 +165,37 @@ class Encoder:
                 raise ValueError("backend='onnxruntime' needs the path of an exported .onnx file")
             self._init_onnxruntime(Path(path), device, threads)
         self._transform = self.preprocess.transform()
+        self._provenance: dict[str, Any] | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced this encoder's descriptors, as ``extract.json`` records it: the model
+        file and its SHA-256 (for an ONNX model also the SHA-256 of the checkpoint it was
+        exported from), backend, precision, descriptor size, input size and flip. Two
+        encoders whose records agree on :data:`rmgl.deploy.features.MODEL_KEYS` give
+        comparable descriptors."""
+        if self._provenance is None:
+            source = self.source
+            onnx = self.backend == "onnxruntime"
+            self._provenance = {
+                "checkpoint": None if onnx or not source else str(Path(source).resolve()),
+                "onnx": str(Path(source).resolve()) if onnx else None,
+                "model_sha256": _sha256_or_none(source),
+                "source_checkpoint_sha256": self.meta.get("source_checkpoint_sha256")
+                if onnx
+                else None,
+                "backend": self.backend,
+                "device": str(self.device),
+                "precision": self.meta.get("precision", "fp32")
+                if onnx
+                else {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+                    self.amp, str(self.amp)
+                ),
+                "descriptor_dim": self.descriptor_dim,
+                "input_size": list(self.preprocess.size),
+                "flip": self.preprocess.flip,
+                "feature_names": self.feature_names,
+            }
+        return dict(self._provenance)
 
     # ------------------------------------------------------------------------ backends
     def _init_torch(self, model: Any, device: str | torch.device, amp: Any) -> None:
@@ -176,6 +225,7 @@ class Encoder:
         self.descriptor_dim: int = model.descriptor_dim
         self.feature_names: list[str] = list(model.feature_names)
         self.source = getattr(model, "checkpoint", None)
+        self.meta: dict[str, Any] = {}
 
     def _init_onnxruntime(
         self, path: Path, device: str | torch.device, threads: int | None
@@ -322,3 +372,22 @@ class Encoder:
             f"Encoder(backend={self.backend!r}, source={self.source!r}, device={str(self.device)!r}, "
             f"input={self.preprocess.height}x{self.preprocess.width}, dim={self.descriptor_dim})"
         )
+
+
+def _auto_backend(model: Any, onnx_path: Any) -> str:
+    """``backend="auto"``: onnxruntime for an exported ``.onnx`` file, torch for anything else
+    (a checkpoint path or a loaded model)."""
+    if onnx_path is not None:
+        return "onnxruntime"
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
+        return "onnxruntime"
+    return "torch"
+
+
+def _sha256_or_none(path: Any) -> str | None:
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None

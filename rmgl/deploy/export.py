@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ from torch import nn
 import rmgl
 from rmgl.data.loading import UnreadableImageError, read_image
 from rmgl.deploy.encoder import SIDECAR_FORMAT, Encoder, ImageInput, require, sidecar_path
+from rmgl.deploy.files import atomic_write_text, check_output, fsync_folder, sha256_file
+from rmgl.engine.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ FP32_MIN_COSINE = 0.99999
 # within fp16's resolution) costs far more than that and fails this check, which is intended.
 FP16_MIN_COSINE = 0.999
 PARITY_IMAGES = 32
+# the first line of a weights description ends so (how an earlier export's file is known)
+WEIGHTS_TITLE = ": RMGL re-identification weights"
 
 
 class DescriptorGraph(nn.Module):
@@ -81,6 +87,62 @@ class DescriptorGraph(nn.Module):
         return F.normalize(plain + flipped, dim=1)
 
 
+def check_export_outputs(
+    out: str | os.PathLike,
+    fmt: str,
+    checkpoint: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """The files an export writes (``fmt`` ``onnx``: the model and its ``.json`` sidecar;
+    ``weights``: the ``.safetensors`` file and its ``.md`` description), checked before
+    any work. Refused whatever ``overwrite`` says: an output that is the ``checkpoint``
+    being exported, a training checkpoint, and a file beside the output that the export
+    did not write (a sidecar that is not an rmgl sidecar, a description that is not an
+    rmgl one). Refused without ``overwrite``: any existing output."""
+    out = Path(out)
+    suffix, companion = (".onnx", ".json") if fmt == "onnx" else (".safetensors", ".md")
+    if out.suffix != suffix:
+        what = "ONNX model" if fmt == "onnx" else "weights file"
+        raise ValueError(f"the {what}'s file name must end in {suffix}, got {out}")
+    beside = out.with_suffix(companion)
+    inputs = [checkpoint]
+    check_output(out, inputs, overwrite, "--out")
+    if out.exists() and _is_training_checkpoint(out):
+        raise ValueError(
+            f"--out {out} is an rmgl training checkpoint (weights, config, trainer and optimizer "
+            "state); an export never replaces one: choose another --out"
+        )
+    if beside.exists() and not _written_by_export(beside, fmt):
+        raise ValueError(
+            f"{beside} exists and was not written by rmgl export, but the export writes its "
+            f"{'sidecar' if fmt == 'onnx' else 'description'} there: move that file or choose "
+            "another --out"
+        )
+    check_output(beside, inputs, overwrite, f"{companion[1:]} file beside --out")
+    return out, beside
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
+
+
+def _written_by_export(path: Path, fmt: str) -> bool:
+    """A sidecar of an earlier ONNX export, or the description of an earlier weights export."""
+    try:
+        if fmt == "onnx":
+            return json.loads(path.read_text(encoding="utf-8")).get("format") == SIDECAR_FORMAT
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        return bool(first) and first[0].endswith(WEIGHTS_TITLE)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export_onnx(
     model: nn.Module,
     out: str | os.PathLike,
@@ -88,6 +150,7 @@ def export_onnx(
     fp16: bool = False,
     opset: int = OPSET,
     check: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``out`` (.onnx) and its sidecar ``out`` with ``.json``; returns the sidecar.
 
@@ -95,13 +158,18 @@ def export_onnx(
     :class:`~rmgl.deploy.Encoder` input) are encoded by the torch model and by the exported
     graph, at the full batch and one at a time; the export is written only if they agree
     (float32: max abs diff <= 1e-4 and cosine >= 0.99999; fp16: cosine >= 0.999). Raises
-    ValueError otherwise, with the numbers.
+    ValueError otherwise, with the numbers. Existing files are replaced only with
+    ``overwrite`` (:func:`check_export_outputs`).
+
+    Both files are made in a temporary folder beside ``out`` and moved into place at the
+    end, the sidecar first; the sidecar records the model's SHA-256 (``onnx_sha256``) and
+    :func:`rmgl.deploy.encoder.read_sidecar` refuses a pair that does not match, so an
+    export killed between the two renames can never pair a model with another's sidecar.
     """
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ValueError(f"the ONNX model's file name must end in .onnx, got {out}")
+    source = getattr(model, "checkpoint", None)
+    out, sidecar = check_export_outputs(out, "onnx", source, overwrite)
     newest = require("onnx").defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(
@@ -116,7 +184,8 @@ def export_onnx(
     graph = DescriptorGraph(
         graph_model, preprocess.flip, torch.float16 if fp16 else torch.float32
     ).eval()
-    partial = out.with_name(out.stem + ".partial.onnx")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    partial = work / "model.onnx"  # its own folder: no name beside --out is ever touched
     device = next(model.parameters()).device
     example = torch.randn(
         2, 3, *preprocess.size, device=device
@@ -124,13 +193,26 @@ def export_onnx(
     try:
         _torch_export(graph, example, partial, opset)
         meta = _sidecar(model, opset, fp16)
+        meta["onnx_sha256"] = sha256_file(partial)
         if check:
             meta["parity"] = _check_parity(model, partial, meta, images, fp16)
-        partial.replace(out)
+        _fsync_file(partial)
+        ready = work / "sidecar.json"
+        atomic_write_text(ready, json.dumps(meta, indent=2) + "\n")
+        os.replace(ready, sidecar)  # a sidecar naming the new model's hash: never silently
+        os.replace(partial, out)  # paired with the old model, should this step not happen
+        fsync_folder(out.parent)
     finally:
-        partial.unlink(missing_ok=True)
-    _write_json(sidecar_path(out), meta)
+        shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -203,6 +285,8 @@ def _sidecar(model: nn.Module, opset: int, fp16: bool) -> dict[str, Any]:
         "source_checkpoint": str(Path(model.checkpoint).resolve())
         if getattr(model, "checkpoint", None)
         else None,
+        # the weights' identity: descriptors of this graph and of its checkpoint compare
+        "source_checkpoint_sha256": _sha256_or_none(getattr(model, "checkpoint", None)),
         "rmgl_version": rmgl.__version__,
         "torch_version": torch.__version__,
         "exported_on": platform.platform(),
@@ -287,26 +371,34 @@ def parity_images(paths: list[str], count: int = PARITY_IMAGES) -> list[str]:
     return chosen
 
 
-def export_weights(model: nn.Module, out: str | os.PathLike) -> tuple[Path, Path]:
+def export_weights(
+    model: nn.Module, out: str | os.PathLike, overwrite: bool = False
+) -> tuple[Path, Path]:
     """A plain state dict ``out`` (.safetensors, no rmgl metadata needed to read it) and a
-    Markdown description of the architecture beside it (``out`` with ``.md``)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"the weights file's name must end in .safetensors, got {out}")
+    Markdown description of the architecture beside it (``out`` with ``.md``). Existing
+    files are replaced only with ``overwrite``, a training checkpoint (in particular the
+    one exported) never (:func:`check_export_outputs`); each file is written atomically."""
+    out, notes = check_export_outputs(out, "weights", getattr(model, "checkpoint", None), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     arch = _architecture(model)
-    save_file(
-        state,
-        str(out),
-        metadata={
-            "format": "rmgl-weights-v1",
-            "architecture": json.dumps(arch),
-            "feature_names": json.dumps(model.feature_names),
-        },
-    )
-    notes = out.with_suffix(".md")
-    notes.write_text(_weights_readme(model, out, state, arch), encoding="utf-8")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        partial = work / "weights.safetensors"
+        save_file(
+            state,
+            str(partial),
+            metadata={
+                "format": "rmgl-weights-v1",
+                "architecture": json.dumps(arch),
+                "feature_names": json.dumps(model.feature_names),
+            },
+        )
+        _fsync_file(partial)
+        os.replace(partial, out)
+        atomic_write_text(notes, _weights_readme(model, out, state, arch))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out, notes
 
 
@@ -315,7 +407,7 @@ def _weights_readme(model: nn.Module, out: Path, state: dict[str, torch.Tensor],
     params = sum(v.numel() for k, v in state.items() if v.is_floating_point())
     names = model.feature_names
     lines = [
-        f"# {out.name}: RMGL re-identification weights",
+        f"# {out.name}{WEIGHTS_TITLE}",
         "",
         f"Plain PyTorch state dict in safetensors format ({len(state)} tensors, {params:,} numbers), "
         f"written by rmgl {rmgl.__version__} from `{getattr(model, 'checkpoint', None)}`.",
@@ -354,6 +446,11 @@ def _weights_readme(model: nn.Module, out: Path, state: dict[str, torch.Tensor],
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _sha256_or_none(path: str | os.PathLike | None) -> str | None:
+    try:
+        return sha256_file(path) if path else None
+    except OSError:
+        return None

@@ -15,7 +15,6 @@ Examples::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -34,6 +33,18 @@ from rmgl.deploy.features import FeatureWriter, read_meta
 from rmgl.deploy.inputs import ImageList
 
 log = logging.getLogger(__name__)
+
+# What a resumed extraction must share with the run it continues: the same images in the same
+# order and the same descriptor function (model file, backend, precision, flip, sizes).
+RESUME_KEYS = (
+    "input_fingerprint",
+    "model_sha256",
+    "backend",
+    "precision",
+    "flip",
+    "descriptor_dim",
+    "input_size",
+)
 
 
 class _Decoded(Dataset):
@@ -72,6 +83,13 @@ def extract_to_folder(
     out = Path(out)
     if len(images) == 0:
         raise ValueError(f"{images.source} holds no images")
+    repeated = images.first_duplicate()
+    if repeated is not None:
+        i, j = repeated
+        raise ValueError(
+            f"{images.source} lists {images.paths[j]} twice (entries {i + 1} and {j + 1}); each "
+            "image must be listed once, or the gallery would hold it twice"
+        )
     writer = _open_writer(encoder, images, out, resume)
     if writer is None:
         return read_meta(out)
@@ -151,20 +169,15 @@ def _open_writer(
             )
         saved = read_meta(out)
         changed = [
-            k
-            for k in (
-                "input_fingerprint",
-                "model_sha256",
-                "backend",
-                "descriptor_dim",
-                "input_size",
-            )
+            f"{k} {_short(saved.get(k))} -> {_short(meta.get(k))}"
+            for k in RESUME_KEYS
             if saved.get(k) != meta.get(k)
         ]
         if changed:
             raise ValueError(
-                f"{out} was started with other {' / '.join(changed)}; --resume needs the same image "
-                "list and model (use another --out for a new extraction)"
+                f"{out} was started with other settings ({'; '.join(changed)}); --resume needs "
+                "the same image list, model, precision and flip, or the folder would mix two "
+                "kinds of descriptors (use another --out for a new extraction)"
             )
         if saved.get("complete"):
             log.info("%s is already complete (%d descriptors); nothing to do", out, saved["count"])
@@ -175,23 +188,8 @@ def _open_writer(
 
 
 def _provenance(encoder: Encoder, images: ImageList) -> dict[str, Any]:
-    source = encoder.source
-    onnx = encoder.backend == "onnxruntime"
     return {
-        "checkpoint": None if onnx else (str(Path(source).resolve()) if source else None),
-        "onnx": str(Path(source).resolve()) if onnx else None,
-        "model_sha256": _sha256(source) if source else None,
-        "backend": encoder.backend,
-        "device": str(encoder.device),
-        "precision": {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            encoder.amp, str(encoder.amp)
-        )
-        if not onnx
-        else encoder.meta.get("precision", "fp32"),
-        "descriptor_dim": encoder.descriptor_dim,
-        "input_size": list(encoder.preprocess.size),
-        "flip": encoder.preprocess.flip,
-        "feature_names": encoder.feature_names,
+        **encoder.provenance(),
         "images_source": str(images.source),
         "input_fingerprint": images.fingerprint(),
         "batch_size": encoder.batch_size,
@@ -200,12 +198,7 @@ def _provenance(encoder: Encoder, images: ImageList) -> dict[str, Any]:
     }
 
 
-def _sha256(path: str | os.PathLike) -> str | None:
-    try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    except OSError:
-        return None
+def _short(value: Any) -> str:
+    """A recorded value for a message: hashes cut to 12 characters."""
+    text = str(value)
+    return text[:12] if isinstance(value, str) and len(value) == 64 else text

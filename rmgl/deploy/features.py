@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,12 @@ def read_features(folder: str | os.PathLike) -> FeatureSet:
             f"{folder} holds an unfinished extraction ({meta.get('inputs_done', 0)} of "
             f"{meta.get('inputs', '?')} images done); finish it with rmgl extract ... --out {folder} --resume"
         )
+    if not isinstance(meta.get("count"), int) or not isinstance(meta.get("descriptor_dim"), int):
+        raise ValueError(f"{folder / META} lacks the count and descriptor_dim of the features")
     try:
+        with open(folder / FEATURES, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise ValueError("no .npy header")
         features = np.load(
             folder / FEATURES, mmap_mode="r" if meta["count"] else None, allow_pickle=False
         )
@@ -78,9 +84,9 @@ def read_features(folder: str | os.PathLike) -> FeatureSet:
         raise FileNotFoundError(
             f"{folder / FEATURES} is missing; the feature folder is damaged"
         ) from None
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"{folder / FEATURES} is not a readable .npy file ({err})") from None
-    expected = (meta["count"], meta["descriptor_dim"])
+    expected = (meta.get("count"), meta.get("descriptor_dim"))
     if features.dtype != np.float32 or features.shape != expected:
         raise ValueError(
             f"{folder / FEATURES} holds {features.dtype} {features.shape}, extract.json says float32 {expected}"
@@ -118,29 +124,94 @@ def read_format_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
 
 
 def _read_images_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of images.csv; every row must have the five fields and its own row number."""
+    records = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
             if tuple(next(reader, ())) != IMAGES_HEADER:
                 raise ValueError(f"{path}:1: header {','.join(IMAGES_HEADER)} expected")
-            return [
-                {
-                    "index": int(row[0]),
-                    "path": row[1],
-                    "pid": _int_or_none(row[2]),
-                    "camid": _int_or_none(row[3]),
-                    "frame": _int_or_none(row[4]),
-                }
-                for row in reader
-            ]
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if len(row) != len(IMAGES_HEADER):
+                    raise ValueError(f"{where}: {len(row)} fields, the header has 5")
+                try:
+                    record = {
+                        "index": int(row[0]),
+                        "path": row[1],
+                        "pid": _int_or_none(row[2]),
+                        "camid": _int_or_none(row[3]),
+                        "frame": _number_or_none(row[4]),
+                    }
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
+                if record["index"] != len(records):
+                    raise ValueError(f"{where}: index {row[0]} where {len(records)} was expected")
+                records.append(record)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing; the feature folder is damaged") from None
-    except (IndexError, ValueError, csv.Error) as err:
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is damaged (not UTF-8 text: {err})") from None
+    except csv.Error as err:
         raise ValueError(f"{path} is damaged ({err})") from None
+    return records
 
 
 def _int_or_none(text: str) -> int | None:
     return int(text) if text else None
+
+
+def _number_or_none(text: str) -> int | float | None:
+    """A frame: a frame number, or any finite number (a timestamp)."""
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"frame {text} is not a finite number") from None
+        return value
+
+
+# What makes two sets of descriptors comparable: the same weights (the checkpoint's SHA-256;
+# for an ONNX model, that of the checkpoint it was exported from), descriptor size, input
+# size, flip-averaging and precision.
+MODEL_KEYS = ("weights_sha256", "descriptor_dim", "input_size", "flip", "precision")
+
+
+def descriptor_model(meta: dict[str, Any]) -> dict[str, Any]:
+    """The descriptor function recorded in an ``extract.json`` (or by
+    :meth:`rmgl.deploy.Encoder.provenance`): the model file and the :data:`MODEL_KEYS`.
+    Unknown values (a folder written by another tool) are None."""
+    precision = meta.get("precision")
+    size = meta.get("input_size")
+    return {
+        "model": meta.get("checkpoint") or meta.get("onnx"),
+        "weights_sha256": meta.get("source_checkpoint_sha256") or meta.get("model_sha256"),
+        "descriptor_dim": meta.get("descriptor_dim"),
+        "input_size": list(size) if isinstance(size, (list, tuple)) else size,
+        "flip": meta.get("flip"),
+        "precision": "float32" if precision == "fp32" else precision,
+    }
+
+
+def model_differences(
+    expected: dict[str, Any], found: dict[str, Any], keys: tuple[str, ...] = MODEL_KEYS
+) -> list[str]:
+    """``"key expected-value vs found-value"`` for each of ``keys`` on which two
+    :func:`descriptor_model` records differ (hashes cut to 12 characters)."""
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "unknown"
+        return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+    return [
+        f"{key} {shown(expected.get(key))} vs {shown(found.get(key))}"
+        for key in keys
+        if expected.get(key) != found.get(key)
+    ]
 
 
 def _cell(value: int | None) -> str:

@@ -2,10 +2,13 @@
 
 Layout of an index folder::
 
-    manifest.json   format, rmgl version, kind, dim, count, parameters, source folders
-    index.faiss     the faiss index (ids 0..count-1 in the order vectors were added)
+    manifest.json   format, rmgl version, kind, dim, count, generation, the faiss file,
+                    deleted count, parameters, the descriptor model, source folders
+    index-G.faiss   the faiss index written by generation G (ids 0..count-1 in the order
+                    vectors were added)
     vectors.f32     the gallery descriptors, float32 row-major (count x dim), exact
-    store.sqlite    path / pid / camid / frame of every id (:mod:`rmgl.deploy.store`)
+    store.sqlite    path / pid / camid / frame / deletion of every id (:mod:`rmgl.deploy.store`)
+    writer.lock     taken by the one process that modifies the index (add, delete)
 
 Kinds:
 
@@ -30,7 +33,18 @@ Filters (an allowed-id mask from the store) are exact with every kind: when at m
 into faiss as an ``IDSelectorBitmap``, so faiss itself skips the other ids while it searches,
 and a query for which the approximate search finds fewer than the requested hits is
 searched again exhaustively over the allowed items. Every returned item therefore passes
-the filter, and a search returns min(n, allowed) items.
+the filter, and a search returns min(n, allowed) items. Deleted items are left out the same
+way: the live mask is part of every allowed mask.
+
+Writes, and what a reader sees. ``manifest.json`` is the commit record: it names the
+generation, the item count, the faiss file and the number of deleted items, and it is
+replaced by one rename at the end of every write. Everything else is written so that the
+previous manifest still describes a complete index: vector rows and store rows are appended
+past ``count`` (readers never look there), the faiss index goes to a new file named by the
+new generation, and a deletion marks store rows with the new generation (readers honour
+only marks up to their manifest's generation). So a reader, and a writer killed at any
+moment, see either the old state or the new one. One process writes at a time
+(``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
 
 GPU: when the installed faiss has GPU support and a GPU is visible, ``flat`` and ``ivfpq``
 searches without a filter run on a GPU copy of the index (faiss GPU indexes take no id
@@ -40,32 +54,58 @@ GPU faiss on the development machine).
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from rmgl.deploy.features import (
+    IMAGES,
+    MODEL_KEYS,
+    descriptor_model,
+    model_differences,
+    read_features,
+)
+from rmgl.deploy.files import atomic_write_text, fsync_folder
 from rmgl.deploy.store import Store
 
-__all__ = ["KINDS", "METRICS", "FeatureFolder", "GalleryIndex", "IndexParams", "distances_from_ip"]
+__all__ = [
+    "KINDS",
+    "METRICS",
+    "FeatureFolder",
+    "GalleryIndex",
+    "IndexBusyError",
+    "IndexParams",
+    "distances_from_ip",
+    "load_feature_folder",
+]
 
 KINDS = ("flat", "pcaflat", "hnsw", "ivfpq")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 FORMAT = "rmgl-gallery-index"
-FORMAT_VERSION = 1
-IMAGES_HEADER = ["index", "path", "pid", "camid", "frame"]
+# 2: generations, faiss file named in the manifest, deletions (1 is read and upgraded on write)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST, VECTORS, STORE, LOCK = "manifest.json", "vectors.f32", "store.sqlite", "writer.lock"
 # Rows of float32 features handled at once when streaming a feature folder (64 MB at 3,584-d).
 CHUNK_BYTES = 64 << 20
 # |norm - 1| allowed for "L2-normalised" descriptors (float32 rounding is ~1e-7).
 NORM_TOLERANCE = 1e-3
+# How often an open retries when a writer replaced the faiss file between reading the
+# manifest and reading the file it names.
+OPEN_RETRIES = 20
 
 
 @dataclass
@@ -151,6 +191,11 @@ class FeatureFolder:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    @property
+    def model(self) -> dict[str, Any]:
+        """The descriptor model its ``extract.json`` records (:func:`descriptor_model`)."""
+        return descriptor_model(self.meta)
+
     def chunks(self, rows: int | None = None) -> Iterator[np.ndarray]:
         """The features as float32 row blocks, each read through its own short-lived memory
         map so the pages read do not stay mapped (the resident memory stays one block)."""
@@ -170,76 +215,36 @@ class FeatureFolder:
             del block
 
 
-def _load_feature_folder(folder: str | Path) -> FeatureFolder:
-    """Read a feature folder written by ``rmgl extract`` (features.npy, images.csv,
-    extract.json); every problem is a one-line ``ValueError`` naming the file.
-
-    Private: at merge this is replaced by ``rmgl.deploy.features.read_features``.
-    """
+def load_feature_folder(folder: str | Path, unique_paths: bool = True) -> FeatureFolder:
+    """A complete feature folder written by ``rmgl extract``, read and checked by
+    :func:`rmgl.deploy.features.read_features` (the one reader of the format: extract.json's
+    count and descriptor_dim must match features.npy, images.csv must list every row), plus
+    what an index needs: a non-empty C-ordered float32 array and (``unique_paths``) no
+    image listed twice. Every problem is a one-line ``ValueError`` naming the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"feature folder {folder} does not exist")
-    feature_path, images_path, meta_path = (
-        folder / "features.npy",
-        folder / "images.csv",
-        folder / "extract.json",
-    )
-    for path in (feature_path, images_path):
-        if not path.is_file():
-            raise ValueError(f"{path} is missing (not a feature folder written by rmgl extract?)")
-    meta: dict = {}
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{meta_path} is not valid JSON ({err})") from None
-    if meta.get("complete") is False:
-        raise ValueError(
-            f"{meta_path} says the extraction is incomplete (complete: false); "
-            "finish it with rmgl extract before indexing it"
-        )
     try:
-        features = np.load(feature_path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{feature_path} cannot be read as a .npy array ({err})") from None
-    if features.ndim != 2 or features.dtype != np.float32 or not features.flags.c_contiguous:
+        found = read_features(folder)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    features = found.features
+    if len(features) == 0:
         raise ValueError(
-            f"{feature_path} must hold a float32 (N, D) array, got {features.dtype} {features.shape}"
+            f"{folder / 'features.npy'} holds no features (empty gallery, shape {features.shape})"
         )
-    if len(features) == 0 or features.shape[1] == 0:
-        raise ValueError(
-            f"{feature_path} holds no features (empty gallery, shape {features.shape})"
-        )
-    records = _read_images_csv(images_path)
-    if len(records) != len(features):
-        raise ValueError(
-            f"{images_path} has {len(records)} rows but {feature_path} has {len(features)}"
-        )
-    return FeatureFolder(folder, features, records, meta)
-
-
-def _read_images_csv(path: Path) -> list[FeatureRecord]:
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != IMAGES_HEADER:
-            raise ValueError(f"{path}: header must be {','.join(IMAGES_HEADER)}, got {header}")
-        records = []
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(IMAGES_HEADER):
-                raise ValueError(f"{path} line {line}: expected 5 fields, got {len(row)}")
-            try:
-                if int(row[0]) != line - 2:
-                    raise ValueError(f"index {row[0]} where {line - 2} was expected")
-                pid = int(row[2]) if row[2] != "" else None
-                camid = int(row[3]) if row[3] != "" else None
-                frame = float(row[4]) if row[4] != "" else None
-            except ValueError as err:
-                raise ValueError(f"{path} line {line}: {err}") from None
-            if frame is not None and not math.isfinite(frame):
-                raise ValueError(f"{path} line {line}: frame {row[4]} is not a finite number")
-            records.append(FeatureRecord(row[1], pid, camid, frame))
-    return records
+    if not features.flags.c_contiguous:
+        raise ValueError(f"{folder / 'features.npy'} must be a C-ordered (row-major) array")
+    records = [FeatureRecord(r["path"], r["pid"], r["camid"], r["frame"]) for r in found.records]
+    seen: dict[str, int] = {}
+    for row, record in enumerate(records if unique_paths else ()):
+        if record.path in seen:
+            raise ValueError(
+                f"{folder / IMAGES} lists {record.path} twice (rows {seen[record.path]} and "
+                f"{row}); an image is indexed once"
+            )
+        seen[record.path] = row
+    return FeatureFolder(folder, features, records, found.meta)
 
 
 def _check_normalised(block: np.ndarray, where: str, first_row: int = 0) -> None:
@@ -261,20 +266,25 @@ class VectorFile:
     """float32 rows on disk, appended in blocks and read back by row id with ``os.pread``.
 
     Reading with pread instead of a memory map keeps re-scoring out of the process's
-    resident memory: the pages live in the (shared, evictable) page cache only.
+    resident memory: the pages live in the (shared, evictable) page cache only. Rows are
+    only ever appended (and rows past the committed count cut), so the rows a reader can
+    ask for never change under it.
     """
 
     def __init__(self, path: Path, dim: int) -> None:
         self.path, self.dim = Path(path), dim
         self.row_bytes = 4 * dim
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
 
     def _handle(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with self._fd_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
     def close(self) -> None:
@@ -285,6 +295,14 @@ class VectorFile:
     def append(self, block: np.ndarray) -> None:
         with open(self.path, "ab") as handle:
             handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+
+    def sync(self) -> None:
+        """Make the appended rows durable before a manifest that counts them is written."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def truncate(self, rows: int) -> None:
         with open(self.path, "r+b") as handle:
@@ -307,6 +325,61 @@ class VectorFile:
         return out
 
 
+# --------------------------------------------------------------------------------------
+# one writer at a time
+
+
+class IndexBusyError(ValueError):
+    """Another process (or thread) is modifying the index."""
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path, wait: float = 0.0, action: str = "rmgl index") -> Iterator[None]:
+    """Hold ``folder/writer.lock`` (``fcntl.flock``, exclusive) while modifying the index.
+
+    ``wait``: seconds to wait for another writer to finish; then (or at once with 0) an
+    :class:`IndexBusyError` names the process holding the lock. The kernel releases the
+    lock when its holder exits, even by ``kill -9``, so a crashed writer never blocks the
+    index. flock locks are per open file, so two threads of one process exclude each
+    other too. Local file systems only: flock over NFS is not reliable.
+    """
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise OSError(f"cannot modify index {folder}: {err.strerror} ({path})") from None
+    try:
+        deadline = time.monotonic() + max(0.0, wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IndexBusyError(
+                        f"index {folder} is being modified by {_lock_holder(path)}; try again "
+                        "when it has finished (or wait for it: --wait SECONDS)"
+                    ) from None
+                time.sleep(0.05)
+        note = f"process {os.getpid()} ({action}, since {_now()})\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
 def distances_from_ip(
     ip: np.ndarray, q_sq: np.ndarray, g_sq: np.ndarray, metric: str
 ) -> np.ndarray:
@@ -323,8 +396,40 @@ def distances_from_ip(
 # the index
 
 
+@dataclass(frozen=True)
+class _Committed:
+    """One committed state of an index folder, as its manifest describes it: a search uses
+    one such snapshot from start to end, so a commit (by this object or another process)
+    never changes a search half-way."""
+
+    manifest: dict
+    faiss_index: Any
+    live: np.ndarray | None  # bool over ids; None when nothing is deleted
+    stamp: tuple[int, ...]  # identity of the manifest file that was read
+
+    def __post_init__(self) -> None:
+        if self.live is not None:
+            self.live.flags.writeable = False  # shared by searches: never changed in place
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest.get("generation", 0))
+
+    @property
+    def faiss_file(self) -> str:
+        return self.manifest.get("faiss_file", "index.faiss")
+
+    @property
+    def live_count(self) -> int:
+        return self.count if self.live is None else int(self.live.sum())
+
+
 class GalleryIndex:
-    """A gallery index folder, opened for search and appends.
+    """A gallery index folder, opened for search, appends and deletions.
 
     Examples::
 
@@ -332,19 +437,30 @@ class GalleryIndex:
         index.add("feats/cam3")
         ids, dist = index.nearest(query_features, 10)          # (Q, 10) ids and distances
         index.store.items(ids[0])[ids[0, 0]].path              # the best match's image
+        index.delete(ids=[3, 17])                              # never returned again
+        index.delete(before=86_400)                            # retention: frames < 86,400
         index = GalleryIndex.open("gallery.idx")
     """
 
-    def __init__(self, path: Path, manifest: dict, faiss_index, store: Store) -> None:
+    def __init__(self, path: Path, store: Store, state: _Committed) -> None:
         self.path = path
-        self.manifest = manifest
-        self.params = IndexParams.from_dict(manifest["params"])
-        self.dim = int(manifest["dim"])
-        self.faiss_index = faiss_index
         self.store = store
-        self.vectors = VectorFile(path / "vectors.f32", self.dim)
-        self._gpu_index = None
-        self._scan_cache = None  # pcaflat: (reduced vectors in the scan dtype, squared norms)
+        self.params = IndexParams.from_dict(state.manifest["params"])
+        self.dim = int(state.manifest["dim"])
+        self.vectors = VectorFile(path / VECTORS, self.dim)
+        self._state = state
+        self._lock = threading.RLock()  # this object's writes and refreshes
+        self._gpu_cache = None  # (faiss index, its GPU copy)
+        self._scan_cache = None  # pcaflat: (reduced vectors in the scan dtype, norms, faiss index)
+        _configure_search(state.faiss_index, self.params)
+
+    @property
+    def manifest(self) -> dict:
+        return self._state.manifest
+
+    @property
+    def faiss_index(self):
+        return self._state.faiss_index
 
     @property
     def kind(self) -> str:
@@ -352,7 +468,28 @@ class GalleryIndex:
 
     @property
     def count(self) -> int:
-        return int(self.manifest["count"])
+        """Ids given out so far (live and deleted items)."""
+        return self._state.count
+
+    @property
+    def generation(self) -> int:
+        """Incremented by every committed write (add, delete)."""
+        return self._state.generation
+
+    @property
+    def live_count(self) -> int:
+        """Items that searches can return (not deleted)."""
+        return self._state.live_count
+
+    @property
+    def deleted_count(self) -> int:
+        return self.count - self.live_count
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The descriptor model of the gallery (:func:`rmgl.deploy.features.descriptor_model`
+        of the first folder indexed)."""
+        return _index_model(self._state.manifest, self.store)
 
     def __len__(self) -> int:
         return self.count
@@ -361,19 +498,23 @@ class GalleryIndex:
         self.vectors.close()
         self.store.close()
 
-    # ---- build / open / add
+    # ---- build / open / refresh
 
     @classmethod
     def build(
-        cls, folders: Sequence[str | Path] | str | Path, out: str | Path, **params
+        cls,
+        folders: Sequence[str | Path] | str | Path,
+        out: str | Path,
+        allow_other_model: bool = False,
+        **params,
     ) -> GalleryIndex:
         """Index the feature folders (ids in folder order, then row order) into ``out``.
 
         ``out`` must not exist yet; it is written in a temporary folder beside it and
-        renamed at the end, so an interrupted build leaves no half index.
+        renamed at the end, so an interrupted build leaves no half index. All folders must
+        come from one descriptor model (``allow_other_model`` mixes them anyway and records
+        it in the manifest), and no image may be listed twice.
         """
-        import faiss
-
         settings = IndexParams(**params)
         folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
         if not folders:
@@ -381,7 +522,7 @@ class GalleryIndex:
         out = Path(out)
         if out.exists():
             raise ValueError(f"{out} already exists; add to it with `rmgl index add` or remove it")
-        loaded = [_load_feature_folder(folder) for folder in folders]
+        loaded = [load_feature_folder(folder) for folder in folders]
         dim = loaded[0].dim
         for folder in loaded[1:]:
             if folder.dim != dim:
@@ -390,7 +531,41 @@ class GalleryIndex:
                     f"{loaded[0].folder / 'features.npy'} has {dim}-d"
                 )
         _check_unique_folders(loaded)
+        _check_paths_unique(loaded)
+        model = loaded[0].model
+        other_models = _other_models(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
         total = sum(len(folder.features) for folder in loaded)
+
+        def write_vectors(vectors: VectorFile) -> None:
+            for folder in loaded:
+                _copy_vectors(folder, vectors)
+
+        return cls._create(
+            out,
+            settings,
+            dim,
+            total,
+            write_vectors,
+            lambda store: _store_folders(store, loaded, 0),
+            {"model": model, **({"other_models": other_models} if other_models else {})},
+        )
+
+    @classmethod
+    def _create(
+        cls,
+        out: Path,
+        settings: IndexParams,
+        dim: int,
+        total: int,
+        write_vectors,
+        write_store,
+        fields: dict,
+        extra_files: dict[str, str] | None = None,
+    ) -> GalleryIndex:
+        """A new index folder: everything is written in a temporary folder beside ``out``
+        (vectors, trained faiss index, store, manifest) and renamed at the end."""
+        import faiss
+
         if settings.kind == "ivfpq" and total < 1000:
             raise ValueError(
                 f"ivfpq needs at least 1000 gallery vectors, got {total}; use kind flat"
@@ -398,33 +573,50 @@ class GalleryIndex:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            vectors = VectorFile(work / "vectors.f32", dim)
-            for folder in loaded:
-                _copy_vectors(folder, vectors)
+            vectors = VectorFile(work / VECTORS, dim)
+            write_vectors(vectors)
+            vectors.sync()
+            faiss_file = _faiss_name(1)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "rmgl_version": _rmgl_version(),
                 "kind": settings.kind,
                 "dim": dim,
-                "count": 0,
+                "count": total,
+                "generation": 1,
+                "faiss_file": faiss_file,
+                "deleted": 0,
                 "metric": "inner product on L2-normalised descriptors",
                 "params": asdict(settings),
                 "faiss_version": faiss.__version__,
+                **fields,
                 "created": _now(),
             }
             faiss_index = _train_index(settings, vectors, dim, total, manifest)
-            store = Store(work / "store.sqlite")
-            index = cls(work, manifest, faiss_index, store)
-            for folder in loaded:
-                index._append(folder, copy_vectors=False)
-            index._write_faiss()
-            index._write_manifest()
-            index.close()
+            _add_rows(faiss_index, vectors, 0, total)
+            vectors.close()
+            store = Store(work / STORE)
+            try:
+                store.prepare_for_writes()
+                manifest["sources"] = write_store(store)
+            finally:
+                store.close()
+            _write_faiss(faiss_index, work / faiss_file)
+            for name, text in (extra_files or {}).items():
+                atomic_write_text(work / name, text)
+            manifest["updated"] = manifest["created"]
+            atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             umask = os.umask(0)
             os.umask(umask)
             work.chmod(0o777 & ~umask)  # mkdtemp made it private
-            os.replace(work, out)
+            try:
+                os.replace(work, out)
+            except OSError:
+                raise ValueError(
+                    f"{out} appeared while the index was being written (another build?); "
+                    "nothing was written"
+                ) from None
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -432,112 +624,326 @@ class GalleryIndex:
 
     @classmethod
     def open(cls, path: str | Path) -> GalleryIndex:
-        """Open an index folder; a missing, foreign or inconsistent folder is a ValueError
-        naming the file."""
-        import faiss
-
+        """Open an index folder at its last committed state; a missing, foreign or
+        inconsistent folder is a ValueError naming the file. Opening writes nothing."""
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"index folder {path} does not exist")
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise ValueError(f"{path} is not an rmgl index: {manifest_path.name} is missing")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as err:
-            raise ValueError(f"{manifest_path} is not valid JSON ({err})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path} is not an rmgl index manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path}: index format version {manifest.get('format_version')} is not "
-                f"supported (this rmgl reads version {FORMAT_VERSION}); rebuild the index"
-            )
-        for name in ("index.faiss", "vectors.f32", "store.sqlite"):
+        if not (path / MANIFEST).is_file():
+            raise ValueError(f"{path} is not an rmgl index: {MANIFEST} is missing")
+        for name in (VECTORS, STORE):
             if not (path / name).is_file():
                 raise ValueError(f"{path / name} is missing")
+        store = Store(path / STORE)
         try:
-            faiss_index = faiss.read_index(str(path / "index.faiss"))
-        except RuntimeError:
-            raise ValueError(
-                f"{path / 'index.faiss'} cannot be read by faiss (corrupt or truncated file?)"
-            ) from None
-        count, dim = int(manifest["count"]), int(manifest["dim"])
-        if faiss_index.ntotal != count or faiss_index.d != dim:
-            raise ValueError(
-                f"{path / 'index.faiss'} holds {faiss_index.ntotal} {faiss_index.d}-d vectors but "
-                f"{manifest_path.name} says {count} {dim}-d (interrupted add?); rebuild the index"
-            )
-        index = cls(path, manifest, faiss_index, Store(path / "store.sqlite"))
-        if len(index.vectors) < count or len(index.store) < count:
-            raise ValueError(
-                f"{path}: vectors.f32 has {len(index.vectors)} rows and store.sqlite "
-                f"{len(index.store)} items, fewer than the {count} of the manifest; rebuild the index"
-            )
-        _configure_search(index.faiss_index, index.params)
+            state = _read_committed(path, store)
+            index = cls(path, store, state)
+        except BaseException:
+            store.close()
+            raise
+        index._check_files(state)
         return index
 
-    def add(self, folder: str | Path) -> tuple[int, int]:
+    def _check_files(self, state: _Committed) -> None:
+        vector_rows, items = len(self.vectors), self.store.count_below(state.count)
+        if vector_rows < state.count or items < state.count:
+            raise ValueError(
+                f"{self.path}: vectors.f32 has {vector_rows} rows and store.sqlite {items} "
+                f"items, fewer than the {state.count} of the manifest; rebuild the index"
+            )
+
+    def refresh(self) -> bool:
+        """Move to the latest committed state if another process (or object) wrote the index
+        since this one read it; True when it did. :func:`rmgl.deploy.search.search` calls it
+        first, so a long-lived reader sees adds and deletions as soon as they commit. A
+        commit changes the manifest file, so a call costs one ``stat`` when nothing changed."""
+        if _stamp(self.path / MANIFEST) == self._state.stamp:
+            return False
+        with self._lock:
+            if _stamp(self.path / MANIFEST) == self._state.stamp:
+                return False
+            state = _read_committed(self.path, self.store, previous=self._state)
+            self._check_files(state)
+            _configure_search(state.faiss_index, self.params)
+            self._state = state
+        return True
+
+    # ---- writes: one writer at a time, the manifest last
+
+    @contextlib.contextmanager
+    def _writing(self, wait: float, action: str) -> Iterator[_Committed]:
+        """Hold the writer lock, move to the latest committed state and remove what a killed
+        writer left behind (only possible now: no other writer is running)."""
+        with self._lock, writer_lock(self.path, wait, action):
+            self.refresh()
+            state = self._state
+            self.store.prepare_for_writes()
+            if len(self.vectors) > state.count:
+                self.vectors.truncate(state.count)
+            self.store.rollback(state.count, state.generation)
+            self._remove_stale_files(state.faiss_file)
+            yield state
+
+    def add(
+        self, folder: str | Path, allow_other_model: bool = False, wait: float = 0.0
+    ) -> tuple[int, int]:
         """Append a feature folder; returns (first new id, number added).
 
-        Leftovers of an interrupted add (vector rows or items past ``count``) are dropped
-        first; the manifest is written last, so until then the index reads as before.
+        Refused: another dimension, a folder already in the index, an image already in the
+        index (live), descriptors of another model than the index's (unless
+        ``allow_other_model``, which is then recorded in the manifest). ``wait``: seconds
+        to wait for another writer (:func:`writer_lock`).
+
+        Vector rows and store rows are appended past the committed count, the faiss index
+        is written to a new file, and the manifest that counts them all is written last: a
+        failure or a kill at any step leaves the folder, and this object, at the previous
+        committed state.
         """
-        loaded = _load_feature_folder(folder)
-        if loaded.dim != self.dim:
-            raise ValueError(
-                f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the index "
-                f"{self.path} holds {self.dim}-d"
+        loaded = load_feature_folder(folder)
+        with self._writing(wait, "rmgl index add") as state:
+            if loaded.dim != self.dim:
+                raise ValueError(
+                    f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the "
+                    f"index {self.path} holds {self.dim}-d"
+                )
+            _check_unique_folders([loaded], self.store.sources(below=state.count))
+            self._check_new_paths(loaded, state)
+            expected = _index_model(state.manifest, self.store)
+            other_models = _other_models(
+                expected, [loaded], allow_other_model, f"the index {self.path}"
             )
-        _check_unique_folders([loaded], self.store.sources())
-        first = self.count
-        self.vectors.close()
-        self.vectors.truncate(first)
-        self.store.truncate(first)
-        try:
-            added = self._append(loaded, copy_vectors=True)
-            self._write_faiss()
-        except BaseException:
-            self.vectors.truncate(first)
-            self.store.truncate(first)
-            raise
-        self._write_manifest()
-        return first, added
+            first = state.count
+            self._commit_add(state, [loaded], expected, other_models)
+        return first, len(loaded.features)
 
-    def _append(self, folder: FeatureFolder, copy_vectors: bool) -> int:
-        """Vectors (copied unless already there), faiss and store rows of one folder."""
-        first = self.count
-        if copy_vectors:
-            _copy_vectors(folder, self.vectors)
-        rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.dim))
-        for start in range(first, first + len(folder.features), rows_per_chunk):
-            stop = min(start + rows_per_chunk, first + len(folder.features))
-            self.faiss_index.add(self.vectors.range(start, stop))
-        resolved = str(folder.folder.resolve())
-        self.store.add(
-            ((r.path, r.pid, r.camid, r.frame) for r in folder.records),
-            folder=resolved,
-            meta={"extract": folder.meta, "rows": len(folder.features)},
-        )
-        self.manifest["count"] = first + len(folder.features)
-        self.manifest.setdefault("sources", []).append(
-            {"folder": resolved, "first_id": first, "count": len(folder.features)}
-        )
-        self._gpu_index = None
-        return len(folder.features)
-
-    def _write_faiss(self) -> None:
+    def _commit_add(
+        self, state: _Committed, folders: list[FeatureFolder], model: dict, other_models: list
+    ) -> None:
         import faiss
 
-        temporary = self.path / "index.faiss.tmp"
-        faiss.write_index(self.faiss_index, str(temporary))
-        os.replace(temporary, self.path / "index.faiss")
+        first = state.count
+        total = sum(len(folder.features) for folder in folders)
+        generation = state.generation + 1
+        faiss_file = _faiss_name(generation)
+        # a private copy: searches keep using the committed index until the commit
+        working = faiss.clone_index(state.faiss_index)
+        try:
+            for folder in folders:
+                _copy_vectors(folder, self.vectors)
+            self.vectors.sync()
+            _add_rows(working, self.vectors, first, first + total)
+            _write_faiss(working, self.path / faiss_file)
+            sources = [
+                *state.manifest.get("sources", []),
+                *_store_folders(self.store, folders, first),
+            ]
+            manifest = {
+                **state.manifest,
+                "format_version": FORMAT_VERSION,
+                "count": first + total,
+                "generation": generation,
+                "faiss_file": faiss_file,
+                "deleted": state.count - state.live_count,
+                "model": model,
+                "sources": sources,
+                "updated": _now(),
+            }
+            if other_models:
+                manifest["other_models"] = [*state.manifest.get("other_models", []), *other_models]
+            stamp = self._commit_manifest(manifest)
+        except BaseException:
+            self._undo(state)
+            raise
+        live = None if state.live is None else np.concatenate([state.live, np.ones(total, bool)])
+        _configure_search(working, self.params)
+        self._state = _Committed(manifest, working, live, stamp)
+        self._remove_stale_files(faiss_file)
 
-    def _write_manifest(self) -> None:
-        self.manifest["updated"] = _now()
-        temporary = self.path / "manifest.json.tmp"
-        temporary.write_text(json.dumps(self.manifest, indent=2) + "\n")
-        os.replace(temporary, self.path / "manifest.json")
+    def delete(
+        self,
+        ids: Sequence[int] | np.ndarray | None = None,
+        before: float | None = None,
+        wait: float = 0.0,
+    ) -> int:
+        """Delete items: ``ids``, or every item whose frame (or timestamp) is < ``before``
+        (items with an unknown frame are kept). Returns how many were deleted now (ids
+        deleted earlier are skipped). Deleted items never come back in any search, with
+        every kind and filter; their vectors stay in ``vectors.f32`` (ids are never
+        reused), see docs/search.md on space.
+
+        The store rows are marked with the next generation in one SQLite transaction and
+        the manifest that makes the marks count is written last, so a failure leaves the
+        previous state. ``wait``: seconds to wait for another writer.
+        """
+        if (ids is None) == (before is None):
+            raise ValueError("delete needs ids or before (one of them)")
+        with self._writing(wait, "rmgl index delete") as state:
+            live = state.live if state.live is not None else np.ones(state.count, dtype=bool)
+            if ids is not None:
+                target = self._id_mask(ids, state.count)
+            else:
+                before = float(before)
+                if not math.isfinite(before):
+                    raise ValueError(f"before must be a finite frame or timestamp, got {before}")
+                frames = self.store.columns(state.count, state.generation).frames
+                with np.errstate(invalid="ignore"):
+                    target = frames < before  # an unknown frame (NaN) is never before
+            newly = np.flatnonzero(target & live)
+            if not len(newly):
+                return 0
+            generation = state.generation + 1
+            try:
+                self.store.mark_deleted(newly, generation)
+                manifest = {
+                    **state.manifest,
+                    "format_version": FORMAT_VERSION,
+                    "generation": generation,
+                    "faiss_file": state.faiss_file,
+                    "deleted": int(state.count - live.sum()) + len(newly),
+                    "updated": _now(),
+                }
+                stamp = self._commit_manifest(manifest)
+            except BaseException:
+                self._undo(state)
+                raise
+            live = live.copy()
+            live[newly] = False
+            self._state = _Committed(manifest, state.faiss_index, live, stamp)
+        return len(newly)
+
+    @staticmethod
+    def _id_mask(ids, count: int) -> np.ndarray:
+        ids = np.asarray(ids).reshape(-1)
+        if len(ids) and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        outside = ids[(ids < 0) | (ids >= count)]
+        if len(outside):
+            shown = ", ".join(str(i) for i in outside[:5].tolist())
+            raise ValueError(
+                f"ids {shown} are not in the index (its ids are 0..{count - 1}); nothing was deleted"
+            )
+        mask = np.zeros(count, dtype=bool)
+        mask[ids] = True
+        return mask
+
+    def _check_new_paths(self, folder: FeatureFolder, state: _Committed) -> None:
+        found = self.store.find_paths(
+            [r.path for r in folder.records], below=state.count, generation=state.generation
+        )
+        if found:
+            row, (path, item) = min(
+                (i, (r.path, found[r.path]))
+                for i, r in enumerate(folder.records)
+                if r.path in found
+            )
+            raise ValueError(
+                f"{folder.folder / IMAGES} row {row}: {path} is already in the index (id {item}); "
+                f"an image is indexed once ({len(found)} of the folder's images are there): "
+                "delete the old items first to index them again"
+            )
+
+    def _commit_manifest(self, manifest: dict) -> tuple[int, ...]:
+        """The commit: one atomic replacement of manifest.json."""
+        atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return _stamp(self.path / MANIFEST)
+
+    def _undo(self, state: _Committed) -> None:
+        """Remove what a failed write wrote (the writer lock is held: it is all ours),
+        unless the manifest was replaced after all. Best effort: what is left is removed by
+        the next writer."""
+        try:
+            on_disk, _ = _read_manifest(self.path)
+            if int(on_disk.get("generation", 0)) != state.generation:
+                return  # committed: the manifest names the new state (refresh() reads it)
+            self.vectors.truncate(state.count)
+            self.store.rollback(state.count, state.generation)
+            self._remove_stale_files(state.faiss_file)  # the new faiss file, temporary files
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+    def _remove_stale_files(self, keep: str) -> None:
+        """Faiss files of earlier generations and temporary files (writer lock held)."""
+        for path in self.path.iterdir():
+            name = path.name
+            stale_faiss = _is_faiss_name(name) and name != keep
+            # temporary files of _write_faiss and atomic_write_text, no other file
+            temporary = name.endswith(".tmp") and (
+                _is_faiss_name(name.removesuffix(".tmp")) or name.startswith(f".{MANIFEST}.")
+            )
+            if stale_faiss or temporary:
+                path.unlink(missing_ok=True)
+
+    def compact(self, out: str | Path, wait: float = 0.0) -> GalleryIndex:
+        """A new index folder ``out`` with the live items only: deleted vectors, faiss
+        entries and store rows are not copied, so they are gone from disk once the old
+        folder is removed. Same kind and parameters (the PCA, graph or lists are trained
+        again on the live vectors); ids are renumbered 0..live-1 in their old order, and
+        ``out/compacted_ids.csv`` maps each new id to its old one. The old folder is not
+        changed; the writer lock is held while it is read, so no write interleaves.
+        """
+        out = Path(out)
+        if out.exists():
+            raise ValueError(f"{out} already exists; compact into a new folder")
+        with self._writing(wait, "rmgl index compact") as state:
+            keep = np.flatnonzero(state.live) if state.live is not None else np.arange(state.count)
+            if not len(keep):
+                raise ValueError(f"{self.path} holds no live item; there is nothing to keep")
+            rows_per_block = max(1, CHUNK_BYTES // self.vectors.row_bytes)
+
+            def write_vectors(vectors: VectorFile) -> None:
+                for start in range(0, len(keep), rows_per_block):
+                    vectors.append(self.vectors.rows(keep[start : start + rows_per_block]))
+
+            def write_store(store: Store) -> list[dict]:
+                sources, first = [], 0
+                for source in self.store.sources(below=state.count):
+                    start, stop = source["first_id"], source["first_id"] + source["count"]
+                    ids = keep[(keep >= start) & (keep < stop)]
+                    if not len(ids):
+                        continue
+                    items = self.store.items(ids)
+                    meta = {
+                        **source["meta"],
+                        "rows": len(ids),
+                        "compacted_from": {"index": str(self.path.resolve()), "first_id": start},
+                    }
+                    store.add(
+                        (
+                            (items[i].path, items[i].pid, items[i].camid, items[i].frame)
+                            for i in ids
+                        ),
+                        folder=source["folder"],
+                        meta=meta,
+                        first=first,
+                    )
+                    sources.append(
+                        {"folder": source["folder"], "first_id": first, "count": len(ids)}
+                    )
+                    first += len(ids)
+                return sources
+
+            fields = {
+                "model": _index_model(state.manifest, self.store),
+                "compacted_from": {
+                    "index": str(self.path.resolve()),
+                    "generation": state.generation,
+                    "count": state.count,
+                },
+            }
+            if state.manifest.get("other_models"):
+                fields["other_models"] = state.manifest["other_models"]
+            id_map = "new_id,old_id\n" + "".join(f"{n},{o}\n" for n, o in enumerate(keep.tolist()))
+            return type(self)._create(
+                out,
+                IndexParams.from_dict(state.manifest["params"]),
+                self.dim,
+                len(keep),
+                write_vectors,
+                write_store,
+                fields,
+                {"compacted_ids.csv": id_map},
+            )
 
     def tune(
         self,
@@ -558,15 +964,57 @@ class GalleryIndex:
         changed = {key: value for key, value in values.items() if value is not None}
         self.params = IndexParams.from_dict({**asdict(self.params), **changed})
         _configure_search(self.faiss_index, self.params)
-        self._gpu_index = None
+        self._gpu_cache = None
 
     def info(self) -> dict:
-        """The manifest plus sizes on disk (bytes)."""
-        sizes = {
-            name: (self.path / name).stat().st_size
-            for name in ("index.faiss", "vectors.f32", "store.sqlite")
+        """The manifest plus the live and deleted counts and sizes on disk (bytes)."""
+        state = self._state
+        sizes = {}
+        for name in (state.faiss_file, VECTORS, STORE):
+            try:
+                sizes[name] = (self.path / name).stat().st_size
+            except OSError:  # replaced by a newer generation since this state was read
+                sizes[name] = 0
+        return {
+            **state.manifest,
+            "live": state.live_count,
+            "deleted": state.count - state.live_count,
+            "path": str(self.path),
+            "bytes": sizes,
         }
-        return {**self.manifest, "path": str(self.path), "bytes": sizes}
+
+    # ---- what searches may return
+
+    def allowed(
+        self,
+        cameras: Sequence[int] | None = None,
+        frames: tuple[float | None, float | None] | None = None,
+    ) -> np.ndarray | None:
+        """Mask over ids of the live items that pass the camera / frame filters
+        (:meth:`rmgl.deploy.store.Store.allowed`); None when every item is allowed."""
+        state = self._state
+        if cameras is None and frames is None:
+            return None if state.live is None else state.live.copy()
+        return self.store.allowed(cameras, frames, count=state.count, generation=state.generation)
+
+    def cameras(self) -> list[int]:
+        """The cameras of the live items (items with an unknown camera left out)."""
+        from rmgl.deploy.store import UNKNOWN
+
+        state = self._state
+        camids = self.store.columns(state.count, state.generation).camids
+        if state.live is not None:
+            camids = camids[state.live]
+        return np.unique(camids[camids != UNKNOWN]).tolist()
+
+    def frame_span(self) -> tuple[float, float] | None:
+        """(first, last) frame of the live items with a known frame, or None."""
+        state = self._state
+        frames = self.store.columns(state.count, state.generation).frames
+        if state.live is not None:
+            frames = frames[state.live]
+        frames = frames[~np.isnan(frames)]
+        return (float(frames.min()), float(frames.max())) if len(frames) else None
 
     # ---- search
 
@@ -577,27 +1025,28 @@ class GalleryIndex:
         allowed: np.ndarray | None = None,
         metric: str = "euclidean",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` nearest gallery items of each query, as (ids, distances), both (Q, n).
+        """The ``n`` nearest live gallery items of each query, as (ids, distances), both (Q, n).
 
         Distances are exact (re-scored from ``vectors.f32``) in ``metric`` (as
         ``pairwise_distance``); rows are ordered by (distance, id), the tie rule of
         ``evaluate_rank``; slots past the number of allowed items hold id -1 and distance
-        inf. ``allowed`` is a boolean mask over ids (from ``store.allowed``).
+        inf. ``allowed`` is a boolean mask over ids (from :meth:`allowed`); a mask made
+        before the latest add is shorter than the index and allows none of the newer ids.
+        Deleted items are never returned. ``n`` may not exceed the number of ids.
         """
+        state = self._state
         queries = self._check_queries(queries)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if allowed is not None:
-            allowed = np.asarray(allowed, dtype=bool)
-            if allowed.shape != (self.count,):
-                raise ValueError(
-                    f"allowed must be a mask of {self.count} items, got {allowed.shape}"
-                )
-            num_allowed = int(allowed.sum())
-        else:
-            num_allowed = self.count
+        if n > state.count:
+            raise ValueError(
+                f"n = {n} is more than the {state.count} items of the index; ask for at most "
+                f"{state.count}"
+            )
+        allowed = self._combined_mask(state, allowed)
+        num_allowed = state.count if allowed is None else int(allowed.sum())
         n_out = n
         n = min(n, num_allowed)
         ids = np.full((len(queries), n_out), -1, dtype=np.int64)
@@ -607,9 +1056,21 @@ class GalleryIndex:
         if allowed is not None and num_allowed <= self.params.exact_below:
             found, found_dist = self._exact_scan(queries, n, np.flatnonzero(allowed), metric)
         else:
-            found, found_dist = self._approximate(queries, n, allowed, num_allowed, metric)
+            found, found_dist = self._approximate(state, queries, n, allowed, num_allowed, metric)
         ids[:, :n], dist[:, :n] = found, found_dist
         return ids, dist
+
+    @staticmethod
+    def _combined_mask(state: _Committed, allowed: np.ndarray | None) -> np.ndarray | None:
+        """The caller's mask (padded with False up to the count) and the live items."""
+        if allowed is None:
+            return None if state.live is None else state.live
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.ndim != 1 or len(allowed) > state.count:
+            raise ValueError(f"allowed must be a mask of {state.count} items, got {allowed.shape}")
+        if len(allowed) < state.count:
+            allowed = np.concatenate([allowed, np.zeros(state.count - len(allowed), bool)])
+        return allowed if state.live is None else allowed & state.live
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries)
@@ -621,43 +1082,43 @@ class GalleryIndex:
         _check_normalised(queries, "queries")
         return queries
 
-    def _approximate(self, queries, n, allowed, num_allowed, metric):
+    def _approximate(self, state, queries, n, allowed, num_allowed, metric):
         """faiss shortlist, exact re-scoring; queries left short are scanned exactly."""
         shortlist = n if self.kind == "flat" else min(num_allowed, n * self.params.rerank_factor)
         # a few spare candidates so that ties at the cut are broken by id, as in evaluate_rank
         shortlist = min(num_allowed, shortlist + 8)
-        candidates = self._faiss_search(queries, shortlist, allowed, num_allowed)
+        candidates = self._faiss_search(state, queries, shortlist, allowed, num_allowed)
         ids, dist = self._rescore(queries, candidates, n, metric)
         short = np.flatnonzero((ids < 0).any(axis=1))
         if len(short):
-            pool = np.flatnonzero(allowed) if allowed is not None else np.arange(self.count)
+            pool = np.flatnonzero(allowed) if allowed is not None else np.arange(state.count)
             ids[short], dist[short] = self._exact_scan(queries[short], n, pool, metric)
         return ids, dist
 
-    def _faiss_search(self, queries, shortlist, allowed, num_allowed) -> np.ndarray:
+    def _faiss_search(self, state, queries, shortlist, allowed, num_allowed) -> np.ndarray:
         import faiss
 
-        if self.kind == "pcaflat" and self._gpu() is None:
-            return self._reduced_scan(queries, shortlist, allowed)
+        if self.kind == "pcaflat" and self._gpu(state) is None:
+            return self._reduced_scan(state, queries, shortlist, allowed)
 
         params = None
         keep_alive = None
-        if allowed is not None and num_allowed < self.count:
+        if allowed is not None and num_allowed < state.count:
             keep_alive = np.packbits(allowed, bitorder="little")
-            selector = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(keep_alive))
+            selector = faiss.IDSelectorBitmap(state.count, faiss.swig_ptr(keep_alive))
             params = _search_parameters(
-                self.faiss_index, self.params, selector, shortlist, num_allowed / self.count
+                state.faiss_index, self.params, selector, shortlist, num_allowed / state.count
             )
         elif self.kind == "hnsw":
-            params = _search_parameters(self.faiss_index, self.params, None, shortlist, 1.0)
-        index = self.faiss_index
+            params = _search_parameters(state.faiss_index, self.params, None, shortlist, 1.0)
+        index = state.faiss_index
         if params is None:
-            index = self._gpu() or index
+            index = self._gpu(state) or index
         _, candidates = index.search(queries, shortlist, params=params)
         del keep_alive  # the bitmap must outlive the search
         return candidates
 
-    def _reduced_scan(self, queries, shortlist, allowed) -> np.ndarray:
+    def _reduced_scan(self, state, queries, shortlist, allowed) -> np.ndarray:
         """``pcaflat`` on the CPU: the L2 scan over the reduced vectors as torch matrix
         products on blocks of the gallery, reading faiss' own storage without a copy.
         faiss' flat search does the same arithmetic but reached only ~8 GFLOP/s on the
@@ -665,7 +1126,7 @@ class GalleryIndex:
         import faiss
         import torch
 
-        flat = self.faiss_index
+        flat = state.faiss_index
         if isinstance(flat, faiss.IndexPreTransform):
             queries = faiss.downcast_VectorTransform(flat.chain.at(0)).apply(queries)
             flat = faiss.downcast_index(flat.index)
@@ -674,18 +1135,18 @@ class GalleryIndex:
         )
         low = self.params.scan_dtype == "bfloat16"
         dtype = torch.bfloat16 if low else torch.float32
-        if (
-            self._scan_cache is None
-            or self._scan_cache[0].shape[0] != flat.ntotal
-            or (self._scan_cache[0].dtype != dtype)
-        ):
+        cache = self._scan_cache
+        # the cache holds the faiss index it views, so that storage outlives the view
+        if cache is None or cache[2] is not state.faiss_index or cache[0].dtype != dtype:
             norms = torch.from_numpy(np.einsum("ij,ij->i", stored, stored))
             vectors = torch.from_numpy(stored)  # a view of faiss' storage
             if low:  # one bfloat16 copy, [g, |g|^2], so that one product gives the distances
                 vectors = torch.cat([vectors, norms[:, None]], 1).to(dtype)
-            self._scan_cache = (vectors, norms)
-        vectors, norms = self._scan_cache
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+            cache = self._scan_cache = (vectors, norms, state.faiss_index)
+        vectors, norms, _ = cache
+        q = torch.from_numpy(
+            np.array(queries, dtype=np.float32)
+        )  # a copy: queries may be read-only
         if low:
             q = torch.cat([-2.0 * q, torch.ones(len(q), 1)], 1).to(dtype)
         best_d = torch.empty((len(q), 0), dtype=dtype)
@@ -709,19 +1170,20 @@ class GalleryIndex:
         best_i[torch.isinf(best_d)] = -1
         return best_i.numpy()
 
-    def _gpu(self):
+    def _gpu(self, state):
         """A GPU copy of a flat / IVF-PQ index when faiss has GPU support and sees a GPU."""
         import faiss
 
-        if (
-            self._gpu_index is None
-            and self.kind != "hnsw"
-            and hasattr(faiss, "StandardGpuResources")
-        ):
+        if self.kind == "hnsw" or not hasattr(faiss, "StandardGpuResources"):
+            return None
+        cache = self._gpu_cache
+        if cache is None or cache[0] is not state.faiss_index:
+            gpu_index = None
             if faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU faiss here
                 self._gpu_resources = faiss.StandardGpuResources()
-                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.faiss_index)
-        return self._gpu_index
+                gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, state.faiss_index)
+            cache = self._gpu_cache = (state.faiss_index, gpu_index)
+        return cache[1]
 
     def _rescore(self, queries, candidates, n, metric):
         """Exact distances of the candidates, ordered by (distance, id), cut to n.
@@ -902,6 +1364,180 @@ def _search_parameters(index, params: IndexParams, selector, shortlist: int, fra
     return inner
 
 
+# --------------------------------------------------------------------------------------
+# committed state on disk
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What changes whenever a file is replaced (a new inode, a new time)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def _read_manifest(path: Path) -> tuple[dict, tuple[int, ...]]:
+    """The manifest and the stamp of the very file read (stat of the open file)."""
+    manifest_path = path / MANIFEST
+    try:
+        with open(manifest_path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            text = handle.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not an rmgl index: {MANIFEST} is missing") from None
+    stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path} is not an rmgl index manifest")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{manifest_path}: index format version {manifest.get('format_version')} is not "
+            f"supported (this rmgl reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+            "rebuild the index"
+        )
+    for key, kind in (("count", int), ("dim", int), ("params", dict), ("generation", int)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ValueError(f"{manifest_path}: {key} must be {kind.__name__}")
+    if "count" not in manifest or "dim" not in manifest or "params" not in manifest:
+        raise ValueError(f"{manifest_path} lacks count, dim or params (not an rmgl manifest)")
+    if not _is_faiss_name(manifest.get("faiss_file", "index.faiss")):
+        raise ValueError(
+            f"{manifest_path}: faiss_file {manifest.get('faiss_file')!r} is not an index file name"
+        )
+    return manifest, stamp
+
+
+def _read_committed(path: Path, store: Store, previous: _Committed | None = None) -> _Committed:
+    """The committed state: the manifest, the faiss file it names (reused from ``previous``
+    when unchanged) and the live mask at its generation. A writer may replace the manifest
+    and remove the faiss file it named while this runs; then the read starts again."""
+    import faiss
+
+    for _ in range(OPEN_RETRIES):
+        manifest, stamp = _read_manifest(path)
+        count, dim = int(manifest["count"]), int(manifest["dim"])
+        name = manifest.get("faiss_file", "index.faiss")
+        if previous is not None and previous.faiss_file == name and previous.count == count:
+            faiss_index = previous.faiss_index
+        else:
+            faiss_path = path / name
+            try:
+                faiss_index = faiss.read_index(str(faiss_path))
+            except RuntimeError:
+                if _stamp(path / MANIFEST) != stamp:
+                    continue  # a writer committed meanwhile and removed the old file
+                if not faiss_path.is_file():
+                    raise ValueError(f"{faiss_path} is missing") from None
+                raise ValueError(
+                    f"{faiss_path} cannot be read by faiss (corrupt or truncated file?)"
+                ) from None
+        if faiss_index.ntotal != count or faiss_index.d != dim:
+            raise ValueError(
+                f"{path / name} holds {faiss_index.ntotal} {faiss_index.d}-d vectors but "
+                f"{MANIFEST} says {count} {dim}-d; rebuild the index"
+            )
+        live = store.live_mask(count, int(manifest.get("generation", 0)))
+        return _Committed(manifest, faiss_index, live, stamp)
+    raise ValueError(f"{path} kept changing while it was read ({OPEN_RETRIES} tries); try again")
+
+
+def _faiss_name(generation: int) -> str:
+    return f"index-{generation}.faiss"
+
+
+def _is_faiss_name(name: str) -> bool:
+    if name == "index.faiss":
+        return True
+    number = name.removeprefix("index-").removesuffix(".faiss")
+    return name.startswith("index-") and name.endswith(".faiss") and number.isdigit()
+
+
+def _write_faiss(index, path: Path) -> None:
+    """A new faiss file, complete on disk before anything refers to it."""
+    import faiss
+
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        faiss.write_index(index, str(temporary))
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except RuntimeError as err:  # faiss reports a failed write (a full disk) this way
+        temporary.unlink(missing_ok=True)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+        raise OSError(f"could not write {path} ({first})") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def _add_rows(faiss_index, vectors: VectorFile, start: int, stop: int) -> None:
+    rows_per_chunk = max(1, CHUNK_BYTES // vectors.row_bytes)
+    for first in range(start, stop, rows_per_chunk):
+        faiss_index.add(vectors.range(first, min(first + rows_per_chunk, stop)))
+
+
+def _store_folders(store: Store, folders: list[FeatureFolder], first: int) -> list[dict]:
+    """Store rows of ``folders`` from id ``first`` on; the manifest's source entries."""
+    sources = []
+    for folder in folders:
+        resolved = str(folder.folder.resolve())
+        store.add(
+            ((r.path, r.pid, r.camid, r.frame) for r in folder.records),
+            folder=resolved,
+            meta={"extract": folder.meta, "rows": len(folder.features)},
+            first=first,
+        )
+        sources.append({"folder": resolved, "first_id": first, "count": len(folder.features)})
+        first += len(folder.features)
+    return sources
+
+
+def _index_model(manifest: dict, store: Store) -> dict[str, Any]:
+    """The gallery's descriptor model: the manifest's, or (an index written before it was
+    recorded) the first source folder's extract.json."""
+    if isinstance(manifest.get("model"), dict):
+        return manifest["model"]
+    sources = store.sources(below=int(manifest["count"]))
+    return descriptor_model(sources[0]["meta"].get("extract", {}) if sources else {})
+
+
+def _other_models(
+    expected: dict, folders: list[FeatureFolder], allow: bool, holder: str
+) -> list[dict]:
+    """Refuse folders whose descriptors come from another model than ``expected`` (naming
+    both models), or with ``allow`` the records the manifest keeps of them."""
+    notes = []
+    for folder in folders:
+        found = folder.model
+        differences = model_differences(expected, found, MODEL_KEYS)
+        if not differences:
+            continue
+        if not allow:
+            raise ValueError(
+                f"{folder.folder} holds descriptors of another model than {holder} "
+                f"({'; '.join(differences)}): {holder} has {_model_name(expected)}, the folder "
+                f"{_model_name(found)}. Descriptors of two models are not comparable; extract "
+                "the folder with the same model, or pass --allow-other-model to mix them anyway"
+            )
+        notes.append(
+            {"folder": str(folder.folder.resolve()), "model": found, "differences": differences}
+        )
+    return notes
+
+
+def _model_name(model: dict) -> str:
+    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
+
+
 def _copy_vectors(folder: FeatureFolder, vectors: VectorFile) -> None:
     start = 0
     for block in folder.chunks():
@@ -911,12 +1547,25 @@ def _copy_vectors(folder: FeatureFolder, vectors: VectorFile) -> None:
 
 
 def _check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
-    seen = {source["folder"] for source in sources}
+    seen = {source["folder"] for source in sources if source.get("live", 1)}
     for folder in folders:
         resolved = str(folder.folder.resolve())
         if resolved in seen:
             raise ValueError(f"feature folder {folder.folder} is already in the index")
         seen.add(resolved)
+
+
+def _check_paths_unique(folders: list[FeatureFolder]) -> None:
+    """No image in two of the folders of one build."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        for record in folder.records:
+            if record.path in seen:
+                raise ValueError(
+                    f"{record.path} is listed in {seen[record.path] / IMAGES} and in "
+                    f"{folder.folder / IMAGES}; an image is indexed once"
+                )
+        seen.update((record.path, folder.folder) for record in folder.records)
 
 
 def _rmgl_version() -> str:

@@ -85,6 +85,21 @@ class ImageList:
             for v in (self.pids[index], self.camids[index], self.frames[index])
         )
 
+    def first_duplicate(self) -> tuple[int, int] | None:
+        """Positions (i, j), i < j, of the first path listed twice, or None. Hashes first
+        (8 bytes a path, no per-path objects kept), then the candidates' strings compared."""
+        if len(self) < 2:
+            return None
+        hashes = np.fromiter((hash(p) for p in self.paths), dtype=np.int64, count=len(self))
+        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        first_seen: dict[str, int] = {}
+        for position in np.flatnonzero(counts[inverse] > 1).tolist():  # in list order
+            path = self.paths[position]
+            if path in first_seen:
+                return first_seen[path], position
+            first_seen[path] = position
+        return None
+
     def fingerprint(self) -> str:
         """Changes whenever a path, a label or the order changes: a resumed extraction must
         continue over exactly the list it started with."""
@@ -154,14 +169,35 @@ def concat_image_lists(lists: Sequence[ImageList]) -> ImageList:
 
 
 def _walk_images(root: Path) -> list[str]:
-    """Image files below ``root``, absolute; sorted, so a resumed run sees the same order."""
+    """Image files below ``root``, absolute; sorted, so a resumed run sees the same order.
+
+    A sub-folder that cannot be read is an error, not a silent gap in the list. Linked
+    folders are followed, each real folder once (no loops, no image listed twice).
+    """
     found = []
-    for folder, subfolders, files in os.walk(os.path.abspath(root)):
+    unreadable: list[OSError] = []
+    visited: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(
+        os.path.abspath(root), onerror=unreadable.append, followlinks=True
+    ):
+        if unreadable:
+            break
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
+            subfolders.clear()
+            continue
+        visited.add((info.st_dev, info.st_ino))
         subfolders.sort()
         found.extend(
             os.path.join(folder, name)
             for name in sorted(files)
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        )
+    if unreadable:
+        err = unreadable[0]
+        raise ValueError(
+            f"cannot read folder {err.filename} ({err.strerror}): its images would be left out; "
+            "fix its permissions, or list the images in a .txt or .csv file"
         )
     return found
 

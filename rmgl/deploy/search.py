@@ -28,6 +28,7 @@ queries and the whole gallery; items outside the shortlist can never enter the t
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rmgl.deploy.index import FeatureRecord, GalleryIndex, _load_feature_folder
+from rmgl.deploy.features import descriptor_model, model_differences
+from rmgl.deploy.files import atomic_write_bytes, atomic_write_text, check_output
+from rmgl.deploy.index import FeatureRecord, GalleryIndex, load_feature_folder
 from rmgl.deploy.store import UNKNOWN, GalleryItem
 
 __all__ = [
+    "QUERY_MODEL_KEYS",
     "SearchResult",
+    "check_output_name",
+    "check_query_model",
     "ranked_list_picture",
     "search",
     "search_features",
@@ -47,6 +53,10 @@ __all__ = [
 ]
 
 OUTPUT_SUFFIXES = (".json", ".csv")
+# What a query model must share with the gallery's: precision is left out (a bf16 query
+# against a float32 gallery shifts every distance alike; mixing precisions inside one
+# gallery is what `rmgl index add` refuses).
+QUERY_MODEL_KEYS = ("weights_sha256", "descriptor_dim", "input_size", "flip")
 CSV_COLUMNS = [
     "query",
     "query_path",
@@ -76,6 +86,7 @@ class SearchResult:
     metric: str
     settings: dict = field(default_factory=dict)
     rerank_distances: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
 
     def hits(self, query: int) -> Iterator[dict]:
         """The results of one query as dicts (rank is 1-based)."""
@@ -103,28 +114,31 @@ class SearchResult:
             ],
         }
 
-    def write(self, path: str | Path) -> Path:
-        """Write ``.json`` (nested, with the settings) or ``.csv`` (one row per hit)."""
+    def write(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``.json`` (nested, with the settings) or ``.csv`` (one row per hit),
+        atomically; an existing file is replaced only with ``overwrite``."""
         path = Path(path)
-        _check_output(path)
+        check_output_name(path)
+        check_output(path, overwrite=overwrite, what="output")
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
             return path
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for q, record in enumerate(self.queries):
-                for hit in self.hits(q):
-                    writer.writerow(
-                        {
-                            "query": q,
-                            "query_path": record.path,
-                            "query_pid": _blank(record.pid),
-                            "query_camid": _blank(record.camid),
-                            **{key: _blank(value) for key, value in hit.items()},
-                        }
-                    )
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for q, record in enumerate(self.queries):
+            for hit in self.hits(q):
+                writer.writerow(
+                    {
+                        "query": q,
+                        "query_path": record.path,
+                        "query_pid": _blank(record.pid),
+                        "query_camid": _blank(record.camid),
+                        **{key: _blank(value) for key, value in hit.items()},
+                    }
+                )
+        atomic_write_text(path, buffer.getvalue())
         return path
 
 
@@ -132,8 +146,9 @@ def _blank(value):
     return "" if value is None else value
 
 
-def _check_output(path: Path) -> None:
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+def check_output_name(path: str | Path) -> None:
+    """Search results are written as .json or .csv."""
+    if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {path} must end in .json or .csv")
 
 
@@ -174,23 +189,22 @@ def search(
         raise ValueError(f"{len(query_records)} query records for {len(queries)} queries")
     if frames is not None and None not in frames and frames[0] > frames[1]:
         raise ValueError(f"empty frame range {frames[0]}:{frames[1]}")
+    index.refresh()  # the latest committed state: adds and deletions of other processes
+    _check_filters(index, cameras, frames)
     filtered = cameras is not None or frames is not None
-    allowed = index.store.allowed(cameras, frames) if filtered else None
-
-    wanted = max(k, rerank_shortlist) if rerank else k
-    extra = _same_camera_counts(index, query_records, allowed) if exclude_same_camera else None
-    fetch = wanted + (int(extra.max()) if extra is not None and len(extra) else 0)
-    ids, dist = index.nearest(queries, fetch, allowed, metric)
-    if exclude_same_camera:
-        ids, dist = _drop_same_camera(index, query_records, ids, dist)
-    ids, dist = ids[:, :wanted], dist[:, :wanted]
-    rerank_dist = None
-    if rerank:
-        ids, dist, rerank_dist = _rerank(index, queries, ids, dist, k, k1, k2, lambda_value)
-    ids, dist = ids[:, :k], dist[:, :k]
+    allowed = index.allowed(cameras, frames)
+    live = index.live_count
+    notes = []
+    returned = min(k, live)
+    if returned < k:
+        notes.append(f"k = {k} is more than the {live} live gallery items; all {live} are returned")
+    if filtered and allowed is not None and not allowed.any():
+        notes.append(f"no live gallery item passes the filters ({_describe(cameras, frames)})")
+    shortlist = min(rerank_shortlist, live)
     settings = {
         "index": str(index.path),
         "kind": index.kind,
+        "generation": index.generation,
         "k": k,
         "filters": {
             "cameras": sorted(int(c) for c in cameras) if cameras is not None else None,
@@ -201,6 +215,30 @@ def search(
         if rerank
         else None,
     }
+    if returned == 0:
+        empty = np.zeros((len(queries), 0))
+        return SearchResult(
+            list(query_records),
+            empty.astype(np.int64),
+            empty,
+            {},
+            metric,
+            settings,
+            empty if rerank else None,
+            notes,
+        )
+
+    wanted = max(returned, shortlist) if rerank else returned
+    extra = _same_camera_counts(index, query_records, allowed) if exclude_same_camera else None
+    fetch = wanted + (int(extra.max()) if extra is not None and len(extra) else 0)
+    ids, dist = index.nearest(queries, min(fetch, index.count), allowed, metric)
+    if exclude_same_camera:
+        ids, dist = _drop_same_camera(index, query_records, ids, dist)
+    ids, dist = ids[:, :wanted], dist[:, :wanted]
+    rerank_dist = None
+    if rerank:
+        ids, dist, rerank_dist = _rerank(index, queries, ids, dist, returned, k1, k2, lambda_value)
+    ids, dist = ids[:, :returned], dist[:, :returned]
     return SearchResult(
         list(query_records),
         ids,
@@ -209,7 +247,84 @@ def search(
         metric,
         settings,
         rerank_dist,
+        notes,
     )
+
+
+def _check_filters(index: GalleryIndex, cameras, frames) -> None:
+    """A camera the index does not have, or a frame range outside all of its frames, is
+    almost always a typo: say what the index has instead of returning nothing."""
+    if cameras is not None:
+        have = index.cameras()
+        missing = sorted({int(c) for c in cameras} - set(have))
+        if missing:
+            shown = ", ".join(map(str, have)) if have else "none (no item has a known camera)"
+            raise ValueError(
+                f"no live gallery item has camera {', '.join(map(str, missing))}; the cameras "
+                f"of {index.path} are {shown}"
+            )
+    if frames is not None:
+        span = index.frame_span()
+        first, last = frames
+        if span is None:
+            raise ValueError(
+                f"no live gallery item of {index.path} has a known frame; a frame filter "
+                "would return nothing"
+            )
+        if (first is not None and first > span[1]) or (last is not None and last < span[0]):
+            raise ValueError(
+                f"no live gallery item has a frame in {_range(frames)}; the frames of "
+                f"{index.path} span {_number(span[0])}:{_number(span[1])}"
+            )
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _range(frames) -> str:
+    return ":".join("" if v is None else _number(v) for v in frames)
+
+
+def _describe(cameras, frames) -> str:
+    parts = []
+    if cameras is not None:
+        parts.append("cameras " + ",".join(str(int(c)) for c in cameras))
+    if frames is not None:
+        parts.append(f"frames {_range(frames)}")
+    return " and ".join(parts)
+
+
+def check_query_model(
+    index: GalleryIndex, found: dict, what: str, allow_other_model: bool = False
+) -> list[str]:
+    """Refuse queries from another descriptor model than the gallery's (naming both), unless
+    ``allow_other_model``. Returns notes: what could not be checked (a model that is not
+    recorded on either side) or what differs when it is allowed."""
+    expected = index.model
+    unknown = [k for k in QUERY_MODEL_KEYS if expected.get(k) is None or found.get(k) is None]
+    known = tuple(k for k in QUERY_MODEL_KEYS if k not in unknown)
+    differences = model_differences(expected, found, known)
+    notes = []
+    if unknown:
+        notes.append(
+            f"{', '.join(unknown)} of the gallery or of {what} is not recorded; "
+            "those could not be compared"
+        )
+    if differences:
+        if not allow_other_model:
+            raise ValueError(
+                f"{what} come from another model than the gallery of {index.path} "
+                f"({'; '.join(differences)}): the gallery has {_model_name(expected)}, the "
+                f"queries {_model_name(found)}. Distances between two models' descriptors mean "
+                "nothing; use the gallery's model, or pass --allow-other-model"
+            )
+        notes.append(f"queries from another model than the gallery ({'; '.join(differences)})")
+    return notes
+
+
+def _model_name(model: dict) -> str:
+    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
 
 
 def _same_camera_counts(index, records, allowed) -> np.ndarray:
@@ -220,8 +335,9 @@ def _same_camera_counts(index, records, allowed) -> np.ndarray:
             f"exclude_same_camera needs the pid and camera of every query; query {missing[0]} "
             f"({records[missing[0]].path or 'no path'}) has none"
         )
-    columns = index.store.columns()
-    keep = np.ones(len(columns.pids), dtype=bool) if allowed is None else allowed
+    columns = index.store.columns(index.count, index.generation)
+    keep = np.ones(index.count, dtype=bool) if allowed is None else allowed
+    keep = np.concatenate([keep, np.zeros(index.count - len(keep), bool)])[: index.count]
     known = keep & (columns.pids != UNKNOWN) & (columns.camids != UNKNOWN)
     pairs, counts = np.unique(
         np.stack([columns.pids[known], columns.camids[known]], axis=1), axis=0, return_counts=True
@@ -235,7 +351,7 @@ def _drop_same_camera(index, records, ids, dist):
     the gaps, keeping the order."""
     from rmgl.metrics.ranking import ignored_gallery_mask
 
-    columns = index.store.columns()
+    columns = index.store.columns(index.count, index.generation)
     out_ids, out_dist = np.full_like(ids, -1), np.full_like(dist, np.inf)
     for q, record in enumerate(records):
         valid = ids[q][ids[q] >= 0]
@@ -274,18 +390,31 @@ def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
 
 
 def search_features(
-    index: GalleryIndex, folder: str | Path, k: int = 10, **options
+    index: GalleryIndex,
+    folder: str | Path,
+    k: int = 10,
+    allow_other_model: bool = False,
+    **options,
 ) -> SearchResult:
     """Search with every descriptor of a feature folder (as ``rmgl extract`` writes it); its
-    images.csv gives the query paths, pids and cameras.
+    images.csv gives the query paths, pids and cameras. The folder's model (extract.json)
+    must be the gallery's (:func:`check_query_model`).
 
     Examples::
 
         result = search_features(GalleryIndex.open("gallery.idx"), "feats/query", k=10,
                                  exclude_same_camera=True)
     """
-    queries = _load_feature_folder(folder)
-    return search(index, np.asarray(queries.features), k, query_records=queries.records, **options)
+    queries = load_feature_folder(folder, unique_paths=False)
+    notes = check_query_model(
+        index, queries.model, f"the query descriptors of {folder}", allow_other_model
+    )
+    result = search(
+        index, np.asarray(queries.features), k, query_records=queries.records, **options
+    )
+    result.notes[:0] = notes
+    result.settings["allow_other_model"] = allow_other_model
+    return result
 
 
 def search_images(
@@ -297,11 +426,14 @@ def search_images(
     backend: str = "auto",
     device: str = "auto",
     figure: str | Path | None = None,
+    allow_other_model: bool = False,
     **options,
 ) -> SearchResult:
     """Encode query images with ``rmgl.deploy.encoder.Encoder`` (imported only here, so index
     and feature-folder searches need neither torch models nor ONNX), then search; the
-    descriptors are L2-normalised before searching. ``figure`` writes a ranked-list picture.
+    descriptors are L2-normalised before searching. ``checkpoint``: an rmgl checkpoint or
+    an exported ``.onnx`` model (``backend="auto"`` picks the runtime); it must be the
+    gallery's model (:func:`check_query_model`). ``figure`` writes a ranked-list picture.
 
     Examples::
 
@@ -317,6 +449,10 @@ def search_images(
     from rmgl.deploy.encoder import Encoder
 
     encoder = Encoder(checkpoint, backend=backend, device=device)
+    provenance = encoder.provenance() if hasattr(encoder, "provenance") else {}
+    notes = check_query_model(
+        index, descriptor_model(provenance), f"queries encoded by {checkpoint}", allow_other_model
+    )
     features = np.asarray(encoder.encode([str(p) for p in paths]), dtype=np.float32)
     if features.shape[0] != len(paths):
         raise ValueError(
@@ -325,6 +461,8 @@ def search_images(
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     records = [FeatureRecord(str(p), None, None, None) for p in paths]
     result = search(index, features, k, query_records=records, **options)
+    result.notes[:0] = notes
+    result.settings["allow_other_model"] = allow_other_model
     if figure is not None:
         ranked_list_picture(result, figure)
     return result
@@ -368,5 +506,7 @@ def ranked_list_picture(
             draw.text((x + 2, y + 1), f"{hit['rank']}: {hit['distance']:.2f}", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path

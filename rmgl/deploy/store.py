@@ -3,21 +3,29 @@
 A search index only knows vector ids; an operator needs the image path, the camera and the
 frame (or timestamp) of each hit, and wants to restrict a search to some cameras or a time
 window. This store keeps one row per vector (``id`` = faiss id = row of ``vectors.f32``),
-with ``pid``, ``camid`` and ``frame`` NULL when unknown, plus one row per feature folder
-that was added (its provenance). SQLite is in the standard library, needs no server, is
-safe against interrupted writes (transactions) and holds no pickles.
+with ``pid``, ``camid`` and ``frame`` NULL when unknown, ``deleted`` NULL for a live item
+and the index generation that deleted it otherwise, plus one row per feature folder that
+was added (its provenance). SQLite is in the standard library, needs no server, is safe
+against interrupted writes (transactions) and holds no pickles.
 
-Filters are answered from three numpy columns read once (pid, camid, frame; 24 bytes a
-vector, 24 MB for a million), so a camera or frame filter over a million vectors costs a
-few vectorised comparisons, not a query per vector; paths are read from SQLite only for
-the hits that are shown.
+The index folder's manifest is the commit record (:mod:`rmgl.deploy.index`): rows at or
+past its ``count`` and deletion marks newer than its ``generation`` belong to a write that
+has not committed (or was killed), so every read takes ``count`` (``below``) and
+``generation`` and ignores them.
+
+Filters are answered from numpy columns read once per committed state (pid, camid, frame,
+live; 25 bytes a vector, 25 MB for a million), so a camera or frame filter over a million
+vectors costs a few vectorised comparisons, not a query per vector; paths are read from
+SQLite only for the hits that are shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,8 @@ __all__ = ["UNKNOWN", "GalleryItem", "Store", "StoreColumns"]
 
 # pid / camid of an item whose label is unknown, in the numpy columns (NULL in SQLite)
 UNKNOWN = np.iinfo(np.int64).min
+# seconds a read waits while a writer commits (SQLite's busy timeout)
+BUSY_TIMEOUT = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -35,7 +45,8 @@ CREATE TABLE IF NOT EXISTS items (
     pid INTEGER,
     camid INTEGER,
     frame REAL,
-    source INTEGER NOT NULL
+    source INTEGER NOT NULL,
+    deleted INTEGER
 );
 CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY,
@@ -72,12 +83,13 @@ class GalleryItem:
 
 @dataclass(frozen=True)
 class StoreColumns:
-    """pid and camid (int64, :data:`UNKNOWN` when unknown) and frame (float64, NaN when
-    unknown) of every item, indexed by id."""
+    """pid and camid (int64, :data:`UNKNOWN` when unknown), frame (float64, NaN when
+    unknown) and live (bool) of every item, indexed by id."""
 
     pids: np.ndarray
     camids: np.ndarray
     frames: np.ndarray
+    live: np.ndarray | None = None
 
 
 class Store:
@@ -93,49 +105,91 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        exists = self.path.is_file()
         try:
-            self._db = sqlite3.connect(self.path)
-            self._db.executescript(_SCHEMA)
+            # one connection shared by this object's threads, each use under self._lock
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False)
+            if not exists:
+                self._db.executescript(_SCHEMA)
+            self._db.execute("SELECT id, path, pid, camid, frame, source FROM items LIMIT 1")
+            self._db.execute("SELECT folder, first_id, count, meta FROM sources LIMIT 1")
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path}: not a readable SQLite store ({err})") from None
-        self._columns: StoreColumns | None = None
+        self._lock = threading.RLock()
+        self._columns: tuple[tuple, StoreColumns] | None = None
 
     def close(self) -> None:
         self._db.close()
 
     def __len__(self) -> int:
+        """All rows, including deleted items and rows of an unfinished write."""
         return self._query_one("SELECT COUNT(*) FROM items")
+
+    def count_below(self, below: int) -> int:
+        """Rows with id < ``below``."""
+        return self._query_one("SELECT COUNT(*) FROM items WHERE id < ?", below)
 
     def _query_one(self, sql: str, *args) -> int:
         try:
-            return int(self._db.execute(sql, args).fetchone()[0] or 0)
+            with self._lock:
+                return int(self._db.execute(sql, args).fetchone()[0] or 0)
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path}: not a readable SQLite store ({err})") from None
+
+    def _has_deleted_column(self) -> bool:
+        with self._lock:
+            return any(row[1] == "deleted" for row in self._db.execute("PRAGMA table_info(items)"))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (all or nothing); SQLite's own failures (a full disk, a
+        read-only file, a lock held too long) become OSError naming the file."""
+        with self._lock:
+            try:
+                with self._db:
+                    yield
+            except sqlite3.OperationalError as err:
+                raise OSError(f"could not write {self.path} ({err})") from None
+            finally:
+                self._columns = None
+
+    def prepare_for_writes(self) -> None:
+        """Bring a store written by an older rmgl up to date (the ``deleted`` column, an
+        index on paths); writers call it, readers never write."""
+        with self._transaction():
+            if not self._has_deleted_column():
+                self._db.execute("ALTER TABLE items ADD COLUMN deleted INTEGER")
+            self._db.execute("CREATE INDEX IF NOT EXISTS items_path ON items(path)")
 
     def add(
         self,
         rows: Iterable[tuple[str, int | None, int | None, float | None]],
         folder: str,
         meta: dict,
+        first: int | None = None,
     ) -> tuple[int, int]:
-        """Append (path, pid, camid, frame) rows with the next ids, in one transaction.
-
-        Returns (first id, count). Rows with an id at or past the current count (left by an
-        interrupted add) are removed first, so ids always equal vector rows.
-        """
-        first = self.next_id()
+        """Append (path, pid, camid, frame) rows with ids ``first``, ``first + 1``, ... (by
+        default the next id), in one transaction. Returns (first id, count). Rows at or past
+        ``first`` (left by an interrupted add) are removed first, so ids always equal vector
+        rows."""
         rows = list(rows)
-        with self._db:
-            self._db.execute("DELETE FROM items WHERE id >= ?", (first,))
-            source = self._db.execute(
-                "INSERT INTO sources (folder, first_id, count, meta) VALUES (?, ?, ?, ?)",
-                (folder, first, len(rows), json.dumps(meta, sort_keys=True)),
-            ).lastrowid
-            self._db.executemany(
-                "INSERT INTO items (id, path, pid, camid, frame, source) VALUES (?, ?, ?, ?, ?, ?)",
-                ((first + i, p, pid, cam, fr, source) for i, (p, pid, cam, fr) in enumerate(rows)),
-            )
-        self._columns = None
+        with self._lock:
+            first = self.next_id() if first is None else first
+            with self._transaction():
+                self._db.execute("DELETE FROM items WHERE id >= ?", (first,))
+                self._db.execute("DELETE FROM sources WHERE first_id >= ?", (first,))
+                source = self._db.execute(
+                    "INSERT INTO sources (folder, first_id, count, meta) VALUES (?, ?, ?, ?)",
+                    (folder, first, len(rows), json.dumps(meta, sort_keys=True)),
+                ).lastrowid
+                self._db.executemany(
+                    "INSERT INTO items (id, path, pid, camid, frame, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        (first + i, p, pid, cam, fr, source)
+                        for i, (p, pid, cam, fr) in enumerate(rows)
+                    ),
+                )
         return first, len(rows)
 
     def next_id(self) -> int:
@@ -144,54 +198,139 @@ class Store:
 
     def truncate(self, count: int) -> None:
         """Drop items with id >= count and the sources that start there (undo of a failed add)."""
-        with self._db:
+        self.rollback(count, None)
+
+    def rollback(self, count: int, generation: int | None) -> None:
+        """Undo what uncommitted writes left: items and sources at or past ``count`` and
+        deletion marks newer than ``generation`` (None: keep every mark)."""
+        with self._transaction():
             self._db.execute("DELETE FROM items WHERE id >= ?", (count,))
             self._db.execute("DELETE FROM sources WHERE first_id >= ?", (count,))
-        self._columns = None
+            if generation is not None and self._has_deleted_column():
+                self._db.execute("UPDATE items SET deleted = NULL WHERE deleted > ?", (generation,))
 
-    def sources(self) -> list[dict]:
-        """The feature folders added so far, in order: folder, first_id, count, meta."""
-        rows = self._db.execute(
-            "SELECT folder, first_id, count, meta FROM sources ORDER BY first_id"
+    def mark_deleted(self, ids: Sequence[int] | np.ndarray, generation: int) -> None:
+        """Mark live items as deleted by ``generation``, in one transaction (the mark counts
+        once a manifest of that generation is committed)."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        with self._transaction():
+            for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
+                chunk = ids[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                self._db.execute(
+                    f"UPDATE items SET deleted = ? WHERE deleted IS NULL AND id IN ({marks})",
+                    (generation, *chunk),
+                )
+
+    def sources(self, below: int | None = None) -> list[dict]:
+        """The feature folders added (first id below ``below``), in order: folder, first_id,
+        count, meta and live (items not deleted)."""
+        deleted = "deleted IS NOT NULL" if self._has_deleted_column() else "0"
+        limit = "WHERE s.first_id < ?" if below is not None else ""
+        sql = (
+            "SELECT s.folder, s.first_id, s.count, s.meta, "
+            f"(SELECT COUNT(*) FROM items i WHERE i.source = s.id AND NOT ({deleted})) "
+            f"FROM sources s {limit} ORDER BY s.first_id"
         )
+        with self._lock:
+            rows = self._db.execute(sql, () if below is None else (below,)).fetchall()
         return [
-            {"folder": folder, "first_id": first, "count": count, "meta": json.loads(meta)}
-            for folder, first, count, meta in rows
+            {
+                "folder": folder,
+                "first_id": first,
+                "count": count,
+                "meta": json.loads(meta),
+                "live": live,
+            }
+            for folder, first, count, meta, live in rows
         ]
 
-    def columns(self) -> StoreColumns:
-        """pid, camid and frame of every item as numpy arrays (read once, then cached)."""
-        if self._columns is None:
-            count = self.next_id()
+    def columns(self, count: int | None = None, generation: int | None = None) -> StoreColumns:
+        """pid, camid, frame and live of items 0..count-1 (default: every row) as numpy
+        arrays, with deletion marks up to ``generation`` (default: all); cached."""
+        with self._lock:
+            count = self.next_id() if count is None else count
+            key = (count, generation)
+            if self._columns is not None and self._columns[0] == key:
+                return self._columns[1]
             pids = np.full(count, UNKNOWN, dtype=np.int64)
             camids = np.full(count, UNKNOWN, dtype=np.int64)
             frames = np.full(count, np.nan, dtype=np.float64)
             cursor = self._db.execute(
-                "SELECT id, IFNULL(pid, ?), IFNULL(camid, ?) FROM items",
-                (int(UNKNOWN), int(UNKNOWN)),
+                "SELECT id, IFNULL(pid, ?), IFNULL(camid, ?) FROM items WHERE id < ?",
+                (int(UNKNOWN), int(UNKNOWN), count),
             )
             while batch := cursor.fetchmany(65536):
                 rows = np.array(batch, dtype=np.int64)
                 pids[rows[:, 0]], camids[rows[:, 0]] = rows[:, 1], rows[:, 2]
-            cursor = self._db.execute("SELECT id, frame FROM items WHERE frame IS NOT NULL")
+            cursor = self._db.execute(
+                "SELECT id, frame FROM items WHERE frame IS NOT NULL AND id < ?", (count,)
+            )
             while batch := cursor.fetchmany(65536):
                 rows = np.array(batch, dtype=np.float64)
                 frames[rows[:, 0].astype(np.int64)] = rows[:, 1]
-            self._columns = StoreColumns(pids, camids, frames)
-        return self._columns
+            live = self._live(count, generation)
+            columns = StoreColumns(pids, camids, frames, live)
+            self._columns = (key, columns)
+            return columns
+
+    def live_mask(self, count: int, generation: int | None = None) -> np.ndarray | None:
+        """Mask over ids 0..count-1 of the items not deleted by ``generation`` (default: by
+        any), or None when none is."""
+        with self._lock:
+            return self._live(count, generation)
+
+    def _live(self, count: int, generation: int | None) -> np.ndarray | None:
+        if not self._has_deleted_column():
+            return None
+        sql = "SELECT id FROM items WHERE deleted IS NOT NULL AND id < ?"
+        args: tuple = (count,)
+        if generation is not None:
+            sql += " AND deleted <= ?"
+            args = (count, generation)
+        ids = [row[0] for row in self._db.execute(sql, args)]
+        if not ids:
+            return None
+        live = np.ones(count, dtype=bool)
+        live[np.asarray(ids, dtype=np.int64)] = False
+        return live
+
+    def find_paths(
+        self, paths: Sequence[str], below: int | None = None, generation: int | None = None
+    ) -> dict[str, int]:
+        """{path: id} of the live items (below ``below``) whose path is among ``paths``."""
+        wanted = sorted(set(paths))
+        alive = "1"
+        args_tail: tuple = ()
+        if self._has_deleted_column():
+            alive = "(deleted IS NULL" + (" OR deleted > ?)" if generation is not None else ")")
+            args_tail = (generation,) if generation is not None else ()
+        bound = " AND id < ?" if below is not None else ""
+        found: dict[str, int] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 900):
+                chunk = wanted[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT path, id FROM items WHERE path IN ({marks}) AND {alive}{bound}",
+                    (*chunk, *args_tail, *((below,) if below is not None else ())),
+                )
+                found.update(rows)
+        return found
 
     def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, GalleryItem]:
         """Metadata of the given ids (missing ids are left out), keyed by id."""
         wanted = sorted({int(i) for i in ids if i >= 0})
         found: dict[int, GalleryItem] = {}
-        for start in range(0, len(wanted), 900):  # SQLite's limit on bound parameters
-            chunk = wanted[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT id, path, pid, camid, frame FROM items WHERE id IN ({marks})", chunk
-            )
-            for item_id, path, pid, camid, frame in rows:
-                found[item_id] = GalleryItem(item_id, path, pid, camid, frame)
+        with self._lock:
+            for start in range(0, len(wanted), 900):  # SQLite's limit on bound parameters
+                chunk = wanted[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id, path, pid, camid, frame FROM items WHERE id IN ({marks})", chunk
+                )
+                for item_id, path, pid, camid, frame in rows:
+                    found[item_id] = GalleryItem(item_id, path, pid, camid, frame)
         return found
 
     def item(self, item_id: int) -> GalleryItem:
@@ -204,15 +343,19 @@ class Store:
         self,
         cameras: Iterable[int] | None = None,
         frames: tuple[float | None, float | None] | None = None,
+        count: int | None = None,
+        generation: int | None = None,
     ) -> np.ndarray:
-        """Boolean mask over ids of the items a filtered search may return.
+        """Boolean mask over ids 0..count-1 of the live items a filtered search may return.
 
         ``cameras``: keep items whose camid is in the set; ``frames = (first, last)``: keep
         items with first <= frame <= last (either end None = open). An item whose camera
         (or frame) is unknown never passes a camera (or frame) filter.
         """
-        columns = self.columns()
-        keep = np.ones(len(columns.pids), dtype=bool)
+        columns = self.columns(count, generation)
+        keep = (
+            np.ones(len(columns.pids), dtype=bool) if columns.live is None else columns.live.copy()
+        )
         if cameras is not None:
             keep &= np.isin(columns.camids, np.fromiter(cameras, dtype=np.int64))
         if frames is not None:

@@ -95,7 +95,31 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{path} is not an rmgl checkpoint (format {metadata.get('format')!r}); "
             "for plain weights use rmgl.engine.checkpoint.load_weights"
         )
-    return Checkpoint(load_file(str(path)), metadata["config"], json.loads(metadata["trainer"]))
+    config_yaml, trainer = _checked_metadata(path, metadata)
+    return Checkpoint(load_file(str(path)), config_yaml, trainer)
+
+
+def _checked_metadata(path: Path, metadata: dict) -> tuple[str, dict]:
+    """The config text and trainer state of a checkpoint, checked where they are read, so
+    that every command loading checkpoints (eval, export, extract, search, report, inspect,
+    resume, init_from) refuses a bad one with the same one line naming the file. The config
+    is parsed by a safe YAML loader: a payload tag (``!!python/object/apply:...``) is never
+    constructed, only reported."""
+    from rmgl.engine.config import from_yaml_text
+
+    config_yaml, trainer_json = metadata.get("config"), metadata.get("trainer")
+    if not isinstance(config_yaml, str) or not isinstance(trainer_json, str):
+        raise ValueError(f"{path} is a damaged rmgl checkpoint (no config or trainer state)")
+    from_yaml_text(config_yaml, f"checkpoint {path}")
+    try:
+        trainer = json.loads(trainer_json)
+    except ValueError as err:
+        raise ValueError(
+            f"checkpoint {path}: the stored trainer state is not JSON ({err})"
+        ) from None
+    if not isinstance(trainer, dict):
+        raise ValueError(f"checkpoint {path}: the stored trainer state is not a JSON object")
+    return config_yaml, trainer
 
 
 def optimizer_state(ckpt: Checkpoint) -> dict:

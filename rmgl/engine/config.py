@@ -173,16 +173,28 @@ def builtin_configs() -> list[str]:
     )
 
 
+def builtin_config(name: str | Path) -> Path | None:
+    """The built-in config called ``name`` (``market1501``, ``ablation/2stripe_rp``, with or
+    without ``.yaml``), or None. Only files inside the package's config folder are names:
+    ``../x`` never resolves to a file outside it."""
+    stem = Path(name).as_posix().removesuffix(".yaml")
+    candidate = (BUILTIN_DIR / f"{stem}.yaml").resolve()
+    if BUILTIN_DIR not in candidate.parents or not candidate.is_file():
+        return None
+    return candidate
+
+
 def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
     """A config file: an existing path (relative to ``relative_to`` when given), else a built-in
     config by name (``market1501``, ``ablation/2stripe_rp``, with or without ``.yaml``)."""
     path = Path(name)
-    candidates = [relative_to / path] if relative_to is not None else [path]
+    candidate = relative_to / path if relative_to is not None else path
+    if candidate.is_file():
+        return candidate
+    builtin = builtin_config(path)
+    if builtin is not None:
+        return builtin
     stem = path.as_posix().removesuffix(".yaml")
-    candidates.append(BUILTIN_DIR / f"{stem}.yaml")
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
     close = difflib.get_close_matches(stem, builtin_configs(), n=3, cutoff=0.6)
     hint = (
         f"; did you mean {', '.join(close)}?"
@@ -401,6 +413,22 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def from_yaml_text(text: str) -> DictConfig:
-    """Rebuild a validated config from :func:`to_yaml` output (e.g. stored in a checkpoint)."""
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+def from_yaml_text(text: str, source: str = "config") -> DictConfig:
+    """Rebuild a validated config from :func:`to_yaml` output (e.g. stored in a checkpoint).
+
+    The text is read with a safe YAML loader: a tag such as ``!!python/object/apply:...``
+    is never constructed. Anything that is not a valid config (such tags, broken YAML,
+    unknown keys, wrong types) is a one-line :class:`ConfigError` that names ``source``.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        node = OmegaConf.create(text)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{source}: the stored config is not valid YAML ({first})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{source}: the stored config is not a mapping of sections")
+    try:
+        return OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, source) from None
