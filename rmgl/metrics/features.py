@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -11,14 +12,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rmgl.metrics.distance import METRICS, PreparedRows, distance_block, prepare_rows
+
 __all__ = [
     "ExtractedFeatures",
     "extract_features",
     "pairwise_distance",
     "pairwise_distance_chunks",
 ]
-
-METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 
 class ExtractedFeatures(NamedTuple):
@@ -107,12 +108,21 @@ def pairwise_distance(
     memory_budget_mb: int = 256,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """(Q, G) float32 distance matrix, computed in row chunks.
+    """(Q, G) float32 distance matrix, computed in chunks.
 
     ``euclidean`` is the L2 distance, ``sqeuclidean`` its square (rankings are identical),
-    ``cosine`` is 1 - cosine similarity. ``memory_budget_mb`` bounds the working memory of
-    one chunk on ``device`` (default: the query's device); the Q x G result comes on top.
-    To avoid holding the result, iterate :func:`pairwise_distance_chunks` instead.
+    ``cosine`` is 1 - cosine similarity. Each entry is the float32 nearest to the exact
+    distance of the two (float32) feature rows (:mod:`rmgl.metrics.distance`), so it does not
+    depend on the chunking, the device or the BLAS, and identical gallery rows tie exactly.
+    ``memory_budget_mb`` bounds the working memory of one chunk on ``device`` (default: the
+    query's device) beyond a floor of one query row against 1,024 gallery rows; the Q x G
+    result comes on top. To avoid holding the result, iterate
+    :func:`pairwise_distance_chunks` instead.
+
+    Examples::
+
+        >>> pairwise_distance(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]]))
+        array([[5.]], dtype=float32)
     """
     chunks = pairwise_distance_chunks(query, gallery, metric, memory_budget_mb, device)
     out = np.empty((len(query), len(gallery)), dtype=np.float32)
@@ -128,11 +138,11 @@ def pairwise_distance_chunks(
     memory_budget_mb: int = 256,
     device: str | torch.device | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """The rows of :func:`pairwise_distance` as ``(first row, float32 block)`` pairs, in order:
-    the same chunks and the same arithmetic, so the blocks equal the matrix's rows bit for bit."""
+    """The rows of :func:`pairwise_distance` as ``(first row, float32 block)`` pairs, in order
+    (the same values: no entry depends on the chunk it is computed in)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
+    query, gallery = _as_tensor(query), _as_tensor(gallery)
     if query.dim() != 2 or gallery.dim() != 2:
         raise ValueError(
             f"features must be 2-D, got shapes {tuple(query.shape)} and {tuple(gallery.shape)}"
@@ -143,7 +153,16 @@ def pairwise_distance_chunks(
         )
     if len(query) == 0 or len(gallery) == 0:
         raise ValueError("pairwise_distance needs at least one query and one gallery feature")
-    return _distance_chunks(query, gallery, metric, memory_budget_mb, device)
+    device = torch.device(device) if device is not None else query.device
+    prepared_gallery = prepare_rows(gallery.to(device), metric)
+    return _distance_chunks(query, prepared_gallery, metric, memory_budget_mb, device)
+
+
+def _as_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor view of the features; read-only arrays (memory maps) are fine: never written."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.as_tensor(features)
 
 
 def row_squared_norms(x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
@@ -155,29 +174,30 @@ def row_squared_norms(x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tens
     )
 
 
+# bytes per (query row, gallery row) entry of one block: the float64 product, the two float64
+# ends of its interval and their float32 roundings
+_BLOCK_ENTRY_BYTES = 40
+
+
 def _distance_chunks(
     query: torch.Tensor,
-    gallery: torch.Tensor,
+    gallery: PreparedRows,
     metric: str,
     memory_budget_mb: int,
-    device: str | torch.device | None,
+    device: torch.device,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    device = torch.device(device) if device is not None else query.device
-    gallery = gallery.to(device, torch.float32)
-    if metric == "cosine":
-        gallery = nn.functional.normalize(gallery, dim=1)
-    gallery_sq = row_squared_norms(gallery)
-    # per query row: one float32 distance row plus the matching slice of the product
-    rows_per_chunk = max(1, memory_budget_mb * 2**20 // (8 * len(gallery)))
+    budget = memory_budget_mb * 2**20
+    num_gallery, dim = gallery.rows.shape
+    # half the budget for the chunk's float32 rows, half for the block being computed
+    rows_per_chunk = max(1, budget // 2 // (4 * num_gallery + 8 * dim))
     for start in range(0, len(query), rows_per_chunk):
-        chunk = query[start : start + rows_per_chunk].to(device, torch.float32)
-        if metric == "cosine":
-            block = torch.mm(nn.functional.normalize(chunk, dim=1), gallery.T).neg_().add_(1.0)
-        else:
-            block = torch.addmm(gallery_sq[None, :], chunk, gallery.T, alpha=-2.0)
-            block += (chunk * chunk).sum(1, keepdim=True)
-            block.clamp_(min=0.0)  # rounding can make a distance slightly negative
-            if metric == "euclidean":
-                block.sqrt_()
+        chunk = prepare_rows(query[start : start + rows_per_chunk].to(device), metric)
+        columns = budget // 2 // (_BLOCK_ENTRY_BYTES * len(chunk) + 8 * dim)
+        columns = min(num_gallery, max(1024, columns))
+        block = torch.empty((len(chunk), num_gallery), dtype=torch.float32, device=device)
+        for first in range(0, num_gallery, columns):
+            block[:, first : first + columns] = distance_block(
+                chunk, gallery[first : first + columns], metric
+            )
         yield start, block.cpu().numpy()
         del block  # before the next chunk is allocated: one chunk at a time
