@@ -228,6 +228,36 @@ def test_a_disagreeing_export_fails_loudly_and_leaves_nothing(exported, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx"]
 
 
+def test_parity_runs_on_the_cuda_provider_without_tf32_when_there_is_one(
+    exported, tmp_path, monkeypatch
+):
+    """The graph is checked on the provider an Encoder picks by default: CUDA when this
+    onnxruntime has it (faked here; the session itself runs on the CPU), with TF32 off."""
+    _, checkpoint, path = exported
+    model = load_model(checkpoint, "cpu")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(path, copy)
+    requested = []
+    real_session = ort.InferenceSession
+
+    def session(file, options=None, providers=None):
+        requested.append(providers)
+        return real_session(file, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    report = export_module._check_parity(model, copy, meta, band_images(3), fp16=False)
+    assert report["provider"] == "CUDAExecutionProvider"
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0"})
+    assert requested == [[cuda, "CPUExecutionProvider"]]
+    requested.clear()
+    Encoder(path, backend="onnxruntime", device="cuda:1")
+    assert requested[0][0] == ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
+
+
 def test_weights_export_is_a_plain_state_dict_with_a_description(exported, tmp_path, capsys):
     _, checkpoint, _ = exported
     out = tmp_path / "w.safetensors"

@@ -3,11 +3,13 @@
 Two backends, one preprocessing:
 
 * ``torch``: the rmgl model (a checkpoint or ``load_model``'s model). Every batch goes through
-  :func:`rmgl.metrics.extract_features`, the evaluation's own code, so a batch gives the same
-  bits as ``rmgl eval`` on the same images in the same batch (CPU kernels may round a batch of
-  another size differently in the last bits, ~1e-6).
+  :func:`rmgl.metrics.extract_features`, the evaluation's own code (true float32 unless
+  ``amp`` asks for less: TF32 off), so a batch gives the same bits as ``rmgl eval`` on the
+  same images in the same batch (CPU kernels may round a batch of another size differently
+  in the last bits, ~1e-6).
 * ``onnxruntime``: a file written by ``rmgl export --format onnx`` and its sidecar JSON; no
   rmgl checkpoint and no model code. Flip-averaging and L2 normalisation are inside the graph.
+  The CUDA provider runs with TF32 off (``use_tf32=0``; onnxruntime's default is on).
 
 Images are prepared by :meth:`rmgl.engine.load.Preprocess.transform`, the evaluation
 transform, after being turned into the (3, H, W) uint8 RGB tensor that
@@ -210,8 +212,9 @@ class Encoder:
                     f"device {name}: this onnxruntime has no CUDA provider (install onnxruntime-gpu) "
                 )
             index = int(name.split(":")[1]) if ":" in name else 0
+            # TF32 off: the CUDA provider allows it by default, which can move ABP boundaries
             providers: list = [
-                ("CUDAExecutionProvider", {"device_id": index}),
+                ("CUDAExecutionProvider", {"device_id": str(index), "use_tf32": "0"}),
                 "CPUExecutionProvider",
             ]
         elif name == "cpu":
@@ -227,6 +230,9 @@ class Encoder:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is not a loadable ONNX model ({first})") from None
         self.device = torch.device("cuda" if name.startswith("cuda") else "cpu")
+        self.provider = (
+            "CUDAExecutionProvider" if name.startswith("cuda") else "CPUExecutionProvider"
+        )
         self.amp = None
         self._input_name = self.session.get_inputs()[0].name
 

@@ -19,6 +19,7 @@ __all__ = [
     "extract_features",
     "pairwise_distance",
     "pairwise_distance_chunks",
+    "true_float32",
 ]
 
 
@@ -28,6 +29,59 @@ class ExtractedFeatures(NamedTuple):
     features: torch.Tensor
     pids: np.ndarray
     camids: np.ndarray
+
+
+def _reduced_precision_switches() -> list[tuple[object, str, object]]:
+    """(settings object, attribute, value for true float32) of every switch that lets float32
+    kernels compute in less: TF32 (cuBLAS, cuDNN convolutions), bfloat16/TF32 in oneDNN on
+    CPUs that have it, and reduced-precision reductions in half-precision products."""
+    backends = torch.backends
+    if hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+        # the new API only: reading a legacy flag after a mix of both raises in torch
+        objects = [backends.cuda.matmul, backends.cudnn.conv]
+        mkldnn = getattr(backends, "mkldnn", None)
+        for name in ("matmul", "conv"):
+            if hasattr(getattr(mkldnn, name, None), "fp32_precision"):
+                objects.append(getattr(mkldnn, name))
+        switches = [(obj, "fp32_precision", "ieee") for obj in objects]
+    else:
+        switches = [
+            (backends.cuda.matmul, "allow_tf32", False),
+            (backends.cudnn, "allow_tf32", False),
+        ]
+    for name in (
+        "allow_fp16_reduced_precision_reduction",
+        "allow_bf16_reduced_precision_reduction",
+    ):
+        if hasattr(backends.cuda.matmul, name):
+            switches.append((backends.cuda.matmul, name, False))
+    return switches
+
+
+@contextlib.contextmanager
+def true_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in true float32 while inside; the caller's
+    settings come back afterwards.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 by default on Ampere and newer GPUs
+    (10-bit mantissas in the products), and a user may allow it for matrix products too
+    (``torch.set_float32_matmul_precision``); ABP takes its stripe boundaries from argmax
+    peaks, which such rounding can move. Evaluation, extraction and re-ranking run in here.
+
+    Examples::
+
+        with true_float32():
+            descriptors = model(images)  # float32 convolutions on any GPU, never TF32
+    """
+    switches = _reduced_precision_switches()
+    previous = [getattr(obj, name) for obj, name, _ in switches]
+    try:
+        for obj, name, value in switches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), value in zip(switches, previous):
+            setattr(obj, name, value)
 
 
 @torch.no_grad()
@@ -44,9 +98,10 @@ def extract_features(
     The descriptor of an image is the mean of the model's output for the image and for its
     horizontal flip (``flip=True``), then L2-normalised, as the test protocol prescribes.
     ``device`` defaults to the model's. ``amp`` is an autocast dtype (``torch.bfloat16`` or,
-    on CUDA, ``torch.float16``); the default None extracts in float32, because reduced
-    precision creates ties between channel maxima that move ABP boundaries. The model is put
-    in eval mode and its previous mode is restored afterwards.
+    on CUDA, ``torch.float16``); the default None extracts in true float32 (TF32 off, see
+    :func:`true_float32`), because reduced precision creates ties between channel maxima that
+    move ABP boundaries. The model is put in eval mode and its previous mode is restored
+    afterwards.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     if amp not in (None, torch.bfloat16, torch.float16):
@@ -56,23 +111,25 @@ def extract_features(
     was_training = model.training
     model.eval()
     features, pids, camids = [], [], []
+    precision = true_float32() if amp is None else contextlib.nullcontext()
     try:
-        for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
-            if not isinstance(batch, (list, tuple)) or len(batch) < 3:
-                raise ValueError("the loader must yield (images, pids, camids, ...) batches")
-            images = batch[0].to(device, non_blocking=True)
-            autocast = (
-                torch.autocast(device.type, dtype=amp)
-                if amp is not None
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                descriptor = _descriptor(model(images))
-                if flip:
-                    descriptor = descriptor + _descriptor(model(torch.flip(images, dims=[3])))
-            features.append(nn.functional.normalize(descriptor, dim=1).cpu())
-            pids.append(torch.as_tensor(batch[1]).reshape(-1).cpu())
-            camids.append(torch.as_tensor(batch[2]).reshape(-1).cpu())
+        with precision:
+            for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+                if not isinstance(batch, (list, tuple)) or len(batch) < 3:
+                    raise ValueError("the loader must yield (images, pids, camids, ...) batches")
+                images = batch[0].to(device, non_blocking=True)
+                autocast = (
+                    torch.autocast(device.type, dtype=amp)
+                    if amp is not None
+                    else contextlib.nullcontext()
+                )
+                with autocast:
+                    descriptor = _descriptor(model(images))
+                    if flip:
+                        descriptor = descriptor + _descriptor(model(torch.flip(images, dims=[3])))
+                features.append(nn.functional.normalize(descriptor, dim=1).cpu())
+                pids.append(torch.as_tensor(batch[1]).reshape(-1).cpu())
+                camids.append(torch.as_tensor(batch[2]).reshape(-1).cpu())
     finally:
         model.train(was_training)
     if not features:

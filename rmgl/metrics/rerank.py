@@ -29,7 +29,6 @@ last bits can depend on the block shape.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -38,7 +37,7 @@ import scipy.sparse as sp
 import torch
 
 from rmgl.metrics.distance import distance_block, paired_distances, prepare_rows
-from rmgl.metrics.features import row_squared_norms
+from rmgl.metrics.features import row_squared_norms, true_float32
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ def k_reciprocal_rerank(
     clock = _StageClock()
     num_neighbours = min(max(k1 + 1, k2), num)
     distances = _SquaredDistances(features)
-    with _full_precision_matmul():
+    with true_float32():  # no TF32, no reduced-precision bfloat16 sums (the bound needs both)
         original_qg, column_max, initial_rank, nearest_dist = _neighbour_pass(
             distances, num_query, num_neighbours, budget, low_precision
         )
@@ -126,22 +125,6 @@ def k_reciprocal_rerank(
     _blend_jaccard(original_qg, encoding, num_query, lambda_value, budget)
     clock.done("jaccard")
     return original_qg
-
-
-@contextlib.contextmanager
-def _full_precision_matmul():
-    """TF32 (allowed by some training set-ups) would change neighbour orders: keep float32.
-
-    Reduced-precision (bfloat16) reductions inside cuBLAS would break the error bound of the
-    bfloat16 candidate pass, which assumes float32 accumulation: off as well."""
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction
-    matmul.allow_tf32 = False
-    matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = previous
 
 
 class _StageClock:
