@@ -247,7 +247,9 @@ def check_amp_extraction(ctx: Context) -> list[Row]:
     if ctx.trained is None:
         return [Row("AMP feature extraction vs float32", "FAIL", "no trained model", "")]
     model, dataset, cfg = ctx.trained
-    transform = build_eval_transform((cfg.data.height, cfg.data.width))
+    transform = build_eval_transform(
+        (cfg.data.height, cfg.data.width), tuple(cfg.data.mean), tuple(cfg.data.std)
+    )
     amp = torch.bfloat16
     outputs = {}
     for precision in (None, amp):

@@ -170,6 +170,37 @@ def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path
     )  # same data: classifiers kept too
 
 
+def test_data_mean_and_std_reach_training_and_evaluation(tiny_data, tmp_path):
+    """data.mean/std normalise the training batches and the trainer's evaluation inputs."""
+    from rmgl.data.loading import read_image
+    from rmgl.data.transforms import build_eval_transform
+
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={tiny_data}",
+            f"run.output_dir={tmp_path}",
+            f"data.mean={list(mean)}",
+            f"data.std={list(std)}",
+            "data.augment.flip=0",
+            "data.augment.rsa=0",
+        ],
+    )
+    with Trainer(cfg, progress=False) as trainer:
+        train_transform = trainer.loader.dataset.transform
+        assert trainer.preprocess.mean == mean and trainer.preprocess.std == std
+        seen = []
+        handle = trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        trainer.evaluate()
+        handle.remove()
+    raw = read_image(trainer.dataset.query[0].path)
+    expected = build_eval_transform((48, 16), mean, std)(raw)
+    torch.testing.assert_close(seen[0][0], expected)  # the first query, unflipped
+    torch.testing.assert_close(train_transform(raw), expected)  # no augmentation: the same
+
+
 class Counter(Callback):
     def __init__(self):
         self.calls = []

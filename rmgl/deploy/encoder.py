@@ -104,7 +104,8 @@ class Encoder:
     * a numpy array H x W x 3 uint8, RGB (``bgr=True``: OpenCV's BGR order);
     * a torch tensor 3 x H x W: uint8 is a raw RGB image (``bgr=True`` as for arrays),
       resized and normalised like a file; float32 is an *already prepared* input (the output
-      of ``encoder.preprocess.transform()``: model size, ImageNet-normalised), used as is.
+      of ``encoder.preprocess.transform()``: model size, normalised with the model's mean
+      and std), used as is.
 
     Examples::
 
@@ -192,13 +193,6 @@ class Encoder:
             tuple(meta["input"]["std"]),
             bool(meta["flip"]),
         )
-        if (self.preprocess.mean, self.preprocess.std) != (
-            Preprocess(1, 1).mean,
-            Preprocess(1, 1).std,
-        ):
-            raise ValueError(
-                f"{sidecar_path(path)}: mean/std other than ImageNet's are not supported"
-            )
         self.descriptor_dim = int(meta["output"]["dim"])
         self.feature_names = list(meta["feature_names"])
         self.source = str(path)

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from rmgl.data.transforms import AugmentConfig
+from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from rmgl.model.backbone import ARCHITECTURES
 
 
@@ -28,6 +28,10 @@ class DataConfig:
     root: str = "data/market1501"
     height: int = 384
     width: int = 128
+    # input normalisation, (pixels / 255 - mean) / std per RGB channel, in training and
+    # testing alike (and in exported models); ImageNet's by default, as the backbones expect
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_identities: int = 12  # P
     num_instances: int = 4  # K
     workers: int = 4
@@ -332,6 +336,13 @@ def check_config(cfg: DictConfig) -> None:
             f"model.abp_warmup_epochs={cfg.model.abp_warmup_epochs} needs ABP in training "
             f"(model.abp=train or both), not model.abp={cfg.model.abp}"
         )
+    for key in ("data.mean", "data.std"):
+        values = list(OmegaConf.select(cfg, key))
+        if len(values) != 3 or (key == "data.std" and min(values) <= 0):
+            raise ConfigError(
+                f"{key}={values} must be three numbers, one per RGB channel"
+                + (", all > 0" if key == "data.std" else "")
+            )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(
             f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]"

@@ -63,8 +63,15 @@ class Preprocess:
         return self.height, self.width
 
     def transform(self):
-        """uint8 image (PIL or tensor) -> normalised float tensor of :attr:`size`."""
-        return build_eval_transform(self.size)
+        """uint8 image (PIL or tensor) -> float tensor of :attr:`size`, normalised with
+        :attr:`mean` and :attr:`std`."""
+        return build_eval_transform(self.size, self.mean, self.std)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Preprocess:
+        """The preparation a run's config (``data.height/width/mean/std``) trains and tests with."""
+        data = cfg.data
+        return cls(data.height, data.width, tuple(data.mean), tuple(data.std))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -111,7 +118,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> R
     model, cfg = model_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(device).eval()
-    model.preprocess = Preprocess(cfg.data.height, cfg.data.width)
+    model.preprocess = Preprocess.from_config(cfg)
     model.config = cfg
     model.checkpoint = str(checkpoint)
     return model

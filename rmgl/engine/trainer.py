@@ -44,7 +44,7 @@ from rmgl.engine.callbacks import (
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model
-from rmgl.engine.load import init_from_checkpoint, model_options, read_checkpoint
+from rmgl.engine.load import Preprocess, init_from_checkpoint, model_options, read_checkpoint
 from rmgl.engine.run_record import RunRecord
 from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
 from rmgl.engine.schedule import build_optimizer, build_scheduler
@@ -101,11 +101,12 @@ class Trainer:
         if self.is_main:  # evaluation must not fail after hours of training
             check_readable(self.dataset.query, "query")
             check_readable(self.dataset.gallery, "gallery")
-        self.size = (cfg.data.height, cfg.data.width)
+        self.preprocess = Preprocess.from_config(cfg)  # training and evaluation alike
+        self.size = self.preprocess.size
         aug = AugmentConfig(**OmegaConf.to_container(cfg.data.augment))
         self.loader = train_loader(
             self.dataset.train,
-            build_train_transform(self.size, aug),
+            build_train_transform(self.size, aug, self.preprocess.mean, self.preprocess.std),
             identities_per_rank(cfg.data.num_identities, self.runtime.world_size),
             cfg.data.num_instances,
             cfg.data.workers,
@@ -279,7 +280,7 @@ class Trainer:
         return evaluate_model(
             self.model,
             self.dataset,
-            self.size,
+            self.preprocess,
             rerank=self.cfg.eval.rerank if rerank is None else rerank,
             metric=self.cfg.eval.metric,
             batch_size=self.cfg.data.test_batch_size,
