@@ -119,7 +119,10 @@ def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_co
     message = init_from_checkpoint(model, cfg.model, run / "last.safetensors")
     trained_state = load_model(run / "last.safetensors").state_dict()
     n_classifiers = len(model.feature_names)
-    assert f"reset {n_classifiers} classifiers (8 identities in the checkpoint, 11 here)" in message
+    assert (
+        f"{n_classifiers} classifiers start fresh (8 identities in the checkpoint, 11 here"
+        in message
+    )
     for name, value in model.state_dict().items():
         if ".classifier." in name:
             assert torch.equal(value, fresh[name]), name  # kept its own initialisation
@@ -146,7 +149,12 @@ def test_init_from_another_architecture_names_the_mismatch(trained):
         init_from_checkpoint(model, cfg.model, run / "last.safetensors")
 
 
-def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path, caplog):
+@pytest.mark.parametrize("same_identities", [False, True])
+def test_fine_tuning_run_starts_from_the_checkpoint(
+    trained, tiny_data, tmp_path, caplog, same_identities
+):
+    """Same class count: the classifiers still start fresh (class i of other data is another
+    person) unless model.init_from_same_identities says the identities are the same."""
     run, _ = trained
     cfg = load_config(
         None,
@@ -156,6 +164,7 @@ def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path
             f"run.output_dir={tmp_path}",
             "run.name=ft",
             f"model.init_from={run / 'last.safetensors'}",
+            f"model.init_from_same_identities={str(same_identities).lower()}",
             "optim.lr=1e-9",
             "optim.warmup_start_lr=1e-12",
         ],
@@ -165,9 +174,33 @@ def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path
             start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert "model.init_from: loaded" in caplog.text
     trained_state = load_model(run / "last.safetensors").state_dict()
-    assert all(
-        torch.equal(start[k], trained_state[k]) for k in start
-    )  # same data: classifiers kept too
+    classifiers = [k for k in start if ".classifier." in k]
+    assert classifiers and all(
+        torch.equal(start[k], trained_state[k]) for k in start if k not in classifiers
+    )
+    kept = [torch.equal(start[k], trained_state[k]) for k in classifiers]
+    if same_identities:
+        assert all(kept) and "classifiers kept (the same 8 identities)" in caplog.text
+    else:
+        assert not any(kept) and "classifiers start fresh" in caplog.text
+
+
+def test_same_identities_needs_the_same_class_count_and_an_init_from(trained):
+    run, _ = trained
+    with pytest.raises(ConfigError, match="init_from_same_identities=true keeps the classifiers"):
+        load_config(None, [*TINY, "data.root=unused", "model.init_from_same_identities=true"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.root=unused",
+            f"model.init_from={run / 'last.safetensors'}",
+            "model.init_from_same_identities=true",
+        ],
+    )
+    model = build_model(11, **_options(cfg))
+    with pytest.raises(ValueError, match="trained on 8 identities and this data has 11"):
+        init_from_checkpoint(model, cfg.model, run / "last.safetensors")
 
 
 def test_data_mean_and_std_reach_training_and_evaluation(tiny_data, tmp_path):

@@ -52,6 +52,9 @@ class ModelConfig:
     pooling: str = "max"  # max | avg | gem
     reduction_dim: int = 256
     init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
+    # the training identities are the checkpoint's, same labels: keep its classifiers too
+    # (otherwise they start fresh, as the classes of other data mean other people)
+    init_from_same_identities: bool = False
     # Study switches; the defaults are the paper's model (docs/model.md, section 10).
     abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
     rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
@@ -343,6 +346,11 @@ def check_config(cfg: DictConfig) -> None:
                 f"{key}={values} must be three numbers, one per RGB channel"
                 + (", all > 0" if key == "data.std" else "")
             )
+    if cfg.model.init_from_same_identities and not cfg.model.init_from:
+        raise ConfigError(
+            "model.init_from_same_identities=true keeps the classifiers of model.init_from, "
+            "which is not set"
+        )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(
             f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]"
