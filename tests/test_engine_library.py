@@ -234,6 +234,38 @@ def test_data_mean_and_std_reach_training_and_evaluation(tiny_data, tmp_path):
     torch.testing.assert_close(train_transform(raw), expected)  # no augmentation: the same
 
 
+def test_resume_with_another_protocol_forgets_the_best_map_and_says_so(
+    trained, tiny_data, tmp_path
+):
+    """best.safetensors is chosen by comparing mAPs; one measured under the cross-camera
+    protocol must not be compared with any-camera ones after a resume that changes it."""
+    import shutil
+
+    from rmgl.engine.load import read_checkpoint
+
+    run, results = trained
+    shutil.copytree(run, tmp_path / "base")
+    resume = [
+        *TINY,
+        f"data.root={tiny_data}",
+        f"run.output_dir={tmp_path}",
+        "run.name=base",
+        "optim.epochs=2",
+    ]
+    with Trainer(load_config(None, resume), resume=True, progress=False) as trainer:
+        assert trainer.best_map == pytest.approx(results["plain"].mAP)  # same setting: kept
+    changed = load_config(None, [*resume, "eval.protocol=any_camera"])
+    with Trainer(changed, resume=True, progress=False) as trainer:
+        assert trainer.best_map == -1.0
+        trainer.train()
+    # replaced by the first any-camera evaluation, whatever its mAP
+    assert read_checkpoint(tmp_path / "base" / "best.safetensors").trainer["epoch"] == 1
+    log = (tmp_path / "base" / "train.log").read_text()
+    assert "resumed with eval.protocol cross_camera -> any_camera: the best mAP so far" in log
+    rows = [json.loads(line) for line in (tmp_path / "base" / "evaluations.jsonl").open()]
+    assert rows[-1]["protocol"] == "any_camera" and rows[-1]["metric"] == "euclidean"
+
+
 class Counter(Callback):
     def __init__(self):
         self.calls = []

@@ -43,7 +43,7 @@ from rmgl.engine.callbacks import (
 )
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
-from rmgl.engine.evaluation import evaluate_model
+from rmgl.engine.evaluation import evaluate_model, resolve_protocol
 from rmgl.engine.load import Preprocess, init_from_checkpoint, model_options, read_checkpoint
 from rmgl.engine.run_record import RunRecord
 from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
@@ -169,6 +169,8 @@ class Trainer:
             )
             if checkpoint is not None:
                 log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
+                if self.best_map_reset:
+                    log.warning(self.best_map_reset)
 
     # --- set-up --------------------------------------------------------------------------
     @property
@@ -205,6 +207,28 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = state["epoch"] + 1
         self.best_map = state.get("best_map", -1.0)
+        # best.safetensors is chosen by comparing mAPs: only those of one metric and protocol
+        saved = from_yaml_text(ckpt.config_yaml).eval
+        changes = [
+            f"eval.{key} {before} -> {after}"
+            for key, before, after in (
+                ("metric", saved.metric, self.cfg.eval.metric),
+                (
+                    "protocol",
+                    resolve_protocol(saved.protocol, self.dataset),
+                    resolve_protocol(self.cfg.eval.protocol, self.dataset),
+                ),
+            )
+            if before != after
+        ]
+        self.best_map_reset = None
+        if changes and self.best_map >= 0:
+            self.best_map_reset = (
+                f"resumed with {', '.join(changes)}: the best mAP so far "
+                f"({100 * self.best_map:.2f} %) was measured under the old setting, so it is "
+                "not compared with new ones; the next evaluation replaces best.safetensors"
+            )
+            self.best_map = -1.0
 
     # --- the loop ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
