@@ -126,6 +126,22 @@ def test_integer_pids_are_used_as_given(tmp_path):
     assert not any("names" in note for note in ds.notes)
 
 
+@pytest.mark.parametrize("with_names", [False, True])
+def test_integer_labels_follow_one_rule_whether_or_not_names_are_mixed_in(tmp_path, with_names):
+    """ "7" and "007" are one identity, with or without names in the column; names come
+    after the largest integer pid (they used to turn every integer into a name)."""
+    images(tmp_path, "a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg")
+    rows = ["a.jpg,7,train", "b.jpg,3,train", "c.jpg,007,query", "d.jpg,7,gallery"]
+    if with_names:
+        rows += ["e.jpg,bob,query", "f.jpg,bob,gallery"]
+    ds = read_csv_dataset(write(tmp_path / "d.csv", "path,pid,split\n" + "\n".join(rows) + "\n"))
+    assert ds.query[0].pid == ds.gallery[0].pid == 7
+    assert [r.pid for r in ds.train] == [1, 0]  # 7 and 3, relabelled in sorted order
+    if with_names:
+        assert ds.query[1].pid == ds.gallery[1].pid == 8  # after the largest integer, 7
+        assert any("1 identity names numbered 8..8" in note for note in ds.notes)
+
+
 def test_header_is_forgiving_about_bom_case_spaces_and_blank_lines(tmp_path):
     images(tmp_path, "a.jpg", "b.jpg", "c.jpg")
     (tmp_path / "d.csv").write_text(
