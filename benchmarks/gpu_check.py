@@ -15,7 +15,11 @@ failure is a FAIL row, never the end of the run):
    difference and the change of the ranking metrics;
 5. re-ranking on the GPU against the CPU at Market-1501 scale (float64 features within
    1e-5; float32 features bit for bit, as their distances are exact-rounded; time), and
-   its time at MSMT17 scale, full and bf16-candidate passes.
+   its time at MSMT17 scale, full and bf16-candidate passes;
+6. ``pairwise_distance`` on the GPU against the CPU (bit for bit, duplicates tie) and its
+   time against the float32 product it replaced;
+7. feature extraction in true float32 while the caller allows TF32 (flags inside, restored,
+   error against float64 next to TF32's).
 
 Without CUDA, ``--cpu-reduced`` runs the same code on tiny sizes on the CPU so that it cannot
 rot, and every GPU row says SKIPPED (no GPU) with what was exercised instead.
@@ -357,12 +361,130 @@ def check_rerank(ctx: Context) -> list[Row]:
     return rows
 
 
+def check_distances(ctx: Context) -> list[Row]:
+    """pairwise_distance on the device: the same bits as on the CPU for the three metrics
+    (exact-rounded distances), duplicated gallery rows tying exactly; and its time at
+    Market-1501 scale against the float32 product it replaced."""
+    from rmgl.metrics import pairwise_distance
+
+    def features(num, dim, ids, seed):
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(ids, dim, generator=g)
+        x = centres[torch.randint(0, ids, (num,), generator=g)] + torch.randn(num, dim, generator=g)
+        return torch.nn.functional.normalize(x, dim=1)
+
+    num_q, num_g, dim = (100, 800, 64) if ctx.reduced else (1500, 20000, 512)
+    query, gallery = features(num_q, dim, 50, 0), features(num_g, dim, 50, 1)
+    gallery[num_g // 2 : num_g // 2 + num_g // 10] = gallery[: num_g // 10]
+    differ, ties = 0, True
+    for metric in ("euclidean", "sqeuclidean", "cosine"):
+        cpu = pairwise_distance(query, gallery, metric, device="cpu")
+        dev = pairwise_distance(query, gallery, metric, memory_budget_mb=1, device=ctx.device)
+        differ += int((cpu != dev).sum())
+        ties &= bool(
+            np.array_equal(dev[:, num_g // 2 : num_g // 2 + num_g // 10], dev[:, : num_g // 10])
+        )
+    rows = [
+        Row(
+            f"distances ({num_q:,} x {num_g:,}, {dim}-d, 3 metrics): {ctx.device.type} vs cpu",
+            ctx.verdict(differ == 0 and ties),
+            f"{differ} entries differ; duplicates tie: {ties}",
+            "bit for bit",
+        )
+    ]
+    num_q, num_g, dim = (200, 2000, 256) if ctx.reduced else (3368, 15913, 2048)
+    query = features(num_q, dim, 100, 2).to(ctx.device)
+    gallery = features(num_g, dim, 100, 3).to(ctx.device)
+
+    def timed(run):
+        run()  # warm-up
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def float32_product():
+        with torch.no_grad():
+            norms = (gallery * gallery).sum(1)[None]
+            d = torch.addmm(norms, query, gallery.T, alpha=-2).add_(
+                (query * query).sum(1, keepdim=True)
+            )
+            return d.clamp_(min=0).sqrt_().cpu().numpy()
+
+    exact = timed(lambda: pairwise_distance(query, gallery, device=ctx.device))
+    plain = timed(float32_product)
+    rows.append(
+        Row(
+            f"distance time ({num_q:,} x {num_g:,}, {dim}-d): exact-rounded vs float32 product",
+            ctx.info(),
+            f"{exact:.2f} s vs {plain:.2f} s ({exact / plain:.1f}x)",
+            "information",
+        )
+    )
+    return rows
+
+
+def check_true_float32(ctx: Context) -> list[Row]:
+    """extract_features without amp runs convolutions in true float32 although the caller
+    allowed TF32 (and gives the caller's setting back): its error against a float64 forward,
+    next to the error of the same forward in TF32."""
+    from rmgl.metrics import extract_features
+
+    backends = torch.backends
+    if not hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
+        return [Row("extraction in true float32", "SKIPPED (torch < 2.9)", "", "")]
+    torch.manual_seed(0)
+    width = 32 if ctx.reduced else 256
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(width, 2 * width, 3, padding=1),
+        torch.nn.AdaptiveMaxPool2d(1),
+        torch.nn.Flatten(),
+    ).to(ctx.device)
+    images = torch.randn(16, 3, 64, 32)
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args: seen.append(backends.cudnn.conv.fp32_precision)
+    )
+    previous = backends.cudnn.conv.fp32_precision
+    backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        ours = extract_features(model, [(images, torch.zeros(16), torch.zeros(16))], progress=False)
+        hook.remove()
+        restored = backends.cudnn.conv.fp32_precision == "tf32"
+        with torch.no_grad():
+            x = images.to(ctx.device)
+            tf32 = torch.nn.functional.normalize(model(x) + model(x.flip(3)), dim=1).cpu()
+            model64, x64 = model.double(), x.double()
+            reference = torch.nn.functional.normalize(model64(x64) + model64(x64.flip(3)), dim=1)
+    finally:
+        backends.cudnn.conv.fp32_precision = previous
+    ours_err = float((ours.features - reference.float().cpu()).abs().max())
+    tf32_err = float((tf32 - reference.float().cpu()).abs().max())
+    ok = restored and set(seen) == {"ieee"} and ours_err < 1e-5
+    return [
+        Row(
+            "extraction in true float32 while the caller allows TF32",
+            ctx.verdict(ok),
+            f"inside: {sorted(set(seen))}, restored: {restored}; max error vs float64 "
+            f"{ours_err:.1e} (TF32 forward: {tf32_err:.1e})",
+            "ieee inside, restored, error < 1e-5",
+        )
+    ]
+
+
 CHECKS: list[tuple[str, Callable[[Context], list[Row]]]] = [
     ("training throughput", check_train_throughput),
     ("data pipeline", check_data_pipeline),
     ("training run", check_training_run),
     ("AMP extraction", check_amp_extraction),
     ("re-ranking", check_rerank),
+    ("distances", check_distances),
+    ("true float32", check_true_float32),
     ("training throughput, torch.compile", check_train_throughput_compiled),
 ]
 
