@@ -13,9 +13,13 @@ failure is a FAIL row, never the end of the run):
    resumed): the loss falls and the resumed run continues from the checkpoint;
 4. bf16 AMP feature extraction against float32 with the trained model: descriptor
    difference and the change of the ranking metrics;
-5. re-ranking on the GPU against the CPU at Market-1501 scale (exactness with float64
-   features; with float32 features, how many query rows device rounding changes; time), and
-   its time at MSMT17 scale, full and bf16-candidate passes.
+5. re-ranking on the GPU against the CPU at Market-1501 scale (float64 features within
+   1e-5; float32 features bit for bit, as their distances are exact-rounded; time), and
+   its time at MSMT17 scale, full and bf16-candidate passes;
+6. ``pairwise_distance`` on the GPU against the CPU (bit for bit, duplicates tie) and its
+   time against the float32 product it replaced;
+7. feature extraction in true float32 while the caller allows TF32 (flags inside, restored,
+   error against float64 next to TF32's).
 
 Without CUDA, ``--cpu-reduced`` runs the same code on tiny sizes on the CPU so that it cannot
 rot, and every GPU row says SKIPPED (no GPU) with what was exercised instead.
@@ -247,7 +251,9 @@ def check_amp_extraction(ctx: Context) -> list[Row]:
     if ctx.trained is None:
         return [Row("AMP feature extraction vs float32", "FAIL", "no trained model", "")]
     model, dataset, cfg = ctx.trained
-    transform = build_eval_transform((cfg.data.height, cfg.data.width))
+    transform = build_eval_transform(
+        (cfg.data.height, cfg.data.width), tuple(cfg.data.mean), tuple(cfg.data.std)
+    )
     amp = torch.bfloat16
     outputs = {}
     for precision in (None, amp):
@@ -286,10 +292,10 @@ def check_amp_extraction(ctx: Context) -> list[Row]:
 def check_rerank(ctx: Context) -> list[Row]:
     """Re-ranking on the GPU against the CPU.
 
-    Exactness is judged where it is defined across devices: with float64 features every
-    path must equal the CPU's full pass within 1e-5. With float32 features, cuBLAS and the
-    CPU's BLAS round differently, which flips neighbours at near ties; the float32 row
-    reports how many query rows that changes (information, no verdict of its own).
+    With float64 features the GPU's full pass must equal the CPU's within 1e-5 (float64
+    block products round by kernel). With float32 features every distance is the float32
+    nearest to the exact value on both devices, so the GPU's full and bf16-candidate passes
+    must equal the CPU's full pass bit for bit.
     """
     from rerank import SCALES, clustered_features
 
@@ -314,15 +320,12 @@ def check_rerank(ctx: Context) -> list[Row]:
         return float(d.max()), int((d > 1e-5).any(axis=1).sum())
 
     rows = []
-    t64, ref64 = timed(cpu, "full", np.float64)
-    worst = 0.0
-    for precision in ("full", "bfloat16"):
-        _, out = timed(gpu, precision, np.float64)
-        worst = max(worst, differ(out, ref64)[0])
+    _, ref64 = timed(cpu, "full", np.float64)
+    _, out64 = timed(gpu, "full", np.float64)
+    worst = differ(out64, ref64)[0]
     rows.append(
         Row(
-            f"re-ranking {scale} ({size}), float64: {gpu.type} full and bf16-candidate passes"
-            " vs cpu full",
+            f"re-ranking {scale} ({size}), float64: {gpu.type} full pass vs cpu full",
             ctx.verdict(worst <= 1e-5),
             f"max abs diff {worst:.1e}",
             "<= 1e-5",
@@ -331,15 +334,15 @@ def check_rerank(ctx: Context) -> list[Row]:
     t_cpu, ref32 = timed(cpu, "full", np.float32)
     t_full, full32 = timed(gpu, "full", np.float32)
     t_bf16, bf32 = timed(gpu, "bfloat16", np.float32)
-    (d_full, q_full), (d_bf, q_bf) = differ(full32, ref32), differ(bf32, full32)
+    same = np.array_equal(full32, ref32) and np.array_equal(bf32, ref32)
+    (d_full, q_full), (d_bf, q_bf) = differ(full32, ref32), differ(bf32, ref32)
     rows.append(
         Row(
             f"re-ranking {scale} ({size}), float32: {gpu.type} full / bf16 vs cpu full",
-            ctx.info(),
-            f"{t_full:.1f} s / {t_bf16:.1f} s vs {t_cpu:.1f} s; {gpu.type} full vs cpu: {q_full} of"
-            f" {num_q:,} query rows differ (max {d_full:.1e}); bf16 vs {gpu.type} full:"
-            f" {q_bf} rows (max {d_bf:.1e})",
-            "float32 rounding of the device (near-tie flips)",
+            ctx.verdict(same),
+            f"{t_full:.1f} s / {t_bf16:.1f} s vs {t_cpu:.1f} s; query rows that differ from the"
+            f" cpu: full {q_full}, bf16 {q_bf} of {num_q:,} (max {max(d_full, d_bf):.1e})",
+            "bit for bit",
         )
     )
     if not ctx.reduced:
@@ -358,12 +361,130 @@ def check_rerank(ctx: Context) -> list[Row]:
     return rows
 
 
+def check_distances(ctx: Context) -> list[Row]:
+    """pairwise_distance on the device: the same bits as on the CPU for the three metrics
+    (exact-rounded distances), duplicated gallery rows tying exactly; and its time at
+    Market-1501 scale against the float32 product it replaced."""
+    from rmgl.metrics import pairwise_distance
+
+    def features(num, dim, ids, seed):
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(ids, dim, generator=g)
+        x = centres[torch.randint(0, ids, (num,), generator=g)] + torch.randn(num, dim, generator=g)
+        return torch.nn.functional.normalize(x, dim=1)
+
+    num_q, num_g, dim = (100, 800, 64) if ctx.reduced else (1500, 20000, 512)
+    query, gallery = features(num_q, dim, 50, 0), features(num_g, dim, 50, 1)
+    gallery[num_g // 2 : num_g // 2 + num_g // 10] = gallery[: num_g // 10]
+    differ, ties = 0, True
+    for metric in ("euclidean", "sqeuclidean", "cosine"):
+        cpu = pairwise_distance(query, gallery, metric, device="cpu")
+        dev = pairwise_distance(query, gallery, metric, memory_budget_mb=1, device=ctx.device)
+        differ += int((cpu != dev).sum())
+        ties &= bool(
+            np.array_equal(dev[:, num_g // 2 : num_g // 2 + num_g // 10], dev[:, : num_g // 10])
+        )
+    rows = [
+        Row(
+            f"distances ({num_q:,} x {num_g:,}, {dim}-d, 3 metrics): {ctx.device.type} vs cpu",
+            ctx.verdict(differ == 0 and ties),
+            f"{differ} entries differ; duplicates tie: {ties}",
+            "bit for bit",
+        )
+    ]
+    num_q, num_g, dim = (200, 2000, 256) if ctx.reduced else (3368, 15913, 2048)
+    query = features(num_q, dim, 100, 2).to(ctx.device)
+    gallery = features(num_g, dim, 100, 3).to(ctx.device)
+
+    def timed(run):
+        run()  # warm-up
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def float32_product():
+        with torch.no_grad():
+            norms = (gallery * gallery).sum(1)[None]
+            d = torch.addmm(norms, query, gallery.T, alpha=-2).add_(
+                (query * query).sum(1, keepdim=True)
+            )
+            return d.clamp_(min=0).sqrt_().cpu().numpy()
+
+    exact = timed(lambda: pairwise_distance(query, gallery, device=ctx.device))
+    plain = timed(float32_product)
+    rows.append(
+        Row(
+            f"distance time ({num_q:,} x {num_g:,}, {dim}-d): exact-rounded vs float32 product",
+            ctx.info(),
+            f"{exact:.2f} s vs {plain:.2f} s ({exact / plain:.1f}x)",
+            "information",
+        )
+    )
+    return rows
+
+
+def check_true_float32(ctx: Context) -> list[Row]:
+    """extract_features without amp runs convolutions in true float32 although the caller
+    allowed TF32 (and gives the caller's setting back): its error against a float64 forward,
+    next to the error of the same forward in TF32."""
+    from rmgl.metrics import extract_features
+
+    backends = torch.backends
+    if not hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
+        return [Row("extraction in true float32", "SKIPPED (torch < 2.9)", "", "")]
+    torch.manual_seed(0)
+    width = 32 if ctx.reduced else 256
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(width, 2 * width, 3, padding=1),
+        torch.nn.AdaptiveMaxPool2d(1),
+        torch.nn.Flatten(),
+    ).to(ctx.device)
+    images = torch.randn(16, 3, 64, 32)
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args: seen.append(backends.cudnn.conv.fp32_precision)
+    )
+    previous = backends.cudnn.conv.fp32_precision
+    backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        ours = extract_features(model, [(images, torch.zeros(16), torch.zeros(16))], progress=False)
+        hook.remove()
+        restored = backends.cudnn.conv.fp32_precision == "tf32"
+        with torch.no_grad():
+            x = images.to(ctx.device)
+            tf32 = torch.nn.functional.normalize(model(x) + model(x.flip(3)), dim=1).cpu()
+            model64, x64 = model.double(), x.double()
+            reference = torch.nn.functional.normalize(model64(x64) + model64(x64.flip(3)), dim=1)
+    finally:
+        backends.cudnn.conv.fp32_precision = previous
+    ours_err = float((ours.features - reference.float().cpu()).abs().max())
+    tf32_err = float((tf32 - reference.float().cpu()).abs().max())
+    ok = restored and set(seen) == {"ieee"} and ours_err < 1e-5
+    return [
+        Row(
+            "extraction in true float32 while the caller allows TF32",
+            ctx.verdict(ok),
+            f"inside: {sorted(set(seen))}, restored: {restored}; max error vs float64 "
+            f"{ours_err:.1e} (TF32 forward: {tf32_err:.1e})",
+            "ieee inside, restored, error < 1e-5",
+        )
+    ]
+
+
 CHECKS: list[tuple[str, Callable[[Context], list[Row]]]] = [
     ("training throughput", check_train_throughput),
     ("data pipeline", check_data_pipeline),
     ("training run", check_training_run),
     ("AMP extraction", check_amp_extraction),
     ("re-ranking", check_rerank),
+    ("distances", check_distances),
+    ("true float32", check_true_float32),
     ("training throughput, torch.compile", check_train_throughput_compiled),
 ]
 

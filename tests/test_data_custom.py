@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import rmgl.data.datasets as datasets
@@ -20,7 +21,7 @@ from rmgl.data.datasets import (
     read_identity_folders,
     register_dataset,
 )
-from rmgl.metrics import evaluate_rank
+from rmgl.metrics import evaluate_features, evaluate_rank, ignored_gallery_mask
 
 
 def jpeg(path: Path) -> Path:
@@ -86,7 +87,7 @@ def test_folder_of_csvs_without_cameras(tmp_path):
     assert [r.pid for r in ds.train] == [0, 0, 1]
     assert any("no camid column" in note for note in ds.notes)
     assert "evaluation protocol: any_camera" in ds.summary()
-    assert same_image_index(ds.query, ds.gallery).tolist() == [0]
+    assert same_image_index(ds.query, ds.gallery).tolist() == [[0]]
 
 
 def test_identity_names_are_numbered_in_sorted_order_and_shared(tmp_path):
@@ -124,6 +125,22 @@ def test_integer_pids_are_used_as_given(tmp_path):
     ds = read_csv_dataset(csv_file)
     assert [r.pid for r in ds.query + ds.gallery] == [12, 12]
     assert not any("names" in note for note in ds.notes)
+
+
+@pytest.mark.parametrize("with_names", [False, True])
+def test_integer_labels_follow_one_rule_whether_or_not_names_are_mixed_in(tmp_path, with_names):
+    """ "7" and "007" are one identity, with or without names in the column; names come
+    after the largest integer pid (they used to turn every integer into a name)."""
+    images(tmp_path, "a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg")
+    rows = ["a.jpg,7,train", "b.jpg,3,train", "c.jpg,007,query", "d.jpg,7,gallery"]
+    if with_names:
+        rows += ["e.jpg,bob,query", "f.jpg,bob,gallery"]
+    ds = read_csv_dataset(write(tmp_path / "d.csv", "path,pid,split\n" + "\n".join(rows) + "\n"))
+    assert ds.query[0].pid == ds.gallery[0].pid == 7
+    assert [r.pid for r in ds.train] == [1, 0]  # 7 and 3, relabelled in sorted order
+    if with_names:
+        assert ds.query[1].pid == ds.gallery[1].pid == 8  # after the largest integer, 7
+        assert any("1 identity names numbered 8..8" in note for note in ds.notes)
 
 
 def test_header_is_forgiving_about_bom_case_spaces_and_blank_lines(tmp_path):
@@ -354,17 +371,19 @@ def test_same_image_index_matches_resolved_paths(tmp_path):
     link.parent.mkdir()
     os.symlink(b, link)
     rec = lambda path: ImageRecord(str(path), 1, 0)  # noqa: E731
-    gallery = [rec(a), rec(b), rec(c), rec(a)]  # a listed twice: the first index counts
+    gallery = [rec(a), rec(b), rec(c), rec(a)]  # a listed twice: both indices
     query = [rec(tmp_path / "g" / ".." / "g" / "c.jpg"), rec(link), rec(tmp_path / "x.jpg"), rec(a)]
-    assert same_image_index(query, gallery).tolist() == [2, 1, -1, 0]
-    assert same_image_index([], gallery).dtype == np.int64
+    assert same_image_index(query, gallery).tolist() == [[2, -1], [1, -1], [-1, -1], [0, 3]]
+    assert same_image_index(query[:2], gallery).tolist() == [[2], [1]]
+    empty = same_image_index([], gallery)
+    assert empty.dtype == np.int64 and empty.shape == (0, 1)
 
 
 def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     jpeg(tmp_path / "a.jpg")
     monkeypatch.chdir(tmp_path)
     query = [ImageRecord("a.jpg", 1, 0)]
-    assert same_image_index(query, [ImageRecord(str(tmp_path / "a.jpg"), 1, 0)]).tolist() == [0]
+    assert same_image_index(query, [ImageRecord(str(tmp_path / "a.jpg"), 1, 0)]).tolist() == [[0]]
 
 
 def test_dataset_protocol_is_checked():
@@ -384,7 +403,7 @@ def test_one_camera_data_evaluates_with_any_camera(tmp_path):
     q_pids, g_pids = [r.pid for r in ds.query], [r.pid for r in ds.gallery]
     q_cams, g_cams = [r.camid for r in ds.query], [r.camid for r in ds.gallery]
     own = same_image_index(ds.query, ds.gallery)
-    assert own.tolist() == [0, 2]
+    assert own.tolist() == [[0], [2]]
     # query a1: itself 0.0, a2 0.5, b1 0.2, b2 0.9 -> a2 after b1: rank 2
     # query b1: a1 0.3, a2 0.4, itself 0.0, b2 0.1 -> b2 first: rank 1
     dist = np.array([[0.0, 0.5, 0.2, 0.9], [0.3, 0.4, 0.0, 0.1]])
@@ -395,6 +414,35 @@ def test_one_camera_data_evaluates_with_any_camera(tmp_path):
     np.testing.assert_allclose(result.cmc, [0.5, 1, 1])
     assert result.mAP == pytest.approx((1 / 2 + 1) / 2)
     assert result.protocol == "any_camera"
+
+
+def test_every_gallery_copy_of_a_query_image_is_ignored(tmp_path):
+    """A custom reader lists query a1 twice in the gallery: both copies are the query image
+    itself, not a free rank-1 match (only the first one was ignored before)."""
+    paths = [str(tmp_path / name) for name in ("a1.jpg", "a2.jpg", "b1.jpg", "b2.jpg")]
+    query = [ImageRecord(paths[0], 1, 0), ImageRecord(paths[2], 2, 0)]
+    gallery = [ImageRecord(p, pid, 0) for p, pid in zip(paths, [1, 1, 2, 2])]
+    gallery.append(ImageRecord(paths[0], 1, 0))  # a1 again, index 4
+    own = same_image_index(query, gallery)
+    assert own.tolist() == [[0, 4], [2, -1]]
+    # query a1: its copies 0.0 and 0.0, a2 0.5, b1 0.2 -> a2 after b1: rank 2, AP 1/2
+    dist = np.array([[0.0, 0.5, 0.2, 0.9, 0.0], [0.3, 0.4, 0.0, 0.1, 0.3]])
+    labels = ([1, 2], [1, 1, 2, 2, 1], [0, 0], [0] * 5)
+    result = evaluate_rank(dist, *labels, max_rank=3, protocol="any_camera", query_in_gallery=own)
+    np.testing.assert_allclose(result.per_query_ap, [1 / 2, 1.0])
+    streamed = evaluate_features(
+        torch.tensor([[0.0], [10.0]]),
+        torch.tensor([[0.0], [5.0], [1.0], [10.5], [0.0]]),
+        *labels,
+        max_rank=3,
+        protocol="any_camera",
+        query_in_gallery=own,
+        topk=3,
+    )
+    np.testing.assert_allclose(streamed.per_query_ap, [1 / 2, 1.0])
+    assert 4 not in streamed.ranked_lists.indices[0] and 0 not in streamed.ranked_lists.indices[0]
+    mask = ignored_gallery_mask(1, 0, labels[1], labels[3], "any_camera", own[0])
+    assert mask.tolist() == [True, False, False, False, True]
 
 
 # --- Registry and entry points -------------------------------------------------------------

@@ -146,3 +146,23 @@ def test_pipelines_give_normalised_tensors(aug):
     assert torch.equal(ev(x), ev(x))
     # mid-grey 127 normalises to about zero-ish per channel, white to positive values
     assert ev(torch.full((3, 8, 8), 255, dtype=torch.uint8)).min() > 1.5
+
+
+def test_normalisation_uses_the_given_mean_and_std():
+    """Both pipelines normalise as (pixels / 255 - mean) / std with the values they are given
+    (a constant image: resizing cannot blur it)."""
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    pixels = torch.tensor([51, 102, 204], dtype=torch.uint8)[:, None, None].expand(3, 40, 20)
+    expected = (
+        (pixels[:, :1, :1].float() / 255) - torch.tensor(mean)[:, None, None]
+    ) / torch.tensor(std)[:, None, None]
+    plain = AugmentConfig(flip=0.0, rsa=0.0)
+    for transform in (
+        build_eval_transform((8, 4), mean, std),
+        build_train_transform((8, 4), plain, mean, std),
+    ):
+        out = transform(pixels.clone())
+        assert out.shape == (3, 8, 4)
+        torch.testing.assert_close(out, expected.expand(3, 8, 4))
+    default = build_eval_transform((8, 4))(pixels.clone())
+    assert not torch.allclose(default, expected.expand(3, 8, 4), atol=1e-2)

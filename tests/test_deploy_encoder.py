@@ -157,3 +157,51 @@ def test_bf16_is_an_explicit_choice_and_stays_close(setup, gallery):
     paths = [r.path for r in gallery[:4]]
     reduced, full = encoder.encode(paths), Encoder(setup[1], device="cpu").encode(paths)
     assert reduced.dtype == np.float32 and (reduced * full).sum(1).min() > 0.98
+
+
+class InputRecorder(torch.nn.Module):
+    """Returns the mean of each input channel as its descriptor, and keeps the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return x.mean(dim=(2, 3)) + self.weight
+
+
+def test_mean_and_std_reach_every_evaluation_path(setup, tmp_path):
+    """A checkpoint trained with data.mean/std other than ImageNet's: load_model's preprocess,
+    the evaluation's extraction and the torch Encoder all normalise with them."""
+    from rmgl.engine.evaluation import extract_query_gallery
+    from rmgl.engine.load import Preprocess
+
+    root, _ = setup
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    checkpoint = make_checkpoint(
+        tmp_path / "ck.safetensors",
+        root,
+        overrides=(f"data.mean={list(mean)}", f"data.std={list(std)}"),
+    )
+    model = load_model(checkpoint, "cpu")
+    assert model.preprocess == Preprocess(48, 16, mean, std)
+    pixels = torch.tensor([51, 102, 204], dtype=torch.uint8)[:, None, None].expand(3, 60, 20)
+    expected = (pixels[:, :1, :1].float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(
+        std
+    )[:, None, None]
+    encoder = Encoder(model)
+    torch.testing.assert_close(encoder.prepare(pixels.clone()), expected.expand(3, 48, 16))
+
+    recorder = InputRecorder()
+    dataset = load_dataset("folder", root)
+    extract_query_gallery(
+        recorder, dataset, model.preprocess, batch_size=4, workers=0, progress=False
+    )
+    raw = read_image(dataset.query[0].path)
+    torch.testing.assert_close(
+        recorder.inputs[0][0], build_eval_transform((48, 16), mean, std)(raw)
+    )
+    default = build_eval_transform((48, 16))(raw)
+    assert not torch.allclose(recorder.inputs[0][0], default, atol=1e-2)

@@ -229,6 +229,63 @@ def test_a_disagreeing_export_fails_loudly_and_leaves_nothing(exported, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx"]
 
 
+def test_parity_runs_on_the_cuda_provider_without_tf32_when_there_is_one(
+    exported, tmp_path, monkeypatch
+):
+    """The graph is checked on the provider an Encoder picks by default: CUDA when this
+    onnxruntime has it (faked here; the session itself runs on the CPU), with TF32 off."""
+    _, checkpoint, path = exported
+    model = load_model(checkpoint, "cpu")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(path, copy)
+    requested = []
+    real_session = ort.InferenceSession
+
+    def session(file, options=None, providers=None):
+        requested.append(providers)
+        return real_session(file, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    report = export_module._check_parity(model, copy, meta, band_images(3), fp16=False)
+    assert report["provider"] == "CUDAExecutionProvider"
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0"})
+    assert requested == [[cuda, "CPUExecutionProvider"]]
+    requested.clear()
+    Encoder(path, backend="onnxruntime", device="cuda:1")
+    assert requested[0][0] == ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
+
+
+def test_mean_and_std_reach_the_sidecar_and_the_onnxruntime_encoder(
+    exported, tmp_path, monkeypatch
+):
+    """An exported model's sidecar carries its preprocess' mean/std, and the onnxruntime
+    encoder prepares images with the sidecar's values (it refused anything but ImageNet's)."""
+    from rmgl.engine.load import Preprocess
+
+    _, checkpoint, path = exported
+    model = load_model(checkpoint, "cpu")
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    model.preprocess = Preprocess(HEIGHT, WIDTH, mean, std)
+    # the graph does not depend on the normalisation: reuse the exported one (fast)
+    monkeypatch.setattr(
+        export_module,
+        "_torch_export",
+        lambda graph, example, partial, opset: shutil.copy(path, partial),
+    )
+    meta = export_onnx(model, tmp_path / "custom.onnx", check=False)
+    assert (meta["input"]["mean"], meta["input"]["std"]) == (list(mean), list(std))
+    encoder = Encoder(tmp_path / "custom.onnx", backend="onnxruntime", device="cpu")
+    pixels = torch.tensor([51, 102, 204], dtype=torch.uint8)[:, None, None].expand(3, 40, 20)
+    expected = (pixels[:, :1, :1].float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(
+        std
+    )[:, None, None]
+    torch.testing.assert_close(encoder.prepare(pixels.clone()), expected.expand(3, HEIGHT, WIDTH))
+
+
 def test_weights_export_is_a_plain_state_dict_with_a_description(exported, tmp_path, capsys):
     _, checkpoint, _ = exported
     out = tmp_path / "w.safetensors"

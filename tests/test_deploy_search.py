@@ -84,9 +84,9 @@ def test_distances_are_those_of_pairwise_distance(dataset):
     for metric in ("euclidean", "sqeuclidean", "cosine"):
         ids, dist = dataset["index"].nearest(query, 25, metric=metric)
         full = pairwise_distance(query, gallery, metric=metric)
-        np.testing.assert_allclose(dist, np.take_along_axis(full, ids, 1), atol=2e-6)
+        np.testing.assert_array_equal(dist, np.take_along_axis(full, ids, 1))  # bit for bit
         brute = np.argsort(full, axis=1, kind="stable")[:, :25]
-        assert (ids == brute).mean() > 0.99  # only float32 near-ties may swap
+        np.testing.assert_array_equal(ids, brute)
         assert (np.diff(dist, axis=1) >= 0).all()
 
 
@@ -100,6 +100,26 @@ def test_ties_are_broken_by_gallery_id(tmp_path):
         np.testing.assert_allclose(
             dist[0], [0, 0, 0, np.sqrt(2), np.sqrt(2), np.sqrt(2)], atol=1e-7
         )
+
+
+def test_duplicates_rank_and_measure_as_pairwise_distance(tmp_path):
+    """Many copies of one vector around the cut: the flat index's re-scoring, its exact scan
+    (a filter below exact_below) and pairwise_distance give the same ids (ties by id) and the
+    same distances, bit for bit."""
+    base, _, _ = clustered(60, 16, 6, seed=5)
+    gallery = base.copy()
+    copies = np.arange(3, 60, 2)  # 29 copies of row 1, more than the shortlist's spares
+    gallery[copies] = base[1]
+    write_folder(tmp_path / "g", gallery)
+    index = GalleryIndex.build(tmp_path / "g", tmp_path / "flat.idx")
+    query = np.concatenate([base[1:2], clustered(5, 16, 6, seed=6)[0]])
+    for metric in ("euclidean", "sqeuclidean", "cosine"):
+        full = pairwise_distance(query, gallery, metric=metric)
+        expected = np.argsort(full, axis=1, kind="stable")[:, :12]
+        for allowed in (None, np.ones(len(gallery), dtype=bool)):  # re-scoring, exact scan
+            ids, dist = index.nearest(query, 12, allowed=allowed, metric=metric)
+            np.testing.assert_array_equal(ids, expected)
+            np.testing.assert_array_equal(dist, np.take_along_axis(full, expected, 1))
 
 
 # ---- approximate indexes

@@ -70,6 +70,11 @@ def test_yaml_off_is_not_a_boolean(tmp_path):
         ("epochs", "must look like key=value"),
         ("optim.milestones=[30,50", "not valid YAML"),
         ("data=3", "'data' is a section, not a value"),
+        ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] must be three numbers"),
+        (
+            "data.std=[0.2,0.0,0.2]",
+            "data.std=[0.2, 0.0, 0.2] must be three numbers, one per RGB channel, all > 0",
+        ),
     ],
 )
 def test_bad_overrides(override, message):

@@ -119,7 +119,10 @@ def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_co
     message = init_from_checkpoint(model, cfg.model, run / "last.safetensors")
     trained_state = load_model(run / "last.safetensors").state_dict()
     n_classifiers = len(model.feature_names)
-    assert f"reset {n_classifiers} classifiers (8 identities in the checkpoint, 11 here)" in message
+    assert (
+        f"{n_classifiers} classifiers start fresh (8 identities in the checkpoint, 11 here"
+        in message
+    )
     for name, value in model.state_dict().items():
         if ".classifier." in name:
             assert torch.equal(value, fresh[name]), name  # kept its own initialisation
@@ -146,7 +149,12 @@ def test_init_from_another_architecture_names_the_mismatch(trained):
         init_from_checkpoint(model, cfg.model, run / "last.safetensors")
 
 
-def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path, caplog):
+@pytest.mark.parametrize("same_identities", [False, True])
+def test_fine_tuning_run_starts_from_the_checkpoint(
+    trained, tiny_data, tmp_path, caplog, same_identities
+):
+    """Same class count: the classifiers still start fresh (class i of other data is another
+    person) unless model.init_from_same_identities says the identities are the same."""
     run, _ = trained
     cfg = load_config(
         None,
@@ -156,6 +164,7 @@ def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path
             f"run.output_dir={tmp_path}",
             "run.name=ft",
             f"model.init_from={run / 'last.safetensors'}",
+            f"model.init_from_same_identities={str(same_identities).lower()}",
             "optim.lr=1e-9",
             "optim.warmup_start_lr=1e-12",
         ],
@@ -165,9 +174,96 @@ def test_fine_tuning_run_starts_from_the_checkpoint(trained, tiny_data, tmp_path
             start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert "model.init_from: loaded" in caplog.text
     trained_state = load_model(run / "last.safetensors").state_dict()
-    assert all(
-        torch.equal(start[k], trained_state[k]) for k in start
-    )  # same data: classifiers kept too
+    classifiers = [k for k in start if ".classifier." in k]
+    assert classifiers and all(
+        torch.equal(start[k], trained_state[k]) for k in start if k not in classifiers
+    )
+    kept = [torch.equal(start[k], trained_state[k]) for k in classifiers]
+    if same_identities:
+        assert all(kept) and "classifiers kept (the same 8 identities)" in caplog.text
+    else:
+        assert not any(kept) and "classifiers start fresh" in caplog.text
+
+
+def test_same_identities_needs_the_same_class_count_and_an_init_from(trained):
+    run, _ = trained
+    with pytest.raises(ConfigError, match="init_from_same_identities=true keeps the classifiers"):
+        load_config(None, [*TINY, "data.root=unused", "model.init_from_same_identities=true"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.root=unused",
+            f"model.init_from={run / 'last.safetensors'}",
+            "model.init_from_same_identities=true",
+        ],
+    )
+    model = build_model(11, **_options(cfg))
+    with pytest.raises(ValueError, match="trained on 8 identities and this data has 11"):
+        init_from_checkpoint(model, cfg.model, run / "last.safetensors")
+
+
+def test_data_mean_and_std_reach_training_and_evaluation(tiny_data, tmp_path):
+    """data.mean/std normalise the training batches and the trainer's evaluation inputs."""
+    from rmgl.data.loading import read_image
+    from rmgl.data.transforms import build_eval_transform
+
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={tiny_data}",
+            f"run.output_dir={tmp_path}",
+            f"data.mean={list(mean)}",
+            f"data.std={list(std)}",
+            "data.augment.flip=0",
+            "data.augment.rsa=0",
+        ],
+    )
+    with Trainer(cfg, progress=False) as trainer:
+        train_transform = trainer.loader.dataset.transform
+        assert trainer.preprocess.mean == mean and trainer.preprocess.std == std
+        seen = []
+        handle = trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        trainer.evaluate()
+        handle.remove()
+    raw = read_image(trainer.dataset.query[0].path)
+    expected = build_eval_transform((48, 16), mean, std)(raw)
+    torch.testing.assert_close(seen[0][0], expected)  # the first query, unflipped
+    torch.testing.assert_close(train_transform(raw), expected)  # no augmentation: the same
+
+
+def test_resume_with_another_protocol_forgets_the_best_map_and_says_so(
+    trained, tiny_data, tmp_path
+):
+    """best.safetensors is chosen by comparing mAPs; one measured under the cross-camera
+    protocol must not be compared with any-camera ones after a resume that changes it."""
+    import shutil
+
+    from rmgl.engine.load import read_checkpoint
+
+    run, results = trained
+    shutil.copytree(run, tmp_path / "base")
+    resume = [
+        *TINY,
+        f"data.root={tiny_data}",
+        f"run.output_dir={tmp_path}",
+        "run.name=base",
+        "optim.epochs=2",
+    ]
+    with Trainer(load_config(None, resume), resume=True, progress=False) as trainer:
+        assert trainer.best_map == pytest.approx(results["plain"].mAP)  # same setting: kept
+    changed = load_config(None, [*resume, "eval.protocol=any_camera"])
+    with Trainer(changed, resume=True, progress=False) as trainer:
+        assert trainer.best_map == -1.0
+        trainer.train()
+    # replaced by the first any-camera evaluation, whatever its mAP
+    assert read_checkpoint(tmp_path / "base" / "best.safetensors").trainer["epoch"] == 1
+    log = (tmp_path / "base" / "train.log").read_text()
+    assert "resumed with eval.protocol cross_camera -> any_camera: the best mAP so far" in log
+    rows = [json.loads(line) for line in (tmp_path / "base" / "evaluations.jsonl").open()]
+    assert rows[-1]["protocol"] == "any_camera" and rows[-1]["metric"] == "euclidean"
 
 
 class Counter(Callback):

@@ -115,3 +115,101 @@ def test_plain_weights_files(tmp_path):
 
         save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
         load_checkpoint(tmp_path / "plain.safetensors")
+
+
+# A checkpoint written onto a small real filesystem: first one that fits, then one that
+# does not. Run in a private mount namespace (unshare), so that the tmpfs is nobody else's.
+FULL_DISK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from rmgl.engine.checkpoint import save_checkpoint
+
+folder = Path(sys.argv[1])
+small = save_checkpoint(folder / "last.safetensors", torch.nn.Linear(8, 8), "run: {}\\n")
+before = small.read_bytes()
+try:
+    save_checkpoint(folder / "last.safetensors", torch.nn.Linear(1000, 1000), "run: {}\\n")
+    error = None
+except Exception as err:
+    error = {"type": type(err).__name__, "message": str(err)}
+print(json.dumps({
+    "error": error,
+    "intact": small.read_bytes() == before,
+    "files": sorted(p.name for p in folder.iterdir()),
+}))
+"""
+
+
+def _in_private_tmpfs(folder, size_kb: int, argv: list[str]):
+    """Run ``argv`` (which gets the mount point as its last argument) with a tmpfs of
+    ``size_kb`` mounted on ``folder`` in a private user + mount namespace; None when this
+    machine does not allow such namespaces."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    script = (
+        f'mount -t tmpfs -o size={size_kb}k tmpfs "$1" && echo mounted >&2 && shift && exec "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(folder), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done if "mounted" in done.stderr.splitlines()[:1] else None
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """safetensors raises its own SafetensorError for "No space left on device", which is not
+    an OSError: it must still become the one-line OSError, with the previous file intact."""
+    import json
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    repo = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    command = ["env", "OMP_NUM_THREADS=1", f"PYTHONPATH={repo}", sys.executable, str(script)]
+    done = _in_private_tmpfs(folder, 256, [*command, str(folder)])
+    if done is None:
+        pytest.skip("this machine allows no private mount namespace (unshare) for a tmpfs")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"]["type"] == "OSError", result
+    assert (
+        "(No space left on device); the previous last.safetensors is intact"
+        in (result["error"]["message"])
+    )
+    assert "\n" not in result["error"]["message"]
+    assert result["intact"] and result["files"] == ["last.safetensors"]  # no partial file left
+
+
+def test_safetensors_own_write_error_becomes_a_one_line_os_error(tmp_path, monkeypatch):
+    """The same failure where no tmpfs can be mounted: the library's real exception type,
+    with its real wording, raised by the writer."""
+    from safetensors import SafetensorError
+
+    import rmgl.engine.checkpoint as checkpoint_module
+
+    path = save_checkpoint(tmp_path / "last.safetensors", nn.Linear(4, 4), "")
+    before = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    with pytest.raises(
+        OSError,
+        match=r"could not write checkpoint .*last.safetensors \(No space left on device\); "
+        "the previous last.safetensors is intact",
+    ):
+        save_checkpoint(path, nn.Linear(4, 4), "")
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

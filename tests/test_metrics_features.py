@@ -119,3 +119,55 @@ def test_self_distance_is_zero():
     squared = pairwise_distance(features, features, metric="sqeuclidean")
     assert squared.min() >= 0
     np.testing.assert_allclose(np.diag(squared), 0.0, atol=1e-4)
+
+
+@pytest.fixture
+def tf32_allowed():
+    """TF32 allowed for convolutions and matrix products (the new API of torch >= 2.9, or the
+    legacy flags), as a user's training set-up may leave it; the previous state restored."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        objects = [matmul, cudnn.conv]
+        name, allowed = "fp32_precision", "tf32"
+    else:
+        objects = [matmul, cudnn]
+        name, allowed = "allow_tf32", True
+    previous = [getattr(obj, name) for obj in objects]
+    for obj in objects:
+        setattr(obj, name, allowed)
+    yield lambda: [getattr(obj, name) for obj in objects], allowed
+    for obj, value in zip(objects, previous):
+        setattr(obj, name, value)
+
+
+class FlagRecorder(TinyNet):
+    """Records the TF32 state its forward runs under (and fails on request)."""
+
+    def __init__(self, read, fail: bool = False) -> None:
+        super().__init__()
+        self.read, self.fail, self.seen = read, fail, []
+
+    def forward(self, x):
+        self.seen.append(self.read())
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return super().forward(x)
+
+
+def test_extraction_runs_in_true_float32_and_restores_the_settings(tf32_allowed):
+    read, allowed = tf32_allowed
+    model = FlagRecorder(read)
+    extract_features(model, make_loader(), progress=False)
+    assert model.seen and all(value != allowed for flags in model.seen for value in flags)
+    assert read() == [allowed, allowed]  # the caller's settings are back
+    failing = FlagRecorder(read, fail=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_features(failing, make_loader(), progress=False)
+    assert read() == [allowed, allowed]  # also after an error
+
+
+def test_reduced_precision_extraction_keeps_the_callers_settings(tf32_allowed):
+    read, allowed = tf32_allowed
+    model = FlagRecorder(read)
+    extract_features(model, make_loader(), amp=torch.bfloat16, progress=False)
+    assert model.seen and all(flags == [allowed, allowed] for flags in model.seen)

@@ -116,13 +116,13 @@ def test_identical_features_give_finite_distances():
 # ---- the bfloat16 candidate pass: exactly the full-precision pass ---------------------------
 
 
-def _both_passes(features, num_query, k=21, budget_mb=1):
-    """(full pass, bfloat16 candidate pass) outputs of the neighbour pass."""
-    from rmgl.metrics.rerank import _neighbour_pass
+def _both_passes(features, num_query, k=21, budget=2**20):
+    """(full pass, bfloat16 candidate pass) outputs of the neighbour pass (budget in bytes)."""
+    from rmgl.metrics.rerank import _neighbour_pass, _SquaredDistances
 
-    tensor = torch.from_numpy(features)
-    full = _neighbour_pass(tensor, num_query, k, budget_mb * 2**20, None)
-    fast = _neighbour_pass(tensor, num_query, k, budget_mb * 2**20, torch.bfloat16)
+    distances = _SquaredDistances(torch.from_numpy(features))
+    full = _neighbour_pass(distances, num_query, k, budget, None)
+    fast = _neighbour_pass(distances, num_query, k, budget, torch.bfloat16)
     return full, fast
 
 
@@ -148,42 +148,50 @@ def _adversarial_features(kind, rng):
     "kind", ["clustered", "duplicates", "all_equal", "large_norms", "near_ties", "tiny"]
 )
 def test_bfloat16_candidates_equal_full_pass_bit_for_bit(kind):
-    """Same neighbour sets and distances, bit for bit (float32, MKL-style BLAS whose large
-    products sum each entry in one order), on features built to break the bound."""
+    """Same neighbour sets and distances, bit for bit, on features built to break the bound:
+    re-scored pairs get the full pass's values (both exact-rounded), whatever the kernels."""
     features = _adversarial_features(kind, np.random.default_rng(0))
     full, fast = _both_passes(features, num_query=len(features) // 6)
     for name, a, b in zip(["query x gallery", "maxima", "neighbours", "distances"], full, fast):
-        if kind == "tiny" and name == "distances":
-            # subnormal results: BLAS kernels may differ in the last subnormal steps
-            assert np.abs(a - b).max() <= 1e-43
-        else:
-            assert np.array_equal(a, b), name
+        assert np.array_equal(a, b), name
 
 
-def test_bfloat16_candidates_float64_equal_full_pass():
-    features = np.concatenate(clustered_features(15, 50, 10, 64, 80))
-    full, fast = _both_passes(features, num_query=80)
-    assert np.array_equal(full[2][:, :10], fast[2][:, :10])  # no near ties in this set
-    for a, b in zip(full, fast):
-        assert np.abs(a.astype(float) - b.astype(float)).max() <= 1e-12
+def test_bfloat16_candidates_refuse_float64_features():
+    """float64 re-scoring could not reproduce the full pass's float64 block products (with
+    exact duplicates it changed hundreds of neighbour lists): refused, not approximated."""
+    features = np.concatenate(clustered_features(15, 20, 5, 16, 20))
+    with pytest.raises(ValueError, match="needs float32 features"):
+        k_reciprocal_rerank(features[:20], features[20:], candidate_precision="bfloat16")
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "near_ties"])
+def test_full_pass_does_not_depend_on_the_memory_budget(kind):
+    """float32: the same neighbour lists and distances with blocks of any size (exact ties
+    between duplicates stay exact, so the tie rule decides)."""
+    features = _adversarial_features(kind, np.random.default_rng(0))
+    num_query = len(features) // 6
+    reference = _both_passes(features, num_query, budget=2**22)[0]  # one block
+    for side in (37, 100):  # blocks of side x side distances
+        full, fast = _both_passes(features, num_query, budget=16 * side * side)
+        for a, b, c in zip(reference, full, fast):
+            assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_bfloat16_rerank_equals_dense_reference():
     query, gallery = clustered_features(16, 30, 8, 32, 40)
     expected = dense_reference_rerank(query, gallery, 20, 6, 0.3)
-    for features in (np.float64, np.float32):
-        result = k_reciprocal_rerank(
-            query.astype(features),
-            gallery.astype(features),
-            candidate_precision="bfloat16",
-            memory_budget_mb=1,
-        )
-        assert np.abs(result - expected).max() <= 1e-5
+    result = k_reciprocal_rerank(
+        query.astype(np.float32),
+        gallery.astype(np.float32),
+        candidate_precision="bfloat16",
+        memory_budget_mb=1,
+    )
+    assert np.abs(result - expected).max() <= 1e-5
 
 
 def test_candidate_bound_never_violated():
     """|d~ - d| <= E for every pair of many random sets: scales, offsets, dimensions."""
-    from rmgl.metrics.rerank import _CertifiedCandidates
+    from rmgl.metrics.rerank import _CertifiedCandidates, _SquaredDistances
 
     rng = np.random.default_rng(1)
     worst = 0.0
@@ -195,10 +203,9 @@ def test_candidate_bound_never_violated():
         features = (rng.standard_normal((num, dim)) * scale + offset).astype(dtype)
         if trial % 5 == 0:
             features[: num // 2] = features[num // 2 : 2 * (num // 2)]  # duplicates
-        tensor = torch.from_numpy(features)
-        squared = (tensor * tensor).sum(1)
-        cert = _CertifiedCandidates(tensor, squared, 0, 5, [(0, num)], torch.bfloat16)
-        exact = (squared[:, None] + squared[None, :]).addmm_(tensor, tensor.T, beta=1, alpha=-2)
+        distances = _SquaredDistances(torch.from_numpy(features))
+        cert = _CertifiedCandidates(distances, 0, 5, [(0, num)], torch.bfloat16)
+        exact = distances.block(0, num, 0, num)  # the full pass's values
         approx = cert.shifted_sq[:, None] + cert.shifted_sq[None, :]
         approx.add_((cert.low @ cert.low.T).to(approx.dtype), alpha=-2)
         index = torch.arange(num)

@@ -74,12 +74,12 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out_dir(checkpoint, dataset.name, args.root)
     with torch.no_grad():
         features = extract_query_gallery(
-            model, dataset, model.preprocess.size, args.batch_size, args.workers, amp=precision
+            model, dataset, model.preprocess, args.batch_size, args.workers, amp=precision
         )
         results = evaluate_model(
             model,
             dataset,
-            model.preprocess.size,
+            model.preprocess,
             rerank=args.rerank,
             metric=model.config.eval.metric,
             batch_size=args.batch_size,

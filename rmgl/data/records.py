@@ -100,21 +100,33 @@ def check_protocol(protocol: str) -> str:
 def same_image_index(
     query_records: Sequence[ImageRecord], gallery_records: Sequence[ImageRecord]
 ) -> np.ndarray:
-    """For each query, the index of the gallery record of the same image file, or -1.
+    """For each query, the indices of the gallery records of the same image file: a (Q, k)
+    int64 array padded with -1, k the most copies of one query image in the gallery (>= 1);
+    row q is all -1 when the gallery does not hold query q's image. Evaluation takes it as
+    ``query_in_gallery``.
 
     Data without a fixed query / gallery split often lists an image in both; the
-    ``any_camera`` protocol must then ignore that one gallery item, which would otherwise be
-    a free rank-1 match. Files are matched by resolved path (absolute, symlinks followed), so
-    ``a/../q.jpg`` and a link to it count as the same image. A file listed twice in the
-    gallery maps to its first index.
+    ``any_camera`` protocol must then ignore those gallery items, each of which would
+    otherwise be a free rank-1 match. A gallery that lists a file twice (a custom reader
+    may) gives both indices. Files are matched by resolved path (absolute, symlinks
+    followed), so ``a/../q.jpg`` and a link to it count as the same image.
+
+    Examples::
+
+        >>> same_image_index([ImageRecord("/d/a.jpg", 1, 0)],
+        ...                  [ImageRecord("/d/a.jpg", 1, 0), ImageRecord("/d/b.jpg", 2, 0),
+        ...                   ImageRecord("/d/a.jpg", 1, 1)])
+        array([[0, 2]])
     """
     resolve = _path_resolver()
-    first_index: dict[str, int] = {}
+    indices: dict[str, list[int]] = {}
     for index, record in enumerate(gallery_records):
-        first_index.setdefault(resolve(record.path), index)
-    return np.array(
-        [first_index.get(resolve(record.path), -1) for record in query_records], dtype=np.int64
-    )
+        indices.setdefault(resolve(record.path), []).append(index)
+    found = [indices.get(resolve(record.path), []) for record in query_records]
+    out = np.full((len(found), max([1, *map(len, found)])), -1, dtype=np.int64)
+    for row, copies in enumerate(found):
+        out[row, : len(copies)] = copies
+    return out
 
 
 def _path_resolver():

@@ -177,8 +177,14 @@ class AugmentConfig:
     rcrs: float = 0.0
 
 
-def build_train_transform(size: tuple[int, int], aug: AugmentConfig | None = None) -> v2.Compose:
-    """uint8 image (tensor or PIL) -> normalised float tensor of ``size`` with augmentation."""
+def build_train_transform(
+    size: tuple[int, int],
+    aug: AugmentConfig | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """uint8 image (tensor or PIL) -> float tensor of ``size`` with augmentation, normalised
+    as (pixels / 255 - mean) / std per RGB channel."""
     aug = aug or AugmentConfig()
     steps: list[v2.Transform] = [v2.ToImage()]
     if aug.rcrs > 0:
@@ -200,18 +206,24 @@ def build_train_transform(size: tuple[int, int], aug: AugmentConfig | None = Non
         steps.append(v2.RandomHorizontalFlip(aug.flip))
     if aug.color_jitter > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(0.2, 0.15, 0.15, 0.05)], p=aug.color_jitter))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if aug.random_erasing > 0:
         steps.append(v2.RandomErasing(p=aug.random_erasing, scale=(0.02, 0.4), value=0))
     return v2.Compose(steps)
 
 
-def build_eval_transform(size: tuple[int, int]) -> v2.Compose:
+def build_eval_transform(
+    size: tuple[int, int],
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """uint8 image (tensor or PIL) -> float tensor resized to ``size``, normalised as
+    (pixels / 255 - mean) / std per RGB channel: what evaluation feeds the model."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(size, antialias=True),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(list(mean), list(std)),
         ]
     )

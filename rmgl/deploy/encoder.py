@@ -3,11 +3,13 @@
 Two backends, one preprocessing:
 
 * ``torch``: the rmgl model (a checkpoint or ``load_model``'s model). Every batch goes through
-  :func:`rmgl.metrics.extract_features`, the evaluation's own code, so a batch gives the same
-  bits as ``rmgl eval`` on the same images in the same batch (CPU kernels may round a batch of
-  another size differently in the last bits, ~1e-6).
+  :func:`rmgl.metrics.extract_features`, the evaluation's own code (true float32 unless
+  ``amp`` asks for less: TF32 off), so a batch gives the same bits as ``rmgl eval`` on the
+  same images in the same batch (CPU kernels may round a batch of another size differently
+  in the last bits, ~1e-6).
 * ``onnxruntime``: a file written by ``rmgl export --format onnx`` and its sidecar JSON; no
   rmgl checkpoint and no model code. Flip-averaging and L2 normalisation are inside the graph.
+  The CUDA provider runs with TF32 off (``use_tf32=0``; onnxruntime's default is on).
 
 Images are prepared by :meth:`rmgl.engine.load.Preprocess.transform`, the evaluation
 transform, after being turned into the (3, H, W) uint8 RGB tensor that
@@ -116,7 +118,8 @@ class Encoder:
     * a numpy array H x W x 3 uint8, RGB (``bgr=True``: OpenCV's BGR order);
     * a torch tensor 3 x H x W: uint8 is a raw RGB image (``bgr=True`` as for arrays),
       resized and normalised like a file; float32 is an *already prepared* input (the output
-      of ``encoder.preprocess.transform()``: model size, ImageNet-normalised), used as is.
+      of ``encoder.preprocess.transform()``: model size, normalised with the model's mean
+      and std), used as is.
 
     Examples::
 
@@ -240,13 +243,6 @@ class Encoder:
             tuple(meta["input"]["std"]),
             bool(meta["flip"]),
         )
-        if (self.preprocess.mean, self.preprocess.std) != (
-            Preprocess(1, 1).mean,
-            Preprocess(1, 1).std,
-        ):
-            raise ValueError(
-                f"{sidecar_path(path)}: mean/std other than ImageNet's are not supported"
-            )
         self.descriptor_dim = int(meta["output"]["dim"])
         self.feature_names = list(meta["feature_names"])
         self.source = str(path)
@@ -260,8 +256,9 @@ class Encoder:
                     f"device {name}: this onnxruntime has no CUDA provider (install onnxruntime-gpu) "
                 )
             index = int(name.split(":")[1]) if ":" in name else 0
+            # TF32 off: the CUDA provider allows it by default, which can move ABP boundaries
             providers: list = [
-                ("CUDAExecutionProvider", {"device_id": index}),
+                ("CUDAExecutionProvider", {"device_id": str(index), "use_tf32": "0"}),
                 "CPUExecutionProvider",
             ]
         elif name == "cpu":
@@ -277,6 +274,9 @@ class Encoder:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is not a loadable ONNX model ({first})") from None
         self.device = torch.device("cuda" if name.startswith("cuda") else "cpu")
+        self.provider = (
+            "CUDAExecutionProvider" if name.startswith("cuda") else "CPUExecutionProvider"
+        )
         self.amp = None
         self._input_name = self.session.get_inputs()[0].name
 

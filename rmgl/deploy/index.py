@@ -20,10 +20,11 @@ Kinds:
   PCA-reduced vectors.
 
 The approximate kinds only propose a shortlist of ``n * rerank_factor`` candidates; these
-are re-scored with the exact inner product read from ``vectors.f32`` (``os.pread``, so the
-gallery is never loaded and the process's resident memory stays small), hence every
-distance returned is exact and only the membership of the top-n can differ from a brute
-force search. On L2-normalised descriptors ``|q - g|^2 = 2 - 2 q.g``, so ranking by inner
+are re-scored from the exact vectors in ``vectors.f32`` (``os.pread``, so the gallery is
+never loaded and the process's resident memory stays small) with the distances of
+``rmgl.metrics.pairwise_distance`` (the float32 nearest to the exact distance, whatever the
+batch), hence every distance returned is the one ``rmgl eval`` computes and only the
+membership of the top-n can differ from a brute force search. On L2-normalised descriptors ``|q - g|^2 = 2 - 2 q.g``, so ranking by inner
 product, by L2 distance and by cosine distance are the same; the approximate stage works
 with L2 distances because the PCA step subtracts a mean, which preserves L2 distances but
 not inner products.
@@ -88,7 +89,6 @@ __all__ = [
     "GalleryIndex",
     "IndexBusyError",
     "IndexParams",
-    "distances_from_ip",
     "load_feature_folder",
 ]
 
@@ -378,18 +378,6 @@ def _lock_holder(path: Path) -> str:
     except OSError:
         text = ""
     return text or "another process"
-
-
-def distances_from_ip(
-    ip: np.ndarray, q_sq: np.ndarray, g_sq: np.ndarray, metric: str
-) -> np.ndarray:
-    """The distances of ``rmgl.metrics.pairwise_distance`` from inner products and squared
-    norms: euclidean sqrt(|q|^2 + |g|^2 - 2 q.g) (clamped at 0), its square, or
-    1 - cosine. On L2-normalised features euclidean = sqrt(2 - 2 q.g)."""
-    if metric == "cosine":
-        return 1.0 - ip / np.sqrt(q_sq * g_sq)
-    squared = np.maximum(q_sq + g_sq - 2.0 * ip, 0.0)
-    return squared if metric == "sqeuclidean" else np.sqrt(squared)
 
 
 # --------------------------------------------------------------------------------------
@@ -1186,34 +1174,53 @@ class GalleryIndex:
         return cache[1]
 
     def _rescore(self, queries, candidates, n, metric):
-        """Exact distances of the candidates, ordered by (distance, id), cut to n.
+        """Distances of the candidates as ``pairwise_distance`` computes them, ordered by
+        (distance, id), cut to n.
 
-        Inner products and norms are float32 sums, as in ``pairwise_distance``; the
-        distance formula is evaluated in float64.
-        """
-        num_q = len(candidates)
+        ``flat``: when a query's n-th distance equals that of its last candidate, items tied
+        with it may lie past the shortlist; its row ends with -1 so that ``_approximate``
+        scans it exactly and ties are broken by id, as in ``evaluate_rank``."""
+        import torch
+
+        from rmgl.metrics.distance import paired_distances, prepare_rows
+
+        num_q, shortlist = candidates.shape
         ids = np.full((num_q, n), -1, dtype=np.int64)
         dist = np.full((num_q, n), np.inf, dtype=np.float64)
         valid = candidates >= 0
         unique, inverse = np.unique(candidates[valid], return_inverse=True)
-        rows = self.vectors.rows(unique)
-        rows_sq = np.einsum("ij,ij->i", rows, rows).astype(np.float64)
+        rows = prepare_rows(torch.from_numpy(self.vectors.rows(unique)), metric)
+        query_rows = prepare_rows(torch.tensor(queries), metric)
         row_of = np.full(candidates.shape, -1, dtype=np.int64)
         row_of[valid] = inverse
-        q_sq = np.einsum("ij,ij->i", queries, queries).astype(np.float64)
+        scored = np.full(candidates.shape, np.inf, dtype=np.float64)
+        step = max(1, CHUNK_BYTES // (4 * self.dim * shortlist))
+        for start in range(0, num_q, step):  # pairs gathered per chunk of queries
+            part = valid[start : start + step]
+            query_of, slot = np.nonzero(part)
+            values = paired_distances(
+                query_rows[torch.from_numpy(query_of + start)],
+                rows[torch.from_numpy(row_of[start : start + step][part])],
+                metric,
+            )
+            scored[start + query_of, slot] = values.numpy()
         for q in range(num_q):
-            cand, slot = candidates[q, valid[q]], row_of[q, valid[q]]
-            ip = (rows[slot] @ queries[q]).astype(np.float64)
-            d = distances_from_ip(ip, q_sq[q], rows_sq[slot], metric)
-            order = np.lexsort((cand, d))[:n]
-            ids[q, : len(order)], dist[q, : len(order)] = cand[order], d[order]
+            cand, d = candidates[q, valid[q]], scored[q, valid[q]]
+            order = np.lexsort((cand, d))
+            ids[q, : min(n, len(order))] = cand[order[:n]]
+            dist[q, : min(n, len(order))] = d[order[:n]]
+            full = len(order) == shortlist > n
+            if self.kind == "flat" and full and d[order[-1]] == d[order[n - 1]]:
+                ids[q, -1] = -1
         return ids, dist
 
     def _exact_scan(self, queries, n, pool, metric):
-        """Brute force over the ids in ``pool``, in blocks; exact, ties by id."""
+        """Brute force over the ids in ``pool``, in blocks, with ``pairwise_distance``; ties
+        by id."""
+        from rmgl.metrics.features import pairwise_distance
+
         best_ids = np.empty((len(queries), 0), dtype=np.int64)
         best_dist = np.empty((len(queries), 0), dtype=np.float64)
-        q_sq = np.einsum("ij,ij->i", queries, queries).astype(np.float64)[:, None]
         block = max(1, CHUNK_BYTES // (4 * self.dim))
         for start in range(0, len(pool), block):
             part = pool[start : start + block]
@@ -1221,10 +1228,9 @@ class GalleryIndex:
                 vecs = self.vectors.range(int(part[0]), int(part[-1]) + 1)
             else:
                 vecs = self.vectors.rows(part)
-            g_sq = np.einsum("ij,ij->i", vecs, vecs).astype(np.float64)[None, :]
-            d = distances_from_ip((queries @ vecs.T).astype(np.float64), q_sq, g_sq, metric)
+            d = pairwise_distance(queries, vecs, metric, memory_budget_mb=CHUNK_BYTES >> 20)
             cand_ids = np.concatenate([best_ids, np.broadcast_to(part, d.shape)], axis=1)
-            cand_dist = np.concatenate([best_dist, d], axis=1)
+            cand_dist = np.concatenate([best_dist, d.astype(np.float64)], axis=1)
             order = np.lexsort((cand_ids, cand_dist), axis=1)[:, :n]
             best_ids = np.take_along_axis(cand_ids, order, 1)
             best_dist = np.take_along_axis(cand_dist, order, 1)

@@ -101,7 +101,8 @@ class MetricsLogger(Callback):
 class PeriodicEvaluation(Callback):
     """Evaluate every ``every`` epochs (0 = only at the end) and always after the last;
     keep ``best.safetensors`` at the best plain mAP. Each evaluation is a row of
-    evaluations.jsonl (``"eval": "plain"`` / ``"rerank"``): the learning curve."""
+    evaluations.jsonl (``"eval": "plain"`` / ``"rerank"``, with the metric and protocol its
+    numbers were measured with): the learning curve."""
 
     def __init__(self, every: int = 10, rerank: bool = False) -> None:
         self.every = every
@@ -119,7 +120,8 @@ class PeriodicEvaluation(Callback):
             log.info("epoch %d %s:\n%s", epoch + 1, key, result)
             values = {"mAP": result.mAP, "rank1": result.rank(1), "mINP": result.mINP}
             trainer.record.scalars(f"eval_{key}", values, epoch + 1)
-            trainer.record.evaluation_row({"epoch": epoch, "eval": key, **values})
+            setting = {"metric": trainer.cfg.eval.metric, "protocol": result.protocol}
+            trainer.record.evaluation_row({"epoch": epoch, "eval": key, **values, **setting})
         if results["plain"].mAP > trainer.best_map:
             trainer.best_map = results["plain"].mAP
             trainer.save("best", epoch)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "rmgl-checkpoint-v1"
@@ -59,7 +61,9 @@ def save_checkpoint(
         save_file(tensors, str(tmp), metadata=metadata)
         _fsync(tmp)  # the data must be on disk before the rename can be
         os.replace(tmp, path)
-    except OSError as err:  # a full disk, a lost mount, a folder made read-only
+    # a full disk, a lost mount, a folder made read-only; safetensors reports the I/O errors
+    # of its own writes as SafetensorError, not OSError
+    except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
         kept = (
             f"the previous {path.name} is intact"
@@ -67,11 +71,22 @@ def save_checkpoint(
             else f"no earlier {path.name} existed"
         )
         raise OSError(
-            f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space or "
+            f"could not write checkpoint {path} ({_reason(err)}); {kept}. Free space or "
             "fix the folder, then continue with --resume"
         ) from err
     _fsync(path.parent)
     return path
+
+
+def _reason(err: Exception) -> str:
+    """The operating system's words for a failed write: an OSError's strerror, or the text
+    safetensors wraps it in ("Error while serializing: I/O error: No space left on device
+    (os error 28)" -> "No space left on device")."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", text)
+    return found.group(1) if found else text
 
 
 def _fsync(path: Path) -> None:

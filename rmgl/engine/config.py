@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from rmgl.data.transforms import AugmentConfig
+from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from rmgl.model.backbone import ARCHITECTURES
 
 
@@ -28,6 +28,10 @@ class DataConfig:
     root: str = "data/market1501"
     height: int = 384
     width: int = 128
+    # input normalisation, (pixels / 255 - mean) / std per RGB channel, in training and
+    # testing alike (and in exported models); ImageNet's by default, as the backbones expect
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_identities: int = 12  # P
     num_instances: int = 4  # K
     workers: int = 4
@@ -48,6 +52,9 @@ class ModelConfig:
     pooling: str = "max"  # max | avg | gem
     reduction_dim: int = 256
     init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
+    # the training identities are the checkpoint's, same labels: keep its classifiers too
+    # (otherwise they start fresh, as the classes of other data mean other people)
+    init_from_same_identities: bool = False
     # Study switches; the defaults are the paper's model (docs/model.md, section 10).
     abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
     rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
@@ -343,6 +350,18 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.abp_warmup_epochs={cfg.model.abp_warmup_epochs} needs ABP in training "
             f"(model.abp=train or both), not model.abp={cfg.model.abp}"
+        )
+    for key in ("data.mean", "data.std"):
+        values = list(OmegaConf.select(cfg, key))
+        if len(values) != 3 or (key == "data.std" and min(values) <= 0):
+            raise ConfigError(
+                f"{key}={values} must be three numbers, one per RGB channel"
+                + (", all > 0" if key == "data.std" else "")
+            )
+    if cfg.model.init_from_same_identities and not cfg.model.init_from:
+        raise ConfigError(
+            "model.init_from_same_identities=true keeps the classifiers of model.init_from, "
+            "which is not set"
         )
     if not cfg.model.branches or min(cfg.model.branches) < 1:
         raise ConfigError(

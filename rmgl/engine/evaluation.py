@@ -11,7 +11,7 @@ import torch
 
 from rmgl.data.loading import eval_loader
 from rmgl.data.records import ReidDataset, same_image_index
-from rmgl.data.transforms import build_eval_transform
+from rmgl.engine.load import Preprocess
 from rmgl.metrics import (
     ExtractedFeatures,
     RankResult,
@@ -32,18 +32,25 @@ def resolve_protocol(protocol: str, dataset: ReidDataset) -> str:
     return dataset.protocol if protocol == "auto" else protocol
 
 
+def as_preprocess(preprocess: Preprocess | tuple[int, int]) -> Preprocess:
+    """``preprocess`` itself, or for a bare (height, width) its :class:`Preprocess` with
+    ImageNet normalisation."""
+    return preprocess if isinstance(preprocess, Preprocess) else Preprocess(*preprocess)
+
+
 def extract_query_gallery(
     model: torch.nn.Module,
     dataset: ReidDataset,
-    size: tuple[int, int],
+    preprocess: Preprocess | tuple[int, int],
     batch_size: int = 128,
     workers: int = 2,
     progress: bool = True,
     amp: torch.dtype | None = None,
 ) -> tuple[ExtractedFeatures, ExtractedFeatures]:
     """The evaluation's (query, gallery) features: flip-averaged, L2-normalised descriptors
-    of the eval transform at ``size``."""
-    transform = build_eval_transform(size)
+    of the images prepared by ``preprocess`` (a :class:`Preprocess`, e.g. a loaded model's
+    ``model.preprocess``, or a bare (height, width): ImageNet normalisation)."""
+    transform = as_preprocess(preprocess).transform()
     query, gallery = (
         extract_features(
             model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp
@@ -56,7 +63,7 @@ def extract_query_gallery(
 def evaluate_model(
     model: torch.nn.Module,
     dataset: ReidDataset,
-    size: tuple[int, int],
+    preprocess: Preprocess | tuple[int, int],
     rerank: bool = False,
     metric: str = "euclidean",
     batch_size: int = 128,
@@ -68,7 +75,8 @@ def evaluate_model(
     provenance: dict[str, Any] | None = None,
     features: tuple[ExtractedFeatures, ExtractedFeatures] | None = None,
 ) -> dict[str, RankResult]:
-    """Results keyed ``"plain"`` (and ``"rerank"``).
+    """Results keyed ``"plain"`` (and ``"rerank"``) of the images prepared by ``preprocess``
+    (as in :func:`extract_query_gallery`).
 
     ``amp`` is the autocast dtype of feature extraction (None = float32, the default: see
     :func:`rmgl.engine.runtime.amp_dtype`). With ``out_dir`` also writes ``results.json``
@@ -77,8 +85,11 @@ def evaluate_model(
     caller has them already (``rmgl eval --report`` extracts once for both).
     """
     protocol = resolve_protocol(protocol, dataset)
+    preprocess = as_preprocess(preprocess)
     if features is None:
-        features = extract_query_gallery(model, dataset, size, batch_size, workers, progress, amp)
+        features = extract_query_gallery(
+            model, dataset, preprocess, batch_size, workers, progress, amp
+        )
     query, gallery = features
     own = same_image_index(dataset.query, dataset.gallery)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
@@ -109,7 +120,9 @@ def evaluate_model(
             "protocol": protocol,
             "metric": metric,
             "precision": PRECISION_NAMES[amp],
-            "input_size": list(size),
+            "input_size": list(preprocess.size),
+            "mean": list(preprocess.mean),
+            "std": list(preprocess.std),
             "num_query": len(dataset.query),
             "num_gallery": len(dataset.gallery),
         }

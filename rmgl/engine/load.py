@@ -44,7 +44,7 @@ ARCHITECTURE_KEYS = (
     "head",
 )
 # Config model keys that only steer training, not build_model.
-TRAINING_ONLY_KEYS = ("init_from", "abp_warmup_epochs")
+TRAINING_ONLY_KEYS = ("init_from", "init_from_same_identities", "abp_warmup_epochs")
 CLASSIFIER_KEY = ".classifier."
 
 
@@ -63,8 +63,15 @@ class Preprocess:
         return self.height, self.width
 
     def transform(self):
-        """uint8 image (PIL or tensor) -> normalised float tensor of :attr:`size`."""
-        return build_eval_transform(self.size)
+        """uint8 image (PIL or tensor) -> float tensor of :attr:`size`, normalised with
+        :attr:`mean` and :attr:`std`."""
+        return build_eval_transform(self.size, self.mean, self.std)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Preprocess:
+        """The preparation a run's config (``data.height/width/mean/std``) trains and tests with."""
+        data = cfg.data
+        return cls(data.height, data.width, tuple(data.mean), tuple(data.std))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -111,7 +118,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> R
     model, cfg = model_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(device).eval()
-    model.preprocess = Preprocess(cfg.data.height, cfg.data.width)
+    model.preprocess = Preprocess.from_config(cfg)
     model.config = cfg
     model.checkpoint = str(checkpoint)
     return model
@@ -120,8 +127,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> R
 def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -> str:
     """Start ``model`` from a trained rmgl model (fine-tuning, ``model.init_from``).
 
-    The architecture must be the same; classifiers whose class count differs (new data, new
-    identities) keep their fresh initialisation. Returns the sentence that is logged.
+    The architecture must be the same. The classifiers keep their fresh initialisation: class
+    i of other training data is another person than the checkpoint's class i, even when the
+    counts agree. Only with ``model.init_from_same_identities`` (the user says the identities
+    and their labels are the checkpoint's) are they loaded too, and the class counts must
+    then agree. Returns the sentence that is logged.
     """
     ckpt = read_checkpoint(path)
     trained = from_yaml_text(ckpt.config_yaml).model
@@ -137,22 +147,30 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
         )
     state = ckpt.model_state()
     own = model.state_dict()
-    reset = sorted(
-        k for k in own if CLASSIFIER_KEY in k and k in state and state[k].shape != own[k].shape
-    )
+    old_classes = int(ckpt.trainer.get("num_classes", 0))
+    same_identities = bool(model_cfg.get("init_from_same_identities", False))
+    if same_identities and old_classes != model.num_classes:
+        raise ValueError(
+            f"model.init_from_same_identities=true, but {path} was trained on {old_classes} "
+            f"identities and this data has {model.num_classes}; they cannot be the same people "
+            "(set it to false to start the classifiers fresh)"
+        )
+    reset = [] if same_identities else sorted(k for k in own if CLASSIFIER_KEY in k)
     kept = {k: v for k, v in state.items() if k not in reset}
     try:
         check_compatible(model, {**kept, **{k: own[k] for k in reset}})
     except ValueError as err:
         raise ValueError(f"model.init_from={path}: {err}") from None
     model.load_state_dict(kept, strict=False)
-    old_classes = int(ckpt.trainer.get("num_classes", 0))
     message = f"model.init_from: loaded {len(kept)} tensors from {path}"
     if reset:
         message += (
-            f"; reset {len(reset) // 2} classifiers ({old_classes} identities in the checkpoint, "
-            f"{model.num_classes} here)"
+            f"; {len(reset) // 2} classifiers start fresh ({old_classes} identities in the "
+            f"checkpoint, {model.num_classes} here; model.init_from_same_identities=true keeps "
+            "them when the identities are the same)"
         )
+    else:
+        message += f"; classifiers kept (the same {old_classes} identities)"
     return message
 
 

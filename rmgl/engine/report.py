@@ -69,8 +69,9 @@ def report_model(
     metric = model.config.eval.metric
     start = time.perf_counter()
     if features is None:  # extract_features runs without autograd
-        size = model.preprocess.size
-        features = extract_query_gallery(model, dataset, size, batch_size, workers, progress, amp)
+        features = extract_query_gallery(
+            model, dataset, model.preprocess, batch_size, workers, progress, amp
+        )
     query, gallery = features
     extracted = time.perf_counter()
     own = same_image_index(dataset.query, dataset.gallery)

@@ -43,8 +43,8 @@ from rmgl.engine.callbacks import (
 )
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
-from rmgl.engine.evaluation import evaluate_model
-from rmgl.engine.load import init_from_checkpoint, model_options, read_checkpoint
+from rmgl.engine.evaluation import evaluate_model, resolve_protocol
+from rmgl.engine.load import Preprocess, init_from_checkpoint, model_options, read_checkpoint
 from rmgl.engine.run_record import RunRecord
 from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
 from rmgl.engine.schedule import build_optimizer, build_scheduler
@@ -101,11 +101,12 @@ class Trainer:
         if self.is_main:  # evaluation must not fail after hours of training
             check_readable(self.dataset.query, "query")
             check_readable(self.dataset.gallery, "gallery")
-        self.size = (cfg.data.height, cfg.data.width)
+        self.preprocess = Preprocess.from_config(cfg)  # training and evaluation alike
+        self.size = self.preprocess.size
         aug = AugmentConfig(**OmegaConf.to_container(cfg.data.augment))
         self.loader = train_loader(
             self.dataset.train,
-            build_train_transform(self.size, aug),
+            build_train_transform(self.size, aug, self.preprocess.mean, self.preprocess.std),
             identities_per_rank(cfg.data.num_identities, self.runtime.world_size),
             cfg.data.num_instances,
             cfg.data.workers,
@@ -168,6 +169,8 @@ class Trainer:
             )
             if checkpoint is not None:
                 log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
+                if self.best_map_reset:
+                    log.warning(self.best_map_reset)
 
     # --- set-up --------------------------------------------------------------------------
     @property
@@ -204,6 +207,28 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = state["epoch"] + 1
         self.best_map = state.get("best_map", -1.0)
+        # best.safetensors is chosen by comparing mAPs: only those of one metric and protocol
+        saved = from_yaml_text(ckpt.config_yaml).eval
+        changes = [
+            f"eval.{key} {before} -> {after}"
+            for key, before, after in (
+                ("metric", saved.metric, self.cfg.eval.metric),
+                (
+                    "protocol",
+                    resolve_protocol(saved.protocol, self.dataset),
+                    resolve_protocol(self.cfg.eval.protocol, self.dataset),
+                ),
+            )
+            if before != after
+        ]
+        self.best_map_reset = None
+        if changes and self.best_map >= 0:
+            self.best_map_reset = (
+                f"resumed with {', '.join(changes)}: the best mAP so far "
+                f"({100 * self.best_map:.2f} %) was measured under the old setting, so it is "
+                "not compared with new ones; the next evaluation replaces best.safetensors"
+            )
+            self.best_map = -1.0
 
     # --- the loop ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -279,7 +304,7 @@ class Trainer:
         return evaluate_model(
             self.model,
             self.dataset,
-            self.size,
+            self.preprocess,
             rerank=self.cfg.eval.rerank if rerank is None else rerank,
             metric=self.cfg.eval.metric,
             batch_size=self.cfg.data.test_batch_size,

@@ -6,6 +6,7 @@ from rmgl.metrics.features import (
     extract_features,
     pairwise_distance,
     pairwise_distance_chunks,
+    true_float32,
 )
 from rmgl.metrics.ranking import (
     RankedLists,
@@ -29,4 +30,5 @@ __all__ = [
     "k_reciprocal_rerank",
     "pairwise_distance",
     "pairwise_distance_chunks",
+    "true_float32",
 ]

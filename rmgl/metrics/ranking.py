@@ -185,18 +185,29 @@ def _check_labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, sizes):
     return q_pids, g_pids, q_camids, g_camids
 
 
-def _own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
-    """``query_in_gallery`` checked, or all -1 when it is not given."""
+def own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
+    """``query_in_gallery`` checked, as a (Q, k) array of the gallery indices of each query's
+    own image, -1 padded (k >= 1): it may be given per query as one index or -1 (Q,), or as
+    (Q, k) rows (:func:`rmgl.data.same_image_index`); all -1 when it is not given."""
     if query_in_gallery is None:
-        return np.full(num_q, -1, dtype=np.int64)
-    own = _as_labels(query_in_gallery, "query_in_gallery")
+        return np.full((num_q, 1), -1, dtype=np.int64)
+    given = query_in_gallery
+    if isinstance(given, torch.Tensor):
+        given = given.detach().cpu().numpy()
+    given = np.asarray(given)
+    if given.ndim not in (1, 2):
+        raise ValueError(
+            f"query_in_gallery must be (num_query,) or (num_query, k), got shape {given.shape}"
+        )
+    own = _as_labels(given.reshape(-1), "query_in_gallery").reshape(len(given), -1)
     if len(own) != num_q:
         raise ValueError(f"query_in_gallery has {len(own)} entries but distmat has {num_q} rows")
-    bad = np.flatnonzero((own < -1) | (own >= num_g))
+    bad = np.argwhere((own < -1) | (own >= num_g))
     if len(bad):
+        where = bad[0][0] if given.ndim == 1 else tuple(bad[0].tolist())
         raise ValueError(
-            f"query_in_gallery[{bad[0]}] = {own[bad[0]]} is not a gallery index (0..{num_g - 1}) "
-            "or -1 (the query image is not in the gallery)"
+            f"query_in_gallery[{where}] = {own[tuple(bad[0])]} is not a gallery index "
+            f"(0..{num_g - 1}) or -1 (the query image is not in the gallery)"
         )
     return own
 
@@ -207,28 +218,28 @@ def ignored_gallery_mask(
     g_pids: Sequence[int] | np.ndarray | torch.Tensor,
     g_camids: Sequence[int] | np.ndarray | torch.Tensor,
     protocol: str = "cross_camera",
-    own_index: int = -1,
+    own_index: int | Sequence[int] | np.ndarray = -1,
 ) -> np.ndarray:
     """Boolean mask of the gallery items one query's ranking ignores under ``protocol``.
 
     The rule of :func:`evaluate_rank`, for one query; code that shows ranked lists uses it so
     the pictures skip exactly what the metric skips. ``own_index`` is the gallery index of the
-    query image itself (-1 if absent), ignored under both protocols.
+    query image itself (-1 if absent), or the indices of its copies (a row of
+    :func:`rmgl.data.same_image_index`), ignored under both protocols.
     """
     check_protocol(protocol)
     g_pids, g_camids = _as_labels(g_pids, "g_pids"), _as_labels(g_camids, "g_camids")
     if len(g_pids) != len(g_camids):
         raise ValueError(f"g_pids has {len(g_pids)} entries but g_camids has {len(g_camids)}")
-    if not -1 <= own_index < len(g_pids):
-        raise ValueError(
-            f"own_index {own_index} is not a gallery index (0..{len(g_pids) - 1}) or -1"
-        )
+    own = np.atleast_1d(np.asarray(own_index, dtype=np.int64))
+    bad = own[(own < -1) | (own >= len(g_pids))]
+    if len(bad):
+        raise ValueError(f"own_index {bad[0]} is not a gallery index (0..{len(g_pids) - 1}) or -1")
     if protocol == "cross_camera":
         mask = (g_pids == q_pid) & (g_camids == q_camid)
     else:
         mask = np.zeros(len(g_pids), dtype=bool)
-    if own_index >= 0:
-        mask[own_index] = True
+    mask[own[own >= 0]] = True
     return mask
 
 
@@ -258,18 +269,21 @@ def _labelled_pairs(
     """(query, gallery, ignored) for every same-pid pair, ordered by query; a pair not ignored
     is a true match.
 
-    A query's own image normally has its pid; if the labels disagree it is added as one more
-    ignored pair, so that the rule "the query image itself is ignored" holds regardless.
+    ``own`` is (Q, k): every copy of a query's own image is ignored. A copy normally has the
+    query's pid; if the labels disagree it is added as one more ignored pair, so that the
+    rule "the query image itself is ignored" holds regardless.
     """
     pair_query, pair_gallery = _same_pid_pairs(q_pids, g_pids)
-    ignored = pair_gallery == own[pair_query]
+    ignored = np.zeros(len(pair_query), dtype=bool)
+    for column in own.T:
+        ignored |= pair_gallery == column[pair_query]
     if protocol == "cross_camera":
         ignored |= q_camids[pair_query] == g_camids[pair_gallery]
-    odd = np.flatnonzero((own >= 0) & (g_pids[np.maximum(own, 0)] != q_pids))
-    if len(odd):
-        pair_query = np.concatenate([pair_query, odd])
-        pair_gallery = np.concatenate([pair_gallery, own[odd]])
-        ignored = np.concatenate([ignored, np.ones(len(odd), dtype=bool)])
+    odd_query, odd_slot = np.nonzero((own >= 0) & (g_pids[np.maximum(own, 0)] != q_pids[:, None]))
+    if len(odd_query):
+        pair_query = np.concatenate([pair_query, odd_query])
+        pair_gallery = np.concatenate([pair_gallery, own[odd_query, odd_slot]])
+        ignored = np.concatenate([ignored, np.ones(len(odd_query), dtype=bool)])
         order = np.argsort(pair_query, kind="stable")
         pair_query, pair_gallery, ignored = pair_query[order], pair_gallery[order], ignored[order]
     return pair_query, pair_gallery, ignored
@@ -410,9 +424,9 @@ def evaluate_rank(
 
     Smaller distance = more similar. ``protocol="cross_camera"`` ignores the gallery samples
     with the query's pid and camera; ``"any_camera"`` counts every other sample of the
-    query's identity as a true match, whatever its camera. Under both, the gallery index
-    ``query_in_gallery[q]`` (the query image itself, -1 if absent; see
-    :func:`rmgl.data.records.same_image_index`) is ignored. Queries without a remaining true
+    query's identity as a true match, whatever its camera. Under both, the query image
+    itself is ignored: ``query_in_gallery[q]`` is its gallery index (-1 if absent), or a row
+    of the indices of all its copies (:func:`rmgl.data.records.same_image_index`). Queries without a remaining true
     match are skipped (``num_skipped_queries``). Ties are ordered by gallery index (stable
     sort). Raises ``ValueError`` on an unknown protocol, empty or mismatched inputs, NaN
     distances, or when no query has a valid match.
@@ -472,7 +486,7 @@ def _evaluate_blocks(
     """The metrics from consecutive row blocks ``(first row, block)`` of the distance matrix,
     each ``_rank_chunk_rows(num_g)`` rows (the last one fewer): the whole matrix is never
     needed. With ``topk`` also each query's top-k valid gallery items (``ranked_lists``)."""
-    own = _own_indices(query_in_gallery, num_q, num_g)
+    own = own_indices(query_in_gallery, num_q, num_g)
     pair_query, pair_gallery, is_junk = _labelled_pairs(
         q_pids, g_pids, q_camids, g_camids, own, protocol
     )

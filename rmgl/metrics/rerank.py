@@ -19,11 +19,16 @@ Here only the k nearest neighbours per sample are kept (O(N k) memory), the neig
 works on row chunks of the distance matrix, V is a sparse matrix and the Jaccard block is
 built per query chunk. The result equals the dense computation up to float rounding
 (the public code stores V in float16; this stores it in the features' dtype).
+
+Squared distances of float32 features are the float32 nearest to their exact values
+(:mod:`rmgl.metrics.distance`): a pair gets the same value in every block, so neither the
+memory budget nor the device can change a neighbour list, and duplicated samples tie exactly
+(ties go by index). Float64 features use the float64 formula of the published code, whose
+last bits can depend on the block shape.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -31,7 +36,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rmgl.metrics.features import row_squared_norms
+from rmgl.metrics.distance import distance_block, paired_distances, prepare_rows
+from rmgl.metrics.features import row_squared_norms, true_float32
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +60,14 @@ def k_reciprocal_rerank(
     ``memory_budget_mb`` bounds each temporary block (distance rows, gathered features,
     Jaccard pairs); the output itself (Q x G) and the features come on top.
     ``candidate_precision``: ``"bfloat16"`` finds the gallery x gallery neighbours with
-    bfloat16 matrix products and re-scores, at full precision, every candidate a certified
-    error bound cannot rule out, so the result is the same as with ``"full"`` (every distance
-    computed at the features' precision, the original pass); ``"auto"`` (default) is
-    ``"full"``: the candidate pass was slower than the full pass on both machines measured
-    (a 2-core CPU and an H200; docs/performance.md).
+    bfloat16 matrix products and re-scores exactly every candidate a certified error bound
+    cannot rule out; re-scored values are the ones the full pass computes (both are the
+    float32 nearest to the exact distance), so the result equals that of ``"full"`` bit for
+    bit, provided the float32 accumulation of the bfloat16 products rounds to nearest (CPU
+    kernels do; on CUDA the bound allows a full ulp per addition, as tensor cores do not
+    document their rounding). float32 features only. ``"auto"`` (default) is ``"full"``: the
+    candidate pass was slower than the full pass on both machines measured (a 2-core CPU
+    and an H200; docs/performance.md).
     """
     query, gallery = (
         _as_feature_tensor(query_features, "query"),
@@ -76,21 +85,27 @@ def k_reciprocal_rerank(
         query, gallery = query.float(), gallery.float()
     device = torch.device(device) if device is not None else _default_device()
     low_precision = _candidate_dtype(candidate_precision)
+    if low_precision is not None and query.dtype != torch.float32:
+        raise ValueError(
+            "candidate_precision='bfloat16' needs float32 features (with float64 features its "
+            "re-scored distances could not match the full pass); use 'full'"
+        )
     features = torch.cat([query, gallery]).to(device)
     num_query, num = len(query), len(features)
     budget = memory_budget_mb * 2**20
 
     clock = _StageClock()
     num_neighbours = min(max(k1 + 1, k2), num)
-    with _full_precision_matmul():
+    distances = _SquaredDistances(features)
+    with true_float32():  # no TF32, no reduced-precision bfloat16 sums (the bound needs both)
         original_qg, column_max, initial_rank, nearest_dist = _neighbour_pass(
-            features, num_query, num_neighbours, budget, low_precision
+            distances, num_query, num_neighbours, budget, low_precision
         )
     clock.done("neighbour pass")
     expanded_rows, expanded_cols = _expanded_reciprocal_sets(initial_rank, k1)
     clock.done(f"reciprocal sets ({len(expanded_rows) / num:.1f} per sample)")
     sq_dist = _set_distances(
-        features, initial_rank, nearest_dist, expanded_rows, expanded_cols, budget
+        distances, initial_rank, nearest_dist, expanded_rows, expanded_cols, budget
     )
     clock.done("set distances")
     weights = np.exp(-sq_dist / column_max[expanded_rows])
@@ -110,22 +125,6 @@ def k_reciprocal_rerank(
     _blend_jaccard(original_qg, encoding, num_query, lambda_value, budget)
     clock.done("jaccard")
     return original_qg
-
-
-@contextlib.contextmanager
-def _full_precision_matmul():
-    """TF32 (allowed by some training set-ups) would change neighbour orders: keep float32.
-
-    Reduced-precision (bfloat16) reductions inside cuBLAS would break the error bound of the
-    bfloat16 candidate pass, which assumes float32 accumulation: off as well."""
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction
-    matmul.allow_tf32 = False
-    matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = previous
 
 
 class _StageClock:
@@ -176,8 +175,48 @@ def _as_feature_tensor(features: np.ndarray | torch.Tensor, name: str) -> torch.
     return tensor
 
 
+class _SquaredDistances:
+    """Squared distances between samples, one definition for every pass: for float32
+    features the float32 nearest to the exact value (the same for a pair in any block), for
+    float64 features ``(|a|^2 + |b|^2) - 2 a.b`` in float64, as in the published code."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+        self.squared_norms = row_squared_norms(features)
+        self.exact = features.dtype == torch.float32
+        self.prepared = prepare_rows(features, "sqeuclidean") if self.exact else None
+
+    def block(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> torch.Tensor:
+        if self.exact:
+            rows, cols = self.prepared[row_start:row_stop], self.prepared[col_start:col_stop]
+            return distance_block(rows, cols, "sqeuclidean")
+        norms = self.squared_norms
+        dist = norms[row_start:row_stop, None] + norms[None, col_start:col_stop]
+        features = self.features
+        return dist.addmm_(
+            features[row_start:row_stop], features[col_start:col_stop].T, beta=1, alpha=-2
+        )
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
+        """The values ``block`` gives for the pairs (rows[i], cols[i]), in chunks of pairs."""
+        out = torch.empty(len(rows), dtype=self.features.dtype, device=self.features.device)
+        per_pair = 4 * self.features.shape[1] * self.features.element_size()
+        step = max(1, budget // per_pair)
+        for start in range(0, len(rows), step):
+            a, b = rows[start : start + step], cols[start : start + step]
+            if self.exact:
+                out[start : start + len(a)] = paired_distances(
+                    self.prepared[a], self.prepared[b], "sqeuclidean"
+                )
+            else:
+                dots = (self.features[a] * self.features[b]).sum(1)
+                norms = self.squared_norms
+                out[start : start + len(a)] = (norms[a] + norms[b]) - 2 * dots
+        return out
+
+
 def _neighbour_pass(
-    features: torch.Tensor,
+    distances: _SquaredDistances,
     num_query: int,
     num_neighbours: int,
     budget: int,
@@ -193,11 +232,11 @@ def _neighbour_pass(
 
     With ``low_precision`` the gallery x gallery blocks (most of the work) only yield
     candidates (see ``_CertifiedCandidates``); every value that reaches the result is still
-    computed by the same full-precision block formula as without it.
+    one of ``distances``, as without it.
     """
+    features = distances.features
     num = len(features)
     device, dtype = features.device, features.dtype
-    squared_norms = row_squared_norms(features)
     side = max(1, int((budget / (4 * features.element_size())) ** 0.5))
     # Blocks never straddle the query/gallery border, so query x gallery blocks are whole.
     bounds = [(s, min(s + side, num_query)) for s in range(0, num_query, side)]
@@ -210,16 +249,14 @@ def _neighbour_pass(
     certified = None
     if low_precision is not None:
         certified = _CertifiedCandidates(
-            features, squared_norms, num_query, num_neighbours, bounds, low_precision
+            distances, num_query, num_neighbours, bounds, low_precision
         )
     for block_number, (row_start, row_stop) in enumerate(bounds):
         for col_start, col_stop in bounds[block_number:]:
             if certified is not None and certified.takes(row_start, col_start):
                 certified.add_block(row_start, row_stop, col_start, col_stop, best_dist)
                 continue
-            dist = _block_distances(
-                features, squared_norms, row_start, row_stop, col_start, col_stop
-            )
+            dist = distances.block(row_start, row_stop, col_start, col_stop)
             _merge_nearest(best_dist, best_index, row_start, dist, col_start)
             torch.maximum(
                 row_max[row_start:row_stop], dist.max(dim=1).values, out=row_max[row_start:row_stop]
@@ -248,21 +285,6 @@ def _neighbour_pass(
     original_qg /= column_max[:num_query, None].astype(original_qg.dtype)
     best_dist, best_index = _sort_by_distance_then_index(best_dist, best_index)
     return original_qg, column_max, best_index.cpu().numpy(), best_dist.double().cpu().numpy()
-
-
-def _block_distances(
-    features: torch.Tensor,
-    squared_norms: torch.Tensor,
-    row_start: int,
-    row_stop: int,
-    col_start: int,
-    col_stop: int,
-) -> torch.Tensor:
-    """(|a|^2 + |b|^2) - 2 a.b for a block, in the same order as the published code."""
-    dist = squared_norms[row_start:row_stop, None] + squared_norms[None, col_start:col_stop]
-    return dist.addmm_(
-        features[row_start:row_stop], features[col_start:col_stop].T, beta=1, alpha=-2
-    )
 
 
 def _sort_by_distance_then_index(
@@ -303,10 +325,8 @@ def _merge_nearest(
     best_index[rows] = indices[:, : best_dist.shape[1]]
 
 
-# Blocks thinner than this stay at full precision: they cost little, and BLAS libraries
-# may use another summation order for thin products, which re-scoring could not reproduce.
+# Blocks thinner than this stay at full precision: they cost little.
 _MIN_CANDIDATE_BLOCK = 32
-_RESCORE_ROWS = 16  # rows per re-scoring product (a group shares its candidate columns)
 
 
 class _CertifiedCandidates:
@@ -315,10 +335,13 @@ class _CertifiedCandidates:
     For a pair (a, b) the candidate pass computes ``d~ = |a'|^2 + |b'|^2 - 2 lp(a'.b')`` with
     a' = a - mean (distances do not change under a shift, but the products get smaller) and
     lp the bfloat16 product with float32 accumulation. ``_bound`` gives a certified E with
-    |d~ - d| <= E, where d is the value the full-precision block formula computes: it adds
-    the bfloat16 rounding of the inputs (|da'||b'| + |a'||db'| + |da'||db'|, Cauchy-Schwarz
-    on the exact residuals) and of the output, the accumulation bounds of both computations
-    (gamma_n = n u / (1 - n u), valid for any summation order) and the rounding of the shift.
+    |d~ - d| <= E, where d is the value of the full pass (the float32 nearest to the exact
+    distance, well within the float32 formula's bound used for it): it adds the bfloat16
+    rounding of the inputs (|da'||b'| + |a'||db'| + |da'||db'|, Cauchy-Schwarz on the exact
+    residuals) and of the output, the accumulation bounds of both computations (gamma_n =
+    n u / (1 - n u), valid for any summation order, with u the unit of one addition: half an
+    ulp when the accumulation rounds to nearest, as CPU kernels do; a whole ulp on CUDA,
+    where tensor cores do not document their rounding) and the rounding of the shift.
 
     While the blocks stream by, each sample s has a running T_s (the k-th smallest upper
     bound seen so far, exact values included) and M_s (the largest d~ seen so far), and a
@@ -332,14 +355,15 @@ class _CertifiedCandidates:
 
     def __init__(
         self,
-        features: torch.Tensor,
-        squared_norms: torch.Tensor,
+        distances: _SquaredDistances,
         num_query: int,
         num_neighbours: int,
         bounds: list[tuple[int, int]],
         low_precision: torch.dtype,
     ) -> None:
-        self.features, self.squared_norms = features, squared_norms
+        self.distances = distances
+        features = distances.features
+        self.features, self.squared_norms = features, distances.squared_norms
         self.k = num_neighbours
         num, device, dtype = len(features), features.device, features.dtype
         self.member = torch.zeros(num, dtype=torch.bool, device=device)
@@ -490,7 +514,10 @@ class _CertifiedCandidates:
         self.terms = terms
         self.gamma_ref = gamma(dim + 2, unit)  # the full-precision block formula
         self.gamma_norm = gamma(dim, unit)  # a squared norm summed at the features' precision
-        self.gamma_acc = gamma(dim, 2.0**-24)  # float32 accumulation of the bfloat16 product
+        # float32 accumulation of the bfloat16 product: round to nearest on CPUs; a whole ulp
+        # per addition on CUDA (tensor cores' accumulator rounding is not documented)
+        accumulation_unit = 2.0**-23 if features.device.type == "cuda" else 2.0**-24
+        self.gamma_acc = gamma(dim, accumulation_unit)
         self.out_unit = low_unit / (1 - low_unit)  # the product's output is rounded to bf16
         self.unit = unit
         self.tiny = 4 * dim * 2.0**-126  # products flushed to zero below float32's range
@@ -587,19 +614,7 @@ class _CertifiedCandidates:
             2 * self.num_kept / members,
             2 * self.num_rescored / members,
         )
-        approx = approx[take]
-        order = torch.argsort(rows * len(self.features) + cols)
-        rows, cols, approx = rows[order], cols[order], approx[order]
-        values = _exact_pair_distances(
-            self.features,
-            self.squared_norms,
-            rows,
-            cols,
-            budget,
-            _neighbour_groups(
-                rows.cpu().numpy(), cols.cpu().numpy(), approx.cpu().numpy(), len(self.features)
-            ),
-        )
+        values = self.distances.pairs(rows, cols, budget)
         not_self = rows != cols
         _merge_pairs(
             best_dist,
@@ -610,114 +625,6 @@ class _CertifiedCandidates:
             torch.cat([values, values[not_self]]),
             budget,
         )
-
-
-def _neighbour_groups(
-    rows: np.ndarray, cols: np.ndarray, approx: np.ndarray, num: int
-) -> np.ndarray:
-    """A label per sample such that samples linked through nearest neighbours share it
-    (the smallest index of their component in the nearest-neighbour graph of the pairs).
-    Re-scoring groups rows by it, so that rows in one product share many columns."""
-    other = rows != cols
-    first = np.concatenate([rows[other], cols[other]])
-    second = np.concatenate([cols[other], rows[other]])
-    order = np.argsort(np.concatenate([approx[other], approx[other]]), kind="stable")
-    first, second = first[order], second[order]
-    samples, at = np.unique(first, return_index=True)
-    nearest = np.arange(num)
-    nearest[samples] = second[at]
-    label = np.arange(num)
-    for _ in range(16):
-        previous = label.copy()
-        label = np.minimum(label, label[nearest])
-        np.minimum.at(label, nearest, label)
-        if np.array_equal(label, previous):
-            break
-    return label
-
-
-def _exact_pair_distances(
-    features: torch.Tensor,
-    squared_norms: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    budget: int,
-    row_label: np.ndarray | None = None,
-) -> torch.Tensor:
-    """Distances of pairs (the row from the earlier block), each computed by the block formula
-    of the full-precision pass in the same orientation.
-
-    Groups of ``_RESCORE_ROWS`` rows (consecutive in ``row_label`` order) share one product
-    over the union of their columns. The product is kept at least 8 x 32, so that the BLAS
-    takes the same kernel as for the large blocks of the full pass (with MKL, float32
-    entries then agree bit for bit; thinner products may sum in another order).
-    """
-    out = torch.empty(len(rows), dtype=features.dtype, device=features.device)
-    if len(rows) == 0:
-        return out
-    device, num = features.device, len(features)
-    rows_np, cols_np = rows.cpu().numpy(), cols.cpu().numpy()
-    row_ids = np.unique(rows_np)
-    if row_label is not None:  # rows of one neighbourhood next to each other
-        row_ids = row_ids[np.lexsort((row_ids, row_label[row_ids]))]
-    rank_of = np.empty(num, dtype=np.int64)
-    rank_of[row_ids] = np.arange(len(row_ids))
-    row_rank = rank_of[rows_np]
-    group = row_rank // _RESCORE_ROWS
-    by_group = np.argsort(group * num + cols_np, kind="stable")
-    group_sorted, cols_sorted = group[by_group], cols_np[by_group]
-    # the distinct columns of each group, and each pair's position among them
-    union_keys, col_pos = np.unique(group_sorted * num + cols_sorted, return_inverse=True)
-    union_group, union_cols = union_keys // num, union_keys % num
-    num_groups = int(group_sorted[-1]) + 1
-    union_start = np.searchsorted(union_group, np.arange(num_groups + 1))
-    pair_start = np.searchsorted(group_sorted, np.arange(num_groups + 1))
-    max_cols = max(32, budget // (4 * features.element_size() * 2 * _RESCORE_ROWS))
-    logger.debug(
-        "re-ranking: re-scoring %d pairs in %d products of %d rows x %.0f columns on average",
-        len(rows),
-        num_groups,
-        _RESCORE_ROWS,
-        len(union_keys) / num_groups,
-    )
-    row_pos_all = row_rank[by_group] - group_sorted * _RESCORE_ROWS
-    col_pos_all = col_pos - union_start[group_sorted]
-    out_sorted = np.empty(len(rows), dtype=_numpy_dtype(features.dtype))
-    # on CPU the loop works on numpy views (numpy's gathers are faster than torch's, and
-    # small torch ops each cost a parallel-region start-up); the product is torch's (MKL)
-    on_cpu = device.type == "cpu"
-    source = features.numpy() if on_cpu else features
-    norms = squared_norms.cpu().numpy()
-    buffer = None
-    for g in range(num_groups):
-        members = row_ids[g * _RESCORE_ROWS : (g + 1) * _RESCORE_ROWS]
-        if len(members) < 8:  # padding rows: computed, never read
-            members = np.concatenate([members, np.repeat(members[:1], 8 - len(members))])
-        first, last = int(pair_start[g]), int(pair_start[g + 1])
-        union = union_cols[union_start[g] : union_start[g + 1]]
-        row_pos, col_pos_g = row_pos_all[first:last], col_pos_all[first:last]
-        for c0 in range(0, len(union), max_cols):
-            part = union[c0 : c0 + max_cols]
-            if len(part) < 32:  # padding columns: computed, never read
-                part = np.concatenate([part, np.repeat(part[:1], 32 - len(part))])
-            if on_cpu:
-                if buffer is None or len(buffer) < len(part):
-                    buffer = np.empty((max(len(part), 1024), features.shape[1]), source.dtype)
-                gathered = torch.from_numpy(np.take(source, part, axis=0, out=buffer[: len(part)]))
-                member_rows = torch.from_numpy(source[members])
-            else:
-                gathered = source[torch.from_numpy(part).to(device)]
-                member_rows = source[torch.from_numpy(members).to(device)]
-            block = torch.from_numpy(norms[members, None] + norms[None, part]).to(device)
-            block.addmm_(member_rows, gathered.T, beta=1, alpha=-2)
-            block_np = block.cpu().numpy()
-            if c0 == 0 and len(union) <= max_cols:
-                out_sorted[first:last] = block_np[row_pos, col_pos_g]
-            else:
-                inside = (col_pos_g >= c0) & (col_pos_g < c0 + max_cols)
-                out_sorted[first:last][inside] = block_np[row_pos[inside], col_pos_g[inside] - c0]
-    out[torch.from_numpy(by_group).to(device)] = torch.from_numpy(out_sorted).to(device)
-    return out
 
 
 def _merge_pairs(
@@ -818,7 +725,7 @@ def _expanded_reciprocal_sets(initial_rank: np.ndarray, k1: int) -> tuple[np.nda
 
 
 def _set_distances(
-    features: torch.Tensor,
+    distances: _SquaredDistances,
     initial_rank: np.ndarray,
     nearest_dist: np.ndarray,
     rows: np.ndarray,
@@ -839,23 +746,17 @@ def _set_distances(
     found = kept_keys[slot] == pair_keys
     out = np.where(found, kept_dist[slot], 0.0)
     missing = ~found
-    out[missing] = _gathered_sq_distances(features, rows[missing], cols[missing], budget)
-    return out
-
-
-def _gathered_sq_distances(
-    features: torch.Tensor, rows: np.ndarray, cols: np.ndarray, budget: int
-) -> np.ndarray:
-    """Squared distances of the given pairs, (|a|^2 + |b|^2) - 2 a.b, in float64."""
-    squared_norms = row_squared_norms(features)
-    out = np.empty(len(rows), dtype=np.float64)
-    pairs_per_chunk = max(1, budget // (4 * features.shape[1] * features.element_size()))
-    for start in range(0, len(rows), pairs_per_chunk):
-        stop = min(start + pairs_per_chunk, len(rows))
-        a = torch.from_numpy(rows[start:stop]).to(features.device)
-        b = torch.from_numpy(cols[start:stop]).to(features.device)
-        dots = (features[a] * features[b]).sum(1)
-        out[start:stop] = ((squared_norms[a] + squared_norms[b]) - 2 * dots).double().cpu().numpy()
+    device = distances.features.device
+    out[missing] = (
+        distances.pairs(
+            torch.from_numpy(rows[missing]).to(device),
+            torch.from_numpy(cols[missing]).to(device),
+            budget,
+        )
+        .double()
+        .cpu()
+        .numpy()
+    )
     return out
 
 

@@ -16,13 +16,13 @@ loops over queries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rmgl.data.records import check_protocol
-from rmgl.metrics.ranking import RankResult
+from rmgl.metrics.ranking import RankResult, ignored_gallery_mask, own_indices
 
 __all__ = [
     "CameraPairR1",
@@ -45,23 +45,24 @@ def _labels(values) -> np.ndarray:
     return np.asarray(values).astype(np.int64).reshape(-1)
 
 
-def _own(query_in_gallery, num_q: int) -> np.ndarray:
-    if query_in_gallery is None:
-        return np.full(num_q, -1, dtype=np.int64)
-    return _labels(query_in_gallery)
+def _own(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
+    """(Q, k) gallery indices of each query's own image, -1 padded (see ``own_indices``)."""
+    return own_indices(query_in_gallery, num_q, num_g)
 
 
 def _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol) -> tuple[np.ndarray, np.ndarray]:
-    """(same identity, ignored) masks (rows x len(cols)) of a block of queries."""
+    """(same identity, ignored) masks (rows x len(cols)) of a block of queries; ``own`` is
+    (rows, k): every copy of a query's own image is ignored."""
     same = q_pids[:, None] == g_pids[None, cols]
     if protocol == "cross_camera":
         ignored = same & (q_cams[:, None] == g_cams[None, cols])
     else:
         ignored = np.zeros_like(same)
-    position = np.searchsorted(cols, own)
-    hit = (own >= 0) & (position < len(cols))
-    hit[hit] = cols[position[hit]] == own[hit]
-    ignored[np.flatnonzero(hit), position[hit]] = True
+    for column in own.T:
+        position = np.searchsorted(cols, column)
+        hit = (column >= 0) & (position < len(cols))
+        hit[hit] = cols[position[hit]] == column[hit]
+        ignored[np.flatnonzero(hit), position[hit]] = True
     return same, ignored
 
 
@@ -104,7 +105,7 @@ def nearest_valid(
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     q_cams, g_cams = _labels(q_camids), _labels(g_camids)
     cols = np.arange(dist.shape[1]) if columns is None else np.sort(_labels(columns))
-    own = _own(query_in_gallery, len(q_pids))
+    own = _own(query_in_gallery, len(q_pids), len(g_pids))
     nearest = np.full(len(q_pids), -1, dtype=np.int64)
     has_match = np.zeros(len(q_pids), dtype=bool)
     if len(cols) == 0:
@@ -151,7 +152,7 @@ def scan_distances(
     check_protocol(protocol)
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     q_cams, g_cams = _labels(q_camids), _labels(g_camids)
-    own = _own(query_in_gallery, len(q_pids))
+    own = _own(query_in_gallery, len(q_pids), len(g_pids))
     cameras = sorted(set(q_cams.tolist()) | set(g_cams.tolist()))
     camera_cols = [np.flatnonzero(g_cams == c) for c in cameras]
     all_cols = np.arange(len(g_pids))
@@ -332,15 +333,13 @@ def query_ranking(
     g_pids,
     g_camids,
     protocol: str = "cross_camera",
-    own_index: int = -1,
+    own_index: int | Sequence[int] | np.ndarray = -1,
 ) -> QueryRanking:
-    """The full ranking of one query (one row of the distance matrix)."""
-    check_protocol(protocol)
-    g_pids, g_cams = _labels(g_pids), _labels(g_camids)
+    """The full ranking of one query (one row of the distance matrix); ``own_index`` is the
+    gallery index of the query image itself, or of each of its copies (-1: absent)."""
+    g_pids = _labels(g_pids)
     same = g_pids == q_pid
-    ignored = same & (g_cams == q_camid) if protocol == "cross_camera" else np.zeros_like(same)
-    if own_index >= 0:
-        ignored[own_index] = True
+    ignored = ignored_gallery_mask(q_pid, q_camid, g_pids, g_camids, protocol, own_index)
     candidates = np.flatnonzero(~ignored)
     order = candidates[np.argsort(np.asarray(distances)[candidates], kind="stable")]
     matches = np.flatnonzero(same[order])

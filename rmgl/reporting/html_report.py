@@ -155,7 +155,7 @@ def report_data(
             g_pids,
             g_cams,
             inputs.protocol,
-            int(own[q]) if own is not None else -1,
+            own[q] if own is not None else -1,
         )
         if len(ranking.match_ranks) and ranking.match_ranks[0] - 1 != plain.per_query_first_rank[q]:
             raise ValueError(

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from rmgl.data.loading import read_image
-from rmgl.data.transforms import build_eval_transform
+from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from rmgl.model.network import RMGL
 from rmgl.model.partition import abp_boundaries, abp_row_votes, uniform_boundaries
 from rmgl.model.receptive_field import RP_POSITIONS, PartitionField, partition_field
@@ -146,11 +146,16 @@ def inspect_tensors(model: RMGL, images: Tensor) -> list[list[BranchView]]:
     return per_image
 
 
-def load_images(paths: Sequence[str], size: tuple[int, int]) -> tuple[Tensor, list[np.ndarray]]:
+def load_images(
+    paths: Sequence[str],
+    size: tuple[int, int],
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> tuple[Tensor, list[np.ndarray]]:
     """Read ``paths`` (an unreadable file raises ``UnreadableImageError`` naming it): the
-    normalised batch (N, 3, H, W) as evaluation prepares it, and each image resized to
-    ``size`` as uint8 (H, W, 3) for drawing."""
-    transform = build_eval_transform(size)
+    batch (N, 3, H, W) as evaluation prepares it (normalised with ``mean`` and ``std``), and
+    each image resized to ``size`` as uint8 (H, W, 3) for drawing."""
+    transform = build_eval_transform(size, mean, std)
     tensors, pictures = [], []
     for path in paths:
         raw = read_image(str(path))
@@ -166,17 +171,20 @@ def inspect_images(
     model: RMGL, paths: Sequence[str], size: tuple[int, int] | None = None, batch_size: int = 32
 ) -> list[ImageInspection]:
     """:class:`ImageInspection` of each image file, at ``size`` (default: the model's
-    ``preprocess.size``, set by :func:`rmgl.engine.load.load_model`)."""
+    ``preprocess.size``, set by :func:`rmgl.engine.load.load_model`), normalised as the
+    model's ``preprocess`` says (ImageNet's mean and std for a model without one)."""
+    preprocess = getattr(model, "preprocess", None)
     if size is None:
-        preprocess = getattr(model, "preprocess", None)
         if preprocess is None:
             raise ValueError("give size=(height, width): the model carries no preprocess settings")
         size = preprocess.size
+    mean = getattr(preprocess, "mean", IMAGENET_MEAN)
+    std = getattr(preprocess, "std", IMAGENET_STD)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = [str(p) for p in paths[start : start + batch_size]]
-        batch, pictures = load_images(chunk, size)
+        batch, pictures = load_images(chunk, size, mean, std)
         views = inspect_tensors(model, batch.to(device))
         out += [
             ImageInspection(p, pic, v) for p, pic, v in zip(chunk, pictures, views, strict=True)

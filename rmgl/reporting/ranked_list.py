@@ -62,9 +62,7 @@ def ranked_list_figure(
             dists = distmat.distances[qi, :topk][order >= 0]
             order = order[order >= 0]
         else:
-            keep = ~ignored_gallery_mask(
-                q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, int(own[qi])
-            )
+            keep = ~ignored_gallery_mask(q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, own[qi])
             candidates = np.flatnonzero(keep)
             order = candidates[np.argsort(distmat[qi, candidates], kind="stable")[:topk]]
             dists = distmat[qi, order]

@@ -131,20 +131,23 @@ def check_identity_label(label: str, where: str) -> str:
 def identity_numbers(labels: Iterable[str]) -> tuple[dict[str, int], list[str]]:
     """Map identity labels to pids, and say so in a note when names were numbered.
 
-    If every label is an integer, it is the pid. Otherwise every label except the markers
-    ``-1`` and ``0`` is a name, and names get 1, 2, ... in sorted order: stable across runs
-    and shared by all splits, so a name means the same pid in query and gallery.
+    One rule, whatever else the column holds: a label that is an integer is that pid
+    (``7``, ``007`` and ``+7`` are all pid 7; ``-1`` junk and ``0`` distractor are integers
+    too); any other label is a name, and names get the pids after the largest integer one,
+    in sorted name order: stable across runs and shared by all splits, so a name means the
+    same pid in query and gallery.
     """
     labels = set(labels)
-    markers = {label for label in labels if INTEGER.fullmatch(label) and int(label) <= 0}
-    others = labels - markers
-    if all(INTEGER.fullmatch(label) for label in others):
-        return {label: int(label) for label in labels}, []
-    mapping = {label: int(label) for label in markers}
-    mapping |= {name: pid for pid, name in enumerate(sorted(others), start=1)}
+    numbers = {label: int(label) for label in labels if INTEGER.fullmatch(label)}
+    names = sorted(labels - set(numbers))
+    if not names:
+        return numbers, []
+    first = max([0, *numbers.values()]) + 1
+    mapping = numbers | {name: pid for pid, name in enumerate(names, start=first)}
     note = (
-        f"{len(others)} identity names numbered 1..{len(others)} in sorted name order "
-        f"(e.g. {', '.join(f'{n!r} -> {mapping[n]}' for n in sorted(others)[:3])})"
+        f"{len(names)} identity names numbered {first}..{first + len(names) - 1} in sorted "
+        f"name order, after the integer pids "
+        f"(e.g. {', '.join(f'{n!r} -> {mapping[n]}' for n in names[:3])})"
     )
     return mapping, [note]
 

@@ -9,8 +9,9 @@ Layout, either one file with a ``split`` column::
 or a folder (itself, or up to two levels down) holding ``train.csv``, ``query.csv`` and
 ``gallery.csv`` with the same columns but no ``split``. The header row is required; ``camid``
 is optional. Paths are relative to the CSV file's folder (absolute paths work too). A pid is
-an integer (``-1`` junk, dropped; ``0`` distractor, gallery only) or a name such as
-``alice``; names are numbered (see :func:`~rmgl.data.datasets.common.identity_numbers`).
+an integer (``-1`` junk, dropped; ``0`` distractor, gallery only; ``007`` is 7) or a name
+such as ``alice``; names are numbered after the largest integer pid (see
+:func:`~rmgl.data.datasets.common.identity_numbers`).
 Without a ``camid`` column every image gets camera 0 and the dataset's protocol is
 ``any_camera``.
 """
