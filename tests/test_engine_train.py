@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rmgl.data.synthetic import SynthConfig, generate
 from rmgl.engine.config import load_config
@@ -131,18 +131,31 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
             assert torch.equal(a[name], b[name]), name
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_data, tmp_path, monkeypatch, caplog
+):
     config = write_config(tmp_path, tiny_data, epochs=1)
     trainer = Trainer(load_config(config), progress=False)
     trainer.train()
     trainer.close()
     ckpt = tmp_path / "runs" / "tiny" / "last.safetensors"
+    # as if the first epoch had run on 2 processes: a resume on another number is said
+    with safe_open(str(ckpt), framework="pt") as f:
+        metadata = f.metadata()
+    state = json.loads(metadata["trainer"])
+    assert (state["world_size"], state["nodes"]) == (1, 1)
+    metadata["trainer"] = json.dumps({**state, "world_size": 2})
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=metadata)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
     # the losses are read every 3 iterations: the NaN of iteration 1 stops the run at the
     # read after iteration 3, before anything is written
     cfg = load_config(config, ["optim.epochs=2", "run.log_every=3"])
-    trainer = Trainer(cfg, resume=True, progress=False)
+    with caplog.at_level("WARNING", logger="rmgl"):
+        trainer = Trainer(cfg, resume=True, progress=False)
+    assert "resumed with 1 process(es) where the checkpoint was trained with 2" in caplog.text
+    launches = (tmp_path / "runs" / "tiny" / "launches.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in launches] == [0, 1]
     assert trainer.iters_per_epoch > 3
     real = trainer.criterion.forward
     calls = []
