@@ -64,20 +64,39 @@ def test_identity_with_fewer_than_k_images_is_resampled():
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ddp_ranks_get_disjoint_ids_and_equal_batches(world_size):
+def test_ddp_ranks_together_draw_the_one_process_batches(world_size):
+    """Rank r's batch j is the r-th block of P identities of the batch j one process draws
+    with P x world_size identities: the global batches are the same whatever the number of
+    processes, every epoch."""
     pids = uneven_pids(num_ids=60, seed=2)
-    P, K = 6, 4
-    for epoch in range(2):
+    P, K = 4, 4
+    single = PKSampler(pids, P * world_size, K, seed=5)
+    for epoch in range(3):
+        single.set_epoch(epoch)
+        expected = batches(single, P * world_size, K)
         per_rank = []
         for rank in range(world_size):
             sampler = PKSampler(pids, P, K, seed=5, rank=rank, world_size=world_size)
             sampler.set_epoch(epoch)
             per_rank.append(batches(sampler, P, K))
         assert len({len(b) for b in per_rank}) == 1, "every rank must run the same number of steps"
-        id_sets = [set(pids[b.ravel()].tolist()) for b in per_rank]
-        for i in range(world_size):
-            for j in range(i + 1, world_size):
-                assert not id_sets[i] & id_sets[j]
+        assert np.array_equal(np.concatenate(per_rank, axis=1), expected)
+        for step in range(len(expected)):
+            ids = [set(pids[b[step]].tolist()) for b in per_rank]
+            assert all(len(s) == P for s in ids) and len(set().union(*ids)) == P * world_size
+
+
+def test_ddp_identity_split_changes_between_batches_and_epochs():
+    """Identities are not tied to one rank (a fixed split gives every identity one rank for
+    the whole run): within four epochs nearly every identity is drawn by both ranks."""
+    pids = np.repeat(np.arange(40), 8)
+    on_rank = [set(), set()]
+    for rank in (0, 1):
+        sampler = PKSampler(pids, 6, 4, seed=0, rank=rank, world_size=2)
+        for epoch in range(4):
+            sampler.set_epoch(epoch)
+            on_rank[rank] |= set(pids[batches(sampler, 6, 4).ravel()].tolist())
+    assert len(on_rank[0] & on_rank[1]) >= 30, len(on_rank[0] & on_rank[1])
 
 
 def test_ddp_epoch_length_is_the_same_every_epoch():
@@ -89,6 +108,7 @@ def test_ddp_epoch_length_is_the_same_every_epoch():
         lengths.add(len(sampler))
         assert len(list(sampler)) == len(sampler)
     assert len(lengths) == 1  # the LR schedule counts iterations per epoch
+    assert sampler.num_batches == PKSampler(pids, 12, 4, seed=1).num_batches
 
 
 def test_groups_hold_distinct_images_when_the_identity_has_enough():
@@ -102,9 +122,9 @@ def test_groups_hold_distinct_images_when_the_identity_has_enough():
 
 
 def test_too_few_identities_is_a_clear_error():
-    with pytest.raises(ValueError, match="at least P=12 identities.*leave 10"):
+    with pytest.raises(ValueError, match="at least P=12 identities, but the data has 10"):
         PKSampler(np.arange(10), 12, 4)
-    with pytest.raises(ValueError, match="2 process"):
+    with pytest.raises(ValueError, match="P=24 identities \\(12 for each of 2 processes\\)"):
         PKSampler(np.repeat(np.arange(20), 4), 12, 4, world_size=2)
     with pytest.raises(ValueError, match="rank 2"):
         PKSampler(np.arange(40), 4, 4, rank=2, world_size=2)

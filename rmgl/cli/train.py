@@ -23,8 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("config", help="built-in config name (e.g. market1501) or YAML file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.branches=[2,3,4]")
-    train.add_argument(
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume", action="store_true", help="continue from <output_dir>/<name>/last.safetensors"
+    )
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from the last checkpoint when the run has one, else start it: for "
+        "torchrun --max-restarts, whose restarts repeat the same command",
     )
     train.add_argument(
         "--overwrite", action="store_true", help="replace an existing run of the same name"
@@ -85,7 +92,8 @@ def run_train(args: argparse.Namespace) -> int:
     from rmgl.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    with Trainer(cfg, resume=args.resume, overwrite=args.overwrite) as trainer:
+    resume = "auto" if args.auto_resume else args.resume
+    with Trainer(cfg, resume=resume, overwrite=args.overwrite) as trainer:
         results = trainer.train()
         if trainer.is_main:
             for key, result in results.items():

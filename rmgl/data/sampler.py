@@ -8,9 +8,13 @@ by identity in a random identity order, and batch ``j`` takes the groups at posi
 most B positions, so no batch can hold it twice: the P identities are always distinct and
 the epoch length is known exactly before the first batch.
 
-With distributed training, the identities are split between ranks (disjoint, drawn from the
-shared seed) and every rank computes every rank's batch count, keeping the smallest, so all
-ranks run the same number of steps, every epoch, without communicating.
+With distributed training every rank computes the same plan, the one-process plan for the
+global batch of P x world_size identities, and rank ``r`` takes the ``r``-th block of P
+identities of every batch. The ranks together train on exactly the batches one process
+would draw with that P, so the split of identities between ranks changes with every batch,
+any two identities can meet in a batch (and be each other's negatives once the triplet term
+gathers the batch), and the number of steps per epoch does not depend on the number of
+processes. No communication is needed.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ class PKSampler(Sampler[int]):
 
     Args:
         pids: identity label of every dataset item.
-        num_identities: P, identities per batch.
+        num_identities: P, identities per batch of this process.
         num_instances: K, images per identity in a batch.
         seed: shuffling seed; combined with the epoch set by :meth:`set_epoch`.
-        rank, world_size: this process's share of the identities under DDP.
+        rank, world_size: under DDP the global batch holds P x world_size identities and
+            this process takes the ``rank``-th P of them.
     """
 
     def __init__(
@@ -54,12 +59,12 @@ class PKSampler(Sampler[int]):
         self.P, self.K = num_identities, num_instances
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
-        per_rank = len(self.pids) // world_size
-        if per_rank < self.P:
+        self.global_P = num_identities * world_size
+        if len(self.pids) < self.global_P:
+            shared = f" ({self.P} for each of {world_size} processes)" if world_size > 1 else ""
             raise ValueError(
-                f"PK sampling needs at least P={self.P} identities per process, but {len(self.pids)} "
-                f"identities shared by {world_size} process(es) leave {per_rank}. Lower P "
-                "(e.g. data.num_identities) or use fewer processes."
+                f"PK sampling needs at least P={self.global_P} identities{shared}, but the data "
+                f"has {len(self.pids)}. Lower P (e.g. data.num_identities)."
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,22 +78,19 @@ class PKSampler(Sampler[int]):
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
 
     # --- the plan of one epoch -------------------------------------------------------------
-    def _rank_pids(self) -> list[list[int]]:
-        """Disjoint identity lists, one per rank. The split depends on the seed only, so every
-        epoch has the same length (the LR schedule counts iterations)."""
-        order = [
-            self.pids[i] for i in np.random.default_rng([self.seed, 1]).permutation(len(self.pids))
-        ]
-        return [order[r :: self.world_size] for r in range(self.world_size)]
+    def _identity_order(self) -> list[int]:
+        """The identities in a seed-dependent order (each epoch permutes it again)."""
+        rng = np.random.default_rng([self.seed, 1])
+        return [self.pids[i] for i in rng.permutation(len(self.pids))]
 
     def _num_groups(self, pid: int) -> int:
         return max(1, math.ceil(len(self.index_by_pid[pid]) / self.K))
 
-    def _num_batches(self, rank_pids: list[int]) -> int:
-        groups = [self._num_groups(p) for p in rank_pids]
-        batches = sum(groups) // self.P
+    def _num_batches(self, pids: list[int]) -> int:
+        groups = [self._num_groups(p) for p in pids]
+        batches = sum(groups) // self.global_P
         while True:  # an identity may fill at most one group per batch
-            capped = sum(min(g, batches) for g in groups) // self.P
+            capped = sum(min(g, batches) for g in groups) // self.global_P
             if capped == batches:
                 return batches
             batches = capped
@@ -98,13 +100,16 @@ class PKSampler(Sampler[int]):
 
     @property
     def num_batches(self) -> int:
-        return min(self._num_batches(p) for p in self._rank_pids())
+        """Batches per epoch: the same every epoch, on every rank, for every world size."""
+        return self._num_batches(self.pids)
 
     def __iter__(self) -> Iterator[int]:
         num_batches = self.num_batches
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        mine = self._rank_pids()[self.rank]
-        pids = [mine[i] for i in rng.permutation(len(mine))]
+        # one generator for every rank (the plan is global); the trailing 0 keeps the plan
+        # of a single process what it has always been
+        rng = np.random.default_rng([self.seed, self.epoch, 0])
+        order = self._identity_order()
+        pids = [order[i] for i in rng.permutation(len(order))]
         layout: list[list[int]] = []
         for pid in pids:
             indices = list(rng.permutation(self.index_by_pid[pid]))
@@ -118,8 +123,9 @@ class PKSampler(Sampler[int]):
                 )
             groups = [indices[i : i + self.K] for i in range(0, len(indices), self.K)]
             layout.extend(groups[:num_batches])
+        mine = range(self.rank * self.P, (self.rank + 1) * self.P)  # this rank's identity slots
         batches = [
-            [index for m in range(self.P) for index in layout[j + m * num_batches]]
+            [index for m in mine for index in layout[j + m * num_batches]]
             for j in range(num_batches)
         ]
         for j in rng.permutation(num_batches):

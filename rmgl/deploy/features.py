@@ -19,6 +19,22 @@ While an extraction runs, ``features.npy`` has one row per *input* image and
 refuses a folder that is not complete, so an interrupted run can never pass for a finished
 one; ``rmgl extract ... --resume`` continues it.
 
+Sharded folders (``rmgl-features-v2``, written by ``rmgl extract --engine ray``)::
+
+    FOLDER/extract.json         format rmgl-features-v2: provenance, shard_size, shards (their
+                                number), inputs, count, failed, complete
+    FOLDER/failed.csv           input_index,path,reason   (index into the whole input list)
+    FOLDER/shards/000000/       a complete rmgl-features-v1 folder of input images 0 .. S-1
+    FOLDER/shards/000001/       ... of images S .. 2S-1, and so on (S = shard_size)
+
+Shard ``k`` holds input images ``k*S .. (k+1)*S - 1``; :func:`read_features` reads a
+sharded folder like a plain one: the rows are the shards' rows in shard order, i.e. the
+readable images in input order, exactly the rows a plain folder of the same list has, and
+``features`` is a :class:`ShardedFeatures` that reads each shard's memory map only where it
+is indexed. A shard folder is renamed into place only once it is complete, so a folder holds
+whole shards or none; the top ``extract.json`` says ``"complete": true`` only when every
+shard is there.
+
 Examples::
 
     from rmgl.deploy import read_features
@@ -44,17 +60,20 @@ from typing import Any
 import numpy as np
 
 FORMAT = "rmgl-features-v1"
+FORMAT_SHARDED = "rmgl-features-v2"
 FEATURES, IMAGES, META, FAILED = "features.npy", "images.csv", "extract.json", "failed.csv"
+SHARDS = "shards"
 IMAGES_HEADER = ("index", "path", "pid", "camid", "frame")
 FAILED_HEADER = ("input_index", "path", "reason")
 
 
 @dataclass
 class FeatureSet:
-    """A finished feature folder: ``features`` (N, D) float32 (memory-mapped), ``records``
+    """A finished feature folder: ``features`` (N, D) float32 (memory-mapped; a
+    :class:`ShardedFeatures` for a sharded folder), ``records``
     (N dicts: index, path, pid, camid, frame; None where unknown) and ``meta`` (extract.json)."""
 
-    features: np.ndarray
+    features: np.ndarray | ShardedFeatures
     records: list[dict[str, Any]]
     meta: dict[str, Any]
 
@@ -63,8 +82,11 @@ class FeatureSet:
 
 
 def read_features(folder: str | os.PathLike) -> FeatureSet:
-    """Read a complete feature folder, or raise a one-line error saying what is wrong."""
+    """Read a complete feature folder, plain or sharded, or raise a one-line error saying
+    what is wrong."""
     folder = Path(folder)
+    if is_sharded(folder):
+        return _read_sharded(folder)
     meta = read_meta(folder)
     if not meta.get("complete"):
         raise ValueError(
@@ -382,3 +404,127 @@ def _write_json(path: Path, data: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+# --- sharded folders (rmgl extract --engine ray) ---------------------------------------
+
+
+def is_sharded(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a sharded feature folder (``rmgl extract --engine ray``)."""
+    try:
+        meta = json.loads((Path(folder) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_SHARDED
+
+
+def shard_folder(folder: str | os.PathLike, shard: int) -> Path:
+    """Where shard ``shard`` of a sharded feature folder lies."""
+    return Path(folder) / SHARDS / f"{shard:06d}"
+
+
+def read_sharded_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """``extract.json`` of a sharded feature folder, checked."""
+    folder = Path(folder)
+    if not (folder / META).is_file():
+        raise ValueError(f"{folder} is not an rmgl feature folder (no {META})")
+    return read_format_json(folder / META, FORMAT_SHARDED, "a sharded rmgl feature folder's")
+
+
+class ShardedFeatures:
+    """The (N, D) float32 rows of a sharded feature folder over the shards' memory maps.
+
+    Indexing (an int, a slice, an index or boolean array, optionally with a column index)
+    and products (``features @ q``) read only the rows they touch, shard by shard;
+    ``np.asarray(features)`` builds one in-memory array.
+    """
+
+    def __init__(self, parts: list[np.ndarray], dim: int) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), dim)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate(self.parts) if self.parts else np.zeros(self.shape, dtype=np.float32)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __matmul__(self, other) -> np.ndarray:
+        return np.concatenate([np.asarray(part) @ other for part in self.parts])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            rows = self._rows(key[0])
+            return rows[key[1:]] if rows.ndim == 1 else rows[(slice(None), *key[1:])]
+        return self._rows(key)
+
+    def _rows(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + n if key < 0 else int(key)
+            if not 0 <= index < n:
+                raise IndexError(f"row {key} is out of range for {n} rows")
+            shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+            return np.asarray(self.parts[shard][index - self.starts[shard]])
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self._rows(np.arange(start, stop, step))
+            blocks = []
+            for shard, part in enumerate(self.parts):
+                lo, hi = max(start, self.starts[shard]), min(stop, self.starts[shard + 1])
+                if lo < hi:
+                    blocks.append(part[lo - self.starts[shard] : hi - self.starts[shard]])
+            if not blocks:
+                return np.zeros((0, self.shape[1]), dtype=np.float32)
+            return np.concatenate(blocks)
+        index = np.asarray(key)
+        if index.dtype == bool:
+            if index.shape != (n,):
+                raise IndexError(f"a boolean index must have {n} entries, got {index.shape}")
+            index = np.flatnonzero(index)
+        index = np.where(index < 0, index + n, index).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((*index.shape, self.shape[1]), dtype=np.float32)
+        shards = np.searchsorted(self.starts, index, side="right") - 1
+        for shard in np.unique(shards):
+            where = shards == shard
+            out[where] = self.parts[shard][index[where] - self.starts[shard]]
+        return out
+
+    def __repr__(self) -> str:
+        return f"ShardedFeatures(shape={self.shape}, shards={len(self.parts)})"
+
+
+def _read_sharded(folder: Path) -> FeatureSet:
+    meta = read_sharded_meta(folder)
+    if not meta.get("complete"):
+        raise ValueError(
+            f"{folder} holds an unfinished extraction ({meta.get('shards_done', 0)} of "
+            f"{meta.get('shards', '?')} shards done); finish it with rmgl extract ... --engine ray "
+            f"--out {folder} --resume"
+        )
+    parts, records = [], []
+    for shard in range(int(meta["shards"])):
+        path = shard_folder(folder, shard)
+        if not path.is_dir():
+            raise ValueError(f"{folder} is damaged: shard {path} is missing")
+        found = read_features(path)
+        if found.meta["descriptor_dim"] != meta["descriptor_dim"]:
+            raise ValueError(
+                f"{path} holds {found.meta['descriptor_dim']}-d descriptors, {folder / META} says "
+                f"{meta['descriptor_dim']}-d"
+            )
+        offset = len(records)
+        records.extend({**record, "index": offset + record["index"]} for record in found.records)
+        parts.append(found.features)
+    if len(records) != meta["count"]:
+        raise ValueError(
+            f"the shards of {folder} hold {len(records)} rows, {folder / META} says {meta['count']}"
+        )
+    return FeatureSet(ShardedFeatures(parts, int(meta["descriptor_dim"])), records, meta)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,15 +35,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepInfo:
-    """What one training iteration did (every rank sees its own)."""
+    """What one training iteration did (every rank sees its own).
+
+    ``losses`` are 0-d tensors on the training device, this rank's values: reading one
+    (``float(v)``, ``.item()``) makes the host wait for the GPU, which the training loop
+    itself does only once per ``run.log_every`` iterations. :meth:`Callback.on_log` gets
+    them as numbers (over the global batch under DDP).
+    """
 
     epoch: int  # 0-based
     iteration: int  # 0-based, within the epoch
     global_step: int  # 0-based, over the run
     lr: float  # backbone LR used for this step
-    losses: dict[str, float]  # "loss" and every named term
-    images_per_s: float  # running rate over the epoch, all ranks
+    losses: dict[str, torch.Tensor]  # "loss" and every named term (detached, on the device)
+    images_per_s: float  # running rate over the epoch, all ranks (host clock)
     pids: torch.Tensor  # identities of this rank's batch (CPU)
+
+
+# the keys of an on_log row that are not loss terms
+LOG_KEYS = ("epoch", "iter", "global_step", "lr", "images_per_s")
 
 
 class Callback:
@@ -60,6 +70,12 @@ class Callback:
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None: ...
 
+    def on_log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        """Every ``run.log_every`` iterations and at the end of each epoch, with one row per
+        iteration since the last call: ``epoch``, ``iter``, ``global_step``, ``lr``,
+        ``images_per_s`` (at the call) and every loss term as a float. Under DDP the terms are
+        the means over the processes, i.e. the values of the global batch."""
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
         """After the epoch's ``last`` checkpoint is written, so a failing callback (an
         evaluation on a broken gallery, say) never costs the epoch's training."""
@@ -74,18 +90,22 @@ class MetricsLogger(Callback):
     def __init__(self, every: int = 20) -> None:
         self.every = every
 
-    def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
+    def on_log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
         if not trainer.is_main:
             return
         record = trainer.record
-        record.metrics_row(
-            {"epoch": step.epoch, "iter": step.iteration, "lr": step.lr, **step.losses}
-        )
-        if step.global_step % self.every == 0:
-            record.scalars("train", step.losses, step.global_step)
-            record.scalars(
-                "train", {"lr": step.lr, "images_per_s": step.images_per_s}, step.global_step
+        for row in rows:
+            losses = {k: v for k, v in row.items() if k not in LOG_KEYS}
+            record.metrics_row(
+                {"epoch": row["epoch"], "iter": row["iter"], "lr": row["lr"], **losses}
             )
+            if row["global_step"] % self.every == 0:
+                record.scalars("train", losses, row["global_step"])
+                record.scalars(
+                    "train",
+                    {"lr": row["lr"], "images_per_s": row["images_per_s"]},
+                    row["global_step"],
+                )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
         if trainer.is_main:

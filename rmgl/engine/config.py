@@ -106,7 +106,15 @@ class RunConfig:
     # on an H200 (docs/performance.md); the first steps then compile (about 2 minutes there),
     # and again when an ABP warm-up ends
     compile: bool = False
-    log_every: int = 20  # iterations between log lines
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: one launch per graph
+    # instead of one per kernel) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+    # DDP: BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only) instead of
+    # each process's share of it
+    sync_bn: bool = False
+    # iterations between reads of the losses: logging, the NaN check (the step never waits
+    # for the GPU in between)
+    log_every: int = 20
 
 
 @dataclass
@@ -286,6 +294,12 @@ CHOICES = {
     "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
     "eval.protocol": ("auto", "cross_camera", "any_camera"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
+    "run.compile_mode": (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
 }
 RANGES = [
     ("data.height", lambda v: v > 0, "> 0"),

@@ -6,6 +6,8 @@ Layout of ``<run.output_dir>/<run.name>/``::
     train.log            readable log
     metrics.jsonl        one JSON row per iteration (losses, LR)
     evaluations.jsonl    one JSON row per evaluation (epoch, mAP, rank-1, mINP): the learning curve
+    launches.jsonl       one JSON row per start, resume and torchrun restart: the first epoch it
+                         trained, nodes, processes, device, rmgl and torch versions, time
     tensorboard/         scalars for ``tensorboard --logdir``
     last.safetensors     checkpoint after every epoch (resume from here)
     best.safetensors     checkpoint at the best evaluated mAP
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,10 @@ class RunRecord:
     @property
     def evaluations_path(self) -> Path:
         return self.dir / "evaluations.jsonl"
+
+    @property
+    def launches_path(self) -> Path:
+        return self.dir / "launches.jsonl"
 
     # --- starting --------------------------------------------------------------------------
     def check_start(self, resume: bool, overwrite: bool) -> None:
@@ -132,6 +139,14 @@ class RunRecord:
         """One evaluation (needs ``epoch``)."""
         if "evaluations" in self._files:
             self._files["evaluations"].write(json.dumps(row) + "\n")
+
+    def launch_row(self, row: dict[str, Any]) -> None:
+        """How this start (or resume, or restart) runs, kept for every launch of the run, so
+        the record says on how many nodes and processes each epoch was trained."""
+        if self.writes:
+            stamped = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with open(self.launches_path, "a") as handle:
+                handle.write(json.dumps(stamped) + "\n")
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:

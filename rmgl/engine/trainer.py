@@ -3,9 +3,13 @@
 One :class:`Trainer` per process. Everything around the loop lives elsewhere: the device,
 process group and seeds in :mod:`rmgl.engine.runtime`, the run folder (logs, metrics,
 TensorBoard, checkpoints) in :mod:`rmgl.engine.run_record`, logging and periodic evaluation
-in :mod:`rmgl.engine.callbacks`. Under ``torchrun`` the ranks split each batch's identities
-(``data.num_identities`` is the global P) and DDP averages gradients; only rank 0 writes and
-evaluates.
+in :mod:`rmgl.engine.callbacks`. Under ``torchrun`` the ranks share each global batch
+(``data.num_identities`` is the global P; the PK sampler draws the one-process batches), the
+triplet terms mine over the gathered global batch and DDP averages gradients; only rank 0
+writes and evaluates.
+
+The step never waits for the device: the loss terms stay there and are read once every
+``run.log_every`` iterations, when they are logged and checked for NaN.
 
 Examples::
 
@@ -19,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import fields, is_dataclass, replace
@@ -29,6 +34,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import rmgl
 from rmgl.data.datasets import load_dataset
 from rmgl.data.loading import check_readable, train_loader
 from rmgl.data.records import ReidDataset
@@ -46,7 +52,14 @@ from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model, resolve_protocol
 from rmgl.engine.load import Preprocess, init_from_checkpoint, model_options, read_checkpoint
 from rmgl.engine.run_record import RunRecord
-from rmgl.engine.runtime import amp_dtype, autocast, epoch_seed, seed_everything, setup_runtime
+from rmgl.engine.runtime import (
+    amp_dtype,
+    autocast,
+    epoch_seed,
+    gather_global_batch,
+    seed_everything,
+    setup_runtime,
+)
 from rmgl.engine.schedule import build_optimizer, build_scheduler
 from rmgl.losses import RMGLLoss
 from rmgl.metrics import RankResult
@@ -57,6 +70,9 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+RESUME_AUTO = "auto"  # resume when the run has a checkpoint, else start it (torchrun restarts)
 
 
 def identities_per_rank(num_identities: int, world_size: int) -> int:
@@ -79,16 +95,21 @@ class Trainer:
         self,
         cfg: DictConfig,
         dataset: ReidDataset | None = None,
-        resume: bool = False,
+        resume: bool | str = False,
         overwrite: bool = False,
         progress: bool = True,
         callbacks: Sequence[Callback] = (),
     ) -> None:
+        """``resume``: True continues the run from its ``last`` checkpoint; ``"auto"`` does
+        so when the run has one and otherwise starts it (replacing a folder whose run never
+        reached its first checkpoint): what a ``torchrun --max-restarts`` launch needs, whose
+        restarts run the same command."""
         self.cfg = cfg
         self.runtime = setup_runtime(cfg.run.device)
         self.device = self.runtime.device
         self.progress = progress and self.is_main
         self.record = RunRecord(cfg.run.output_dir, cfg.run.name, writes=self.is_main)
+        resume, overwrite = self._resolve_resume(resume, overwrite)
         self.record.check_start(resume, overwrite)
         checkpoint = read_checkpoint(self.record.last) if resume else None
         if checkpoint is not None:
@@ -121,6 +142,8 @@ class Trainer:
             )
 
         self.model = self._build_model(resumed=checkpoint is not None).to(self.device)
+        if cfg.run.sync_bn:
+            self.model = self._sync_batchnorm(self.model)
         self.amp_dtype = amp_dtype(cfg.run.amp, self.device)
         if self.device.type == "cuda" and cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -134,6 +157,7 @@ class Trainer:
             cfg.loss.ce_reduction,
             cfg.loss.triplet_reduction,
             cfg.loss.triplet_weight,
+            gather=gather_global_batch if self.runtime.distributed else None,
         )
         self.ddp = self.model
         if self.runtime.distributed:
@@ -141,12 +165,17 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         # Only the training forward is compiled: evaluation runs the plain module (eval mode
         # would trace a second graph) and checkpoints keep the plain module's parameter names.
-        self.train_forward = torch.compile(self.ddp) if cfg.run.compile else self.ddp
+        self.train_forward = self.ddp
+        if cfg.run.compile:
+            self.train_forward = torch.compile(self.ddp, mode=cfg.run.compile_mode)
+        # CUDA graphs replay into the same output buffers: each step must say it is a new one
+        self.marks_steps = cfg.run.compile and cfg.run.compile_mode == "reduce-overhead"
         self.start_epoch = 0
         self.best_map = -1.0
         self.results: dict[str, RankResult] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
+            self._check_world_size(checkpoint.trainer)
         aug_cfg = cfg.data.augment
         self.callbacks: list[Callback] = [
             # schedules first: every later callback sees the epoch's settings
@@ -157,15 +186,28 @@ class Trainer:
             *callbacks,
         ]
         self.record.start(to_yaml(cfg), resume, overwrite, self.start_epoch)
+        self.record.launch_row(
+            {
+                "epoch": self.start_epoch,
+                "resumed": checkpoint is not None,
+                "nodes": self.runtime.nodes,
+                "processes": self.runtime.world_size,
+                "device": self.device.type,
+                "rmgl": rmgl.__version__,
+                "torch": torch.__version__,
+            }
+        )
         if self.is_main:
             log.info(
-                "%s: %d train ids, %d images; %d iterations/epoch on %s x %d process(es)",
+                "%s: %d train ids, %d images; %d iterations/epoch on %s x %d process(es), "
+                "%d node(s)",
                 self.dataset.name,
                 self.dataset.num_train_pids,
                 len(self.dataset.train),
                 self.iters_per_epoch,
                 self.device,
                 self.runtime.world_size,
+                self.runtime.nodes,
             )
             if checkpoint is not None:
                 log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
@@ -196,6 +238,59 @@ class Trainer:
             if self.is_main:
                 log.info(message)
         return model
+
+    def _resolve_resume(self, resume: bool | str, overwrite: bool) -> tuple[bool, bool]:
+        """(resume, overwrite) after deciding ``"auto"``; rank 0 decides for every rank, and a
+        rank that cannot see the checkpoint rank 0 resumes from says so."""
+        if resume not in (True, False, RESUME_AUTO):
+            raise ValueError(f"resume must be True, False or {RESUME_AUTO!r}, got {resume!r}")
+        if resume == RESUME_AUTO:
+            found = [self.record.last.is_file()]
+            if self.runtime.distributed:
+                dist.broadcast_object_list(found, src=0)
+            resume, overwrite = found[0], overwrite or not found[0]
+        if resume and self.runtime.distributed and not self.record.last.is_file():
+            raise FileNotFoundError(
+                f"rank {self.rank} cannot see {self.record.last}, which the run resumes from: "
+                "run.output_dir must be a folder every node sees (a shared mount)"
+            )
+        if self.runtime.restart and not resume and not overwrite:
+            restarted = (
+                f"torchrun restarted the group ({self.runtime.restart} restart(s)); give "
+                "rmgl train --auto-resume so that a restart continues from the last checkpoint"
+            )
+            if self.record.dir.is_dir() and any(self.record.dir.iterdir()):
+                raise FileExistsError(f"{self.record.dir} already holds a run: {restarted}")
+        return bool(resume), overwrite
+
+    def _sync_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """BatchNorm over the global batch (``run.sync_bn``); one process has nothing to sync."""
+        if not self.runtime.distributed:
+            if self.is_main:
+                log.info("run.sync_bn: one process, nothing to synchronise")
+            return model
+        if self.device.type != "cuda":
+            raise ValueError(
+                "run.sync_bn=true needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
+                "leave it off for CPU processes"
+            )
+        # the converted layers keep the parameters, buffers and state-dict names
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def _check_world_size(self, state: dict) -> None:
+        """A resume with another number of processes is allowed and said: the global batches,
+        the steps per epoch and the LR schedule do not depend on it, but the random
+        augmentations (seeded per rank) and, without run.sync_bn, the BatchNorm statistics
+        (per process) do, so the run is no longer the one an unchanged group would train."""
+        before = state.get("world_size", 1)
+        if before != self.runtime.world_size and self.is_main:
+            log.warning(
+                "resumed with %d process(es) where the checkpoint was trained with %d: the same "
+                "global batches, steps and learning rates (data.num_identities is the global P); "
+                "the augmentations and BatchNorm statistics follow the new number of processes",
+                self.runtime.world_size,
+                before,
+            )
 
     def _restore(self, ckpt) -> None:
         self.model.load_state_dict(check_compatible(self.model, ckpt.model_state()))
@@ -237,6 +332,8 @@ class Trainer:
         seed_everything(epoch_seed(self.cfg.run.seed, self.rank, epoch))
         self.loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
+        pending: list[tuple[int, float, torch.Tensor]] = []  # (iteration, lr, loss terms)
+        names: list[str] = []
         start, seen = time.perf_counter(), 0
         desc = f"epoch {epoch + 1}/{self.cfg.optim.epochs}"
         bar = tqdm(self.loader, desc=desc, disable=not self.progress, leave=False)
@@ -245,15 +342,11 @@ class Trainer:
             targets = pids.to(self.device, non_blocking=True)
             if self.device.type == "cuda" and self.cfg.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            if self.marks_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, self.amp_dtype):
                 output = self.train_forward(images)
             loss, terms = self.criterion(_float_output(output), targets)
-            if not self._finite_everywhere(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} (on this rank) at epoch {epoch + 1}, iteration {it + 1} "
-                    f"(terms: {', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); the last "
-                    f"good checkpoint {self.record.last} is kept. Lower optim.lr or disable AMP."
-                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -261,26 +354,74 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             seen += images.shape[0] * self.runtime.world_size
-            losses = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
+            losses = {"loss": loss.detach(), **terms}
+            names = list(losses)
+            pending.append((it, lr, torch.stack(list(losses.values()))))
             rate = seen / (time.perf_counter() - start)
             step = StepInfo(epoch, it, epoch * self.iters_per_epoch + it, lr, losses, rate, pids)
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
-            if self.progress:
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if (it + 1) % self.cfg.run.log_every == 0 or it + 1 == self.iters_per_epoch:
+                rows = self._read_losses(epoch, names, pending, rate)
+                pending = []
+                for row in rows:
+                    for k in names:
+                        sums[k] = sums.get(k, 0.0) + row[k]
+                for callback in self.callbacks:
+                    callback.on_log(self, rows)
+                if self.progress:
+                    last = rows[-1]
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         means = {k: v / self.iters_per_epoch for k, v in sums.items()}
         means["images_per_s"] = seen / (time.perf_counter() - start)
         return means
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """False when the loss is NaN/inf on any rank, so that all ranks stop together
-        instead of the healthy ones hanging in the gradient all-reduce."""
-        bad = (~torch.isfinite(loss.detach())).float()
+    def _read_losses(
+        self,
+        epoch: int,
+        names: list[str],
+        pending: list[tuple[int, float, torch.Tensor]],
+        rate: float,
+    ) -> list[dict]:
+        """The loss terms of the iterations in ``pending`` as numbers: the one point where the
+        host waits for the device. Under DDP they are averaged over the processes first (the
+        global batch's values, and a NaN on any rank reaches every rank, so all stop
+        together). Raises :class:`TrainingDiverged` at the first non-finite loss."""
+        values = torch.stack([v for _, _, v in pending])
         if self.runtime.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+            dist.all_reduce(values)
+            values /= self.runtime.world_size
+        rows = []
+        for (it, lr, _), numbers in zip(pending, values.tolist()):
+            row = {
+                "epoch": epoch,
+                "iter": it,
+                "global_step": epoch * self.iters_per_epoch + it,
+                "lr": lr,
+                "images_per_s": rate,
+                **dict(zip(names, numbers)),
+            }
+            if not all(math.isfinite(v) for v in numbers):
+                self._diverged(row, names, stopped_at=pending[-1][0])
+            rows.append(row)
+        return rows
+
+    def _diverged(self, row: dict, names: list[str], stopped_at: int) -> None:
+        where = (
+            f" (mean over {self.runtime.world_size} processes)" if self.runtime.distributed else ""
+        )
+        late = (
+            f"; training stopped at iteration {stopped_at + 1}, where the losses were next read "
+            f"(every run.log_every={self.cfg.run.log_every} iterations)"
+            if stopped_at != row["iter"]
+            else ""
+        )
+        terms = ", ".join(f"{k}={row[k]:.3g}" for k in names if k != "loss")
+        raise TrainingDiverged(
+            f"loss is {row['loss']}{where} at epoch {row['epoch'] + 1}, iteration {row['iter'] + 1} "
+            f"(terms: {terms}){late}; the last good checkpoint {self.record.last} is kept. Lower "
+            "optim.lr or disable AMP."
+        )
 
     def save(self, name: str, epoch: int) -> Path | None:
         """Write ``<run>/<name>.safetensors`` (rank 0 only) with everything resume needs."""
@@ -293,6 +434,8 @@ class Trainer:
             "sampler": self.loader.sampler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "num_classes": self.dataset.num_train_pids,
+            "world_size": self.runtime.world_size,
+            "nodes": self.runtime.nodes,
         }
         path = self.record.checkpoint(name)
         return save_checkpoint(path, self.model, to_yaml(self.cfg), state, self.optimizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +29,14 @@ class RMGLLoss(nn.Module):
     ``triplet_weight`` scales the triplet family (Eq. 4: 1). At 0 the objective is
     cross-entropy on every classifier alone, the PCB baseline's; the triplet terms are still
     computed and logged, so runs with and without it log the same columns.
+
+    ``gather`` (DDP) maps this process's rows to the global batch and the offset of its own
+    rows there, keeping gradients flowing back to them
+    (:func:`rmgl.engine.runtime.gather_global_batch`). The triplet terms then mine every
+    anchor's hardest positive and negative in the global batch, as one GPU does; the
+    cross-entropy terms need no gathering (DDP's gradient average makes them the global
+    mean). Each process's terms are means over its own anchors; their mean over the
+    processes is the one-GPU value.
     """
 
     def __init__(
@@ -37,6 +47,7 @@ class RMGLLoss(nn.Module):
         ce_reduction: str = "sum",
         triplet_reduction: str = "sum",
         triplet_weight: float = 1.0,
+        gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -53,6 +64,7 @@ class RMGLLoss(nn.Module):
         if triplet_weight < 0:
             raise ValueError(f"triplet_weight must be >= 0, got {triplet_weight}")
         self.triplet_weight = triplet_weight
+        self.gather = gather
 
     def forward(self, output: RMGLOutput, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, Tensor] = {}
@@ -60,9 +72,14 @@ class RMGLLoss(nn.Module):
             terms[f"ce/{name}"] = F.cross_entropy(
                 logits, targets, label_smoothing=self.label_smoothing
             )
+        batch: dict = {}
+        if self.gather is not None:
+            batch["batch_targets"], batch["offset"] = self.gather(targets)
         for name, features in output.branch_features.items():
+            if self.gather is not None:
+                batch["batch_features"], _ = self.gather(features)
             terms[f"triplet/{name}"] = batch_hard_triplet_loss(
-                features, targets, self.margin, self.soft_margin
+                features, targets, self.margin, self.soft_margin, **batch
             )
         scale = {
             "ce": 1.0 / len(output.logits) if self.ce_reduction == "mean" else 1.0,
