@@ -30,7 +30,7 @@ from tqdm import tqdm
 import rmgl
 from rmgl.data.loading import UnreadableImageError
 from rmgl.deploy.encoder import Encoder, prepare_file
-from rmgl.deploy.features import FeatureWriter, read_meta
+from rmgl.deploy.features import FeatureWriter, is_sharded, read_meta
 from rmgl.deploy.inputs import ImageList
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ def extract_to_folder(
     out = Path(out)
     if len(images) == 0:
         raise ValueError(f"{images.source} holds no images")
+    if is_sharded(out):
+        raise ValueError(
+            f"{out} was written by rmgl extract --engine ray; continue it with --engine ray "
+            "--resume, or give another --out"
+        )
     writer = _open_writer(encoder, images, out, resume)
     if writer is None:
         return read_meta(out)
@@ -209,3 +214,9 @@ def _sha256(path: str | os.PathLike) -> str | None:
         return digest.hexdigest()
     except OSError:
         return None
+
+
+def extraction_provenance(encoder: Encoder, images: ImageList) -> dict[str, Any]:
+    """What extract.json records about the model and the image list: the distributed
+    extractor (:mod:`rmgl.deploy.distributed`) records the same."""
+    return _provenance(encoder, images)

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rmgl.deploy.features import is_sharded, read_features
 from rmgl.deploy.store import Store
 
 __all__ = ["KINDS", "METRICS", "FeatureFolder", "GalleryIndex", "IndexParams", "distances_from_ip"]
@@ -177,6 +178,14 @@ def _load_feature_folder(folder: str | Path) -> FeatureFolder:
     Private: at merge this is replaced by ``rmgl.deploy.features.read_features``.
     """
     folder = Path(folder)
+    if is_sharded(folder):  # rmgl extract --engine ray: read through its shards
+        found = read_features(folder)
+        records = [
+            FeatureRecord(r["path"], r["pid"], r["camid"], r["frame"]) for r in found.records
+        ]
+        if not records:
+            raise ValueError(f"{folder} holds no features (empty gallery)")
+        return FeatureFolder(folder, found.features, records, found.meta)
     if not folder.is_dir():
         raise ValueError(f"feature folder {folder} does not exist")
     feature_path, images_path, meta_path = (
