@@ -209,7 +209,7 @@ def _init(ray, address: str | None) -> None:
                 "--head` (it prints the address) or give the right --address"
             ) from None
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConnectionError(
             f"could not join the Ray cluster at {address or 'this machine'}: {_first_line(err)}"
