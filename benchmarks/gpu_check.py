@@ -17,7 +17,9 @@ failure is a FAIL row, never the end of the run):
 5. re-ranking on the GPU against the CPU at Market-1501 scale (exactness with float64
    features; with float32 features, how many query rows device rounding changes; time), and
    its time at MSMT17 scale, full and bf16-candidate passes;
-6. the real Trainer (data loading, sampler, logging, checkpoints) for a few hundred steps of
+6. descriptors per second of one GPU (float32 and bf16, batch 256): what one encoder actor
+   of ``rmgl extract --engine ray`` can reach;
+7. the real Trainer (data loading, sampler, logging, checkpoints) for a few hundred steps of
    RMGL-R50, eager, compiled and with CUDA graphs: the rate a user's run gets.
 
 Without CUDA, ``--cpu-reduced`` runs the same code on tiny sizes on the CPU so that it cannot
@@ -383,6 +385,52 @@ def check_training_run(ctx: Context) -> list[Row]:
     ]
 
 
+EXTRACTION_GOAL = 1000  # crops/s per GPU: the rate a city deployment's extraction is planned at
+
+
+def check_extraction_rate(ctx: Context) -> list[Row]:
+    """Descriptors per second of one GPU (``Encoder.encode_batch``: flip-averaged, the
+    evaluation's code) on prepared inputs, so decoding is left out: what one
+    ``rmgl extract --engine ray --num-gpus 1`` actor can reach when its decoding processes
+    keep up. Float32 (what rmgl eval uses) and bf16, random weights."""
+    from rmgl.deploy import Encoder
+    from rmgl.engine.load import Preprocess
+    from rmgl.model import build_model
+
+    backbone, (height, width), batch = (
+        ("resnet18", (48, 16), 8)
+        if ctx.reduced
+        else (
+            "resnet50",
+            (384, 128),
+            256,
+        )
+    )
+    torch.manual_seed(0)
+    model = build_model(751, backbone=backbone, pretrained="none").eval().to(ctx.device)
+    model.preprocess = Preprocess(height, width)
+    inputs = torch.randn(batch, 3, height, width)
+    rows = []
+    for amp, precision in ((None, "float32"), (torch.bfloat16, "bf16")):
+        encoder = Encoder(model, device=ctx.device, batch_size=batch, amp=amp)
+        encoder.encode_batch(inputs)  # warm-up (cuDNN picks its kernels)
+        rounds = 1 if ctx.reduced else 10
+        start = time.perf_counter()
+        for _ in range(rounds):
+            encoder.encode_batch(inputs)  # returns numpy: each call waits for the GPU
+        rate = rounds * batch / (time.perf_counter() - start)
+        rows.append(
+            Row(
+                f"extraction {backbone} {height}x{width}, batch {batch}, {precision}, "
+                "prepared inputs",
+                ctx.verdict(rate >= EXTRACTION_GOAL),
+                f"{rate:,.0f} img/s",
+                f">= {EXTRACTION_GOAL:,} img/s per GPU",
+            )
+        )
+    return rows
+
+
 def check_amp_extraction(ctx: Context) -> list[Row]:
     from rmgl.data.loading import eval_loader
     from rmgl.data.records import same_image_index
@@ -508,6 +556,7 @@ CHECKS: list[tuple[str, Callable[[Context], list[Row]]]] = [
     ("data pipeline", check_data_pipeline),
     ("training run", check_training_run),
     ("AMP extraction", check_amp_extraction),
+    ("extraction rate", check_extraction_rate),
     ("re-ranking", check_rerank),
     ("training throughput, torch.compile", check_train_throughput_compiled),
     ("the real trainer, eager and compiled", check_trainer),
