@@ -3,7 +3,9 @@ torch or ONNX Runtime), feature folders for large galleries (:func:`extract_to_f
 :func:`read_features`), and export to ONNX or plain weights (:mod:`rmgl.deploy.export`).
 
 onnx, onnxruntime and onnxscript are optional (``pip install 'rmgl[deploy]'``) and imported
-only when an ONNX model is written or run. See docs/deploy.md.
+only when an ONNX model is written or run. Extraction on a Ray cluster is
+:mod:`rmgl.deploy.distributed` (``pip install 'rmgl[ray]'``; Ray is imported only there). See
+docs/deploy.md.
 
 Examples::
 
@@ -18,7 +20,7 @@ Examples::
 from rmgl.deploy.encoder import Encoder, read_sidecar
 from rmgl.deploy.export import export_onnx, export_weights
 from rmgl.deploy.extract import extract_to_folder
-from rmgl.deploy.features import FeatureSet, FeatureWriter, read_features
+from rmgl.deploy.features import FeatureSet, FeatureWriter, ShardedFeatures, read_features
 from rmgl.deploy.inputs import ImageList, parse_market_name, read_image_list
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "FeatureSet",
     "FeatureWriter",
     "ImageList",
+    "ShardedFeatures",
     "export_onnx",
     "export_weights",
     "extract_to_folder",

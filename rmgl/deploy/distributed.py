@@ -185,9 +185,9 @@ def extract_on_ray(
 
 
 def connect(ray, address: str | None) -> None:
-    """Join the cluster at ``address`` (or the one this process is already in, or a local
-    one); an address that does not answer is a one-line error after a few seconds instead
-    of Ray's minute of retries."""
+    """Join the cluster at ``address`` (None: ``RAY_ADDRESS``, else a new local cluster); a
+    process already connected to a cluster keeps that one. An address that does not answer
+    is a one-line error after a few seconds instead of Ray's minute of retries."""
     if not ray.is_initialized():
         _init(ray, address)
     context = ray.data.DataContext.get_current()
@@ -203,7 +203,7 @@ def _init(ray, address: str | None) -> None:
             with socket.create_connection((host or "127.0.0.1", int(port)), CONNECT_SECONDS):
                 pass
         except (OSError, ValueError) as err:
-            reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
+            reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
             raise ConnectionError(
                 f"no Ray cluster answers at {address} ({reason}); start one with `ray start "
                 "--head` (it prints the address) or give the right --address"
@@ -238,13 +238,15 @@ def check_nodes(ray) -> None:
         ).remote()
         for node in nodes
     ]
-    try:
-        found = ray.get(refs)
-    except Exception as err:
-        raise ValueError(
-            f"a Ray node cannot run rmgl ({_root_cause(err)}); install rmgl[ray] with the same "
-            "torch on every node"
-        ) from None
+    found = []
+    for node, ref in zip(nodes, refs):
+        try:
+            found.append(ray.get(ref))
+        except Exception as err:
+            raise ValueError(
+                f"Ray node {node.get('NodeManagerAddress', node['NodeID'])} cannot run rmgl "
+                f"({_root_cause(err)}); install rmgl[ray] with the same torch on every node"
+            ) from None
     for node in found:
         for key in ("rmgl", "torch"):
             if node[key] != here[key]:
