@@ -478,7 +478,9 @@ def test_compiled_training_forward(tiny_data, tmp_path, monkeypatch):
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
 
 
-def test_training_step_never_waits_for_the_device(tiny_data, tmp_path, monkeypatch):
+def test_training_step_never_waits_for_the_device(
+    tiny_data, tmp_path, monkeypatch, one_torch_thread
+):
     """The step keeps its losses on the device: the host reads them (one .tolist()) once per
     run.log_every iterations and never in between. Every way a tensor's value reaches the
     host is counted while epochs run; images are decoded in a DataLoader worker, so only the
