@@ -7,7 +7,8 @@ GPU time comes in short windows, so this runs everything at once, each check gua
 failure is a FAIL row, never the end of the run):
 
 1. training throughput of RMGL-R50 at 384x128 (bf16 autocast, channels_last; also with
-   ``torch.compile``) and the projected 60-epoch Market-1501 schedule (goal <= 10 min);
+   ``torch.compile``, default mode and reduce-overhead, i.e. CUDA graphs) and the projected
+   60-epoch Market-1501 schedule (goal <= 10 min);
 2. the data pipeline (decode + augment at 384x128 through a DataLoader) against that rate;
 3. a short real training run (synthetic data, 2 epochs, interrupted after the first and
    resumed): the loss falls and the resumed run continues from the checkpoint;
@@ -19,7 +20,11 @@ failure is a FAIL row, never the end of the run):
 6. ``pairwise_distance`` on the GPU against the CPU (bit for bit, duplicates tie) and its
    time against the float32 product it replaced;
 7. feature extraction in true float32 while the caller allows TF32 (flags inside, restored,
-   error against float64 next to TF32's).
+   error against float64 next to TF32's);
+8. descriptors per second of one GPU (float32 and bf16, batch 256): what one encoder actor
+   of ``rmgl extract --engine ray`` can reach;
+9. the real Trainer (data loading, sampler, logging, checkpoints) for a few hundred steps of
+   RMGL-R50, eager, compiled and with CUDA graphs: the rate a user's run gets.
 
 Without CUDA, ``--cpu-reduced`` runs the same code on tiny sizes on the CPU so that it cannot
 rot, and every GPU row says SKIPPED (no GPU) with what was exercised instead.
@@ -41,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from rmgl.engine.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
@@ -110,16 +117,156 @@ def check_train_throughput(ctx: Context) -> list[Row]:
     return rows
 
 
+COMPILE_MODES = (
+    ("default", "torch.compile"),
+    ("reduce-overhead", "torch.compile reduce-overhead (CUDA graphs)"),
+)
+
+
 def check_train_throughput_compiled(ctx: Context) -> list[Row]:
-    """The trainer's recipe with ``torch.compile``: last, because compiling takes the
-    longest and is the likeliest to fail on a new torch (a FAIL row then, after the rest)."""
+    """The trainer's recipe with ``torch.compile``, default mode and ``reduce-overhead`` (CUDA
+    graphs: the step was launch-bound). Late in the run, because compiling takes the longest
+    and is the likeliest to fail on a new torch (a FAIL row then, after the rest)."""
     from train_throughput import SETTINGS, measure
 
     setting = dict(SETTINGS["r50"])
-    if ctx.reduced:  # compiling takes minutes on a CPU; the GPU run does it
-        return [Row(f"train {setting['name']}, torch.compile", ctx.verdict(True), "not run", "")]
-    rate = measure(setting, ctx.device, 10, 10, compile=True, windows=3)
-    return [_throughput_row(ctx, setting, rate, "bf16 AMP, channels_last, torch.compile")]
+    rows = []
+    for mode, recipe in COMPILE_MODES:
+        name = f"train {setting['name']}, batch {setting['P'] * setting['K']}, {recipe}"
+        if ctx.reduced:  # compiling takes minutes on a CPU; the GPU run does it
+            rows.append(Row(name, ctx.verdict(True), "not run", ""))
+            continue
+        torch._dynamo.reset()
+        try:
+            rate = measure(setting, ctx.device, 10, 10, compile=True, compile_mode=mode, windows=3)
+        except Exception as error:
+            traceback.print_exc()
+            rows.append(Row(name, "FAIL", f"error: {error!r}"[:120], ""))
+            continue
+        rows.append(_throughput_row(ctx, setting, rate, f"bf16 AMP, channels_last, {recipe}"))
+    return rows
+
+
+class StepClock(Callback):
+    """Images/s of the real training loop after ``warmup`` steps, timed within each epoch
+    (the GPU is synchronised at the first and the last timed step of an epoch only, so the
+    clock adds no wait to the steps between)."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.images, self.seconds, self.start, self.first = 0, 0.0, None, 0
+        self.compile_seconds, self.began = 0.0, time.perf_counter()
+
+    def on_train_start(self, trainer) -> None:
+        self.began = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self.start = None
+
+    def on_step_end(self, trainer, step) -> None:
+        if step.global_step < self.warmup:
+            return
+        if self.start is None:
+            self.sync()
+            if step.global_step == self.warmup:  # the warm-up steps include compiling
+                self.compile_seconds = time.perf_counter() - self.began
+            self.start, self.first = time.perf_counter(), step.iteration
+        elif step.iteration == trainer.iters_per_epoch - 1:
+            self.sync()
+            self.seconds += time.perf_counter() - self.start
+            self.images += (
+                (step.iteration - self.first) * len(step.pids) * trainer.runtime.world_size
+            )
+            self.start = None
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def check_trainer(ctx: Context) -> list[Row]:
+    """The real Trainer (data loading, PK sampler, logging, checkpoints, the evaluation at the
+    end) for a few hundred steps of RMGL-R50 at 384x128, batch 48, bf16: eager, compiled
+    (``run.compile=true``) and with CUDA graphs (``run.compile_mode=reduce-overhead``). The
+    rate is timed after 20 warm-up steps (which include compiling), within epochs."""
+    from rmgl.data.datasets import load_dataset
+    from rmgl.data.synthetic import SynthConfig, generate
+    from rmgl.engine.config import load_config
+    from rmgl.engine.trainer import Trainer
+
+    root = ctx.scratch / "trainer_data"
+    generate(
+        _tiny_synth() if ctx.reduced else SynthConfig(seed=1, scale=2.0),
+        root,
+        progress=False,
+        **({"workers": 1} if ctx.reduced else {}),
+    )
+    dataset = load_dataset("folder", root)
+    if ctx.reduced:
+        size = ["data.height=48", "data.width=16", "model.backbone=resnet18"]
+        size += ["data.num_identities=4", "data.num_instances=2", "data.workers=0"]
+        epochs, warmup, name = 2, 2, "RMGL-R18 48x16 (reduced), batch 8"
+    else:
+        workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+        size = [f"data.workers={workers}"]
+        epochs, warmup, name = 6, 20, "RMGL-R50 384x128 (paper), batch 48"
+    rows = []
+    for mode, recipe in (("off", "eager"), *COMPILE_MODES):
+        precision = "bf16 AMP" if ctx.gpu else "float32 (CPU)"  # run.amp=auto
+        title = f"trainer {name}, {precision}, {recipe}"
+        if ctx.reduced and mode != "off":
+            rows.append(Row(title, ctx.verdict(True), "not run", ""))
+            continue
+        compiled = (
+            ["run.compile=false"]
+            if mode == "off"
+            else [
+                "run.compile=true",
+                f"run.compile_mode={mode}",
+            ]
+        )
+        cfg = load_config(
+            None,
+            [
+                "data.dataset=folder",
+                f"data.root={root}",
+                "model.pretrained=none",
+                f"optim.epochs={epochs}",
+                "optim.warmup_epochs=1",
+                "eval.every=0",
+                f"run.output_dir={ctx.scratch / 'runs'}",
+                f"run.name=trainer_{mode}",
+                f"run.device={ctx.device.type}",
+                "run.log_every=50",
+                *size,
+                *compiled,
+            ],
+        )
+        torch._dynamo.reset()
+        clock = StepClock(warmup, ctx.device)
+        try:
+            with Trainer(cfg, dataset, overwrite=True, progress=False, callbacks=[clock]) as t:
+                t.train()
+                steps = epochs * t.iters_per_epoch
+        except Exception as error:
+            traceback.print_exc()
+            rows.append(Row(title, "FAIL", f"error: {error!r}"[:120], ""))
+            continue
+        minutes = 60 * MARKET_TRAIN_IMAGES / clock.rate / 60
+        rows.append(
+            Row(
+                title,
+                ctx.verdict(minutes <= GOAL_MINUTES),
+                f"{clock.rate:,.1f} img/s over {steps} steps ({warmup} warm-up steps: "
+                f"{clock.compile_seconds:.0f} s); 60 epochs of Market-1501: {minutes:,.1f} min",
+                f">= {GOAL_RATE:,.0f} img/s, <= {GOAL_MINUTES:.0f} min",
+            )
+        )
+    return rows
 
 
 def _throughput_row(ctx: Context, setting: dict, rate: float, recipe: str) -> Row:
@@ -240,6 +387,52 @@ def check_training_run(ctx: Context) -> list[Row]:
             "resumes at epoch 2; loss falls",
         )
     ]
+
+
+EXTRACTION_GOAL = 1000  # crops/s per GPU: the rate a city deployment's extraction is planned at
+
+
+def check_extraction_rate(ctx: Context) -> list[Row]:
+    """Descriptors per second of one GPU (``Encoder.encode_batch``: flip-averaged, the
+    evaluation's code) on prepared inputs, so decoding is left out: what one
+    ``rmgl extract --engine ray --num-gpus 1`` actor can reach when its decoding processes
+    keep up. Float32 (what rmgl eval uses) and bf16, random weights."""
+    from rmgl.deploy import Encoder
+    from rmgl.engine.load import Preprocess
+    from rmgl.model import build_model
+
+    backbone, (height, width), batch = (
+        ("resnet18", (48, 16), 8)
+        if ctx.reduced
+        else (
+            "resnet50",
+            (384, 128),
+            256,
+        )
+    )
+    torch.manual_seed(0)
+    model = build_model(751, backbone=backbone, pretrained="none").eval().to(ctx.device)
+    model.preprocess = Preprocess(height, width)
+    inputs = torch.randn(batch, 3, height, width)
+    rows = []
+    for amp, precision in ((None, "float32"), (torch.bfloat16, "bf16")):
+        encoder = Encoder(model, device=ctx.device, batch_size=batch, amp=amp)
+        encoder.encode_batch(inputs)  # warm-up (cuDNN picks its kernels)
+        rounds = 1 if ctx.reduced else 10
+        start = time.perf_counter()
+        for _ in range(rounds):
+            encoder.encode_batch(inputs)  # returns numpy: each call waits for the GPU
+        rate = rounds * batch / (time.perf_counter() - start)
+        rows.append(
+            Row(
+                f"extraction {backbone} {height}x{width}, batch {batch}, {precision}, "
+                "prepared inputs",
+                ctx.verdict(rate >= EXTRACTION_GOAL),
+                f"{rate:,.0f} img/s",
+                f">= {EXTRACTION_GOAL:,} img/s per GPU",
+            )
+        )
+    return rows
 
 
 def check_amp_extraction(ctx: Context) -> list[Row]:
@@ -482,10 +675,12 @@ CHECKS: list[tuple[str, Callable[[Context], list[Row]]]] = [
     ("data pipeline", check_data_pipeline),
     ("training run", check_training_run),
     ("AMP extraction", check_amp_extraction),
+    ("extraction rate", check_extraction_rate),
     ("re-ranking", check_rerank),
     ("distances", check_distances),
     ("true float32", check_true_float32),
     ("training throughput, torch.compile", check_train_throughput_compiled),
+    ("the real trainer, eager and compiled", check_trainer),
 ]
 
 

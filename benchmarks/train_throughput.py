@@ -39,6 +39,7 @@ def measure(
     steps: int,
     warmup: int,
     compile: bool = False,
+    compile_mode: str = "default",
     channels_last: bool | None = None,
     windows: int = 1,
     model_kwargs: dict | None = None,
@@ -46,7 +47,8 @@ def measure(
 ) -> float:
     """Images/s of full training steps (bf16 autocast on CUDA, and channels_last unless
     ``channels_last=False``); ``compile`` wraps the model in ``torch.compile`` (the warm-up
-    steps then compile). With ``windows`` > 1, ``steps`` are timed that many times and the
+    steps then compile; ``compile_mode`` is torch.compile's, ``reduce-overhead`` = CUDA graphs).
+    With ``windows`` > 1, ``steps`` are timed that many times and the
     median is returned: a launch-bound GPU step varies with the host's load. ``model_kwargs``
     go to ``build_model`` (ablations); ``profile`` prints the profiler's table of 3 steps."""
     model = build_model(
@@ -58,7 +60,8 @@ def measure(
         model = model.to(memory_format=torch.channels_last)
     opt_model = model
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
+    graphs = compile and compile_mode == "reduce-overhead"
     opt = torch.optim.SGD(
         parameter_groups(opt_model, 0.01, 10.0), lr=0.01, momentum=0.9, weight_decay=1e-3
     )
@@ -75,6 +78,8 @@ def measure(
     )
 
     def step():
+        if graphs:  # each call replays the graphs into the same buffers: mark the new step
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             output = model(images)
         loss, _ = criterion(output, targets)
@@ -136,6 +141,12 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile's mode (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
         "--model",
         action="append",
         default=[],
@@ -171,6 +182,7 @@ def main() -> None:
             args.steps,
             args.warmup,
             compile=args.compile,
+            compile_mode=args.compile_mode,
             windows=args.windows,
             model_kwargs=model_kwargs,
             profile=args.profile,

@@ -43,10 +43,15 @@ def test_data_info_wrong_root_is_a_clear_error(tmp_path, capsys):
 
 
 def test_console_script_help():
+    """--help answers without importing Ray (-X importtime lists every import)."""
     result = subprocess.run(
-        [sys.executable, "-m", "rmgl.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "-m", "rmgl.cli", "--help"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0 and "synth" in result.stdout and "data-info" in result.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert "rmgl" in imported and "ray" not in imported, sorted(imported)
 
 
 def test_configs_lists_and_prints_builtin_configs(capsys):

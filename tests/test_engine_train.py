@@ -154,6 +154,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     with caplog.at_level("WARNING", logger="rmgl"):
         trainer = Trainer(cfg, resume=True, progress=False)
     assert "resumed with 1 process(es) where the checkpoint was trained with 2" in caplog.text
+    assert (
+        "where the checkpoint was trained with 2"
+        in (tmp_path / "runs" / "tiny" / "train.log").read_text()
+    )
     launches = (tmp_path / "runs" / "tiny" / "launches.jsonl").read_text().splitlines()
     assert [json.loads(row)["epoch"] for row in launches] == [0, 1]
     assert trainer.iters_per_epoch > 3
@@ -337,6 +341,33 @@ def test_nodes_with_other_software_are_refused():
         check_same_software([same, {**same, "host": "b", "node": 1, "torch": "2.13.0"}])
 
 
+def test_sync_bn_converts_batchnorm_on_gpu_ranks_and_refuses_cpu_ranks():
+    """run.sync_bn: on GPU ranks every BatchNorm becomes a SyncBatchNorm with the same
+    parameters, buffers and state-dict names (checkpoints do not change); CPU ranks are
+    refused (SyncBatchNorm has no CPU kernel); one process has nothing to synchronise."""
+    from types import SimpleNamespace
+
+    from rmgl.engine.runtime import Runtime
+    from rmgl.model import build_model
+
+    model = build_model(4, backbone="resnet18", pretrained="none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gpu_rank = SimpleNamespace(runtime=Runtime(1, 2, torch.device("cuda", 1)), is_main=False)
+    gpu_rank.device = gpu_rank.runtime.device
+    synced = Trainer._sync_batchnorm(gpu_rank, model)
+    kinds = {type(m) for m in synced.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    after = synced.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    cpu_rank = SimpleNamespace(runtime=Runtime(1, 2, torch.device("cpu")), is_main=False)
+    cpu_rank.device = cpu_rank.runtime.device
+    with pytest.raises(ValueError, match="run.sync_bn=true needs GPUs"):
+        Trainer._sync_batchnorm(cpu_rank, build_model(4, backbone="resnet18", pretrained="none"))
+    alone = SimpleNamespace(runtime=Runtime(0, 1, torch.device("cpu")), is_main=True)
+    plain = build_model(4, backbone="resnet18", pretrained="none")
+    assert Trainer._sync_batchnorm(alone, plain) is plain
+
+
 def test_ddp_global_batch_must_divide(tiny_data, tmp_path):
     from rmgl.engine.trainer import identities_per_rank
 
@@ -447,7 +478,9 @@ def test_compiled_training_forward(tiny_data, tmp_path, monkeypatch):
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
 
 
-def test_training_step_never_waits_for_the_device(tiny_data, tmp_path, monkeypatch):
+def test_training_step_never_waits_for_the_device(
+    tiny_data, tmp_path, monkeypatch, one_torch_thread
+):
     """The step keeps its losses on the device: the host reads them (one .tolist()) once per
     run.log_every iterations and never in between. Every way a tensor's value reaches the
     host is counted while epochs run; images are decoded in a DataLoader worker, so only the

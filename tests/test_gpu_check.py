@@ -35,13 +35,18 @@ def test_reduced_cpu_mode_runs_every_check(tmp_path):
     table = out.read_text()
     assert "CPU only" in table and "GPU rows SKIPPED" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 10, table
+    assert len(rows) == 15, table
     for row in rows:
         assert "| SKIPPED (no GPU) |" in row, row  # measured on CPU, but never a verdict
     assert "FAIL" not in done.stdout
     assert "resumed at epoch 2" in table
-    # re-ranking: the float64 row compares the full pass with the CPU reference; on a CPU-only
-    # machine it runs on the CPU, so they agree to float64 rounding
+    # the CUDA-graph rows exist (compiling is for the GPU run) and the real trainer ran
+    assert sum("torch.compile reduce-overhead (CUDA graphs)" in row for row in rows) == 2
+    trainer_eager = next(row for row in rows if row.startswith("| trainer ") and "eager" in row)
+    assert re.search(r"[0-9.]+ img/s over \d+ steps", trainer_eager), trainer_eager
+    assert sum(row.startswith("| extraction resnet18 48x16, batch 8") for row in rows) == 2
+    # re-ranking: the float64 row compares both passes with the CPU reference; on a CPU-only
+    # machine they run on the CPU, so they agree to float64 rounding
     float64_row = next(row for row in rows if "re-ranking" in row and "float64" in row)
     assert float(re.search(r"max abs diff ([0-9.e+-]+)", float64_row).group(1)) <= 1e-12, (
         float64_row

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _declared() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    names = list(project["dependencies"]) + list(project["optional-dependencies"]["deploy"])
+    extras = project["optional-dependencies"]
+    names = list(project["dependencies"]) + extras["deploy"] + extras["ray"]
     return {re.split(r"[<>=!~\[ ;]", n, maxsplit=1)[0].lower().replace("_", "-") for n in names}
 
 

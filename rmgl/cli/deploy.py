@@ -50,6 +50,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument(
         "--resume", action="store_true", help="continue an interrupted extraction in --out"
     )
+    ray = ex.add_argument_group(
+        "on a Ray cluster (--engine ray; pip install 'rmgl[ray]'; docs/deploy.md)"
+    )
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: a pool of encoder actors on a Ray cluster, "
+        "writing a sharded feature folder",
+    )
+    ray.add_argument(
+        "--address",
+        help="the Ray cluster (host:port or ray://host:port; default: RAY_ADDRESS, else a "
+        "local cluster)",
+    )
+    ray.add_argument("--concurrency", type=int, default=2, help="encoder actors (default 2)")
+    ray.add_argument(
+        "--num-gpus", type=float, default=0.0, help="GPUs per actor (default 0: CPU actors)"
+    )
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument(
+        "--shard-size",
+        type=int,
+        help="images per shard, a multiple of --batch-size (default: 4096 rounded up to one)",
+    )
     ex.set_defaults(func=run_extract)
 
     exp = subparsers.add_parser(
@@ -113,16 +138,38 @@ def run_extract(args: argparse.Namespace) -> int:
             "--out model.onnx, then rmgl extract --onnx model.onnx"
         )
     images = read_image_list(args.images)  # before loading a model: a wrong path costs nothing
+    ray_engine = args.engine == "ray"
+    if not ray_engine and (args.address or args.shard_size):
+        raise ValueError("--address and --shard-size apply to --engine ray")
     encoder = Encoder(
         args.checkpoint or args.onnx,
         backend=backend,
-        device=args.device,
+        device="cpu" if ray_engine else args.device,  # with Ray the actors encode
         batch_size=args.batch_size,
-        amp=args.amp,
+        amp=None if ray_engine else args.amp,
     )
-    meta = extract_to_folder(
-        encoder, images, args.out, strict=args.strict, resume=args.resume, workers=args.workers
-    )
+    if ray_engine:
+        from rmgl.deploy.distributed import extract_on_ray
+
+        meta = extract_on_ray(
+            encoder,
+            images,
+            args.out,
+            device=args.device,
+            amp=args.amp,
+            address=args.address,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus,
+            shard_size=args.shard_size,
+            strict=args.strict,
+            resume=args.resume,
+            workers=args.workers,
+        )
+    else:
+        meta = extract_to_folder(
+            encoder, images, args.out, strict=args.strict, resume=args.resume, workers=args.workers
+        )
     failed = (
         f"; {meta['failed']} unreadable, listed in {Path(args.out) / 'failed.csv'}"
         if meta["failed"]

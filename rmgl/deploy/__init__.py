@@ -3,7 +3,9 @@ torch or ONNX Runtime), feature folders for large galleries (:func:`extract_to_f
 :func:`read_features`), and export to ONNX or plain weights (:mod:`rmgl.deploy.export`).
 
 onnx, onnxruntime and onnxscript are optional (``pip install 'rmgl[deploy]'``) and imported
-only when an ONNX model is written or run. See docs/deploy.md.
+only when an ONNX model is written or run. Extraction on a Ray cluster is
+:mod:`rmgl.deploy.distributed` (``pip install 'rmgl[ray]'``; Ray is imported only there). See
+docs/deploy.md.
 
 Examples::
 
@@ -27,6 +29,7 @@ _EXPORTS = {
     "extract_to_folder": "rmgl.deploy.extract",
     "FeatureSet": "rmgl.deploy.features",
     "FeatureWriter": "rmgl.deploy.features",
+    "ShardedFeatures": "rmgl.deploy.features",
     "read_features": "rmgl.deploy.features",
     "ImageList": "rmgl.deploy.inputs",
     "parse_market_name": "rmgl.deploy.inputs",

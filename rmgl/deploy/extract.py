@@ -29,7 +29,7 @@ from tqdm import tqdm
 import rmgl
 from rmgl.data.loading import UnreadableImageError
 from rmgl.deploy.encoder import Encoder, prepare_file
-from rmgl.deploy.features import FeatureWriter, read_meta
+from rmgl.deploy.features import FeatureWriter, is_sharded, read_meta
 from rmgl.deploy.inputs import ImageList
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ def extract_to_folder(
         raise ValueError(
             f"{images.source} lists {images.paths[j]} twice (entries {i + 1} and {j + 1}); each "
             "image must be listed once, or the gallery would hold it twice"
+        )
+    if is_sharded(out):
+        raise ValueError(
+            f"{out} was written by rmgl extract --engine ray; continue it with --engine ray "
+            "--resume, or give another --out"
         )
     writer = _open_writer(encoder, images, out, resume)
     if writer is None:
@@ -202,3 +207,9 @@ def _short(value: Any) -> str:
     """A recorded value for a message: hashes cut to 12 characters."""
     text = str(value)
     return text[:12] if isinstance(value, str) and len(value) == 64 else text
+
+
+def extraction_provenance(encoder: Encoder, images: ImageList) -> dict[str, Any]:
+    """What extract.json records about the model and the image list: the distributed
+    extractor (:mod:`rmgl.deploy.distributed`) records the same."""
+    return _provenance(encoder, images)

@@ -503,14 +503,15 @@ class ShardedFeatures:
 
 def _read_sharded(folder: Path) -> FeatureSet:
     meta = read_sharded_meta(folder)
+    shards = int(meta["shards"])
     if not meta.get("complete"):
+        done = sum(shard_folder(folder, k).is_dir() for k in range(shards))
         raise ValueError(
-            f"{folder} holds an unfinished extraction ({meta.get('shards_done', 0)} of "
-            f"{meta.get('shards', '?')} shards done); finish it with rmgl extract ... --engine ray "
-            f"--out {folder} --resume"
+            f"{folder} holds an unfinished extraction ({done} of {shards} shards done); finish "
+            f"it with rmgl extract ... --engine ray --out {folder} --resume"
         )
     parts, records = [], []
-    for shard in range(int(meta["shards"])):
+    for shard in range(shards):
         path = shard_folder(folder, shard)
         if not path.is_dir():
             raise ValueError(f"{folder} is damaged: shard {path} is missing")

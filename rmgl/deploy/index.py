@@ -76,6 +76,7 @@ from rmgl.deploy.features import (
     IMAGES,
     MODEL_KEYS,
     descriptor_model,
+    is_sharded,
     model_differences,
     read_features,
 )
@@ -233,7 +234,8 @@ def load_feature_folder(folder: str | Path, unique_paths: bool = True) -> Featur
         raise ValueError(
             f"{folder / 'features.npy'} holds no features (empty gallery, shape {features.shape})"
         )
-    if not features.flags.c_contiguous:
+    # a sharded folder (rmgl extract --engine ray) reads through its shards' memory maps
+    if not is_sharded(folder) and not features.flags.c_contiguous:
         raise ValueError(f"{folder / 'features.npy'} must be a C-ordered (row-major) array")
     records = [FeatureRecord(r["path"], r["pid"], r["camid"], r["frame"]) for r in found.records]
     seen: dict[str, int] = {}

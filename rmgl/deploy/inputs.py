@@ -63,6 +63,19 @@ class PackedStrings(Sequence[str]):
     def digest(self) -> bytes:
         return hashlib.sha1(self._data.tobytes() + self._ends.tobytes()).digest()
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The UTF-8 bytes of all strings and the end offset of each: what
+        :meth:`from_arrays` takes back (from .npy files, memory-mapped, say)."""
+        return self._data, self._ends
+
+    @classmethod
+    def from_arrays(cls, data: np.ndarray, ends: np.ndarray) -> PackedStrings:
+        """Strings over existing buffers (uint8 bytes, int64 end offsets), not copied."""
+        strings = cls.__new__(cls)
+        strings._data, strings._ends = data, ends
+        return strings
+
 
 @dataclass(frozen=True)
 class ImageList:

@@ -175,7 +175,6 @@ class Trainer:
         self.results: dict[str, RankResult] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
-            self._check_world_size(checkpoint.trainer)
         aug_cfg = cfg.data.augment
         self.callbacks: list[Callback] = [
             # schedules first: every later callback sees the epoch's settings
@@ -213,6 +212,7 @@ class Trainer:
                 log.info("resumed from %s at epoch %d", self.record.last, self.start_epoch + 1)
                 if self.best_map_reset:
                     log.warning(self.best_map_reset)
+                self._check_world_size(checkpoint.trainer)
 
     # --- set-up --------------------------------------------------------------------------
     @property
@@ -283,7 +283,7 @@ class Trainer:
         augmentations (seeded per rank) and, without run.sync_bn, the BatchNorm statistics
         (per process) do, so the run is no longer the one an unchanged group would train."""
         before = state.get("world_size", 1)
-        if before != self.runtime.world_size and self.is_main:
+        if before != self.runtime.world_size:
             log.warning(
                 "resumed with %d process(es) where the checkpoint was trained with %d: the same "
                 "global batches, steps and learning rates (data.num_identities is the global P); "
