@@ -35,7 +35,7 @@ def test_reduced_cpu_mode_runs_every_check(tmp_path):
     table = out.read_text()
     assert "CPU only" in table and "GPU rows SKIPPED" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 15, table
+    assert len(rows) == 16, table
     for row in rows:
         assert "| SKIPPED (no GPU) |" in row, row  # measured on CPU, but never a verdict
     assert "FAIL" not in done.stdout
