@@ -32,19 +32,26 @@ class _GalleryCollector:
     def __init__(self, info: Callable[[], dict]) -> None:
         self.info = info
 
+    def describe(self) -> Iterator[Metric]:
+        """The metrics' names without reading the index (the registry asks at start-up)."""
+        return self._families()
+
     def collect(self) -> Iterator[Metric]:
-        info = self.info()
+        return self._families(self.info())
+
+    def _families(self, info: dict | None = None) -> Iterator[Metric]:
         items = GaugeMetricFamily(
             "rmgl_gallery_items", "Items of the gallery index", labels=["state"]
         )
-        items.add_metric(["live"], info["live"])
-        items.add_metric(["deleted"], info["deleted"])
-        yield items
-        yield GaugeMetricFamily(
-            "rmgl_gallery_generation",
-            "Commits of the gallery index so far",
-            value=info["generation"],
+        generation = GaugeMetricFamily(
+            "rmgl_gallery_generation", "Commits of the gallery index so far"
         )
+        if info is not None:
+            items.add_metric(["live"], info["live"])
+            items.add_metric(["deleted"], info["deleted"])
+            generation.add_metric([], info["generation"])
+        yield items
+        yield generation
 
 
 class ServiceMetrics:
