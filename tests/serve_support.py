@@ -141,12 +141,15 @@ class Server:
             command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=index.parent
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> Server:
+    def wait_ready(self, timeout: float = 300.0) -> Server:
+        """Until /readyz answers 200; a server that exits or never gets ready is stopped
+        (a busy machine makes start-up slow: the model and torch load in each process)."""
         import httpx2
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.text()}")
             try:
                 if httpx2.get(self.url + "/readyz", timeout=2).status_code == 200:
@@ -154,6 +157,7 @@ class Server:
             except httpx2.HTTPError:
                 pass
             time.sleep(0.1)
+        self.stop(signal.SIGKILL)
         raise RuntimeError(f"the server was not ready after {timeout} s:\n{self.text()}")
 
     def text(self) -> str:

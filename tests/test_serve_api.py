@@ -4,6 +4,7 @@ input (the list of bad inputs tried is BAD_INPUTS below)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -77,6 +78,9 @@ def test_embed_equals_rmgl_extract_for_the_same_files(setup, client):
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
     meta = json.loads((setup.features / "extract.json").read_text())
     assert body["model"]["weights_sha256"] == meta["model_sha256"]
+    packed = client.post("/v1/embed?encoding=base64", files=image_files(images[:2])).json()
+    unpacked = [np.frombuffer(base64.b64decode(row), "<f4") for row in packed["descriptors"]]
+    np.testing.assert_array_equal(np.stack(unpacked), served[:2])
 
 
 def test_search_by_image_gives_the_hits_of_rmgl_search(setup, service, client, tmp_path):
@@ -136,6 +140,9 @@ def test_search_by_descriptor_and_by_gallery_item(setup, service, client):
         [h[1] for h in hits_of(by_item)], [h[1] for h in hits_of(by_descriptor)], atol=1e-3
     )
     assert by_item.json()["query"]["item"] == 4
+    packed = base64.b64encode((3 * features[4]).astype("<f4").tobytes()).decode()
+    by_base64 = client.post("/v1/search", json={"descriptor_b64": packed, "k": 5})
+    assert hits_of(by_base64) == hits_of(by_descriptor)
     # the cross-camera protocol takes the item's own pid and camera
     item = service.index.store.item(4)
     protocol = client.post("/v1/search", json={"item": 4, "k": 5, "exclude_same_camera": True})
@@ -317,8 +324,12 @@ BAD_INPUTS = [
     ("an empty file", "POST", "/v1/embed", {"files": files(("e.jpg", b""))}, 400, "is empty"),
     ("an unknown embed field", "POST", "/v1/embed", {"files": files(("a.jpg", _jpeg())), "data": {"k": "3"}}, 400, "k: unknown field"),
     ("search without a query", "POST", "/v1/search", {"json": {"k": 3}}, 400, "give one query"),
-    ("search with two queries", "POST", "/v1/search", {"json": {"item": 1, "descriptor": [1.0]}}, 400, "not both"),
+    ("search with two queries", "POST", "/v1/search", {"json": {"item": 1, "descriptor": [1.0]}}, 400, "not two"),
     ("a descriptor of the wrong length", "POST", "/v1/search", {"json": {"descriptor": [1.0, 0.0]}}, 400, "has 2 numbers"),
+    ("descriptor_b64 that is not base64", "POST", "/v1/search", {"json": {"descriptor_b64": "%%%"}}, 400, "descriptor_b64 is not base64"),
+    ("descriptor_b64 of 5 bytes", "POST", "/v1/search", {"json": {"descriptor_b64": "AAAAAAA="}}, 400, "holds 5 bytes"),
+    ("a descriptor given twice", "POST", "/v1/search", {"json": {"descriptor": [1.0], "descriptor_b64": "AAAAAA=="}}, 400, "not two"),
+    ("an unknown embed encoding", "POST", "/v1/embed?encoding=hex", {"files": files(("a.jpg", _jpeg()))}, 400, "encoding: "),
     ("a zero descriptor", "POST", "/v1/search", {"json": {"descriptor": [0.0] * 3584}}, 400, "norm 0"),
     ("a descriptor of strings", "POST", "/v1/search", {"json": {"descriptor": ["a"]}}, 400, "descriptor.0"),
     ("k = 0", "POST", "/v1/search", {"json": {"item": 1, "k": 0}}, 400, "k: Input should be greater than or equal to 1"),
@@ -467,6 +478,8 @@ def test_a_gallery_of_another_model_is_refused_naming_both(setup, tmp_path):
         (["--index", "{index}", "--auth", "all"], "--auth all needs a token"),
         (["--index", "{index}", "--port", "70000"], "port must be <= 65535"),
         (["--index", "{index}", "--max-images", "0"], "max_images must be >= 1"),
+        (["--index", "{index}", "--threads", "0"], "threads must be >= 1"),
+        (["--index", "{index}", "--cors-origin", "*"], "must be one exact origin"),
     ],
 )  # fmt: skip
 def test_the_command_refuses_a_bad_set_up_in_one_line(setup, tmp_path, capsys, argv, message):
@@ -484,3 +497,48 @@ def test_short_tokens_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="use at least 16 random ones"):
         ServeSettings(index="x", model="y", token=read_token(tmp_path / "token"))
+
+
+def test_the_command_line_does_not_import_the_web_stack():
+    """`rmgl --help` stays light: FastAPI, uvicorn and prometheus-client load only when
+    rmgl serve runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from rmgl.cli import build_parser; "
+        "build_parser().parse_args(['serve', '--index', 'x', '--checkpoint', 'y']); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'starlette') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_threads_apply_to_the_threads_that_serve_requests(setup, service, tmp_path):
+    """OpenMP keeps its thread count per thread: --threads must reach the pool threads that
+    run the searches, not only the main thread."""
+    import threading
+
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    settings = ServeSettings(index=setup.index, model=setup.checkpoint, threads=1)
+    own = GalleryService.open(settings, encoder=service.encoder)
+    seen = []
+
+    def request() -> None:
+        faiss.omp_set_num_threads(2)  # a fresh pool thread: the library default
+        own.search(item=0, k=1)
+        seen.append(faiss.omp_get_max_threads())
+
+    try:
+        thread = threading.Thread(target=request)
+        thread.start()
+        thread.join()
+        assert seen == [1]
+    finally:
+        own.close()
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-k", type=int, default=1000, help="hits per search")
     serve.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     serve.add_argument(
+        "--threads", type=int, help="CPU threads of the model and the search (default: all cores)"
+    )
+    serve.add_argument(
         "--write-wait",
         type=float,
         default=30.0,
@@ -119,6 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_k=args.max_k,
         batch_size=args.batch_size,
+        threads=args.threads,
         write_wait=args.write_wait,
         shutdown_timeout=args.shutdown_timeout,
         cors_origins=tuple(args.cors_origin),

@@ -113,9 +113,16 @@ class AddQueue:
     returns a future of (first id, generation).
     """
 
-    def __init__(self, index: GalleryIndex, meta: dict, allow_other_model: bool, wait: float):
+    def __init__(
+        self,
+        index: GalleryIndex,
+        meta: dict,
+        allow_other_model: bool,
+        wait: float,
+        threads: int | None = None,
+    ):
         self.index, self.meta = index, meta
-        self.allow_other_model, self.wait = allow_other_model, wait
+        self.allow_other_model, self.wait, self.threads = allow_other_model, wait, threads
         self._queue: queue.Queue[_PendingAdd | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="rmgl-serve-writer", daemon=True)
         self._closed = False
@@ -138,6 +145,8 @@ class AddQueue:
         self._thread.join()
 
     def _run(self) -> None:
+        if self.threads is not None:
+            set_threads(self.threads)
         stop = False
         while not stop:
             job = self._queue.get()
@@ -192,16 +201,23 @@ class GalleryService:
         self.model = descriptor_model(self.provenance)
         self._encode_lock = threading.Lock()
         self._writer = AddQueue(
-            index, self.provenance, settings.allow_other_model, settings.write_wait
+            index,
+            self.provenance,
+            settings.allow_other_model,
+            settings.write_wait,
+            settings.threads,
         )
         self.ready = False
         self._closed = False
+        self._pinned = threading.local()
 
     @classmethod
     def open(cls, settings: ServeSettings, encoder=None) -> GalleryService:
         """Load the model (or take ``encoder``), open the index (or create an empty one with
         ``settings.create``), check that the index holds this model's descriptors, and warm
         the model up. Errors are one-line ValueErrors."""
+        if settings.threads is not None:
+            set_threads(settings.threads)
         if encoder is None:
             from rmgl.deploy.encoder import Encoder
 
@@ -246,7 +262,17 @@ class GalleryService:
 
     # ---- reads
 
+    def _pin_threads(self) -> None:
+        """``settings.threads`` in the calling thread. OpenMP keeps its thread count per
+        thread, and requests run in a pool of threads that do not all inherit the main
+        thread's: measured, a pool thread searched with faiss' default two OpenMP threads
+        (spinning while torch computed) and took twice as long as the main thread."""
+        if self.settings.threads is not None and not getattr(self._pinned, "done", False):
+            set_threads(self.settings.threads)
+            self._pinned.done = True
+
     def _encode(self, images: list[Image.Image]) -> np.ndarray:
+        self._pin_threads()
         with self._encode_lock:
             features = np.asarray(self.encoder.encode(images), dtype=np.float32)
         features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -308,6 +334,7 @@ class GalleryService:
                 f"k = {k} (rerank_shortlist {rerank_shortlist}) is more than the limit of "
                 f"{self.settings.max_k} (--max-k)",
             )
+        self._pin_threads()
         self.index.refresh()
         if item is not None:
             found = self._live_item(item)
@@ -501,6 +528,16 @@ class GalleryService:
         for path in {str(self.index.path.resolve()), str(self.index.path)}:
             message = message.replace(path, "the gallery")
         return message.splitlines()[0] if message else message
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads of torch and faiss for the work the calling thread starts (OpenMP keeps
+    the count per thread)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
 
 
 def check_model(index: GalleryIndex, provenance: dict, settings: ServeSettings) -> list[str]:

@@ -34,6 +34,7 @@ class ServeSettings:
     every read) must present as ``Authorization: Bearer TOKEN``; without one the service is
     read-only. Limits: ``max_body_bytes`` per request (413), ``max_pixels`` per image
     (413, checked before decoding), ``max_images`` per request (413), ``max_k`` hits.
+    ``threads``: CPU threads of torch and faiss (default: theirs, one per core).
     ``write_wait``: seconds an add or delete waits for another process writing the index
     (then 503). ``create``: make an empty flat index at ``index`` if there is none.
 
@@ -57,6 +58,7 @@ class ServeSettings:
     max_images: int = 64
     max_k: int = 1000
     batch_size: int = 32
+    threads: int | None = None
     write_wait: float = 30.0
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
@@ -86,8 +88,9 @@ class ServeSettings:
             ("max_images", 1),
             ("max_k", 1),
             ("batch_size", 1),
+            ("threads", 1),
         ):
-            if int(getattr(self, name)) < low:
+            if getattr(self, name) is not None and int(getattr(self, name)) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.port > 65535:
             raise ValueError(f"port must be <= 65535, got {self.port}")
