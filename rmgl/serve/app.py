@@ -1,7 +1,7 @@
 """The HTTP API and the web page of the gallery search service (FastAPI).
 
 Every route answers JSON; every refusal is a 4xx with one line, ``{"error": "...",
-"status": N}``; an unexpected failure is a 500 that names a request id and nothing else
+"status": N}``; an unexpected failure is a 500 that names a reference and nothing else
 (the traceback goes to the server's log). Limits are enforced before work: the body size
 as it arrives (413), the number of images and their pixels before any decoding (413), the
 format of every upload (415), the token of every write (401, compared in constant time).
