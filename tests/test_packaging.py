@@ -18,7 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def _declared() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    names = list(project["dependencies"]) + extras["deploy"] + extras["ray"]
+    names = (
+        list(project["dependencies"])
+        + list(extras["deploy"])
+        + list(extras["ray"])
+        + list(extras["serve"])
+    )
     return {re.split(r"[<>=!~\[ ;]", n, maxsplit=1)[0].lower().replace("_", "-") for n in names}
 
 
@@ -119,6 +124,12 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
         check=True,
     ).stdout
     assert where.startswith(str(site)), where
+    page = subprocess.run(  # rmgl serve's web page is package data
+        [str(python), "-c", "from importlib import resources; "
+         "print(len(resources.files('rmgl.serve').joinpath('page.html').read_text()))"],
+        cwd=elsewhere, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert page.returncode == 0 and int(page.stdout) > 1000, page.stderr
     listing = run("configs")
     assert (
         listing.returncode == 0 and "market1501" in listing.stdout and "ablation/" in listing.stdout

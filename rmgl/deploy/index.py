@@ -57,14 +57,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,15 +84,20 @@ from rmgl.deploy.features import (
     read_features,
 )
 from rmgl.deploy.files import atomic_write_text, fsync_folder
-from rmgl.deploy.store import Store
+from rmgl.deploy.store import UNKNOWN, Store, StoreColumns
 
 __all__ = [
     "KINDS",
     "METRICS",
+    "DuplicateImageError",
     "FeatureFolder",
+    "FeatureRecord",
     "GalleryIndex",
     "IndexBusyError",
     "IndexParams",
+    "IndexSnapshot",
+    "crop_path",
+    "is_crop_path",
     "load_feature_folder",
 ]
 
@@ -107,6 +115,11 @@ NORM_TOLERANCE = 1e-3
 # How often an open retries when a writer replaced the faiss file between reading the
 # manifest and reading the file it names.
 OPEN_RETRIES = 20
+# image files kept in the index folder: crops/<first 2 hex>/<sha256><suffix>
+CROPS = "crops"
+CROP_SUFFIXES = (".jpg", ".png", ".webp", ".bmp")
+CROP_TEMPORARY = ".crop."
+_CROP_PATTERN = re.compile(r"crops/([0-9a-f]{2})/\1[0-9a-f]{62}\.(jpg|png|webp|bmp)")
 
 
 @dataclass
@@ -181,16 +194,29 @@ class FeatureRecord:
 
 @dataclass
 class FeatureFolder:
-    """A feature folder: ``features`` is a read-only memory map of ``features.npy``."""
+    """A feature folder: ``features`` is a read-only memory map of ``features.npy``. With a
+    ``source`` label it stands for descriptors held in memory (:meth:`GalleryIndex.add_arrays`)
+    and ``features`` is an array."""
 
     folder: Path
     features: np.ndarray
     records: list[FeatureRecord]
     meta: dict = field(default_factory=dict)
+    source: str | None = None
 
     @property
     def dim(self) -> int:
         return int(self.features.shape[1])
+
+    @property
+    def label(self) -> str:
+        """The name the store and the manifest give it: the resolved folder, or the label."""
+        return self.source if self.source is not None else str(self.folder.resolve())
+
+    @property
+    def images_file(self) -> str:
+        """Where its records come from, for messages."""
+        return str(self.folder / IMAGES) if self.source is None else f"the {self.source} records"
 
     @property
     def model(self) -> dict[str, Any]:
@@ -335,6 +361,51 @@ class IndexBusyError(ValueError):
     """Another process (or thread) is modifying the index."""
 
 
+class DuplicateImageError(ValueError):
+    """An image (path) that a live item of the index already has."""
+
+    def __init__(self, message: str, path: str, item: int) -> None:
+        super().__init__(message)
+        self.path, self.item = path, item
+
+
+# --------------------------------------------------------------------------------------
+# crops: image files kept inside the index folder (a service's uploads)
+
+
+def crop_path(data: bytes, suffix: str) -> str:
+    """The path, relative to the index folder, under which an image file is kept:
+    ``crops/ab/abcd...ef.jpg``, named by the SHA-256 of its bytes (so one image is one file,
+    and a client never chooses a name)."""
+    if suffix not in CROP_SUFFIXES:
+        raise ValueError(f"crop suffix must be one of {', '.join(CROP_SUFFIXES)}, got {suffix!r}")
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{CROPS}/{digest[:2]}/{digest}{suffix}"
+
+
+def is_crop_path(path: str) -> bool:
+    """True for a path :func:`crop_path` makes (and nothing else: no other file of the
+    folder, no ``..``)."""
+    return _CROP_PATTERN.fullmatch(path) is not None
+
+
+def _write_crop(root: Path, relative: str, data: bytes) -> None:
+    """A crop file, complete on disk (temporary file in the index folder, fsync, rename)."""
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = root / f"{CROP_TEMPORARY}{secrets.token_hex(6)}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_folder(target.parent)
+
+
 @contextlib.contextmanager
 def writer_lock(folder: Path, wait: float = 0.0, action: str = "rmgl index") -> Iterator[None]:
     """Hold ``folder/writer.lock`` (``fcntl.flock``, exclusive) while modifying the index.
@@ -416,6 +487,105 @@ class _Committed:
     @property
     def live_count(self) -> int:
         return self.count if self.live is None else int(self.live.sum())
+
+
+class IndexSnapshot:
+    """One committed state of an open :class:`GalleryIndex`, for reads that must agree:
+    counts, the live items, filter masks, metadata columns and nearest neighbours all come
+    from the same manifest generation, whatever another thread commits meanwhile.
+
+    Examples::
+
+        view = index.snapshot()
+        mask = view.allowed(cameras=[1, 2])
+        ids, dist = view.nearest(queries, 10, mask)      # the same state as the mask
+        view.generation, view.live_count
+    """
+
+    def __init__(self, index: GalleryIndex, state: _Committed) -> None:
+        self.index = index
+        self._state = state
+
+    @property
+    def manifest(self) -> dict:
+        return self._state.manifest
+
+    @property
+    def count(self) -> int:
+        """Ids given out (live and deleted items)."""
+        return self._state.count
+
+    @property
+    def generation(self) -> int:
+        return self._state.generation
+
+    @property
+    def live_count(self) -> int:
+        return self._state.live_count
+
+    @property
+    def deleted_count(self) -> int:
+        return self._state.count - self._state.live_count
+
+    def is_live(self, item_id: int) -> bool:
+        """True for an id of this state that is not deleted."""
+        state = self._state
+        if not 0 <= item_id < state.count:
+            return False
+        return state.live is None or bool(state.live[item_id])
+
+    def columns(self) -> StoreColumns:
+        """pid, camid, frame and live of the ids of this state (:meth:`Store.columns`)."""
+        return self.index.store.columns(self._state.count, self._state.generation)
+
+    def allowed(
+        self,
+        cameras: Sequence[int] | None = None,
+        frames: tuple[float | None, float | None] | None = None,
+    ) -> np.ndarray | None:
+        """Mask over ids of the live items that pass the camera / frame filters
+        (:meth:`rmgl.deploy.store.Store.allowed`); None when every item is allowed."""
+        state = self._state
+        if cameras is None and frames is None:
+            return None if state.live is None else state.live.copy()
+        return self.index.store.allowed(
+            cameras, frames, count=state.count, generation=state.generation
+        )
+
+    def cameras(self) -> list[int]:
+        """The cameras of the live items (items with an unknown camera left out)."""
+        state = self._state
+        camids = self.columns().camids
+        if state.live is not None:
+            camids = camids[state.live]
+        return np.unique(camids[camids != UNKNOWN]).tolist()
+
+    def frame_span(self) -> tuple[float, float] | None:
+        """(first, last) frame of the live items with a known frame, or None."""
+        state = self._state
+        frames = self.columns().frames
+        if state.live is not None:
+            frames = frames[state.live]
+        frames = frames[~np.isnan(frames)]
+        return (float(frames.min()), float(frames.max())) if len(frames) else None
+
+    def nearest(
+        self,
+        queries: np.ndarray,
+        n: int,
+        allowed: np.ndarray | None = None,
+        metric: str = "euclidean",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` nearest live gallery items of each query, as (ids, distances), both (Q, n).
+
+        Distances are exact (re-scored from ``vectors.f32``) in ``metric`` (as
+        ``pairwise_distance``); rows are ordered by (distance, id), the tie rule of
+        ``evaluate_rank``; slots past the number of allowed items hold id -1 and distance
+        inf. ``allowed`` is a boolean mask over ids (from :meth:`allowed`); a mask made
+        before the latest add is shorter than the index and allows none of the newer ids.
+        Deleted items are never returned. ``n`` may not exceed the number of ids.
+        """
+        return self.index._nearest(self._state, queries, n, allowed, metric)
 
 
 class GalleryIndex:
@@ -541,6 +711,41 @@ class GalleryIndex:
         )
 
     @classmethod
+    def create(cls, out: str | Path, meta: dict, **params) -> GalleryIndex:
+        """A new, empty ``flat`` index for the descriptors of the model that ``meta``
+        describes (its ``extract.json``-like provenance,
+        :meth:`rmgl.deploy.encoder.Encoder.provenance`, which gives the dimension): a
+        service that starts with no gallery fills it with :meth:`add_arrays`. The
+        approximate kinds learn from the gallery, so they are built from feature folders.
+
+        Examples::
+
+            index = GalleryIndex.create("gallery.idx", encoder.provenance())
+        """
+        settings = IndexParams(**params)
+        if settings.kind != "flat":
+            raise ValueError(
+                f"an empty index must be flat: kind {settings.kind} is trained on the gallery; "
+                "build it from feature folders (rmgl index build)"
+            )
+        out = Path(out)
+        if out.exists():
+            raise ValueError(f"{out} already exists")
+        model = descriptor_model(meta)
+        dim = model.get("descriptor_dim")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"the model's descriptor_dim must be a positive integer, got {dim!r}")
+        return cls._create(
+            out,
+            settings,
+            dim,
+            0,
+            lambda vectors: vectors.path.touch(),
+            lambda store: [],
+            {"model": model},
+        )
+
+    @classmethod
     def _create(
         cls,
         out: Path,
@@ -551,6 +756,7 @@ class GalleryIndex:
         write_store,
         fields: dict,
         extra_files: dict[str, str] | None = None,
+        write_extra: Callable[[Path], None] | None = None,
     ) -> GalleryIndex:
         """A new index folder: everything is written in a temporary folder beside ``out``
         (vectors, trained faiss index, store, manifest) and renamed at the end."""
@@ -595,6 +801,8 @@ class GalleryIndex:
             _write_faiss(faiss_index, work / faiss_file)
             for name, text in (extra_files or {}).items():
                 atomic_write_text(work / name, text)
+            if write_extra is not None:
+                write_extra(work)
             manifest["updated"] = manifest["created"]
             atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             umask = os.umask(0)
@@ -668,11 +876,24 @@ class GalleryIndex:
             self.refresh()
             state = self._state
             self.store.prepare_for_writes()
-            if len(self.vectors) > state.count:
-                self.vectors.truncate(state.count)
-            self.store.rollback(state.count, state.generation)
-            self._remove_stale_files(state.faiss_file)
+            self._discard_uncommitted(state)
             yield state
+
+    def _discard_uncommitted(self, state: _Committed) -> None:
+        """Remove what a failed or killed write left past the committed ``state``: crop
+        files of its items, vector rows, store rows and deletion marks, the faiss file it
+        wrote and temporary files (the writer lock is held)."""
+        pending = self.store.items(range(state.count, max(state.count, self.store.next_id())))
+        crops = [item.path for item in pending.values() if is_crop_path(item.path)]
+        if crops:  # files of uncommitted items, unless a committed live item names them
+            kept = self.store.find_paths(crops, below=state.count, generation=state.generation)
+            for path in crops:
+                if path not in kept:
+                    (self.path / path).unlink(missing_ok=True)
+        if len(self.vectors) > state.count:
+            self.vectors.truncate(state.count)
+        self.store.rollback(state.count, state.generation)
+        self._remove_stale_files(state.faiss_file)
 
     def add(
         self, folder: str | Path, allow_other_model: bool = False, wait: float = 0.0
@@ -706,8 +927,83 @@ class GalleryIndex:
             self._commit_add(state, [loaded], expected, other_models)
         return first, len(loaded.features)
 
+    def add_arrays(
+        self,
+        features: np.ndarray,
+        records: Sequence[FeatureRecord],
+        meta: dict | None = None,
+        source: str = "arrays",
+        crops: Mapping[str, bytes] | None = None,
+        allow_other_model: bool = False,
+        wait: float = 0.0,
+    ) -> tuple[int, int]:
+        """Append descriptors held in memory (a service's uploads); returns (first new id,
+        number added). The same commit as :meth:`add`, under the same lock.
+
+        ``features``: (N, dim) float32, L2-normalised; ``records``: path, pid, camid and
+        frame of each row; ``meta``: the provenance of the descriptors as ``extract.json``
+        records it (:meth:`rmgl.deploy.encoder.Encoder.provenance`), checked against the
+        index's model like a folder's, plus anything the caller wants kept with these items
+        in the store; ``source``: the label the store and the manifest give these items
+        (consecutive adds with one label extend one manifest entry, so a service's many
+        small adds keep the manifest small); ``crops``: image files kept inside the index
+        folder, keyed by :func:`crop_path` (each the path of one record): they are written
+        before the commit, removed with a failed add and when their item is deleted.
+        Refused: another dimension, a path twice, an image already in the index (live),
+        another model (unless ``allow_other_model``).
+
+        Examples::
+
+            data = open("crop.jpg", "rb").read()
+            path = crop_path(data, ".jpg")
+            index.add_arrays(encoder.encode(["crop.jpg"]), [FeatureRecord(path, None, 3, 1.7e9)],
+                             encoder.provenance(), source="uploads", crops={path: data})
+        """
+        features = np.asarray(features)
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(
+                f"features must be a non-empty (N, dim) array, got shape {features.shape}"
+            )
+        records = [r if isinstance(r, FeatureRecord) else FeatureRecord(*r) for r in records]
+        if len(records) != len(features):
+            raise ValueError(f"{len(records)} records for {len(features)} feature rows")
+        if not source or source.startswith("/"):
+            raise ValueError(f"source must be a label, not empty or a path, got {source!r}")
+        crops = dict(crops or {})
+        paths = [record.path for record in records]
+        for path in crops:
+            if not is_crop_path(path) or path not in paths:
+                raise ValueError(f"crop {path!r} is not a crop_path() named by one of the records")
+        loaded = FeatureFolder(
+            self.path,
+            np.ascontiguousarray(features, dtype=np.float32),
+            records,
+            dict(meta or {}),
+            source=source,
+        )
+        _check_paths_unique([loaded])
+        with self._writing(wait, f"add ({source})") as state:
+            if loaded.dim != self.dim:
+                raise ValueError(
+                    f"{loaded.dim}-d features cannot go into the index {self.path}, which holds "
+                    f"{self.dim}-d"
+                )
+            self._check_new_paths(loaded, state)
+            expected = _index_model(state.manifest, self.store)
+            other_models = _other_models(
+                expected, [loaded], allow_other_model, f"the index {self.path}"
+            )
+            first = state.count
+            self._commit_add(state, [loaded], expected, other_models, crops)
+        return first, len(records)
+
     def _commit_add(
-        self, state: _Committed, folders: list[FeatureFolder], model: dict, other_models: list
+        self,
+        state: _Committed,
+        folders: list[FeatureFolder],
+        model: dict,
+        other_models: list,
+        crops: Mapping[str, bytes] | None = None,
     ) -> None:
         import faiss
 
@@ -723,10 +1019,11 @@ class GalleryIndex:
             self.vectors.sync()
             _add_rows(working, self.vectors, first, first + total)
             _write_faiss(working, self.path / faiss_file)
-            sources = [
-                *state.manifest.get("sources", []),
-                *_store_folders(self.store, folders, first),
-            ]
+            sources = _merge_sources(
+                state.manifest.get("sources", []), _store_folders(self.store, folders, first)
+            )
+            for path, data in (crops or {}).items():  # after the store rows that name them
+                _write_crop(self.path, path, data)
             manifest = {
                 **state.manifest,
                 "format_version": FORMAT_VERSION,
@@ -799,7 +1096,23 @@ class GalleryIndex:
             live = live.copy()
             live[newly] = False
             self._state = _Committed(manifest, state.faiss_index, live, stamp)
+            self._remove_crops(newly, generation)
         return len(newly)
+
+    def _remove_crops(self, ids: np.ndarray, generation: int) -> None:
+        """Delete the crop files of deleted items (retention: the images go with the items;
+        their vectors stay until :meth:`compact`). After the commit, so a failed delete
+        never loses an image; a kill in between leaves files that compaction drops."""
+        for start in range(0, len(ids), 10_000):
+            items = self.store.items(ids[start : start + 10_000])
+            crops = [item.path for item in items.values() if is_crop_path(item.path)]
+            if not crops:
+                continue
+            kept = self.store.find_paths(crops, generation=generation)
+            for path in crops:
+                if path not in kept:
+                    with contextlib.suppress(OSError):
+                        (self.path / path).unlink(missing_ok=True)
 
     @staticmethod
     def _id_mask(ids, count: int) -> np.ndarray:
@@ -827,10 +1140,13 @@ class GalleryIndex:
                 for i, r in enumerate(folder.records)
                 if r.path in found
             )
-            raise ValueError(
-                f"{folder.folder / IMAGES} row {row}: {path} is already in the index (id {item}); "
-                f"an image is indexed once ({len(found)} of the folder's images are there): "
-                "delete the old items first to index them again"
+            where = f"{folder.folder / IMAGES} row {row}" if folder.source is None else f"row {row}"
+            raise DuplicateImageError(
+                f"{where}: {path} is already in the index (id {item}); an image is indexed "
+                f"once ({len(found)} of the {len(folder.records)} images are there): delete the "
+                "old items first to index them again",
+                path,
+                item,
             )
 
     def _commit_manifest(self, manifest: dict) -> tuple[int, ...]:
@@ -846,9 +1162,7 @@ class GalleryIndex:
             on_disk, _ = _read_manifest(self.path)
             if int(on_disk.get("generation", 0)) != state.generation:
                 return  # committed: the manifest names the new state (refresh() reads it)
-            self.vectors.truncate(state.count)
-            self.store.rollback(state.count, state.generation)
-            self._remove_stale_files(state.faiss_file)  # the new faiss file, temporary files
+            self._discard_uncommitted(state)  # rows, crops, the new faiss file, temporary files
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
 
@@ -857,9 +1171,11 @@ class GalleryIndex:
         for path in self.path.iterdir():
             name = path.name
             stale_faiss = _is_faiss_name(name) and name != keep
-            # temporary files of _write_faiss and atomic_write_text, no other file
+            # temporary files of _write_faiss, atomic_write_text and _write_crop, no other file
             temporary = name.endswith(".tmp") and (
-                _is_faiss_name(name.removesuffix(".tmp")) or name.startswith(f".{MANIFEST}.")
+                _is_faiss_name(name.removesuffix(".tmp"))
+                or name.startswith(f".{MANIFEST}.")
+                or name.startswith(CROP_TEMPORARY)
             )
             if stale_faiss or temporary:
                 path.unlink(missing_ok=True)
@@ -907,8 +1223,17 @@ class GalleryIndex:
                         meta=meta,
                         first=first,
                     )
-                    sources.append(
-                        {"folder": source["folder"], "first_id": first, "count": len(ids)}
+                    in_memory = {"in_memory": True} if source["meta"].get("in_memory") else {}
+                    sources = _merge_sources(
+                        sources,
+                        [
+                            {
+                                "folder": source["folder"],
+                                "first_id": first,
+                                "count": len(ids),
+                                **in_memory,
+                            }
+                        ],
                     )
                     first += len(ids)
                 return sources
@@ -924,6 +1249,21 @@ class GalleryIndex:
             if state.manifest.get("other_models"):
                 fields["other_models"] = state.manifest["other_models"]
             id_map = "new_id,old_id\n" + "".join(f"{n},{o}\n" for n, o in enumerate(keep.tolist()))
+
+            def copy_crops(work: Path) -> None:
+                """The crop files of the live items (hard links where the file system allows)."""
+                for start in range(0, len(keep), 10_000):
+                    items = self.store.items(keep[start : start + 10_000])
+                    for item in items.values():
+                        if not is_crop_path(item.path) or not (self.path / item.path).is_file():
+                            continue
+                        target = work / item.path
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        try:
+                            os.link(self.path / item.path, target)
+                        except OSError:  # another file system: a durable copy
+                            _write_crop(work, item.path, (self.path / item.path).read_bytes())
+
             return type(self)._create(
                 out,
                 IndexParams.from_dict(state.manifest["params"]),
@@ -933,6 +1273,7 @@ class GalleryIndex:
                 write_store,
                 fields,
                 {"compacted_ids.csv": id_map},
+                copy_crops,
             )
 
     def tune(
@@ -973,38 +1314,31 @@ class GalleryIndex:
             "bytes": sizes,
         }
 
-    # ---- what searches may return
+    # ---- what searches may return (each through one snapshot of the committed state)
+
+    def snapshot(self) -> IndexSnapshot:
+        """The state committed last (as this object knows it) for reads that must agree with
+        each other: a search computes its filter mask, counts, metadata columns and nearest
+        neighbours from one snapshot, so a commit by another thread in between (a service
+        adding images while it searches) never mixes two states. Call :meth:`refresh` first
+        to see other processes' commits."""
+        return IndexSnapshot(self, self._state)
 
     def allowed(
         self,
         cameras: Sequence[int] | None = None,
         frames: tuple[float | None, float | None] | None = None,
     ) -> np.ndarray | None:
-        """Mask over ids of the live items that pass the camera / frame filters
-        (:meth:`rmgl.deploy.store.Store.allowed`); None when every item is allowed."""
-        state = self._state
-        if cameras is None and frames is None:
-            return None if state.live is None else state.live.copy()
-        return self.store.allowed(cameras, frames, count=state.count, generation=state.generation)
+        """:meth:`IndexSnapshot.allowed` of the current state."""
+        return self.snapshot().allowed(cameras, frames)
 
     def cameras(self) -> list[int]:
         """The cameras of the live items (items with an unknown camera left out)."""
-        from rmgl.deploy.store import UNKNOWN
-
-        state = self._state
-        camids = self.store.columns(state.count, state.generation).camids
-        if state.live is not None:
-            camids = camids[state.live]
-        return np.unique(camids[camids != UNKNOWN]).tolist()
+        return self.snapshot().cameras()
 
     def frame_span(self) -> tuple[float, float] | None:
         """(first, last) frame of the live items with a known frame, or None."""
-        state = self._state
-        frames = self.store.columns(state.count, state.generation).frames
-        if state.live is not None:
-            frames = frames[state.live]
-        frames = frames[~np.isnan(frames)]
-        return (float(frames.min()), float(frames.max())) if len(frames) else None
+        return self.snapshot().frame_span()
 
     # ---- search
 
@@ -1015,16 +1349,17 @@ class GalleryIndex:
         allowed: np.ndarray | None = None,
         metric: str = "euclidean",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` nearest live gallery items of each query, as (ids, distances), both (Q, n).
+        """:meth:`IndexSnapshot.nearest` of the current state."""
+        return self.snapshot().nearest(queries, n, allowed, metric)
 
-        Distances are exact (re-scored from ``vectors.f32``) in ``metric`` (as
-        ``pairwise_distance``); rows are ordered by (distance, id), the tie rule of
-        ``evaluate_rank``; slots past the number of allowed items hold id -1 and distance
-        inf. ``allowed`` is a boolean mask over ids (from :meth:`allowed`); a mask made
-        before the latest add is shorter than the index and allows none of the newer ids.
-        Deleted items are never returned. ``n`` may not exceed the number of ids.
-        """
-        state = self._state
+    def _nearest(
+        self,
+        state: _Committed,
+        queries: np.ndarray,
+        n: int,
+        allowed: np.ndarray | None,
+        metric: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = self._check_queries(queries)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -1497,16 +1832,37 @@ def _store_folders(store: Store, folders: list[FeatureFolder], first: int) -> li
     """Store rows of ``folders`` from id ``first`` on; the manifest's source entries."""
     sources = []
     for folder in folders:
-        resolved = str(folder.folder.resolve())
+        in_memory = {"in_memory": True} if folder.source is not None else {}
         store.add(
             ((r.path, r.pid, r.camid, r.frame) for r in folder.records),
-            folder=resolved,
-            meta={"extract": folder.meta, "rows": len(folder.features)},
+            folder=folder.label,
+            meta={"extract": folder.meta, "rows": len(folder.features), **in_memory},
             first=first,
         )
-        sources.append({"folder": resolved, "first_id": first, "count": len(folder.features)})
+        sources.append(
+            {"folder": folder.label, "first_id": first, "count": len(folder.features), **in_memory}
+        )
         first += len(folder.features)
     return sources
+
+
+def _merge_sources(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """The manifest's source list with ``new`` appended; an in-memory source that continues
+    the last entry of the same label (the next ids) extends it instead."""
+    merged = list(old)
+    for entry in new:
+        last = merged[-1] if merged else None
+        if (
+            entry.get("in_memory")
+            and last is not None
+            and last.get("in_memory")
+            and last["folder"] == entry["folder"]
+            and last["first_id"] + last["count"] == entry["first_id"]
+        ):
+            merged[-1] = {**last, "count": last["count"] + entry["count"]}
+        else:
+            merged.append(entry)
+    return merged
 
 
 def _index_model(manifest: dict, store: Store) -> dict[str, Any]:
@@ -1530,15 +1886,14 @@ def _other_models(
         if not differences:
             continue
         if not allow:
+            what = folder.folder if folder.source is None else f"the {folder.source} records"
             raise ValueError(
-                f"{folder.folder} holds descriptors of another model than {holder} "
+                f"{what} holds descriptors of another model than {holder} "
                 f"({'; '.join(differences)}): {holder} has {_model_name(expected)}, the folder "
                 f"{_model_name(found)}. Descriptors of two models are not comparable; extract "
                 "the folder with the same model, or pass --allow-other-model to mix them anyway"
             )
-        notes.append(
-            {"folder": str(folder.folder.resolve()), "model": found, "differences": differences}
-        )
+        notes.append({"folder": folder.label, "model": found, "differences": differences})
     return notes
 
 
@@ -1565,15 +1920,17 @@ def _check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()
 
 def _check_paths_unique(folders: list[FeatureFolder]) -> None:
     """No image in two of the folders of one build."""
-    seen: dict[str, Path] = {}
+    seen: dict[str, str] = {}
     for folder in folders:
         for record in folder.records:
             if record.path in seen:
-                raise ValueError(
-                    f"{record.path} is listed in {seen[record.path] / IMAGES} and in "
-                    f"{folder.folder / IMAGES}; an image is indexed once"
+                where = (
+                    f"twice in {folder.images_file}"
+                    if seen[record.path] == folder.images_file
+                    else f"in {seen[record.path]} and in {folder.images_file}"
                 )
-        seen.update((record.path, folder.folder) for record in folder.records)
+                raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
+            seen[record.path] = folder.images_file
 
 
 def _rmgl_version() -> str:

@@ -38,7 +38,7 @@ import numpy as np
 
 from rmgl.deploy.features import descriptor_model, model_differences
 from rmgl.deploy.files import atomic_write_bytes, atomic_write_text, check_output
-from rmgl.deploy.index import FeatureRecord, GalleryIndex, load_feature_folder
+from rmgl.deploy.index import FeatureRecord, GalleryIndex, IndexSnapshot, load_feature_folder
 from rmgl.deploy.store import UNKNOWN, GalleryItem
 
 __all__ = [
@@ -190,10 +190,13 @@ def search(
     if frames is not None and None not in frames and frames[0] > frames[1]:
         raise ValueError(f"empty frame range {frames[0]}:{frames[1]}")
     index.refresh()  # the latest committed state: adds and deletions of other processes
-    _check_filters(index, cameras, frames)
+    # one committed state for every read below: a commit by another thread meanwhile
+    # (a service adding images while it searches) never mixes two states
+    view = index.snapshot()
+    _check_filters(view, cameras, frames)
     filtered = cameras is not None or frames is not None
-    allowed = index.allowed(cameras, frames)
-    live = index.live_count
+    allowed = view.allowed(cameras, frames)
+    live = view.live_count
     notes = []
     returned = min(k, live)
     if returned < k:
@@ -204,7 +207,7 @@ def search(
     settings = {
         "index": str(index.path),
         "kind": index.kind,
-        "generation": index.generation,
+        "generation": view.generation,
         "k": k,
         "filters": {
             "cameras": sorted(int(c) for c in cameras) if cameras is not None else None,
@@ -229,11 +232,11 @@ def search(
         )
 
     wanted = max(returned, shortlist) if rerank else returned
-    extra = _same_camera_counts(index, query_records, allowed) if exclude_same_camera else None
+    extra = _same_camera_counts(view, query_records, allowed) if exclude_same_camera else None
     fetch = wanted + (int(extra.max()) if extra is not None and len(extra) else 0)
-    ids, dist = index.nearest(queries, min(fetch, index.count), allowed, metric)
+    ids, dist = view.nearest(queries, min(fetch, view.count), allowed, metric)
     if exclude_same_camera:
-        ids, dist = _drop_same_camera(index, query_records, ids, dist)
+        ids, dist = _drop_same_camera(view, query_records, ids, dist)
     ids, dist = ids[:, :wanted], dist[:, :wanted]
     rerank_dist = None
     if rerank:
@@ -251,11 +254,12 @@ def search(
     )
 
 
-def _check_filters(index: GalleryIndex, cameras, frames) -> None:
+def _check_filters(view: IndexSnapshot, cameras, frames) -> None:
     """A camera the index does not have, or a frame range outside all of its frames, is
     almost always a typo: say what the index has instead of returning nothing."""
+    index = view.index
     if cameras is not None:
-        have = index.cameras()
+        have = view.cameras()
         missing = sorted({int(c) for c in cameras} - set(have))
         if missing:
             shown = ", ".join(map(str, have)) if have else "none (no item has a known camera)"
@@ -264,7 +268,7 @@ def _check_filters(index: GalleryIndex, cameras, frames) -> None:
                 f"of {index.path} are {shown}"
             )
     if frames is not None:
-        span = index.frame_span()
+        span = view.frame_span()
         first, last = frames
         if span is None:
             raise ValueError(
@@ -327,7 +331,7 @@ def _model_name(model: dict) -> str:
     return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
 
 
-def _same_camera_counts(index, records, allowed) -> np.ndarray:
+def _same_camera_counts(view: IndexSnapshot, records, allowed) -> np.ndarray:
     """Per query, how many (allowed) gallery items share its pid and camera."""
     missing = [q for q, r in enumerate(records) if r.pid is None or r.camid is None]
     if missing:
@@ -335,9 +339,8 @@ def _same_camera_counts(index, records, allowed) -> np.ndarray:
             f"exclude_same_camera needs the pid and camera of every query; query {missing[0]} "
             f"({records[missing[0]].path or 'no path'}) has none"
         )
-    columns = index.store.columns(index.count, index.generation)
-    keep = np.ones(index.count, dtype=bool) if allowed is None else allowed
-    keep = np.concatenate([keep, np.zeros(index.count - len(keep), bool)])[: index.count]
+    columns = view.columns()
+    keep = np.ones(view.count, dtype=bool) if allowed is None else allowed
     known = keep & (columns.pids != UNKNOWN) & (columns.camids != UNKNOWN)
     pairs, counts = np.unique(
         np.stack([columns.pids[known], columns.camids[known]], axis=1), axis=0, return_counts=True
@@ -346,12 +349,12 @@ def _same_camera_counts(index, records, allowed) -> np.ndarray:
     return np.array([lookup.get((r.pid, r.camid), 0) for r in records], dtype=np.int64)
 
 
-def _drop_same_camera(index, records, ids, dist):
+def _drop_same_camera(view: IndexSnapshot, records, ids, dist):
     """Remove each query's same-pid same-camera items (``ignored_gallery_mask``) and close
     the gaps, keeping the order."""
     from rmgl.metrics.ranking import ignored_gallery_mask
 
-    columns = index.store.columns(index.count, index.generation)
+    columns = view.columns()
     out_ids, out_dist = np.full_like(ids, -1), np.full_like(dist, np.inf)
     for q, record in enumerate(records):
         valid = ids[q][ids[q] >= 0]

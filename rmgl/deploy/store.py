@@ -160,6 +160,8 @@ class Store:
             if not self._has_deleted_column():
                 self._db.execute("ALTER TABLE items ADD COLUMN deleted INTEGER")
             self._db.execute("CREATE INDEX IF NOT EXISTS items_path ON items(path)")
+            # sources() counts the live items of each source (many, in a service's index)
+            self._db.execute("CREATE INDEX IF NOT EXISTS items_source ON items(source)")
 
     def add(
         self,
@@ -244,6 +246,19 @@ class Store:
             }
             for folder, first, count, meta, live in rows
         ]
+
+    def source_of(self, item_id: int) -> dict | None:
+        """The source (folder, first_id, count, meta) that added item ``item_id``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT s.folder, s.first_id, s.count, s.meta FROM items i "
+                "JOIN sources s ON s.id = i.source WHERE i.id = ?",
+                (int(item_id),),
+            ).fetchone()
+        if row is None:
+            return None
+        folder, first, count, meta = row
+        return {"folder": folder, "first_id": first, "count": count, "meta": json.loads(meta)}
 
     def columns(self, count: int | None = None, generation: int | None = None) -> StoreColumns:
         """pid, camid, frame and live of items 0..count-1 (default: every row) as numpy
