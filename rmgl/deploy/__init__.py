@@ -1,6 +1,7 @@
 """Using trained models outside training: descriptors of any images (:class:`Encoder`,
 torch or ONNX Runtime), feature folders for large galleries (:func:`extract_to_folder`,
-:func:`read_features`), and export to ONNX or plain weights (:mod:`rmgl.deploy.export`).
+:func:`read_features`), export to ONNX or plain weights (:mod:`rmgl.deploy.export`), and
+rmgl inside other trackers (:class:`TrackerEncoder`, :func:`write_detection_descriptors`).
 
 onnx, onnxruntime and onnxscript are optional (``pip install 'rmgl[deploy]'``) and imported
 only when an ONNX model is written or run. Extraction on a Ray cluster is
@@ -34,6 +35,8 @@ _EXPORTS = {
     "ImageList": "rmgl.deploy.inputs",
     "parse_market_name": "rmgl.deploy.inputs",
     "read_image_list": "rmgl.deploy.inputs",
+    "TrackerEncoder": "rmgl.deploy.trackers",
+    "write_detection_descriptors": "rmgl.deploy.detections",
 }
 
 __all__ = sorted(_EXPORTS)
