@@ -98,6 +98,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument(
         "--fp16", action="store_true", help="onnx: half-precision graph (float32 in and out)"
     )
+    exp.add_argument(
+        "--pixels",
+        choices=("uint8", "float255"),
+        help="onnx: a graph for trackers that feed raw pixels: input 'images' (N, 3, H, W) RGB "
+        "0-255 (uint8, or float32 for float255) already resized to the model's size, "
+        "normalisation inside, output 'output' (docs/trackers.md); default: prepared inputs",
+    )
     exp.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     exp.add_argument(
         "--overwrite",
@@ -188,8 +195,8 @@ def run_export(args: argparse.Namespace) -> int:
     from rmgl.engine.load import load_model
 
     if args.format == "weights":
-        if args.fp16 or args.images:
-            raise ValueError("--fp16 and --images apply to --format onnx")
+        if args.fp16 or args.images or args.pixels:
+            raise ValueError("--fp16, --images and --pixels apply to --format onnx")
         check_export_outputs(args.out, "weights", args.checkpoint, args.overwrite)
         model = load_model(args.checkpoint, "cpu")
         weights, notes = export_weights(model, args.out, overwrite=args.overwrite)
@@ -206,12 +213,19 @@ def run_export(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, "cpu")
     images = _parity_images(args, model)
     meta = export_onnx(
-        model, args.out, images=images, fp16=args.fp16, opset=args.opset, overwrite=args.overwrite
+        model,
+        args.out,
+        images=images,
+        fp16=args.fp16,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        pixels=args.pixels,
     )
     parity = meta["parity"]
     sidecar = Path(args.out).with_suffix(".json")
     print(
-        f"wrote {args.out} (opset {meta['opset']}, {meta['precision']}, {meta['output']['dim']}-d) "
+        f"wrote {args.out} (opset {meta['opset']}, {meta['precision']}, {meta['output']['dim']}-d, "
+        f"input: {meta['pixels']}) "
         f"and {sidecar}"
     )
     print(

@@ -10,6 +10,9 @@ Two backends, one preprocessing:
 * ``onnxruntime``: a file written by ``rmgl export --format onnx`` and its sidecar JSON; no
   rmgl checkpoint and no model code. Flip-averaging and L2 normalisation are inside the graph.
   The CUDA provider runs with TF32 off (``use_tf32=0``; onnxruntime's default is on).
+  A raw-pixel export (``rmgl export --pixels uint8|float255``; sidecar ``"pixels"``) is
+  fed the resized 0-255 pixels instead of prepared inputs, so every variant gives the same
+  descriptors.
 
 Images are prepared by :meth:`rmgl.engine.load.Preprocess.transform`, the evaluation
 transform, after being turned into the (3, H, W) uint8 RGB tensor that
@@ -51,6 +54,9 @@ BACKENDS = ("torch", "onnxruntime")
 # "auto": onnxruntime for an .onnx path, torch for a checkpoint or a loaded model
 BACKEND_CHOICES = ("auto", *BACKENDS)
 SIDECAR_FORMAT = "rmgl-onnx-v1"
+# What an exported graph takes (the sidecar's "pixels"; files without it are "normalized"):
+# prepared inputs, or raw RGB pixels 0-255 at the model's size with the normalisation inside
+PIXEL_VARIANTS = ("normalized", "uint8", "float255")
 INSTALL_HINT = "pip install 'rmgl[deploy]'"
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -229,6 +235,7 @@ class Encoder:
         self.feature_names: list[str] = list(model.feature_names)
         self.source = getattr(model, "checkpoint", None)
         self.meta: dict[str, Any] = {}
+        self.pixels = "normalized"  # what encode_batch's inputs are: always prepared inputs
 
     def _init_onnxruntime(
         self, path: Path, device: str | torch.device, threads: int | None
@@ -246,6 +253,12 @@ class Encoder:
         self.descriptor_dim = int(meta["output"]["dim"])
         self.feature_names = list(meta["feature_names"])
         self.source = str(path)
+        self.pixels = str(meta.get("pixels", "normalized"))
+        if self.pixels not in PIXEL_VARIANTS:
+            raise ValueError(
+                f"{sidecar_path(path)} says the model takes {self.pixels!r} inputs; this rmgl "
+                f"knows {', '.join(PIXEL_VARIANTS)} (a newer rmgl wrote it?)"
+            )
         name = str(device)
         available = ort.get_available_providers()
         if name == "auto":
@@ -334,8 +347,20 @@ class Encoder:
                 progress=False,
             )
             return found.features.numpy()
-        output = self.session.run(None, {self._input_name: batch.contiguous().numpy()})[0]
+        feed = batch if self.pixels == "normalized" else self._pixels_of(batch)
+        output = self.session.run(None, {self._input_name: feed.contiguous().numpy()})[0]
         return np.asarray(output, dtype=np.float32)
+
+    def _pixels_of(self, batch: torch.Tensor) -> torch.Tensor:
+        """Prepared inputs back to the resized 0-255 pixels a raw-pixel graph takes: exact for
+        inputs prepared from uint8 images (the resize outputs uint8), which ``uint8`` rounds
+        to; ``float255`` keeps any fraction of an input prepared some other way."""
+        mean = torch.tensor(self.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
+        pixels = (batch.float() * std + mean) * 255.0
+        if self.pixels == "uint8":
+            return pixels.round().clamp(0, 255).to(torch.uint8)
+        return pixels
 
     def iter_encode(self, images: Iterable[ImageInput], bgr: bool = False) -> Iterator[np.ndarray]:
         """(b, D) arrays, one per batch of ``batch_size`` images, in order; a stream of

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 OPSET = 18
 MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 and newer
 INPUT_NAME, OUTPUT_NAME = "images", "descriptor"
+# Raw-pixel variants (--pixels): what trackers that feed pixels expect, output named "output"
+PIXEL_OUTPUT_NAME = "output"
+PIXELS = ("uint8", "float255")
 # Parity against the torch model on real images, float32 graph: ONNX Runtime fuses and
 # reorders float operations, so bit equality is not expected; measured ~1e-7.
 FP32_MAX_ABS_DIFF = 1e-4
@@ -85,6 +88,23 @@ class DescriptorGraph(nn.Module):
         both = self.model(torch.cat([x, torch.flip(x, dims=[3])])).float()
         plain, flipped = both.unflatten(0, (2, -1)).unbind(0)
         return F.normalize(plain + flipped, dim=1)
+
+
+class PixelGraph(nn.Module):
+    """Raw pixels (N, 3, H, W), RGB, 0-255 (uint8 or float32) -> the descriptor: scaled to
+    [0, 1] and normalised with the model's mean and std inside the graph, as
+    :meth:`rmgl.engine.load.Preprocess.transform` does after its resize, then
+    :class:`DescriptorGraph`. The pixels must already be height x width (no resize inside)."""
+
+    def __init__(self, graph: DescriptorGraph, mean: tuple, std: tuple) -> None:
+        super().__init__()
+        self.descriptor = graph  # not "graph": torch.fx modules own that name
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32) / 255.0
+        return self.descriptor((x - self.mean) / self.std)
 
 
 def check_export_outputs(
@@ -151,8 +171,16 @@ def export_onnx(
     opset: int = OPSET,
     check: bool = True,
     overwrite: bool = False,
+    pixels: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (.onnx) and its sidecar ``out`` with ``.json``; returns the sidecar.
+
+    ``pixels``: None (the default) for a graph from prepared inputs (float32, resized and
+    normalised; output ``descriptor``); ``"uint8"`` or ``"float255"`` for a graph from raw
+    RGB pixels already resized to the model's height x width, uint8 or float32 0-255, with
+    the normalisation inside (:class:`PixelGraph`; output ``output``). The sidecar's
+    ``pixels`` says which (``"normalized"``, ``"uint8"``, ``"float255"``); the onnxruntime
+    :class:`~rmgl.deploy.Encoder` feeds each variant what it expects.
 
     ``model`` is :func:`rmgl.load_model`'s (it carries ``preprocess``). ``images`` (any
     :class:`~rmgl.deploy.Encoder` input) are encoded by the torch model and by the exported
@@ -166,6 +194,8 @@ def export_onnx(
     :func:`rmgl.deploy.encoder.read_sidecar` refuses a pair that does not match, so an
     export killed between the two renames can never pair a model with another's sidecar.
     """
+    if pixels not in (None, *PIXELS):
+        raise ValueError(f"pixels must be None, {' or '.join(PIXELS)}, got {pixels!r}")
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
     source = getattr(model, "checkpoint", None)
@@ -184,15 +214,21 @@ def export_onnx(
     graph = DescriptorGraph(
         graph_model, preprocess.flip, torch.float16 if fp16 else torch.float32
     ).eval()
+    if pixels is not None:
+        graph = PixelGraph(graph, preprocess.mean, preprocess.std).eval()
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     partial = work / "model.onnx"  # its own folder: no name beside --out is ever touched
     device = next(model.parameters()).device
-    example = torch.randn(
-        2, 3, *preprocess.size, device=device
-    )  # batch 2: torch.export specialises 1
+    # batch 2: torch.export specialises 1
+    if pixels == "uint8":
+        example = torch.randint(0, 256, (2, 3, *preprocess.size), dtype=torch.uint8, device=device)
+    elif pixels == "float255":
+        example = torch.rand(2, 3, *preprocess.size, device=device) * 255
+    else:
+        example = torch.randn(2, 3, *preprocess.size, device=device)
     try:
         _torch_export(graph, example, partial, opset)
-        meta = _sidecar(model, opset, fp16)
+        meta = _sidecar(model, opset, fp16, pixels)
         meta["onnx_sha256"] = sha256_file(partial)
         if check:
             meta["parity"] = _check_parity(model, partial, meta, images, fp16)
@@ -234,6 +270,7 @@ def _quiet_exporter():
 
 
 def _torch_export(graph: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    output_name = PIXEL_OUTPUT_NAME if isinstance(graph, PixelGraph) else OUTPUT_NAME
     batch = torch.export.Dim("batch", min=1)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -242,36 +279,44 @@ def _torch_export(graph: nn.Module, example: torch.Tensor, path: Path, opset: in
             dynamo=True,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             dynamic_shapes={"images": {0: batch}},
             verbose=False,
         )
         program.save(str(path))
 
 
-def _sidecar(model: nn.Module, opset: int, fp16: bool) -> dict[str, Any]:
+def _sidecar(model: nn.Module, opset: int, fp16: bool, pixels: str | None = None) -> dict[str, Any]:
     p = model.preprocess
+    scale = (
+        "pixels / 255, then (x - mean) / std; resized to height x width (antialiased bilinear)"
+        if pixels is None
+        else "raw RGB pixels 0-255, already resized to height x width (antialiased bilinear, "
+        "as rmgl eval); / 255 and (x - mean) / std happen inside the graph"
+    )
     return {
         "format": SIDECAR_FORMAT,
+        "pixels": pixels or "normalized",
         "input": {
             "name": INPUT_NAME,
             "layout": "NCHW",
-            "dtype": "float32",
+            "dtype": "uint8" if pixels == "uint8" else "float32",
             "color": "RGB",
             "height": p.height,
             "width": p.width,
             "mean": list(p.mean),
             "std": list(p.std),
-            "scale": "pixels / 255, then (x - mean) / std; resized to height x width (antialiased bilinear)",
+            "scale": scale,
         },
         "output": {
-            "name": OUTPUT_NAME,
+            "name": OUTPUT_NAME if pixels is None else PIXEL_OUTPUT_NAME,
             "dtype": "float32",
             "dim": model.descriptor_dim,
             "l2_normalized": True,
         },
         "flip": p.flip,
         "inside_graph": [
+            *([] if pixels is None else ["/ 255 and (x - mean) / std"]),
             "network (ABP included)",
             "horizontal flip and sum" if p.flip else "no flip",
             "L2 normalisation",

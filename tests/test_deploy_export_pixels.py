@@ -1,0 +1,109 @@
+"""`rmgl export --pixels uint8|float255`: ONNX graphs for trackers that feed raw pixels (input
+`images` RGB 0-255 NCHW at the model's size, normalisation inside, output `output`, dynamic
+batch), parity-checked like every export; the sidecar names the variant and the onnxruntime
+Encoder feeds each variant its pixels, so `rmgl extract --onnx` gives the same descriptors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from deploy_support import make_checkpoint, make_synthetic
+from torchvision.transforms import v2
+
+from rmgl.cli import main
+from rmgl.data.loading import read_image
+from rmgl.deploy import Encoder, read_features, read_sidecar
+from rmgl.deploy.export import _sidecar
+from rmgl.deploy.trackers import TrackerEncoder
+from rmgl.engine import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One CLI export per raw-pixel variant (parity checked on the checkpoint's dataset)."""
+    root = make_synthetic(tmp_path_factory.mktemp("pix_synth"))
+    folder = tmp_path_factory.mktemp("pix")
+    checkpoint = make_checkpoint(folder / "ck.safetensors", root)
+    paths = {}
+    for variant in ("uint8", "float255"):
+        paths[variant] = folder / f"{variant}.onnx"
+        argv = ["export", "--checkpoint", str(checkpoint), "--format", "onnx"]
+        assert main([*argv, "--out", str(paths[variant]), "--pixels", variant]) == 0
+    return root, checkpoint, paths
+
+
+def test_the_graphs_take_raw_pixels_with_the_names_trackers_expect(exported):
+    root, checkpoint, paths = exported
+    model = load_model(checkpoint, "cpu")
+    height, width = model.preprocess.size
+    files = sorted((root / "bounding_box_test").glob("*.jpg"))[:3]
+    expected = Encoder(model).encode(files)
+    # the pixels by hand: the evaluation's antialiased resize of the uint8 image, nothing else
+    pixels = torch.stack(
+        [v2.Resize((height, width), antialias=True)(read_image(str(f))) for f in files]
+    ).numpy()
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 3, height, width)
+    for variant, dtype in (("uint8", "tensor(uint8)"), ("float255", "tensor(float)")):
+        meta = read_sidecar(paths[variant])
+        assert meta["pixels"] == variant and meta["output"]["name"] == "output"
+        assert meta["input"]["name"] == "images" and meta["input"]["layout"] == "NCHW"
+        assert meta["input"]["dtype"] == ("uint8" if variant == "uint8" else "float32")
+        assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["images"] >= 16
+        session = ort.InferenceSession(str(paths[variant]), providers=["CPUExecutionProvider"])
+        (given,), (output,) = session.get_inputs(), session.get_outputs()
+        assert (given.name, given.type, output.name) == ("images", dtype, "output")
+        graph = onnx.load(str(paths[variant]))
+        batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.dim_value  # dynamic batch
+        feed = pixels if variant == "uint8" else pixels.astype(np.float32)
+        for part in (feed, feed[1:2]):
+            got = session.run(None, {"images": part})[0]
+            index = slice(0, 3) if len(part) == 3 else slice(1, 2)
+            np.testing.assert_allclose(got, expected[index], atol=1e-5)
+
+
+def test_extract_gives_the_same_descriptors_for_every_variant(exported, tmp_path):
+    root, checkpoint, paths = exported
+    listing = tmp_path / "list.txt"
+    files = sorted((root / "bounding_box_test").glob("*.jpg"))[:7]
+    listing.write_text("\n".join(str(f) for f in files))
+    found = {}
+    for name, model in (("torch", ["--checkpoint", str(checkpoint)]),) + tuple(
+        (v, ["--onnx", str(p)]) for v, p in paths.items()
+    ):
+        out = tmp_path / name
+        argv = ["extract", *model, "--images", str(listing), "--out", str(out)]
+        assert main([*argv, "--workers", "0", "--batch-size", "3"]) == 0
+        found[name] = read_features(out).features
+    for variant in paths:
+        np.testing.assert_allclose(found[variant], found["torch"], atol=1e-5)
+    # a tracker's boxes on the uint8 graph: the torch model's descriptors
+    frame = np.ascontiguousarray(read_image(str(files[0])).permute(1, 2, 0).numpy()[..., ::-1])
+    boxes = np.array([[0, 0, frame.shape[1], frame.shape[0]], [2, 5, 14, 40]])
+    np.testing.assert_allclose(
+        TrackerEncoder(paths["uint8"]).get_features(boxes, frame),
+        TrackerEncoder(checkpoint, device="cpu").get_features(boxes, frame),
+        atol=1e-5,
+    )
+
+
+def test_sidecar_variants_and_bad_requests(exported, tmp_path, capsys):
+    _, checkpoint, paths = exported
+    assert _sidecar(load_model(checkpoint, "cpu"), 18, False)["pixels"] == "normalized"
+    copy = tmp_path / "m.onnx"
+    shutil.copy(paths["uint8"], copy)
+    meta = json.loads(paths["uint8"].with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**meta, "pixels": "rgba16"}))
+    with pytest.raises(ValueError, match=r"m.json says the model takes 'rgba16' inputs"):
+        Encoder(copy)
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", "weights"]
+    assert main([*argv, "--out", str(tmp_path / "w.safetensors"), "--pixels", "uint8"]) == 1
+    assert "--pixels apply to --format onnx" in capsys.readouterr().err
