@@ -107,4 +107,127 @@ def test_sidecar_variants_and_bad_requests(exported, tmp_path, capsys):
         Encoder(copy)
     argv = ["export", "--checkpoint", str(checkpoint), "--format", "weights"]
     assert main([*argv, "--out", str(tmp_path / "w.safetensors"), "--pixels", "uint8"]) == 1
-    assert "--pixels apply to --format onnx" in capsys.readouterr().err
+    assert "--pixels applies to --format onnx" in capsys.readouterr().err
+
+
+# ---- docs/trackers.md: its Python examples and rmgl commands run, in the order of the page
+
+
+class _BotSortStandIn:
+    """BoxMOT's tracker as the page uses it: update(dets (N, 6), img, embs (N, D))."""
+
+    calls: list = []
+
+    def __init__(self, **options) -> None:
+        self.options = options
+
+    def update(self, dets, img, embs=None):
+        assert dets.ndim == 2 and dets.shape[1] == 6 and img.dtype == np.uint8
+        assert embs is not None and embs.shape[0] == len(dets)
+        _BotSortStandIn.calls.append(embs)
+        return np.zeros((0, 8))
+
+
+class _DeepSortStandIn:
+    """deep-sort-realtime's tracker: update_tracks(raw, embeds=list of vectors, frame=...)."""
+
+    calls: list = []
+
+    def __init__(self, max_age=30, embedder="mobilenet", **options) -> None:
+        assert embedder is None  # with embeds given, no built-in network
+        self.max_age = max_age
+
+    def update_tracks(self, raw_detections, embeds=None, frame=None):
+        assert isinstance(embeds, list) and len(embeds) == len(raw_detections)
+        assert all(len(d[0]) == 4 and d[0][2] > 0 and d[0][3] > 0 for d in raw_detections)
+        _DeepSortStandIn.calls.append(embeds)
+        return []
+
+
+def _stand_in_modules(monkeypatch) -> None:
+    import sys
+    import types
+
+    from PIL import Image
+
+    cv2 = types.ModuleType("cv2")
+    cv2.imread = lambda path: np.ascontiguousarray(
+        np.asarray(Image.open(path).convert("RGB"))[..., ::-1]
+    )
+    boxmot = types.ModuleType("boxmot")
+    boxmot.BotSort = _BotSortStandIn
+    dsr = types.ModuleType("deep_sort_realtime")
+    dsr_tracker = types.ModuleType("deep_sort_realtime.deepsort_tracker")
+    dsr_tracker.DeepSort = _DeepSortStandIn
+    dsr.deepsort_tracker = dsr_tracker
+    for name, module in (
+        ("cv2", cv2),
+        ("boxmot", boxmot),
+        ("deep_sort_realtime", dsr),
+        ("deep_sort_realtime.deepsort_tracker", dsr_tracker),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_the_examples_of_docs_trackers_run(exported, tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    from rmgl.cli import build_parser
+
+    root, checkpoint, paths = exported
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/demo/rmgl").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "runs/demo/rmgl/best.safetensors")
+    for name in ("reid", "reid_uint8"):
+        shutil.copy(paths["uint8"], tmp_path / f"{name}.onnx")
+        shutil.copy(paths["uint8"].with_suffix(".json"), tmp_path / f"{name}.json")
+    (tmp_path / "MOT17-02/img1").mkdir(parents=True)
+    (tmp_path / "MOT17-02/det").mkdir()
+    people = sorted((root / "bounding_box_test").glob("*.jpg"))
+    frame = Image.new("RGB", (180, 140), (90, 120, 60))
+    for i, x in enumerate((12, 70)):
+        frame.paste(Image.open(people[i]).convert("RGB").resize((40, 100)), (x, 30))
+    for number in (1, 2):
+        frame.save(tmp_path / f"MOT17-02/img1/{number:06d}.jpg", quality=95)
+    (tmp_path / "MOT17-02/det/det.txt").write_text(
+        "1,-1,12,30,40,100,0.91,-1,-1,-1\n1,-1,70,28,40,97,0.84,-1,-1,-1\n2,-1,14,30,40,100,0.9,-1,-1,-1\n"
+    )
+    _stand_in_modules(monkeypatch)
+    _BotSortStandIn.calls.clear()
+    _DeepSortStandIn.calls.clear()
+
+    page = (Path(__file__).parents[1] / "docs/trackers.md").read_text()
+    blocks = re.findall(r"```(\w+)\n(.*?)```", page, flags=re.S)
+    namespace: dict = {}
+    python_blocks = commands = 0
+    for language, code in blocks:
+        if language == "python":
+            exec(compile(code, "docs/trackers.md", "exec"), namespace)
+            python_blocks += 1
+        elif language == "bash":
+            for line in code.strip().splitlines():
+                argv = shlex.split(line)[1:]
+                if argv[0] == "export":  # the module's fixture runs these exports
+                    build_parser().parse_args(argv)
+                else:
+                    assert main(argv) == 0, line
+                    commands += 1
+    assert python_blocks == 5 and commands == 2
+    reid, frame_bgr = namespace["reid"], namespace["frame"]
+    assert namespace["embs"].shape == (2, reid.descriptor_dim)
+    np.testing.assert_allclose(_BotSortStandIn.calls[0], namespace["embs"])
+    assert len(_DeepSortStandIn.calls[0]) == 2
+    np.testing.assert_allclose(
+        np.stack(_DeepSortStandIn.calls[0]),
+        reid.get_features(np.array([[12, 30, 52, 130], [70, 28, 110, 125]]), frame_bgr),
+        atol=1e-6,
+    )
+    assert namespace["descriptors"].shape == (2, reid.descriptor_dim)  # the raw-pixel graph
+    table = np.load("dets/MOT17-02.npy")
+    assert table.shape == (3, 10 + reid.descriptor_dim)
+    # the offline file's rows of frame 1 are the encoder's descriptors of the same boxes
+    np.testing.assert_allclose(table[:2, 10:], namespace["embs"], atol=1e-5)

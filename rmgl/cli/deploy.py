@@ -195,8 +195,10 @@ def run_export(args: argparse.Namespace) -> int:
     from rmgl.engine.load import load_model
 
     if args.format == "weights":
-        if args.fp16 or args.images or args.pixels:
-            raise ValueError("--fp16, --images and --pixels apply to --format onnx")
+        if args.fp16 or args.images:
+            raise ValueError("--fp16 and --images apply to --format onnx")
+        if args.pixels:
+            raise ValueError("--pixels applies to --format onnx")
         check_export_outputs(args.out, "weights", args.checkpoint, args.overwrite)
         model = load_model(args.checkpoint, "cpu")
         weights, notes = export_weights(model, args.out, overwrite=args.overwrite)
