@@ -193,3 +193,22 @@ def test_an_interrupted_run_leaves_the_previous_file(setup, tmp_path, monkeypatc
     assert out.read_bytes() == b"previous" and calls == [2, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["det.txt", "seq.npy"]
     assert read_mot_detections(dets).rows.shape == (4, 10)
+
+
+def test_a_frame_that_cannot_be_decoded_is_a_one_line_error(setup, tmp_path, capsys):
+    """The header passes the check before encoding; the pixels fail while encoding: the
+    error names the file and nothing is left behind."""
+    _, checkpoint, frames = setup
+    broken = tmp_path / "img1"
+    broken.mkdir()
+    good = (frames / "000001.png").read_bytes()
+    (broken / "000001.png").write_bytes(good)
+    (broken / "000002.png").write_bytes(good[: len(good) // 2])  # truncated
+    dets = tmp_path / "det.txt"
+    dets.write_text("1,-1,0,0,30,50,0.8\n2,-1,0,0,30,50,0.8\n")
+    out = tmp_path / "out" / "seq.npy"
+    argv = ["extract-dets", "--checkpoint", str(checkpoint), "--frames", str(broken)]
+    assert main([*argv, "--dets", str(dets), "--out", str(out), "--batch-size", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(err) == 1 and re.search(r"error: cannot read image .*img1/000002.png", err[0]), err
+    assert not out.exists() and list(out.parent.iterdir()) == []
