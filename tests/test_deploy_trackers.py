@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from deploy_support import make_checkpoint, make_synthetic
 from PIL import Image
 
@@ -164,3 +165,27 @@ def test_boxes_without_pixels_and_bad_inputs_are_one_line_errors(setup):
 def test_box_pixels_rounds_then_clips():
     assert box_pixels([-3.2, 10.6, 20.4, 500], 64, 128) == (0, 11, 20, 128)
     assert box_pixels([0.5, 1.5, 2.5, 3.5], 64, 128) == (0, 2, 2, 4)  # halves to even
+
+
+def test_boxmots_newest_encoder_protocol_frames_and_detections(setup):
+    """BoxMOT's newest trackers take ``reid=`` an appearance encoder: ``embedding_dim``,
+    ``requirements.masks`` and ``encode(frames, detections)`` with RGB (3, H, W) uint8 frames
+    and xyxy float32 boxes in ``detections.geometry.values``; one CPU tensor per frame."""
+    from types import SimpleNamespace
+
+    root, checkpoint = setup
+    rgb = scene(root)
+    reid = TrackerEncoder(checkpoint, device="cpu")
+    frame = SimpleNamespace(image=torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+    boxes = torch.tensor([[10, 20, 40, 100], [60, 20, 90, 100]], dtype=torch.float32)
+    detections = SimpleNamespace(geometry=SimpleNamespace(values=boxes, is_obb=False))
+    none = SimpleNamespace(geometry=SimpleNamespace(values=torch.zeros(0, 4), is_obb=False))
+    assert reid.embedding_dim == reid.descriptor_dim and reid.requirements.masks is False
+    got = reid.encode([frame, frame], [detections, none])
+    assert [tuple(t.shape) for t in got] == [(2, reid.descriptor_dim), (0, reid.descriptor_dim)]
+    assert got[0].dtype == torch.float32 and got[0].device.type == "cpu"
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    np.testing.assert_allclose(got[0].numpy(), reid.get_features(boxes.numpy(), bgr), atol=1e-6)
+    oriented = SimpleNamespace(geometry=SimpleNamespace(values=torch.ones(1, 5), is_obb=True))
+    with pytest.raises(ValueError, match="oriented boxes are not supported"):
+        reid.encode([frame], [oriented])

@@ -21,8 +21,12 @@ Examples::
     features = reid.get_features(np.array([[10, 20, 60, 140]]), frame_bgr)   # (1, D) float32
 
     from boxmot import BotSort                                  # BoxMOT (AGPL, not an rmgl dependency)
-    tracker = BotSort(reid_model=reid, with_reid=True)          # BoxMOT versions with reid_model=
-    tracker.update(dets, frame_bgr, embs=reid.get_features(dets[:, :4], frame_bgr))  # any version
+    tracker = BotSort()
+    tracker.update(dets, frame_bgr, reid.get_features(dets[:, :4], frame_bgr))  # any BoxMOT version
+
+BoxMOT's newest trackers take an appearance encoder as ``reid=`` and call
+``encode(frames, detections)`` (RGB (3, H, W) uint8 frame tensors, xyxy boxes in
+``detections.geometry.values``); :class:`TrackerEncoder` implements that too.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class TrackerEncoder:
 
     def crops(self, boxes: Any, image: np.ndarray) -> list[np.ndarray]:
         """The H x W x 3 pixels of each box (x1, y1, x2, y2 in the first four columns), in the
-        frame's own channel order; see :func:`box_pixels`."""
+        frame's own channel order; see :func:`box_pixels`. Axis-aligned boxes only."""
         image = _check_frame(image)
         boxes = _check_boxes(boxes)
         height, width = image.shape[:2]
@@ -127,13 +131,48 @@ class TrackerEncoder:
         columns (BoxMOT passes ``dets[:, 0:4]``). ``image``: the frame, H x W x 3 uint8, BGR
         unless this encoder was made with ``bgr=False``.
         """
+        return self._encode(boxes, image, self.bgr)
+
+    __call__ = get_features
+
+    def _encode(self, boxes: Any, image: np.ndarray, bgr: bool) -> np.ndarray:
         crops = self.crops(boxes, image)
         if not crops:
             return np.zeros((0, self.descriptor_dim), dtype=np.float32)
-        batch = torch.stack([self.encoder.prepare(crop, bgr=self.bgr) for crop in crops])
+        batch = torch.stack([self.encoder.prepare(crop, bgr=bgr) for crop in crops])
         return np.ascontiguousarray(self.encoder.encode_batch(batch), dtype=np.float32)
 
-    __call__ = get_features
+    # BoxMOT's newest appearance-encoder protocol (``reid=`` of its trackers): frames as RGB
+    # (3, H, W) uint8 tensors, detections with axis-aligned xyxy boxes in ``geometry.values``
+    @property
+    def embedding_dim(self) -> int:
+        return self.descriptor_dim
+
+    @property
+    def requirements(self) -> Any:
+        """No instance masks needed (BoxMOT's ``EncoderRequirements(masks=False)``)."""
+        try:
+            from boxmot.reid.protocols import EncoderRequirements
+        except ImportError:
+            return _NoMasks()
+        return EncoderRequirements(masks=False)
+
+    def encode(self, frames: Sequence[Any], detections: Sequence[Any]) -> list[torch.Tensor]:
+        """One (N, D) float32 CPU tensor per frame: ``frames[i].image`` is the frame as a
+        (3, H, W) uint8 RGB tensor, ``detections[i].geometry.values`` its (N, 4) xyxy boxes."""
+        if len(frames) != len(detections):
+            raise ValueError(f"{len(frames)} frames but {len(detections)} detection sets")
+        out = []
+        for frame, found in zip(frames, detections):
+            geometry = found.geometry
+            if getattr(geometry, "is_obb", False):
+                raise ValueError(
+                    "oriented boxes are not supported: TrackerEncoder crops axis-aligned "
+                    "x1, y1, x2, y2 boxes"
+                )
+            image = frame.image.permute(1, 2, 0).contiguous().numpy()
+            out.append(torch.from_numpy(self._encode(geometry.values, image, bgr=False)))
+        return out
 
     def deepsort_embeds(self, raw_detections: Sequence[Any], frame: np.ndarray) -> list[np.ndarray]:
         """deep-sort-realtime's ``embeds=``: one (D,) vector per detection of
@@ -160,6 +199,10 @@ class TrackerEncoder:
 
     def __repr__(self) -> str:
         return f"TrackerEncoder({self.encoder!r}, bgr={self.bgr}, outside={self.outside!r})"
+
+
+class _NoMasks:
+    masks = False
 
 
 def _check_frame(image: Any) -> np.ndarray:
