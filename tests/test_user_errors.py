@@ -669,11 +669,25 @@ def test_a_checkpoint_with_a_yaml_payload_is_one_line_in_every_command(
     run = tmp_path / "runs" / "tiny"
     run.mkdir(parents=True)
     shutil.copy(evil, run / "last.safetensors")
+    (tmp_path / "img1").mkdir()
+    shutil.copy(image, tmp_path / "img1" / "000001.jpg")
+    (tmp_path / "det.txt").write_text("1,-1,0,0,8,16,0.9,-1,-1,-1\n")
     commands = [
         ["eval", "--checkpoint", str(evil), "--dataset", "folder", "--root", str(data)],
         ["export", "--checkpoint", str(evil), "--format", "weights", "--out", "w.safetensors"],
         ["export", "--checkpoint", str(evil), "--format", "onnx", "--out", "m.onnx"],
         ["extract", "--checkpoint", str(evil), "--images", image, "--out", "f", "--workers", "0"],
+        [
+            "extract-dets",
+            "--checkpoint",
+            str(evil),
+            "--frames",
+            "img1",
+            "--dets",
+            "det.txt",
+            "--out",
+            "dets.npy",
+        ],
         [
             "search",
             "--index",
