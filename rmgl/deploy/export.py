@@ -4,7 +4,9 @@ plain weights with a description of the architecture.
 The ONNX graph holds everything from the prepared input to the descriptor: the network with
 its data-dependent ABP boundaries (per-sample channel peaks, first occurrence on ties,
 cumulative vote counts, row masks), the horizontal flip, the sum of both descriptors and the
-L2 normalisation. Its batch axis is dynamic. Every export is checked against the torch model
+L2 normalisation. Its batch axis is dynamic. ``pixels="uint8"|"float255"`` writes a variant
+for runtimes that feed raw pixels, with the scaling and normalisation inside too
+(:class:`PixelGraph`). Every export is checked against the torch model
 on real images before it is written; a model that disagrees is never left on disk.
 
 Examples::
