@@ -47,6 +47,7 @@ from rmgl.deploy.index import (
     is_crop_path,
 )
 from rmgl.deploy.search import QUERY_MODEL_KEYS, search
+from rmgl.deploy.stores import open_store
 from rmgl.serve.errors import RequestError
 from rmgl.serve.images import FORMATS, OPEN_FORMATS, DecodedImage, media_type
 from rmgl.serve.settings import ServeSettings
@@ -233,7 +234,7 @@ class GalleryService:
             index = GalleryIndex.create(settings.index, encoder.provenance())
             log.info("created an empty gallery index %s", settings.index)
         else:
-            index = GalleryIndex.open(settings.index)
+            index = open_store("faiss", settings.index)
         try:
             check_model(index, encoder.provenance(), settings)
             service = cls(settings, index, encoder)
