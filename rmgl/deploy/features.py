@@ -629,3 +629,57 @@ def load_feature_folder(folder: str | Path, unique_paths: bool = True) -> Featur
             )
         seen[record.path] = row
     return FeatureFolder(folder, features, records, found.meta)
+
+
+def check_same_model(
+    expected: dict, folders: list[FeatureFolder], allow: bool, holder: str
+) -> list[dict]:
+    """Refuse folders whose descriptors come from another model than ``expected`` (naming
+    both models), or with ``allow`` the records the manifest keeps of them."""
+    notes = []
+    for folder in folders:
+        found = folder.model
+        differences = model_differences(expected, found, MODEL_KEYS)
+        if not differences:
+            continue
+        if not allow:
+            what = folder.folder if folder.source is None else f"the {folder.source} records"
+            raise ValueError(
+                f"{what} holds descriptors of another model than {holder} "
+                f"({'; '.join(differences)}): {holder} has {model_name(expected)}, the folder "
+                f"{model_name(found)}. Descriptors of two models are not comparable; extract "
+                "the folder with the same model, or pass --allow-other-model to mix them anyway"
+            )
+        notes.append({"folder": folder.label, "model": found, "differences": differences})
+    return notes
+
+
+
+def model_name(model: dict) -> str:
+    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
+
+
+
+def check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
+    seen = {source["folder"] for source in sources if source.get("live", 1)}
+    for folder in folders:
+        resolved = str(folder.folder.resolve())
+        if resolved in seen:
+            raise ValueError(f"feature folder {folder.folder} is already in the index")
+        seen.add(resolved)
+
+
+
+def check_paths_unique(folders: list[FeatureFolder]) -> None:
+    """No image in two of the folders of one build."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        for record in folder.records:
+            if record.path in seen:
+                where = (
+                    f"twice in {folder.images_file}"
+                    if seen[record.path] == folder.images_file
+                    else f"in {seen[record.path]} and in {folder.images_file}"
+                )
+                raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
+            seen[record.path] = folder.images_file

@@ -76,12 +76,13 @@ from rmgl.deploy.crops import CROP_TEMPORARY, crop_path, is_crop_path
 from rmgl.deploy.faiss_ann import KINDS, IndexParams
 from rmgl.deploy.features import (
     IMAGES,
-    MODEL_KEYS,
     FeatureFolder,
     FeatureRecord,
+    check_paths_unique,
+    check_same_model,
+    check_unique_folders,
     descriptor_model,
     load_feature_folder,
-    model_differences,
 )
 from rmgl.deploy.files import atomic_write_text
 from rmgl.deploy.locking import IndexBusyError, writer_lock
@@ -437,10 +438,10 @@ class GalleryIndex:
                     f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
                     f"{loaded[0].folder / 'features.npy'} has {dim}-d"
                 )
-        _check_unique_folders(loaded)
-        _check_paths_unique(loaded)
+        check_unique_folders(loaded)
+        check_paths_unique(loaded)
         model = loaded[0].model
-        other_models = _other_models(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+        other_models = check_same_model(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
         total = sum(len(folder.features) for folder in loaded)
 
         def write_vectors(vectors: VectorFile) -> None:
@@ -664,10 +665,10 @@ class GalleryIndex:
                     f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the "
                     f"index {self.path} holds {self.dim}-d"
                 )
-            _check_unique_folders([loaded], self.store.sources(below=state.count))
+            check_unique_folders([loaded], self.store.sources(below=state.count))
             self._check_new_paths(loaded, state)
             expected = _index_model(state.manifest, self.store)
-            other_models = _other_models(
+            other_models = check_same_model(
                 expected, [loaded], allow_other_model, f"the index {self.path}"
             )
             first = state.count
@@ -728,7 +729,7 @@ class GalleryIndex:
             dict(meta or {}),
             source=source,
         )
-        _check_paths_unique([loaded])
+        check_paths_unique([loaded])
         with self._writing(wait, f"add ({source})") as state:
             if loaded.dim != self.dim:
                 raise ValueError(
@@ -737,7 +738,7 @@ class GalleryIndex:
                 )
             self._check_new_paths(loaded, state)
             expected = _index_model(state.manifest, self.store)
-            other_models = _other_models(
+            other_models = check_same_model(
                 expected, [loaded], allow_other_model, f"the index {self.path}"
             )
             first = state.count
@@ -1450,63 +1451,12 @@ def _index_model(manifest: dict, store: Store) -> dict[str, Any]:
     return descriptor_model(sources[0]["meta"].get("extract", {}) if sources else {})
 
 
-def _other_models(
-    expected: dict, folders: list[FeatureFolder], allow: bool, holder: str
-) -> list[dict]:
-    """Refuse folders whose descriptors come from another model than ``expected`` (naming
-    both models), or with ``allow`` the records the manifest keeps of them."""
-    notes = []
-    for folder in folders:
-        found = folder.model
-        differences = model_differences(expected, found, MODEL_KEYS)
-        if not differences:
-            continue
-        if not allow:
-            what = folder.folder if folder.source is None else f"the {folder.source} records"
-            raise ValueError(
-                f"{what} holds descriptors of another model than {holder} "
-                f"({'; '.join(differences)}): {holder} has {_model_name(expected)}, the folder "
-                f"{_model_name(found)}. Descriptors of two models are not comparable; extract "
-                "the folder with the same model, or pass --allow-other-model to mix them anyway"
-            )
-        notes.append({"folder": folder.label, "model": found, "differences": differences})
-    return notes
-
-
-def _model_name(model: dict) -> str:
-    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
-
-
 def _copy_vectors(folder: FeatureFolder, vectors: VectorFile) -> None:
     start = 0
     for block in folder.chunks():
         check_normalised(block, str(folder.folder / "features.npy"), start)
         vectors.append(block)
         start += len(block)
-
-
-def _check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
-    seen = {source["folder"] for source in sources if source.get("live", 1)}
-    for folder in folders:
-        resolved = str(folder.folder.resolve())
-        if resolved in seen:
-            raise ValueError(f"feature folder {folder.folder} is already in the index")
-        seen.add(resolved)
-
-
-def _check_paths_unique(folders: list[FeatureFolder]) -> None:
-    """No image in two of the folders of one build."""
-    seen: dict[str, str] = {}
-    for folder in folders:
-        for record in folder.records:
-            if record.path in seen:
-                where = (
-                    f"twice in {folder.images_file}"
-                    if seen[record.path] == folder.images_file
-                    else f"in {seen[record.path]} and in {folder.images_file}"
-                )
-                raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
-            seen[record.path] = folder.images_file
 
 
 def _rmgl_version() -> str:
