@@ -180,7 +180,10 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--collection", help="milvus: the collection name")
     group.add_argument(
-        "--token", default=None, help="milvus: server credentials (USER:PASSWORD or an API key)"
+        "--milvus-token",
+        default=None,
+        metavar="TOKEN",
+        help="milvus: server credentials (USER:PASSWORD or an API key)",
     )
 
 
@@ -201,8 +204,8 @@ def store_location(args: argparse.Namespace, folder: str | None, option: str) ->
     if not args.uri or not args.collection:
         raise ValueError(f"--store {args.store} needs --uri and --collection")
     options = {"collection": args.collection}
-    if args.token:
-        options["token"] = args.token
+    if getattr(args, "milvus_token", None):
+        options["token"] = args.milvus_token
     return args.uri, options
 
 

@@ -654,10 +654,8 @@ def check_same_model(
     return notes
 
 
-
 def model_name(model: dict) -> str:
     return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
-
 
 
 def check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
@@ -667,7 +665,6 @@ def check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ())
         if resolved in seen:
             raise ValueError(f"feature folder {folder.folder} is already in the index")
         seen.add(resolved)
-
 
 
 def check_paths_unique(folders: list[FeatureFolder]) -> None:

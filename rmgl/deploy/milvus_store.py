@@ -476,6 +476,12 @@ class MilvusGallery:
 
         return self._cached("frames", compute)
 
+    def is_live(self, item_id: int) -> bool:
+        """True for a committed id that is not deleted."""
+        if not 0 <= int(item_id) < self.count:
+            return False
+        return self._count(f"id == {int(item_id)}") == 1
+
     def count_allowed(self, cameras=None, frames=None) -> int:
         return self._count(filter_expression(self.count, cameras, frames))
 
