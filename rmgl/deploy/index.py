@@ -47,6 +47,12 @@ only marks up to their manifest's generation). So a reader, and a writer killed 
 moment, see either the old state or the new one. One process writes at a time
 (``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
 
+Modules: the exact vectors are :mod:`rmgl.deploy.vectors`, faiss training and search
+settings :mod:`rmgl.deploy.faiss_ann`, the item table :mod:`rmgl.deploy.store`, the writer
+lock :mod:`rmgl.deploy.locking`, crops :mod:`rmgl.deploy.crops`; feature folders are read by
+:func:`rmgl.deploy.features.load_feature_folder`. :class:`GalleryIndex` is the ``faiss``
+store of :mod:`rmgl.deploy.stores`.
+
 GPU: when the installed faiss has GPU support and a GPU is visible, ``flat`` and ``ivfpq``
 searches without a filter run on a GPU copy of the index (faiss GPU indexes take no id
 selector; filtered searches stay on the CPU). This path is guarded and untested here (no
