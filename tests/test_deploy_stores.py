@@ -74,3 +74,21 @@ def test_the_faiss_store_follows_the_interface_and_excludes_same_camera(tmp_path
         np.testing.assert_allclose(dist[q], d[order], atol=1e-6)
     assert view.count_allowed([0], None) == int((cameras == 0).sum())
     assert np.array_equal(gallery.vectors_of([3, 1]), features[[3, 1]].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["index", "info"], "INDEX is required (the index folder)"),
+        (["index", "info", "x.idx", "--uri", "a.db"], "--uri and --collection are options of --store milvus"),
+        (["index", "add", "--features", "f", "--store", "milvus", "--uri", "a.db"], "--store milvus needs --uri and --collection"),
+        (["index", "add", "--index", "x.idx", "--features", "f", "--store", "milvus"], "--index names an index folder of --store faiss"),
+        (["index", "info", "--store", "nope", "--uri", "a.db", "--collection", "c"], "unknown store 'nope'"),
+    ],
+)  # fmt: skip
+def test_store_options_are_checked_in_one_line(argv, message, capsys):
+    from rmgl.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
