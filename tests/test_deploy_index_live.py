@@ -13,7 +13,7 @@ pytest.importorskip("faiss")
 
 from deploy_support import MODEL, clustered, extract_meta, write_folder  # noqa: E402
 
-import rmgl.deploy.index as index_module  # noqa: E402
+import rmgl.deploy.crops as crops_module  # noqa: E402
 from rmgl.deploy.index import (  # noqa: E402
     DuplicateImageError,
     FeatureRecord,
@@ -254,7 +254,7 @@ def test_an_add_that_does_not_commit_leaves_no_crop(gallery, monkeypatch, how):
     index, *_ = gallery
     crops = crops_of(3, 100)
     new = clustered(3, DIM, 20, seed=61)[0]
-    real_write = index_module._write_crop
+    real_write = crops_module.write_crop
     written = []
 
     def write_then_fail(root, relative, data):
@@ -263,7 +263,7 @@ def test_an_add_that_does_not_commit_leaves_no_crop(gallery, monkeypatch, how):
         if len(written) == 2:
             raise OSError("No space left on device") if how == "failed" else Killed()
 
-    monkeypatch.setattr(index_module, "_write_crop", write_then_fail)
+    monkeypatch.setattr(crops_module, "write_crop", write_then_fail)
     if how == "killed":  # no clean-up runs after a kill
         monkeypatch.setattr(GalleryIndex, "_undo", lambda self, state: None)
     with pytest.raises((OSError, Killed)):

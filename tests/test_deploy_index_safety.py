@@ -22,6 +22,7 @@ pytest.importorskip("faiss")
 
 from deploy_support import MODEL, clustered, extract_meta, write_folder  # noqa: E402
 
+import rmgl.deploy.faiss_ann as ann_module  # noqa: E402
 import rmgl.deploy.index as index_module  # noqa: E402
 from rmgl.cli import main  # noqa: E402
 from rmgl.deploy.index import GalleryIndex, IndexBusyError, VectorFile, writer_lock  # noqa: E402
@@ -87,13 +88,13 @@ def fail_at(monkeypatch, step: str, error: BaseException) -> None:
 
         monkeypatch.setattr(VectorFile, "append", append)
     elif step == "faiss":
-        real_write = index_module._write_faiss
+        real_write = ann_module.write_faiss
 
         def write_faiss(faiss_index, path):
             real_write(faiss_index, path)  # the new file is complete, but nothing names it
             raise error
 
-        monkeypatch.setattr(index_module, "_write_faiss", write_faiss)
+        monkeypatch.setattr(ann_module, "write_faiss", write_faiss)
     elif step == "store":
         real_add = Store.add
 
@@ -216,13 +217,13 @@ def test_readers_see_the_old_state_until_the_manifest_is_replaced(folders, monke
         return wrapped
 
     monkeypatch.setattr(VectorFile, "append", before(VectorFile.append))
-    monkeypatch.setattr(index_module, "_write_faiss", before(index_module._write_faiss))
+    monkeypatch.setattr(ann_module, "write_faiss", before(ann_module.write_faiss))
     monkeypatch.setattr(Store, "add", before(Store.add))
     monkeypatch.setattr(index_module, "atomic_write_text", before(index_module.atomic_write_text))
     writer.add(tmp / "b")
     monkeypatch.undo()
     labels = {label for label, _ in seen}
-    assert labels == {"append", "_write_faiss", "add", "atomic_write_text"}
+    assert labels == {"append", "write_faiss", "add", "atomic_write_text"}
     assert all(state == old for _, state in seen)
     reader.refresh()
     new = snapshot(reader, queries)

@@ -53,10 +53,27 @@ def average_precision_from_ranking(ranked_pids, q_pid):
 # ---- parity with rmgl eval
 
 
-def test_protocol_search_reproduces_evaluate_rank(dataset):
+def gallery_store(dataset, store: str):
+    """The dataset's gallery in the faiss store, or in a Milvus Lite collection."""
+    if store == "faiss":
+        return dataset["index"]
+    pytest.importorskip("pymilvus", reason="the milvus store needs pip install 'rmgl[milvus]'")
+    from rmgl.deploy.milvus_store import MilvusGallery
+
+    uri = str(dataset["root"] / "milvus.db")
+    try:
+        return MilvusGallery.build(dataset["root"] / "gallery", uri, collection="gallery")
+    except ValueError as err:
+        if "cannot open the Milvus Lite file" in str(err):
+            pytest.skip(f"Milvus Lite cannot start here: {err}")
+        raise
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_protocol_search_reproduces_evaluate_rank(dataset, store):
     gallery, g_pids, g_cams, _ = dataset["g"]
     query, q_pids, q_cams = dataset["q"]
-    index = dataset["index"]
+    index = gallery_store(dataset, store)
     result = search_features(
         index, dataset["root"] / "query", k=len(gallery), exclude_same_camera=True
     )

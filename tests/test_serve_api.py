@@ -542,3 +542,42 @@ def test_threads_apply_to_the_threads_that_serve_requests(setup, service, tmp_pa
         own.close()
         torch.set_num_threads(before[0])
         faiss.omp_set_num_threads(before[1])
+
+
+# ---- the Milvus store
+
+
+def test_a_milvus_gallery_serves_the_hits_of_the_faiss_one(setup, service, client, tmp_path):
+    """rmgl serve --store milvus: the same hits as the faiss index of the same features;
+    items and deletions work, uploads are refused in one line."""
+    pytest.importorskip("pymilvus", reason="the milvus store needs pip install 'rmgl[milvus]'")
+    from rmgl.deploy.milvus_store import MilvusGallery
+
+    uri = str(tmp_path / "gallery.db")
+    try:
+        MilvusGallery.build(setup.features, uri, collection="served").close()
+    except ValueError as err:
+        if "cannot open the Milvus Lite file" in str(err):
+            pytest.skip(f"Milvus Lite cannot start here: {err}")
+        raise
+    settings = ServeSettings(
+        index=uri, store="milvus", collection="served", model=setup.checkpoint, device="cpu",
+        token=TOKEN,
+    )  # fmt: skip
+    milvus = GalleryService.open(settings, encoder=service.encoder)
+    try:
+        other = TestClient(create_app(service=milvus))
+        query = image_files([setup.query_images[1]], "image")
+        for form in ({"k": "6"}, {"k": "6", "cameras": "1,2"}):
+            expected = client.post("/v1/search", files=query, data=form)
+            assert hits_of(other.post("/v1/search", files=query, data=form)) == hits_of(expected)
+        assert other.get("/v1/gallery/2").json()["id"] == 2
+        refused = other.post(
+            "/v1/gallery", files=image_files(setup.query_images[:1]), headers=auth()
+        )
+        assert refused.status_code == 405 and "takes no uploads" in refused.json()["error"]
+        deleted = other.delete("/v1/gallery?ids=2", headers=auth())
+        assert deleted.status_code == 200 and deleted.json()["deleted"] == 1, deleted.text
+        assert other.get("/v1/gallery/2").status_code == 404
+    finally:
+        milvus.close()

@@ -28,12 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FOLDER",
         help="feature folders from rmgl extract (ids follow their order)",
     )
-    build.add_argument("--out", required=True, metavar="INDEX", help="new index folder")
+    build.add_argument("--out", metavar="INDEX", help="new index folder (--store faiss)")
     build.add_argument(
         "--kind",
         default="flat",
-        choices=("flat", "pcaflat", "hnsw", "ivfpq"),
-        help="flat: exact; pcaflat / hnsw / ivfpq: approximate with exact re-scoring",
+        choices=("flat", "pcaflat", "hnsw", "ivfpq", "ivf"),
+        help="flat: exact; pcaflat / hnsw / ivfpq (faiss), hnsw / ivf (milvus): approximate "
+        "with exact re-scoring",
     )
     build.add_argument(
         "--pca", type=int, default=256, help="dimension of the approximate stage (0: no reduction)"
@@ -63,12 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pcaflat scan precision (bfloat16: ~3x faster on AVX512-BF16 CPUs)",
     )
     build.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
+    add_store_options(build)
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="append feature folders to an index")
-    add.add_argument("--index", required=True)
+    add.add_argument("--index", help="the index folder (--store faiss)")
     add.add_argument("--features", nargs="+", required=True, metavar="FOLDER")
     add.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
+    add_store_options(add)
     add_wait(add)
     add.set_defaults(func=run_add)
 
@@ -76,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "delete",
         help="delete items by id or by frame (retention); they are never returned again",
     )
-    delete.add_argument("--index", required=True)
+    delete.add_argument("--index", help="the index folder (--store faiss)")
+    add_store_options(delete)
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", help="ids separated by commas: 1,2,5")
     which.add_argument(
@@ -106,12 +110,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compact.set_defaults(func=run_compact)
 
     info = actions.add_parser("info", help="print what an index holds")
-    info.add_argument("index")
+    info.add_argument("index", nargs="?", help="the index folder (--store faiss)")
     info.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    add_store_options(info)
     info.set_defaults(func=run_info)
 
     search = subparsers.add_parser("search", help="search a gallery index by features or images")
-    search.add_argument("--index", required=True)
+    search.add_argument("--index", help="the index folder (--store faiss)")
+    add_store_options(search)
     queries = search.add_mutually_exclusive_group(required=True)
     queries.add_argument("--features", metavar="FOLDER", help="query feature folder")
     queries.add_argument(
@@ -159,6 +165,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.set_defaults(func=run_search)
 
 
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """--store / --uri / --collection: which gallery store (rmgl.deploy.stores) to use."""
+    group = parser.add_argument_group("store (default: a faiss index folder)")
+    group.add_argument(
+        "--store",
+        default="faiss",
+        help="faiss: an index folder (--index / --out); milvus: a Milvus collection "
+        "(--uri, --collection; pip install 'rmgl[milvus]')",
+    )
+    group.add_argument(
+        "--uri",
+        help="milvus: a Milvus Lite file (./gallery.db) or a server (http://HOST:19530)",
+    )
+    group.add_argument("--collection", help="milvus: the collection name")
+    group.add_argument(
+        "--milvus-token",
+        default=None,
+        metavar="TOKEN",
+        help="milvus: server credentials (USER:PASSWORD or an API key)",
+    )
+
+
+def store_location(args: argparse.Namespace, folder: str | None, option: str) -> tuple[str, dict]:
+    """(location, options) of the store the command names: the faiss folder given by
+    ``option``, or the Milvus URI and collection."""
+    if args.store == "faiss":
+        if args.uri or args.collection:
+            raise ValueError("--uri and --collection are options of --store milvus")
+        if not folder:
+            raise ValueError(f"{option} is required (the index folder)")
+        return folder, {}
+    if folder:
+        raise ValueError(
+            f"{option} names an index folder of --store faiss; --store {args.store} takes "
+            "--uri and --collection"
+        )
+    if not args.uri or not args.collection:
+        raise ValueError(f"--store {args.store} needs --uri and --collection")
+    options = {"collection": args.collection}
+    if getattr(args, "milvus_token", None):
+        options["token"] = args.milvus_token
+    return args.uri, options
+
+
+def open_gallery(args: argparse.Namespace, folder: str | None, option: str = "--index"):
+    """The store the command's options name, opened through the store registry."""
+    from rmgl.deploy.stores import open_store
+
+    location, options = store_location(args, folder, option)
+    return open_store(args.store, location, **options)
+
+
 def add_wait(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
@@ -170,47 +228,52 @@ def add_wait(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from rmgl.deploy.index import GalleryIndex
+    from rmgl.deploy.stores import build_store
 
-    index = GalleryIndex.build(
+    location, options = store_location(args, args.out, "--out")
+    params = {
+        "kind": args.kind,
+        "hnsw_m": args.hnsw_m,
+        "ef_construction": args.ef_construction,
+        "ef_search": args.ef_search,
+        "nlist": args.nlist,
+        "nprobe": args.nprobe,
+        "rerank_factor": args.rerank_factor,
+    }
+    if args.store == "faiss":
+        params.update(
+            pca=args.pca or None,
+            pq_m=args.pq_m,
+            train_size=args.train_size,
+            scan_dtype=args.scan_dtype,
+        )
+    index = build_store(
+        args.store,
         args.features,
-        args.out,
-        kind=args.kind,
-        pca=args.pca or None,
-        hnsw_m=args.hnsw_m,
-        ef_construction=args.ef_construction,
-        ef_search=args.ef_search,
-        nlist=args.nlist,
-        pq_m=args.pq_m,
-        nprobe=args.nprobe,
-        rerank_factor=args.rerank_factor,
-        train_size=args.train_size,
-        scan_dtype=args.scan_dtype,
+        location,
         allow_other_model=args.allow_other_model,
+        **options,
+        **params,
     )
-    print(f"wrote {index.path}: {index.count} {index.dim}-d vectors, kind {index.kind}")
+    print(f"wrote {index.location}: {index.live_count} {index.dim}-d vectors, kind {index.kind}")
     return 0
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from rmgl.deploy.index import GalleryIndex
-
     if args.wait < 0:
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
-    index = GalleryIndex.open(args.index)
+    index = open_gallery(args, args.index)
     for folder in args.features:
         first, added = index.add(folder, allow_other_model=args.allow_other_model, wait=args.wait)
         print(f"added {added} vectors from {folder} (ids {first}..{first + added - 1})")
-    print(f"{index.path}: {index.live_count} live vectors")
+    print(f"{index.location}: {index.live_count} live vectors")
     return 0
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    from rmgl.deploy.index import GalleryIndex
-
     if args.wait < 0:
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
-    index = GalleryIndex.open(args.index)
+    index = open_gallery(args, args.index)
     if args.before is not None:
         deleted = index.delete(before=args.before, wait=args.wait)
         what = f"with a frame before {args.before:g}"
@@ -222,7 +285,7 @@ def run_delete(args: argparse.Namespace) -> int:
             f" ({unique - deleted} were deleted already)" if deleted < unique else ""
         )
     print(
-        f"deleted {deleted} items {what}; {index.path}: {index.live_count} live, "
+        f"deleted {deleted} items {what}; {index.location}: {index.live_count} live, "
         f"{index.deleted_count} deleted"
     )
     return 0
@@ -285,11 +348,19 @@ def _id(text: str, path: Path, where) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from rmgl.deploy.index import GalleryIndex
-
-    info = GalleryIndex.open(args.index).info()
+    info = open_gallery(args, args.index, "INDEX").info()
     if args.json:
         print(json.dumps(info, indent=2))
+        return 0
+    if args.store != "faiss":
+        print(
+            f"{info['path']}: {info['kind']} collection of {info['count']} {info['dim']}-d "
+            f"vectors: {info['live']} live, {info['deleted']} deleted "
+            f"(rmgl {info.get('rmgl_version')})"
+        )
+        model = info.get("model") or {}
+        print(f"  model: {model.get('model') or 'unrecorded file'}")
+        print("  parameters: " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
         return 0
     mb = {name: size / 2**20 for name, size in info["bytes"].items()}
     print(
@@ -348,7 +419,6 @@ def parse_frames(text: str | None) -> tuple[float | None, float | None] | None:
 
 def run_search(args: argparse.Namespace) -> int:
     from rmgl.deploy.files import check_output
-    from rmgl.deploy.index import GalleryIndex
     from rmgl.deploy.search import (
         check_output_name,
         ranked_list_picture,
@@ -365,8 +435,9 @@ def run_search(args: argparse.Namespace) -> int:
     if args.figure and Path(args.figure).suffix.lower() != ".png":
         raise ValueError(f"--figure {args.figure} must end in .png")
     # every output checked before any work: never an input, never replaced unasked
-    inputs = [*(args.images or []), args.checkpoint]
-    folders = [args.index, args.features]
+    inputs = [*(args.images or []), args.checkpoint, args.uri]
+    location, _ = store_location(args, args.index, "--index")
+    folders = [location if args.store == "faiss" else None, args.features]
     for path, what in ((out, "--out"), (args.figure, "--figure")):
         if path is not None:
             check_output(path, inputs, args.overwrite, what, input_folders=folders)
@@ -381,7 +452,7 @@ def run_search(args: argparse.Namespace) -> int:
         "metric": args.metric,
         "allow_other_model": args.allow_other_model,
     }
-    index = GalleryIndex.open(args.index)
+    index = open_gallery(args, args.index)
     index.tune(
         ef_search=args.ef_search,
         nprobe=args.nprobe,

@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 
+from rmgl.cli.search import add_store_options
+
 INSTALL_HINT = "pip install 'rmgl[serve]'"
 BACKENDS = ("auto", "torch", "onnxruntime")
 
@@ -21,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/docs, Prometheus metrics at /metrics. Binds 127.0.0.1 unless --host says "
         "otherwise. See docs/serve.md.",
     )
-    serve.add_argument("--index", required=True, help="the index folder (rmgl index build)")
+    serve.add_argument("--index", help="the index folder (rmgl index build)")
+    add_store_options(serve)
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="the rmgl checkpoint the gallery was extracted with")
     model.add_argument("--onnx", help="or its export (rmgl export --format onnx)")
@@ -103,12 +106,16 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as err:
         raise ValueError(f"{err.name} is not installed; rmgl serve needs {INSTALL_HINT}") from None
+    from rmgl.cli.search import store_location
     from rmgl.serve.service import GalleryService
     from rmgl.serve.settings import ServeSettings, read_token, token_file_is_private
 
     token = read_token(args.token_file)
+    location, options = store_location(args, args.index, "--index")
     settings = ServeSettings(
-        index=args.index,
+        index=location,
+        store=args.store,
+        collection=options.get("collection"),
         model=args.checkpoint or args.onnx,
         backend=args.backend,
         device=args.device,

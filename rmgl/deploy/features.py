@@ -53,11 +53,14 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rmgl.deploy.vectors import CHUNK_BYTES
 
 FORMAT = "rmgl-features-v1"
 FORMAT_SHARDED = "rmgl-features-v2"
@@ -529,3 +532,151 @@ def _read_sharded(folder: Path) -> FeatureSet:
             f"the shards of {folder} hold {len(records)} rows, {folder / META} says {meta['count']}"
         )
     return FeatureSet(ShardedFeatures(parts, int(meta["descriptor_dim"])), records, meta)
+
+
+# --------------------------------------------------------------------------------------
+# feature folders as an index reads them
+
+
+@dataclass(frozen=True)
+class FeatureRecord:
+    """One row of ``images.csv``; pid, camid and frame are None when unknown."""
+
+    path: str
+    pid: int | None
+    camid: int | None
+    frame: float | None
+
+
+@dataclass
+class FeatureFolder:
+    """A feature folder: ``features`` is a read-only memory map of ``features.npy``. With a
+    ``source`` label it stands for descriptors held in memory (:meth:`GalleryIndex.add_arrays`)
+    and ``features`` is an array."""
+
+    folder: Path
+    features: np.ndarray
+    records: list[FeatureRecord]
+    meta: dict = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def label(self) -> str:
+        """The name the store and the manifest give it: the resolved folder, or the label."""
+        return self.source if self.source is not None else str(self.folder.resolve())
+
+    @property
+    def images_file(self) -> str:
+        """Where its records come from, for messages."""
+        return str(self.folder / IMAGES) if self.source is None else f"the {self.source} records"
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The descriptor model its ``extract.json`` records (:func:`descriptor_model`)."""
+        return descriptor_model(self.meta)
+
+    def chunks(self, rows: int | None = None) -> Iterator[np.ndarray]:
+        """The features as float32 row blocks, each read through its own short-lived memory
+        map so the pages read do not stay mapped (the resident memory stays one block)."""
+        rows = rows or max(1, CHUNK_BYTES // (4 * self.dim))
+        path = self.folder / "features.npy"
+        offset = getattr(self.features, "offset", None)
+        if offset is None:  # an in-memory array: plain slices
+            for start in range(0, len(self.features), rows):
+                yield np.ascontiguousarray(self.features[start : start + rows], dtype=np.float32)
+            return
+        for start in range(0, len(self.features), rows):
+            count = min(rows, len(self.features) - start)
+            block = np.memmap(
+                path, np.float32, "r", offset + 4 * self.dim * start, (count, self.dim)
+            )
+            yield np.array(block)
+            del block
+
+
+def load_feature_folder(folder: str | Path, unique_paths: bool = True) -> FeatureFolder:
+    """A complete feature folder written by ``rmgl extract``, read and checked by
+    :func:`rmgl.deploy.features.read_features` (the one reader of the format: extract.json's
+    count and descriptor_dim must match features.npy, images.csv must list every row), plus
+    what an index needs: a non-empty C-ordered float32 array and (``unique_paths``) no
+    image listed twice. Every problem is a one-line ``ValueError`` naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"feature folder {folder} does not exist")
+    try:
+        found = read_features(folder)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    features = found.features
+    if len(features) == 0:
+        raise ValueError(
+            f"{folder / 'features.npy'} holds no features (empty gallery, shape {features.shape})"
+        )
+    # a sharded folder (rmgl extract --engine ray) reads through its shards' memory maps
+    if not is_sharded(folder) and not features.flags.c_contiguous:
+        raise ValueError(f"{folder / 'features.npy'} must be a C-ordered (row-major) array")
+    records = [FeatureRecord(r["path"], r["pid"], r["camid"], r["frame"]) for r in found.records]
+    seen: dict[str, int] = {}
+    for row, record in enumerate(records if unique_paths else ()):
+        if record.path in seen:
+            raise ValueError(
+                f"{folder / IMAGES} lists {record.path} twice (rows {seen[record.path]} and "
+                f"{row}); an image is indexed once"
+            )
+        seen[record.path] = row
+    return FeatureFolder(folder, features, records, found.meta)
+
+
+def check_same_model(
+    expected: dict, folders: list[FeatureFolder], allow: bool, holder: str
+) -> list[dict]:
+    """Refuse folders whose descriptors come from another model than ``expected`` (naming
+    both models), or with ``allow`` the records the manifest keeps of them."""
+    notes = []
+    for folder in folders:
+        found = folder.model
+        differences = model_differences(expected, found, MODEL_KEYS)
+        if not differences:
+            continue
+        if not allow:
+            what = folder.folder if folder.source is None else f"the {folder.source} records"
+            raise ValueError(
+                f"{what} holds descriptors of another model than {holder} "
+                f"({'; '.join(differences)}): {holder} has {model_name(expected)}, the folder "
+                f"{model_name(found)}. Descriptors of two models are not comparable; extract "
+                "the folder with the same model, or pass --allow-other-model to mix them anyway"
+            )
+        notes.append({"folder": folder.label, "model": found, "differences": differences})
+    return notes
+
+
+def model_name(model: dict) -> str:
+    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
+
+
+def check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
+    seen = {source["folder"] for source in sources if source.get("live", 1)}
+    for folder in folders:
+        resolved = str(folder.folder.resolve())
+        if resolved in seen:
+            raise ValueError(f"feature folder {folder.folder} is already in the index")
+        seen.add(resolved)
+
+
+def check_paths_unique(folders: list[FeatureFolder]) -> None:
+    """No image in two of the folders of one build."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        for record in folder.records:
+            if record.path in seen:
+                where = (
+                    f"twice in {folder.images_file}"
+                    if seen[record.path] == folder.images_file
+                    else f"in {seen[record.path]} and in {folder.images_file}"
+                )
+                raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
+            seen[record.path] = folder.images_file

@@ -47,6 +47,12 @@ only marks up to their manifest's generation). So a reader, and a writer killed 
 moment, see either the old state or the new one. One process writes at a time
 (``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
 
+Modules: the exact vectors are :mod:`rmgl.deploy.vectors`, faiss training and search
+settings :mod:`rmgl.deploy.faiss_ann`, the item table :mod:`rmgl.deploy.store`, the writer
+lock :mod:`rmgl.deploy.locking`, crops :mod:`rmgl.deploy.crops`; feature folders are read by
+:func:`rmgl.deploy.features.load_feature_folder`. :class:`GalleryIndex` is the ``faiss``
+store of :mod:`rmgl.deploy.stores`.
+
 GPU: when the installed faiss has GPU support and a GPU is visible, ``flat`` and ``ivfpq``
 searches without a filter run on a GPU copy of the index (faiss GPU indexes take no id
 selector; filtered searches stay on the CPU). This path is guarded and untested here (no
@@ -56,35 +62,38 @@ GPU faiss on the development machine).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import math
 import os
-import re
-import secrets
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rmgl.deploy import crops as crop_files
+from rmgl.deploy import faiss_ann as ann
+from rmgl.deploy.crops import CROP_TEMPORARY, crop_path, is_crop_path
+from rmgl.deploy.faiss_ann import KINDS, IndexParams
 from rmgl.deploy.features import (
     IMAGES,
-    MODEL_KEYS,
+    FeatureFolder,
+    FeatureRecord,
+    check_paths_unique,
+    check_same_model,
+    check_unique_folders,
     descriptor_model,
-    is_sharded,
-    model_differences,
-    read_features,
+    load_feature_folder,
 )
-from rmgl.deploy.files import atomic_write_text, fsync_folder
-from rmgl.deploy.store import UNKNOWN, Store, StoreColumns
+from rmgl.deploy.files import atomic_write_text
+from rmgl.deploy.locking import IndexBusyError, writer_lock
+from rmgl.deploy.store import UNKNOWN, GalleryItem, Store, StoreColumns
+from rmgl.deploy.vectors import CHUNK_BYTES, VectorFile, check_normalised
 
 __all__ = [
     "KINDS",
@@ -101,264 +110,15 @@ __all__ = [
     "load_feature_folder",
 ]
 
-KINDS = ("flat", "pcaflat", "hnsw", "ivfpq")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 FORMAT = "rmgl-gallery-index"
 # 2: generations, faiss file named in the manifest, deletions (1 is read and upgraded on write)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MANIFEST, VECTORS, STORE, LOCK = "manifest.json", "vectors.f32", "store.sqlite", "writer.lock"
-# Rows of float32 features handled at once when streaming a feature folder (64 MB at 3,584-d).
-CHUNK_BYTES = 64 << 20
-# |norm - 1| allowed for "L2-normalised" descriptors (float32 rounding is ~1e-7).
-NORM_TOLERANCE = 1e-3
+MANIFEST, VECTORS, STORE = "manifest.json", "vectors.f32", "store.sqlite"
 # How often an open retries when a writer replaced the faiss file between reading the
 # manifest and reading the file it names.
 OPEN_RETRIES = 20
-# image files kept in the index folder: crops/<first 2 hex>/<sha256><suffix>
-CROPS = "crops"
-CROP_SUFFIXES = (".jpg", ".png", ".webp", ".bmp")
-CROP_TEMPORARY = ".crop."
-_CROP_PATTERN = re.compile(r"crops/([0-9a-f]{2})/\1[0-9a-f]{62}\.(jpg|png|webp|bmp)")
-
-
-@dataclass
-class IndexParams:
-    """Parameters of an index; defaults suit a gallery of 100k-1M 3,584-d descriptors.
-
-    ``pca``: dimension of the approximate stage (None, or >= dim: no reduction);
-    ``rerank_factor``: shortlist size = n * rerank_factor, re-scored exactly;
-    ``exact_below``: filtered searches allowing at most this many items scan them exactly;
-    ``nlist`` / ``pq_m``: None = chosen from the gallery size / reduced dimension;
-    ``scan_dtype``: precision of the ``pcaflat`` scan; ``bfloat16`` is ~3x faster on CPUs
-    with AVX512-BF16 (much slower on others) and only changes the shortlist, whose
-    distances are then re-scored exactly.
-    """
-
-    kind: str = "flat"
-    pca: int | None = 256
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 512
-    nlist: int | None = None
-    pq_m: int | None = None
-    pq_bits: int = 8
-    nprobe: int = 32
-    rerank_factor: int = 10
-    train_size: int = 50_000
-    exact_below: int = 20_000
-    scan_dtype: str = "float32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in (
-            "hnsw_m",
-            "ef_construction",
-            "ef_search",
-            "nprobe",
-            "rerank_factor",
-            "train_size",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pca is not None and self.pca < 1:
-            raise ValueError(f"pca must be >= 1 or None, got {self.pca}")
-        if self.exact_below < 0:
-            raise ValueError(f"exact_below must be >= 0, got {self.exact_below}")
-        if self.scan_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"scan_dtype must be float32 or bfloat16, got {self.scan_dtype!r}")
-        if not 1 <= self.pq_bits <= 16:
-            raise ValueError(f"pq_bits must lie in 1..16, got {self.pq_bits}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> IndexParams:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
-
-
-# --------------------------------------------------------------------------------------
-# feature folders (the format `rmgl extract` writes)
-
-
-@dataclass(frozen=True)
-class FeatureRecord:
-    """One row of ``images.csv``; pid, camid and frame are None when unknown."""
-
-    path: str
-    pid: int | None
-    camid: int | None
-    frame: float | None
-
-
-@dataclass
-class FeatureFolder:
-    """A feature folder: ``features`` is a read-only memory map of ``features.npy``. With a
-    ``source`` label it stands for descriptors held in memory (:meth:`GalleryIndex.add_arrays`)
-    and ``features`` is an array."""
-
-    folder: Path
-    features: np.ndarray
-    records: list[FeatureRecord]
-    meta: dict = field(default_factory=dict)
-    source: str | None = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    @property
-    def label(self) -> str:
-        """The name the store and the manifest give it: the resolved folder, or the label."""
-        return self.source if self.source is not None else str(self.folder.resolve())
-
-    @property
-    def images_file(self) -> str:
-        """Where its records come from, for messages."""
-        return str(self.folder / IMAGES) if self.source is None else f"the {self.source} records"
-
-    @property
-    def model(self) -> dict[str, Any]:
-        """The descriptor model its ``extract.json`` records (:func:`descriptor_model`)."""
-        return descriptor_model(self.meta)
-
-    def chunks(self, rows: int | None = None) -> Iterator[np.ndarray]:
-        """The features as float32 row blocks, each read through its own short-lived memory
-        map so the pages read do not stay mapped (the resident memory stays one block)."""
-        rows = rows or max(1, CHUNK_BYTES // (4 * self.dim))
-        path = self.folder / "features.npy"
-        offset = getattr(self.features, "offset", None)
-        if offset is None:  # an in-memory array: plain slices
-            for start in range(0, len(self.features), rows):
-                yield np.ascontiguousarray(self.features[start : start + rows], dtype=np.float32)
-            return
-        for start in range(0, len(self.features), rows):
-            count = min(rows, len(self.features) - start)
-            block = np.memmap(
-                path, np.float32, "r", offset + 4 * self.dim * start, (count, self.dim)
-            )
-            yield np.array(block)
-            del block
-
-
-def load_feature_folder(folder: str | Path, unique_paths: bool = True) -> FeatureFolder:
-    """A complete feature folder written by ``rmgl extract``, read and checked by
-    :func:`rmgl.deploy.features.read_features` (the one reader of the format: extract.json's
-    count and descriptor_dim must match features.npy, images.csv must list every row), plus
-    what an index needs: a non-empty C-ordered float32 array and (``unique_paths``) no
-    image listed twice. Every problem is a one-line ``ValueError`` naming the file."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"feature folder {folder} does not exist")
-    try:
-        found = read_features(folder)
-    except FileNotFoundError as err:
-        raise ValueError(str(err)) from None
-    features = found.features
-    if len(features) == 0:
-        raise ValueError(
-            f"{folder / 'features.npy'} holds no features (empty gallery, shape {features.shape})"
-        )
-    # a sharded folder (rmgl extract --engine ray) reads through its shards' memory maps
-    if not is_sharded(folder) and not features.flags.c_contiguous:
-        raise ValueError(f"{folder / 'features.npy'} must be a C-ordered (row-major) array")
-    records = [FeatureRecord(r["path"], r["pid"], r["camid"], r["frame"]) for r in found.records]
-    seen: dict[str, int] = {}
-    for row, record in enumerate(records if unique_paths else ()):
-        if record.path in seen:
-            raise ValueError(
-                f"{folder / IMAGES} lists {record.path} twice (rows {seen[record.path]} and "
-                f"{row}); an image is indexed once"
-            )
-        seen[record.path] = row
-    return FeatureFolder(folder, features, records, found.meta)
-
-
-def _check_normalised(block: np.ndarray, where: str, first_row: int = 0) -> None:
-    norms = np.linalg.norm(block, axis=1)
-    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= NORM_TOLERANCE))  # NaN is bad too
-    if len(bad):
-        row = first_row + int(bad[0])
-        raise ValueError(
-            f"{where}: row {row} has norm {norms[bad[0]]:.4g}; descriptors must be "
-            "L2-normalised (as rmgl extract writes them)"
-        )
-
-
-# --------------------------------------------------------------------------------------
-# exact vectors on disk
-
-
-class VectorFile:
-    """float32 rows on disk, appended in blocks and read back by row id with ``os.pread``.
-
-    Reading with pread instead of a memory map keeps re-scoring out of the process's
-    resident memory: the pages live in the (shared, evictable) page cache only. Rows are
-    only ever appended (and rows past the committed count cut), so the rows a reader can
-    ask for never change under it.
-    """
-
-    def __init__(self, path: Path, dim: int) -> None:
-        self.path, self.dim = Path(path), dim
-        self.row_bytes = 4 * dim
-        self._fd: int | None = None
-        self._fd_lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
-
-    def _handle(self) -> int:
-        if self._fd is None:
-            with self._fd_lock:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def append(self, block: np.ndarray) -> None:
-        with open(self.path, "ab") as handle:
-            handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-
-    def sync(self) -> None:
-        """Make the appended rows durable before a manifest that counts them is written."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def truncate(self, rows: int) -> None:
-        with open(self.path, "r+b") as handle:
-            handle.truncate(rows * self.row_bytes)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (any order, repeats allowed) as a (len(ids), dim) float32 array."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        fd = self._handle()
-        for slot, row in enumerate(ids.tolist()):
-            if os.preadv(fd, [out[slot]], row * self.row_bytes) != self.row_bytes:
-                raise ValueError(f"{self.path}: row {row} is past the end of the file")
-        return out
-
-    def range(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, self.dim), dtype=np.float32)
-        if os.preadv(self._handle(), [out], start * self.row_bytes) != out.nbytes:
-            raise ValueError(f"{self.path}: rows {start}..{stop - 1} are past the end of the file")
-        return out
-
-
-# --------------------------------------------------------------------------------------
-# one writer at a time
-
-
-class IndexBusyError(ValueError):
-    """Another process (or thread) is modifying the index."""
 
 
 class DuplicateImageError(ValueError):
@@ -367,90 +127,6 @@ class DuplicateImageError(ValueError):
     def __init__(self, message: str, path: str, item: int) -> None:
         super().__init__(message)
         self.path, self.item = path, item
-
-
-# --------------------------------------------------------------------------------------
-# crops: image files kept inside the index folder (a service's uploads)
-
-
-def crop_path(data: bytes, suffix: str) -> str:
-    """The path, relative to the index folder, under which an image file is kept:
-    ``crops/ab/abcd...ef.jpg``, named by the SHA-256 of its bytes (so one image is one file,
-    and a client never chooses a name)."""
-    if suffix not in CROP_SUFFIXES:
-        raise ValueError(f"crop suffix must be one of {', '.join(CROP_SUFFIXES)}, got {suffix!r}")
-    digest = hashlib.sha256(data).hexdigest()
-    return f"{CROPS}/{digest[:2]}/{digest}{suffix}"
-
-
-def is_crop_path(path: str) -> bool:
-    """True for a path :func:`crop_path` makes (and nothing else: no other file of the
-    folder, no ``..``)."""
-    return _CROP_PATTERN.fullmatch(path) is not None
-
-
-def _write_crop(root: Path, relative: str, data: bytes) -> None:
-    """A crop file, complete on disk (temporary file in the index folder, fsync, rename)."""
-    target = root / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = root / f"{CROP_TEMPORARY}{secrets.token_hex(6)}.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_folder(target.parent)
-
-
-@contextlib.contextmanager
-def writer_lock(folder: Path, wait: float = 0.0, action: str = "rmgl index") -> Iterator[None]:
-    """Hold ``folder/writer.lock`` (``fcntl.flock``, exclusive) while modifying the index.
-
-    ``wait``: seconds to wait for another writer to finish; then (or at once with 0) an
-    :class:`IndexBusyError` names the process holding the lock. The kernel releases the
-    lock when its holder exits, even by ``kill -9``, so a crashed writer never blocks the
-    index. flock locks are per open file, so two threads of one process exclude each
-    other too. Local file systems only: flock over NFS is not reliable.
-    """
-    path = folder / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise OSError(f"cannot modify index {folder}: {err.strerror} ({path})") from None
-    try:
-        deadline = time.monotonic() + max(0.0, wait)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise IndexBusyError(
-                        f"index {folder} is being modified by {_lock_holder(path)}; try again "
-                        "when it has finished (or wait for it: --wait SECONDS)"
-                    ) from None
-                time.sleep(0.05)
-        note = f"process {os.getpid()} ({action}, since {_now()})\n".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, note, 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _lock_holder(path: Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        text = ""
-    return text or "another process"
 
 
 # --------------------------------------------------------------------------------------
@@ -587,6 +263,75 @@ class IndexSnapshot:
         """
         return self.index._nearest(self._state, queries, n, allowed, metric)
 
+    def count_allowed(
+        self,
+        cameras: Sequence[int] | None = None,
+        frames: tuple[float | None, float | None] | None = None,
+    ) -> int:
+        """How many live items pass the camera / frame filters."""
+        allowed = self.allowed(cameras, frames)
+        return self.live_count if allowed is None else int(allowed.sum())
+
+    def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, GalleryItem]:
+        """Metadata of the given ids (:meth:`rmgl.deploy.store.Store.items`)."""
+        return self.index.store.items(ids)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        n: int,
+        *,
+        cameras: Sequence[int] | None = None,
+        frames: tuple[float | None, float | None] | None = None,
+        exclude: Sequence[tuple[int, int]] | None = None,
+        metric: str = "euclidean",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rmgl.deploy.stores.GalleryView.search`: the filters become an allowed-id
+        mask that faiss honours while it searches; ``exclude`` fetches n plus the number of
+        the query's (pid, camid) items, drops those, and closes the gaps, so n results
+        remain whenever the gallery has them."""
+        allowed = self.allowed(cameras, frames)
+        extra = self._same_camera_counts(exclude, allowed) if exclude is not None else None
+        fetch = n + (int(extra.max()) if extra is not None and len(extra) else 0)
+        ids, dist = self.nearest(queries, min(fetch, self.count), allowed, metric)
+        if exclude is not None:
+            ids, dist = self._drop_same_camera(exclude, ids, dist)
+        ids, dist = ids[:, :n], dist[:, :n]
+        if ids.shape[1] < n:  # n is more than the ids given out
+            pad = n - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+        return ids, dist
+
+    def _same_camera_counts(self, exclude, allowed) -> np.ndarray:
+        """Per query, how many (allowed) gallery items share its pid and camera."""
+        columns = self.columns()
+        keep = np.ones(self.count, dtype=bool) if allowed is None else allowed
+        known = keep & (columns.pids != UNKNOWN) & (columns.camids != UNKNOWN)
+        pairs, counts = np.unique(
+            np.stack([columns.pids[known], columns.camids[known]], axis=1),
+            axis=0,
+            return_counts=True,
+        )
+        lookup = {(int(p), int(c)): int(n) for (p, c), n in zip(pairs, counts)}
+        return np.array([lookup.get((int(p), int(c)), 0) for p, c in exclude], dtype=np.int64)
+
+    def _drop_same_camera(self, exclude, ids, dist):
+        """Remove each query's same-pid same-camera items (``ignored_gallery_mask``) and close
+        the gaps, keeping the order."""
+        from rmgl.metrics.ranking import ignored_gallery_mask
+
+        columns = self.columns()
+        out_ids, out_dist = np.full_like(ids, -1), np.full_like(dist, np.inf)
+        for q, (pid, camid) in enumerate(exclude):
+            valid = ids[q][ids[q] >= 0]
+            ignored = ignored_gallery_mask(
+                pid, camid, columns.pids[valid], columns.camids[valid], "cross_camera"
+            )
+            kept = np.flatnonzero(~ignored)
+            out_ids[q, : len(kept)], out_dist[q, : len(kept)] = valid[kept], dist[q, kept]
+        return out_ids, out_dist
+
 
 class GalleryIndex:
     """A gallery index folder, opened for search, appends and deletions.
@@ -612,7 +357,7 @@ class GalleryIndex:
         self._lock = threading.RLock()  # this object's writes and refreshes
         self._gpu_cache = None  # (faiss index, its GPU copy)
         self._scan_cache = None  # pcaflat: (reduced vectors in the scan dtype, norms, faiss index)
-        _configure_search(state.faiss_index, self.params)
+        ann.configure_search(state.faiss_index, self.params)
 
     @property
     def manifest(self) -> dict:
@@ -651,8 +396,17 @@ class GalleryIndex:
         of the first folder indexed)."""
         return _index_model(self._state.manifest, self.store)
 
+    @property
+    def location(self) -> str:
+        """The index folder, for messages (:class:`rmgl.deploy.stores.GalleryStore`)."""
+        return str(self.path)
+
     def __len__(self) -> int:
         return self.count
+
+    def vectors_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The exact vectors of ``ids`` from ``vectors.f32``."""
+        return self.vectors.rows(np.asarray(ids, dtype=np.int64))
 
     def close(self) -> None:
         self.vectors.close()
@@ -690,10 +444,10 @@ class GalleryIndex:
                     f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
                     f"{loaded[0].folder / 'features.npy'} has {dim}-d"
                 )
-        _check_unique_folders(loaded)
-        _check_paths_unique(loaded)
+        check_unique_folders(loaded)
+        check_paths_unique(loaded)
         model = loaded[0].model
-        other_models = _other_models(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+        other_models = check_same_model(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
         total = sum(len(folder.features) for folder in loaded)
 
         def write_vectors(vectors: VectorFile) -> None:
@@ -772,7 +526,7 @@ class GalleryIndex:
             vectors = VectorFile(work / VECTORS, dim)
             write_vectors(vectors)
             vectors.sync()
-            faiss_file = _faiss_name(1)
+            faiss_file = ann.faiss_name(1)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -789,8 +543,8 @@ class GalleryIndex:
                 **fields,
                 "created": _now(),
             }
-            faiss_index = _train_index(settings, vectors, dim, total, manifest)
-            _add_rows(faiss_index, vectors, 0, total)
+            faiss_index = ann.train_index(settings, vectors, dim, total, manifest)
+            ann.add_rows(faiss_index, vectors, 0, total)
             vectors.close()
             store = Store(work / STORE)
             try:
@@ -798,7 +552,7 @@ class GalleryIndex:
                 manifest["sources"] = write_store(store)
             finally:
                 store.close()
-            _write_faiss(faiss_index, work / faiss_file)
+            ann.write_faiss(faiss_index, work / faiss_file)
             for name, text in (extra_files or {}).items():
                 atomic_write_text(work / name, text)
             if write_extra is not None:
@@ -862,7 +616,7 @@ class GalleryIndex:
                 return False
             state = _read_committed(self.path, self.store, previous=self._state)
             self._check_files(state)
-            _configure_search(state.faiss_index, self.params)
+            ann.configure_search(state.faiss_index, self.params)
             self._state = state
         return True
 
@@ -917,10 +671,10 @@ class GalleryIndex:
                     f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the "
                     f"index {self.path} holds {self.dim}-d"
                 )
-            _check_unique_folders([loaded], self.store.sources(below=state.count))
+            check_unique_folders([loaded], self.store.sources(below=state.count))
             self._check_new_paths(loaded, state)
             expected = _index_model(state.manifest, self.store)
-            other_models = _other_models(
+            other_models = check_same_model(
                 expected, [loaded], allow_other_model, f"the index {self.path}"
             )
             first = state.count
@@ -981,7 +735,7 @@ class GalleryIndex:
             dict(meta or {}),
             source=source,
         )
-        _check_paths_unique([loaded])
+        check_paths_unique([loaded])
         with self._writing(wait, f"add ({source})") as state:
             if loaded.dim != self.dim:
                 raise ValueError(
@@ -990,7 +744,7 @@ class GalleryIndex:
                 )
             self._check_new_paths(loaded, state)
             expected = _index_model(state.manifest, self.store)
-            other_models = _other_models(
+            other_models = check_same_model(
                 expected, [loaded], allow_other_model, f"the index {self.path}"
             )
             first = state.count
@@ -1010,20 +764,20 @@ class GalleryIndex:
         first = state.count
         total = sum(len(folder.features) for folder in folders)
         generation = state.generation + 1
-        faiss_file = _faiss_name(generation)
+        faiss_file = ann.faiss_name(generation)
         # a private copy: searches keep using the committed index until the commit
         working = faiss.clone_index(state.faiss_index)
         try:
             for folder in folders:
                 _copy_vectors(folder, self.vectors)
             self.vectors.sync()
-            _add_rows(working, self.vectors, first, first + total)
-            _write_faiss(working, self.path / faiss_file)
+            ann.add_rows(working, self.vectors, first, first + total)
+            ann.write_faiss(working, self.path / faiss_file)
             sources = _merge_sources(
                 state.manifest.get("sources", []), _store_folders(self.store, folders, first)
             )
             for path, data in (crops or {}).items():  # after the store rows that name them
-                _write_crop(self.path, path, data)
+                crop_files.write_crop(self.path, path, data)
             manifest = {
                 **state.manifest,
                 "format_version": FORMAT_VERSION,
@@ -1042,7 +796,7 @@ class GalleryIndex:
             self._undo(state)
             raise
         live = None if state.live is None else np.concatenate([state.live, np.ones(total, bool)])
-        _configure_search(working, self.params)
+        ann.configure_search(working, self.params)
         self._state = _Committed(manifest, working, live, stamp)
         self._remove_stale_files(faiss_file)
 
@@ -1170,10 +924,10 @@ class GalleryIndex:
         """Faiss files of earlier generations and temporary files (writer lock held)."""
         for path in self.path.iterdir():
             name = path.name
-            stale_faiss = _is_faiss_name(name) and name != keep
-            # temporary files of _write_faiss, atomic_write_text and _write_crop, no other file
+            stale_faiss = ann.is_faiss_name(name) and name != keep
+            # temporary files of ann.write_faiss, atomic_write_text and crop_files.write_crop, no other file
             temporary = name.endswith(".tmp") and (
-                _is_faiss_name(name.removesuffix(".tmp"))
+                ann.is_faiss_name(name.removesuffix(".tmp"))
                 or name.startswith(f".{MANIFEST}.")
                 or name.startswith(CROP_TEMPORARY)
             )
@@ -1262,7 +1016,9 @@ class GalleryIndex:
                         try:
                             os.link(self.path / item.path, target)
                         except OSError:  # another file system: a durable copy
-                            _write_crop(work, item.path, (self.path / item.path).read_bytes())
+                            crop_files.write_crop(
+                                work, item.path, (self.path / item.path).read_bytes()
+                            )
 
             return type(self)._create(
                 out,
@@ -1294,7 +1050,7 @@ class GalleryIndex:
         }
         changed = {key: value for key, value in values.items() if value is not None}
         self.params = IndexParams.from_dict({**asdict(self.params), **changed})
-        _configure_search(self.faiss_index, self.params)
+        ann.configure_search(self.faiss_index, self.params)
         self._gpu_cache = None
 
     def info(self) -> dict:
@@ -1404,7 +1160,7 @@ class GalleryIndex:
                 f"queries must be (Q, {self.dim}) for this index, got shape {queries.shape}"
             )
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        _check_normalised(queries, "queries")
+        check_normalised(queries, "queries")
         return queries
 
     def _approximate(self, state, queries, n, allowed, num_allowed, metric):
@@ -1431,11 +1187,11 @@ class GalleryIndex:
         if allowed is not None and num_allowed < state.count:
             keep_alive = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(state.count, faiss.swig_ptr(keep_alive))
-            params = _search_parameters(
+            params = ann.search_parameters(
                 state.faiss_index, self.params, selector, shortlist, num_allowed / state.count
             )
         elif self.kind == "hnsw":
-            params = _search_parameters(state.faiss_index, self.params, None, shortlist, 1.0)
+            params = ann.search_parameters(state.faiss_index, self.params, None, shortlist, 1.0)
         index = state.faiss_index
         if params is None:
             index = self._gpu(state) or index
@@ -1575,139 +1331,6 @@ class GalleryIndex:
 
 
 # --------------------------------------------------------------------------------------
-# faiss set-up
-
-
-def _train_index(settings: IndexParams, vectors: VectorFile, dim: int, total: int, manifest: dict):
-    """An empty, trained faiss index for ``settings`` (training sample read from disk)."""
-    import faiss
-
-    if settings.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    rng = np.random.default_rng(settings.seed)
-    sample_ids = np.sort(rng.choice(total, size=min(total, settings.train_size), replace=False))
-    sample = vectors.rows(sample_ids)
-    reduced_dim = dim if settings.pca is None else min(settings.pca, dim, len(sample))
-    transform = None
-    if reduced_dim < dim:
-        transform = _pca_transform(sample, reduced_dim, settings.seed)
-        sample = transform.apply(sample)
-    if settings.kind == "pcaflat":
-        inner = faiss.IndexFlatL2(reduced_dim)
-        resolved = {"reduced_dim": reduced_dim}
-    elif settings.kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(reduced_dim, settings.hnsw_m, faiss.METRIC_L2)
-        inner.hnsw.efConstruction = settings.ef_construction
-        resolved = {"reduced_dim": reduced_dim}
-    else:
-        nlist = settings.nlist or _auto_nlist(total)
-        if nlist > len(sample):
-            raise ValueError(f"nlist {nlist} is larger than the training sample ({len(sample)})")
-        pq_m = settings.pq_m or _auto_pq_m(reduced_dim)
-        if reduced_dim % pq_m:
-            raise ValueError(f"pq_m {pq_m} does not divide the reduced dimension {reduced_dim}")
-        bits = min(settings.pq_bits, max(1, int(math.log2(len(sample)))))
-        quantizer = faiss.IndexFlatL2(reduced_dim)
-        inner = faiss.IndexIVFPQ(quantizer, reduced_dim, nlist, pq_m, bits, faiss.METRIC_L2)
-        inner.train(sample)  # faiss keeps Python references to the quantizer and the parts
-        resolved = {"reduced_dim": reduced_dim, "nlist": nlist, "pq_m": pq_m, "pq_bits": bits}
-    manifest["resolved"] = resolved
-    if transform is None:
-        return inner
-    return faiss.IndexPreTransform(transform, inner)
-
-
-def _pca_transform(sample: np.ndarray, out_dim: int, seed: int):
-    """PCA to ``out_dim`` followed by a random rotation, as a faiss ``LinearTransform``.
-
-    Computed here (covariance, then subspace iteration for the leading eigenvectors) rather
-    than by faiss' ``PCAMatrix``, which diagonalises the full D x D covariance: 3-4x slower
-    at D = 3,584. The rotation spreads the variance evenly over the PQ sub-vectors; it does
-    not change L2 distances.
-    """
-    import faiss
-    import torch
-
-    data = torch.from_numpy(np.asarray(sample, dtype=np.float32))
-    mean = data.mean(0)
-    centred = data - mean
-    cov = (centred.T @ centred).double() / max(1, len(data) - 1)
-    generator = torch.Generator().manual_seed(seed)
-    width = min(cov.shape[0], out_dim + 32)
-    basis = torch.linalg.qr(
-        torch.randn(cov.shape[0], width, generator=generator, dtype=torch.float64)
-    )[0]
-    for _ in range(8):
-        basis = torch.linalg.qr(cov @ basis)[0]
-    values, vectors = torch.linalg.eigh(basis.T @ cov @ basis)
-    top = basis @ vectors[:, torch.argsort(values, descending=True)[:out_dim]]  # (D, out_dim)
-    rotation = torch.linalg.qr(
-        torch.randn(out_dim, out_dim, generator=generator, dtype=torch.float64)
-    )[0]
-    matrix = (top @ rotation).T.float().contiguous().numpy()  # (out_dim, D)
-    bias = -(matrix @ mean.numpy())
-    transform = faiss.LinearTransform(cov.shape[0], out_dim, True)
-    faiss.copy_array_to_vector(matrix.reshape(-1), transform.A)
-    faiss.copy_array_to_vector(bias.astype(np.float32), transform.b)
-    transform.is_trained = True
-    return transform
-
-
-def _auto_nlist(total: int) -> int:
-    """About 4 sqrt(N) lists (a power of two), with at least 39 training points each."""
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(total))))
-    return int(max(1, min(nlist, total // 39)))
-
-
-def _auto_pq_m(dim: int) -> int:
-    """Sub-quantizers of about 4 dimensions: the largest divisor of dim up to dim // 4."""
-    target = max(1, dim // 4)
-    return max(m for m in range(1, target + 1) if dim % m == 0)
-
-
-def _configure_search(index, params: IndexParams) -> None:
-    import faiss
-
-    inner = (
-        faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-    )
-    if params.kind == "hnsw":
-        inner.hnsw.efSearch = params.ef_search
-    elif params.kind == "ivfpq":
-        inner.nprobe = params.nprobe
-
-
-def _search_parameters(index, params: IndexParams, selector, shortlist: int, fraction: float):
-    """faiss search parameters carrying the id selector (wrapped for a PCA pre-transform).
-
-    With a filter, both approximate kinds only return allowed items but the nearest allowed
-    ones lie farther away: HNSW walks the whole graph with a result list of allowed items
-    only, IVF scans the probed lists skipping the others. Their effort (efSearch, nprobe) is
-    therefore widened by 1 / (fraction allowed), at most 16x; filters allowing fewer than
-    ``exact_below`` items never come here (exact scan).
-    """
-    import faiss
-
-    widen = min(16.0, 1.0 / max(fraction, 1e-9))
-    if params.kind == "hnsw":
-        inner = faiss.SearchParametersHNSW()
-        inner.efSearch = int(widen * max(params.ef_search, shortlist))
-    elif params.kind == "ivfpq":
-        inner = faiss.SearchParametersIVF()
-        inner.nprobe = int(widen * params.nprobe)
-    else:
-        inner = faiss.SearchParameters()
-    if selector is not None:
-        inner.sel = selector
-    if isinstance(index, faiss.IndexPreTransform):
-        wrapped = faiss.SearchParametersPreTransform()
-        wrapped.index_params = inner
-        wrapped._inner = inner  # keep the Python object (and its selector) alive
-        return wrapped
-    return inner
-
-
-# --------------------------------------------------------------------------------------
 # committed state on disk
 
 
@@ -1747,7 +1370,7 @@ def _read_manifest(path: Path) -> tuple[dict, tuple[int, ...]]:
             raise ValueError(f"{manifest_path}: {key} must be {kind.__name__}")
     if "count" not in manifest or "dim" not in manifest or "params" not in manifest:
         raise ValueError(f"{manifest_path} lacks count, dim or params (not an rmgl manifest)")
-    if not _is_faiss_name(manifest.get("faiss_file", "index.faiss")):
+    if not ann.is_faiss_name(manifest.get("faiss_file", "index.faiss")):
         raise ValueError(
             f"{manifest_path}: faiss_file {manifest.get('faiss_file')!r} is not an index file name"
         )
@@ -1786,46 +1409,6 @@ def _read_committed(path: Path, store: Store, previous: _Committed | None = None
         live = store.live_mask(count, int(manifest.get("generation", 0)))
         return _Committed(manifest, faiss_index, live, stamp)
     raise ValueError(f"{path} kept changing while it was read ({OPEN_RETRIES} tries); try again")
-
-
-def _faiss_name(generation: int) -> str:
-    return f"index-{generation}.faiss"
-
-
-def _is_faiss_name(name: str) -> bool:
-    if name == "index.faiss":
-        return True
-    number = name.removeprefix("index-").removesuffix(".faiss")
-    return name.startswith("index-") and name.endswith(".faiss") and number.isdigit()
-
-
-def _write_faiss(index, path: Path) -> None:
-    """A new faiss file, complete on disk before anything refers to it."""
-    import faiss
-
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        faiss.write_index(index, str(temporary))
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except RuntimeError as err:  # faiss reports a failed write (a full disk) this way
-        temporary.unlink(missing_ok=True)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
-        raise OSError(f"could not write {path} ({first})") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def _add_rows(faiss_index, vectors: VectorFile, start: int, stop: int) -> None:
-    rows_per_chunk = max(1, CHUNK_BYTES // vectors.row_bytes)
-    for first in range(start, stop, rows_per_chunk):
-        faiss_index.add(vectors.range(first, min(first + rows_per_chunk, stop)))
 
 
 def _store_folders(store: Store, folders: list[FeatureFolder], first: int) -> list[dict]:
@@ -1874,63 +1457,12 @@ def _index_model(manifest: dict, store: Store) -> dict[str, Any]:
     return descriptor_model(sources[0]["meta"].get("extract", {}) if sources else {})
 
 
-def _other_models(
-    expected: dict, folders: list[FeatureFolder], allow: bool, holder: str
-) -> list[dict]:
-    """Refuse folders whose descriptors come from another model than ``expected`` (naming
-    both models), or with ``allow`` the records the manifest keeps of them."""
-    notes = []
-    for folder in folders:
-        found = folder.model
-        differences = model_differences(expected, found, MODEL_KEYS)
-        if not differences:
-            continue
-        if not allow:
-            what = folder.folder if folder.source is None else f"the {folder.source} records"
-            raise ValueError(
-                f"{what} holds descriptors of another model than {holder} "
-                f"({'; '.join(differences)}): {holder} has {_model_name(expected)}, the folder "
-                f"{_model_name(found)}. Descriptors of two models are not comparable; extract "
-                "the folder with the same model, or pass --allow-other-model to mix them anyway"
-            )
-        notes.append({"folder": folder.label, "model": found, "differences": differences})
-    return notes
-
-
-def _model_name(model: dict) -> str:
-    return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
-
-
 def _copy_vectors(folder: FeatureFolder, vectors: VectorFile) -> None:
     start = 0
     for block in folder.chunks():
-        _check_normalised(block, str(folder.folder / "features.npy"), start)
+        check_normalised(block, str(folder.folder / "features.npy"), start)
         vectors.append(block)
         start += len(block)
-
-
-def _check_unique_folders(folders: list[FeatureFolder], sources: list[dict] = ()) -> None:
-    seen = {source["folder"] for source in sources if source.get("live", 1)}
-    for folder in folders:
-        resolved = str(folder.folder.resolve())
-        if resolved in seen:
-            raise ValueError(f"feature folder {folder.folder} is already in the index")
-        seen.add(resolved)
-
-
-def _check_paths_unique(folders: list[FeatureFolder]) -> None:
-    """No image in two of the folders of one build."""
-    seen: dict[str, str] = {}
-    for folder in folders:
-        for record in folder.records:
-            if record.path in seen:
-                where = (
-                    f"twice in {folder.images_file}"
-                    if seen[record.path] == folder.images_file
-                    else f"in {seen[record.path]} and in {folder.images_file}"
-                )
-                raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
-            seen[record.path] = folder.images_file
 
 
 def _rmgl_version() -> str:

@@ -36,10 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rmgl.deploy.features import descriptor_model, model_differences
+from rmgl.deploy.features import (
+    FeatureRecord,
+    descriptor_model,
+    load_feature_folder,
+    model_differences,
+)
 from rmgl.deploy.files import atomic_write_bytes, atomic_write_text, check_output
-from rmgl.deploy.index import FeatureRecord, GalleryIndex, IndexSnapshot, load_feature_folder
-from rmgl.deploy.store import UNKNOWN, GalleryItem
+from rmgl.deploy.store import GalleryItem
+from rmgl.deploy.stores import GalleryStore, GalleryView
 
 __all__ = [
     "QUERY_MODEL_KEYS",
@@ -153,7 +158,7 @@ def check_output_name(path: str | Path) -> None:
 
 
 def search(
-    index: GalleryIndex,
+    index: GalleryStore,
     queries: np.ndarray,
     k: int = 10,
     *,
@@ -168,7 +173,9 @@ def search(
     lambda_value: float = 0.3,
     metric: str = "euclidean",
 ) -> SearchResult:
-    """Top-``k`` gallery items of each query descriptor (rows of ``queries``, L2-normalised).
+    """Top-``k`` gallery items of each query descriptor (rows of ``queries``, L2-normalised),
+    from any gallery store (:class:`rmgl.deploy.stores.GalleryStore`: the faiss index folder
+    or a Milvus collection).
 
     ``query_records`` (path, pid, camid per query) are needed by ``exclude_same_camera``.
 
@@ -189,23 +196,23 @@ def search(
         raise ValueError(f"{len(query_records)} query records for {len(queries)} queries")
     if frames is not None and None not in frames and frames[0] > frames[1]:
         raise ValueError(f"empty frame range {frames[0]}:{frames[1]}")
+    exclude = _query_cameras(query_records) if exclude_same_camera else None
     index.refresh()  # the latest committed state: adds and deletions of other processes
     # one committed state for every read below: a commit by another thread meanwhile
     # (a service adding images while it searches) never mixes two states
     view = index.snapshot()
-    _check_filters(view, cameras, frames)
+    _check_filters(index, view, cameras, frames)
     filtered = cameras is not None or frames is not None
-    allowed = view.allowed(cameras, frames)
     live = view.live_count
     notes = []
     returned = min(k, live)
     if returned < k:
         notes.append(f"k = {k} is more than the {live} live gallery items; all {live} are returned")
-    if filtered and allowed is not None and not allowed.any():
+    if filtered and live and view.count_allowed(cameras, frames) == 0:
         notes.append(f"no live gallery item passes the filters ({_describe(cameras, frames)})")
     shortlist = min(rerank_shortlist, live)
     settings = {
-        "index": str(index.path),
+        "index": index.location,
         "kind": index.kind,
         "generation": view.generation,
         "k": k,
@@ -232,12 +239,9 @@ def search(
         )
 
     wanted = max(returned, shortlist) if rerank else returned
-    extra = _same_camera_counts(view, query_records, allowed) if exclude_same_camera else None
-    fetch = wanted + (int(extra.max()) if extra is not None and len(extra) else 0)
-    ids, dist = view.nearest(queries, min(fetch, view.count), allowed, metric)
-    if exclude_same_camera:
-        ids, dist = _drop_same_camera(view, query_records, ids, dist)
-    ids, dist = ids[:, :wanted], dist[:, :wanted]
+    ids, dist = view.search(
+        queries, wanted, cameras=cameras, frames=frames, exclude=exclude, metric=metric
+    )
     rerank_dist = None
     if rerank:
         ids, dist, rerank_dist = _rerank(index, queries, ids, dist, returned, k1, k2, lambda_value)
@@ -246,7 +250,7 @@ def search(
         list(query_records),
         ids,
         dist,
-        index.store.items(ids.reshape(-1)),
+        view.items(ids.reshape(-1)),
         metric,
         settings,
         rerank_dist,
@@ -254,10 +258,20 @@ def search(
     )
 
 
-def _check_filters(view: IndexSnapshot, cameras, frames) -> None:
+def _query_cameras(records: Sequence[FeatureRecord]) -> list[tuple[int, int]]:
+    """(pid, camid) of every query, which exclude_same_camera needs."""
+    missing = [q for q, r in enumerate(records) if r.pid is None or r.camid is None]
+    if missing:
+        raise ValueError(
+            f"exclude_same_camera needs the pid and camera of every query; query {missing[0]} "
+            f"({records[missing[0]].path or 'no path'}) has none"
+        )
+    return [(int(r.pid), int(r.camid)) for r in records]
+
+
+def _check_filters(index: GalleryStore, view: GalleryView, cameras, frames) -> None:
     """A camera the index does not have, or a frame range outside all of its frames, is
     almost always a typo: say what the index has instead of returning nothing."""
-    index = view.index
     if cameras is not None:
         have = view.cameras()
         missing = sorted({int(c) for c in cameras} - set(have))
@@ -265,20 +279,20 @@ def _check_filters(view: IndexSnapshot, cameras, frames) -> None:
             shown = ", ".join(map(str, have)) if have else "none (no item has a known camera)"
             raise ValueError(
                 f"no live gallery item has camera {', '.join(map(str, missing))}; the cameras "
-                f"of {index.path} are {shown}"
+                f"of {index.location} are {shown}"
             )
     if frames is not None:
         span = view.frame_span()
         first, last = frames
         if span is None:
             raise ValueError(
-                f"no live gallery item of {index.path} has a known frame; a frame filter "
+                f"no live gallery item of {index.location} has a known frame; a frame filter "
                 "would return nothing"
             )
         if (first is not None and first > span[1]) or (last is not None and last < span[0]):
             raise ValueError(
                 f"no live gallery item has a frame in {_range(frames)}; the frames of "
-                f"{index.path} span {_number(span[0])}:{_number(span[1])}"
+                f"{index.location} span {_number(span[0])}:{_number(span[1])}"
             )
 
 
@@ -300,7 +314,7 @@ def _describe(cameras, frames) -> str:
 
 
 def check_query_model(
-    index: GalleryIndex, found: dict, what: str, allow_other_model: bool = False
+    index: GalleryStore, found: dict, what: str, allow_other_model: bool = False
 ) -> list[str]:
     """Refuse queries from another descriptor model than the gallery's (naming both), unless
     ``allow_other_model``. Returns notes: what could not be checked (a model that is not
@@ -318,7 +332,7 @@ def check_query_model(
     if differences:
         if not allow_other_model:
             raise ValueError(
-                f"{what} come from another model than the gallery of {index.path} "
+                f"{what} come from another model than the gallery of {index.location} "
                 f"({'; '.join(differences)}): the gallery has {_model_name(expected)}, the "
                 f"queries {_model_name(found)}. Distances between two models' descriptors mean "
                 "nothing; use the gallery's model, or pass --allow-other-model"
@@ -329,41 +343,6 @@ def check_query_model(
 
 def _model_name(model: dict) -> str:
     return f"descriptors of {model['model']}" if model.get("model") else "an unrecorded model"
-
-
-def _same_camera_counts(view: IndexSnapshot, records, allowed) -> np.ndarray:
-    """Per query, how many (allowed) gallery items share its pid and camera."""
-    missing = [q for q, r in enumerate(records) if r.pid is None or r.camid is None]
-    if missing:
-        raise ValueError(
-            f"exclude_same_camera needs the pid and camera of every query; query {missing[0]} "
-            f"({records[missing[0]].path or 'no path'}) has none"
-        )
-    columns = view.columns()
-    keep = np.ones(view.count, dtype=bool) if allowed is None else allowed
-    known = keep & (columns.pids != UNKNOWN) & (columns.camids != UNKNOWN)
-    pairs, counts = np.unique(
-        np.stack([columns.pids[known], columns.camids[known]], axis=1), axis=0, return_counts=True
-    )
-    lookup = {(int(p), int(c)): int(n) for (p, c), n in zip(pairs, counts)}
-    return np.array([lookup.get((r.pid, r.camid), 0) for r in records], dtype=np.int64)
-
-
-def _drop_same_camera(view: IndexSnapshot, records, ids, dist):
-    """Remove each query's same-pid same-camera items (``ignored_gallery_mask``) and close
-    the gaps, keeping the order."""
-    from rmgl.metrics.ranking import ignored_gallery_mask
-
-    columns = view.columns()
-    out_ids, out_dist = np.full_like(ids, -1), np.full_like(dist, np.inf)
-    for q, record in enumerate(records):
-        valid = ids[q][ids[q] >= 0]
-        ignored = ignored_gallery_mask(
-            record.pid, record.camid, columns.pids[valid], columns.camids[valid], "cross_camera"
-        )
-        kept = np.flatnonzero(~ignored)
-        out_ids[q, : len(kept)], out_dist[q, : len(kept)] = valid[kept], dist[q, kept]
-    return out_ids, out_dist
 
 
 def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
@@ -379,7 +358,7 @@ def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
         shortlist = ids[q, valid]
         reranked = k_reciprocal_rerank(
             queries[q : q + 1].astype(np.float64),
-            index.vectors.rows(shortlist).astype(np.float64),
+            index.vectors_of(shortlist).astype(np.float64),
             k1=k1,
             k2=k2,
             lambda_value=lambda_value,
@@ -393,7 +372,7 @@ def _rerank(index, queries, ids, dist, k, k1, k2, lambda_value):
 
 
 def search_features(
-    index: GalleryIndex,
+    index: GalleryStore,
     folder: str | Path,
     k: int = 10,
     allow_other_model: bool = False,
@@ -421,7 +400,7 @@ def search_features(
 
 
 def search_images(
-    index: GalleryIndex,
+    index: GalleryStore,
     paths: Sequence[str | Path],
     checkpoint: str | Path,
     k: int = 10,

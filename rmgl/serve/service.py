@@ -47,6 +47,7 @@ from rmgl.deploy.index import (
     is_crop_path,
 )
 from rmgl.deploy.search import QUERY_MODEL_KEYS, search
+from rmgl.deploy.stores import open_store
 from rmgl.serve.errors import RequestError
 from rmgl.serve.images import FORMATS, OPEN_FORMATS, DecodedImage, media_type
 from rmgl.serve.settings import ServeSettings
@@ -232,8 +233,10 @@ class GalleryService:
         if settings.create and not settings.index.exists():
             index = GalleryIndex.create(settings.index, encoder.provenance())
             log.info("created an empty gallery index %s", settings.index)
+        elif settings.store == "faiss":
+            index = open_store("faiss", settings.index)
         else:
-            index = GalleryIndex.open(settings.index)
+            index = open_store(settings.store, settings.index, collection=settings.collection)
         try:
             check_model(index, encoder.provenance(), settings)
             service = cls(settings, index, encoder)
@@ -338,7 +341,7 @@ class GalleryService:
         self.index.refresh()
         if item is not None:
             found = self._live_item(item)
-            descriptor = self.index.vectors.rows(np.array([item]))[0]
+            descriptor = self.index.vectors_of([item])[0]
             pid, camera = found.pid, found.camid
         query = self._check_descriptor(descriptor)
         record = FeatureRecord("", pid, camera, None)
@@ -382,16 +385,18 @@ class GalleryService:
 
     def _live_item(self, item_id: int):
         view = self.index.snapshot()
-        if not view.is_live(item_id):
+        found = view.items([item_id]).get(item_id) if view.is_live(item_id) else None
+        if found is None:
             raise RequestError(404, f"there is no gallery item {item_id} (never added, or deleted)")
-        return self.index.store.item(item_id)
+        return found
 
     def item(self, item_id: int) -> dict:
         """A live item's metadata and, for an upload, what its client said about it."""
         self.index.refresh()
         found = self._live_item(item_id)
         out = found.to_dict()
-        source = self.index.store.source_of(item_id)
+        store = getattr(self.index, "store", None)  # the faiss folder's item table
+        source = store.source_of(item_id) if store is not None else None
         uploads = (source or {}).get("meta", {}).get("extract", {}).get("uploads")
         if uploads and 0 <= item_id - source["first_id"] < len(uploads):
             out["upload"] = uploads[item_id - source["first_id"]]
@@ -402,7 +407,9 @@ class GalleryService:
         the file its feature folder names. Never a path a client chose."""
         self.index.refresh()
         found = self._live_item(item_id)
-        path = self.index.path / found.path if is_crop_path(found.path) else Path(found.path)
+        folder = getattr(self.index, "path", None)  # crops live in a faiss index folder
+        crop = folder is not None and is_crop_path(found.path)
+        path = folder / found.path if crop else Path(found.path)
         unavailable = RequestError(404, f"the image of gallery item {item_id} is not available")
         try:
             with Image.open(path, formats=OPEN_FORMATS) as image:
@@ -426,6 +433,12 @@ class GalleryService:
         """Embed and add images (one camera, frame or time, pid and source label each; None
         = unknown). Returns their ids once the commit is on disk: a search that starts
         after that finds them, in every worker process."""
+        if self.settings.store != "faiss":
+            raise RequestError(
+                405,
+                f"a gallery in the {self.settings.store} store takes no uploads; add feature "
+                f"folders with rmgl index add --store {self.settings.store}",
+            )
         self._check_count(len(images))
         for name, values in (("camera", cameras), ("time", frames), ("pid", pids), ("source", sources)):  # fmt: skip
             if len(values) != len(images):
@@ -525,7 +538,9 @@ class GalleryService:
 
     def _public(self, message: str) -> str:
         """A message for a client: the server's index folder is not named."""
-        for path in {str(self.index.path.resolve()), str(self.index.path)}:
+        folder = getattr(self.index, "path", None)
+        names = {str(folder.resolve()), str(folder)} if folder is not None else set()
+        for path in sorted(names | {self.index.location}, key=len, reverse=True):
             message = message.replace(path, "the gallery")
         return message.splitlines()[0] if message else message
 
@@ -550,7 +565,7 @@ def check_model(index: GalleryIndex, provenance: dict, settings: ServeSettings) 
     differences = model_differences(expected, found, tuple(k for k in keys if k not in unknown))
     if differences and not settings.allow_other_model:
         raise ValueError(
-            f"the index {index.path} holds descriptors of another model than {settings.model} "
+            f"the index {index.location} holds descriptors of another model than {settings.model} "
             f"({'; '.join(differences)}); serve it with the model its gallery was extracted "
             f"with ({expected.get('model') or 'not recorded'}), or pass --allow-other-model"
         )

@@ -28,6 +28,9 @@ TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))' > tok
 class ServeSettings:
     """What ``rmgl serve`` runs: the gallery index, the model and the limits.
 
+    ``index``: the index folder, or with ``store="milvus"`` the Milvus URI (a Milvus Lite
+    file or ``http://HOST:19530``) of the ``collection``.
+
     ``model``: an rmgl checkpoint or an exported ``.onnx`` (``backend`` auto picks the
     runtime); it must be the model the gallery was extracted with unless
     ``allow_other_model``. ``token``: the shared secret that writes (and with ``auth="all"``
@@ -64,9 +67,19 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     allow_other_model: bool = False
     create: bool = False
+    store: str = "faiss"
+    collection: str | None = None
 
     def __post_init__(self) -> None:
-        self.index, self.model = Path(self.index), Path(self.model)
+        # a faiss index folder, or (another store) its URI, kept as text: http://HOST:PORT
+        self.index = Path(self.index) if self.store == "faiss" else str(self.index)
+        self.model = Path(self.model)
+        if self.store != "faiss" and not self.collection:
+            raise ValueError(f"--store {self.store} needs --uri and --collection")
+        if self.store != "faiss" and self.create:
+            raise ValueError(
+                "--create makes an empty faiss index; build a collection with rmgl index build --store milvus"
+            )
         self.cors_origins = tuple(self.cors_origins)
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")

@@ -1,0 +1,782 @@
+"""A gallery in a Milvus collection: the second store behind
+:class:`rmgl.deploy.stores.GalleryStore`, for galleries that outgrow one machine.
+
+The same client (pymilvus) talks to Milvus Lite, a local file embedded in the process
+(``--uri ./gallery.db``, for tests and small deployments) and to a Milvus server or cluster
+(``--uri http://HOST:19530``), where replication, scaling and concurrent writers come with
+the database.
+
+One collection holds one gallery. Each row: ``id`` (the gallery id, 0, 1, ... in the order
+items were added, as in the faiss store), ``vector`` (the L2-normalised descriptor, float32),
+``pid`` / ``camid`` (:data:`rmgl.deploy.store.UNKNOWN` when unknown), ``frame`` with
+``has_frame``, ``path`` and ``batch`` (the generation that added it). The collection's
+properties hold the manifest (key ``rmgl``, JSON): format, dimension, descriptor model, index
+kind and parameters, and the committed ``count`` and ``generation``.
+
+Commits. An add inserts its rows with ids ``count ..`` and then writes the manifest with the
+new count; every search and count is restricted to ``id < count`` of the manifest it read,
+so rows of an add that was interrupted before its manifest was written never answer, and
+the next add deletes them before it inserts. A delete is one Milvus delete by filter
+expression (by id, or ``frame < before`` for retention), then a new generation in the
+manifest.
+
+Search. Camera / frame filters and exclude-same-camera are Milvus filter expressions
+evaluated inside the search (``camid in [..] and frame >= A``, ``not (pid == P and camid ==
+C)``), so a search returns k items whenever k pass the filters. ``flat`` is a FLAT index
+(exact); ``hnsw`` and ``ivf`` (IVF_FLAT) propose a shortlist of ``n * rerank_factor``
+candidates. Every candidate is re-scored from its stored vector with the distances of
+``rmgl.metrics`` and ordered by (distance, id), so the distances and the tie rule are those
+of the faiss store and of ``rmgl eval``. A query whose shortlist ends in a tie (or comes back
+short) is searched again with a longer one, and, if still short, exhaustively over the items
+that pass its filter.
+
+Examples::
+
+    gallery = MilvusGallery.build(["feats/gallery"], "./gallery.db", collection="market")
+    gallery = MilvusGallery.open("http://milvus:19530", collection="market")
+    ids, dist = gallery.snapshot().search(query_features, 10, cameras=[0, 2])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmgl.deploy.features import (
+    FeatureFolder,
+    check_paths_unique,
+    check_same_model,
+    load_feature_folder,
+)
+from rmgl.deploy.store import UNKNOWN, GalleryItem
+from rmgl.deploy.vectors import CHUNK_BYTES, check_normalised
+
+__all__ = ["KINDS", "MilvusGallery"]
+
+KINDS = ("flat", "hnsw", "ivf")
+FORMAT = "rmgl-milvus-gallery"
+FORMAT_VERSION = 1
+PROPERTY = "rmgl"
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+INSERT_ROWS = 2_000  # rows per insert request (well under Milvus' message size limit)
+MAX_LIMIT = 16_384  # Milvus' largest top-k
+IN_CHUNK = 1_000  # ids per "id in [...]" expression
+CONNECT_TIMEOUT = 10.0
+PATH_LENGTH = 4096
+
+
+def _connect(uri: str, token: str | None):
+    """A MilvusClient, or a one-line ValueError saying why none could be made."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise ValueError("the milvus store needs pymilvus: pip install 'rmgl[milvus]'") from None
+    uri = str(uri)
+    local = "://" not in uri
+    if local:
+        if not uri.endswith(".db"):
+            raise ValueError(
+                f"--uri {uri}: a Milvus Lite file must end in .db; a server is http://HOST:19530"
+            )
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        options = {"token": token} if token else {}
+        return MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT, **options)
+    except Exception as err:  # noqa: BLE001 - pymilvus raises several kinds
+        reason = _reason(err)
+        if local:
+            raise ValueError(
+                f"cannot open the Milvus Lite file {uri} ({reason}); is milvus-lite installed "
+                "(pip install 'rmgl[milvus]') and the file not used by another process?"
+            ) from None
+        raise ValueError(
+            f"cannot reach Milvus at {uri} ({reason}); start the server or fix --uri"
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return message.strip().splitlines()[0][:200]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _number(value: float) -> str:
+    """A float literal Milvus' expression parser reads back exactly."""
+    return repr(float(value))
+
+
+def filter_expression(
+    count: int,
+    cameras: Sequence[int] | None = None,
+    frames: tuple[float | None, float | None] | None = None,
+    exclude: tuple[int, int] | None = None,
+) -> str:
+    """The Milvus filter of a search: committed ids, cameras, frame range, and the query's
+    (pid, camid) left out."""
+    parts = [f"id < {int(count)}"]
+    if cameras is not None:
+        parts.append(f"camid in [{', '.join(str(int(c)) for c in cameras)}]")
+    if frames is not None:
+        first, last = frames
+        parts.append("has_frame == true")
+        if first is not None:
+            parts.append(f"frame >= {_number(first)}")
+        if last is not None:
+            parts.append(f"frame <= {_number(last)}")
+    if exclude is not None:
+        parts.append(f"not (pid == {int(exclude[0])} and camid == {int(exclude[1])})")
+    return " and ".join(parts)
+
+
+class MilvusGallery:
+    """A gallery collection in Milvus (see the module docstring); also its own
+    :class:`rmgl.deploy.stores.GalleryView`, since Milvus gives every read the latest
+    committed state."""
+
+    def __init__(self, client, uri: str, collection: str, manifest: dict) -> None:
+        self.client, self.uri, self.collection = client, str(uri), collection
+        self._manifest = manifest
+        self.search_params = dict(manifest["params"])
+        self._lock = threading.RLock()
+        self._cache: dict[tuple, Any] = {}
+
+    # ---- the interface's properties
+
+    @property
+    def location(self) -> str:
+        return f"{self.uri}#{self.collection}"
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def kind(self) -> str:
+        return self._manifest["kind"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self._manifest.get("model") or {}
+
+    @property
+    def count(self) -> int:
+        """Ids given out (live and deleted)."""
+        return int(self._manifest["count"])
+
+    @property
+    def generation(self) -> int:
+        return int(self._manifest["generation"])
+
+    @property
+    def live_count(self) -> int:
+        return self._cached("live", lambda: self._count(f"id < {self.count}"))
+
+    @property
+    def deleted_count(self) -> int:
+        return self.count - self.live_count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- build / open
+
+    @classmethod
+    def build(
+        cls,
+        folders: Sequence[str | Path] | str | Path,
+        uri: str | Path,
+        collection: str,
+        allow_other_model: bool = False,
+        token: str | None = None,
+        kind: str = "flat",
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 512,
+        nlist: int | None = None,
+        nprobe: int = 32,
+        rerank_factor: int = 10,
+        **unused: Any,
+    ) -> MilvusGallery:
+        """A new collection holding the feature folders (ids in folder order, then row
+        order). A collection of that name must not hold a gallery yet; one left by an
+        interrupted build (no manifest) is dropped and built again."""
+        if kind not in KINDS:
+            raise ValueError(f"the milvus store's kinds are {', '.join(KINDS)}, got {kind!r}")
+        for name, value in (
+            ("hnsw_m", hnsw_m),
+            ("ef_construction", ef_construction),
+            ("ef_search", ef_search),
+            ("nprobe", nprobe),
+            ("rerank_factor", rerank_factor),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        if not folders:
+            raise ValueError("no feature folder given")
+        loaded = [load_feature_folder(folder) for folder in folders]
+        dim = loaded[0].dim
+        for folder in loaded[1:]:
+            if folder.dim != dim:
+                raise ValueError(
+                    f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
+                    f"{loaded[0].folder / 'features.npy'} has {dim}-d"
+                )
+        check_paths_unique(loaded)
+        model = loaded[0].model
+        others = check_same_model(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+        total = sum(len(folder.features) for folder in loaded)
+        nlist = nlist or int(max(1, min(2 ** round(math.log2(4 * math.sqrt(total))), 65_536)))
+        client = _connect(uri, token)
+        try:
+            if client.has_collection(collection):
+                if _read_manifest(client, collection, str(uri), missing_ok=True) is not None:
+                    raise ValueError(
+                        f"collection {collection} at {uri} already holds a gallery; add to it "
+                        "with rmgl index add, or choose another --collection"
+                    )
+                client.drop_collection(collection)  # an interrupted build: nothing committed
+            _create_collection(client, collection, dim)
+            first = 0
+            for folder in loaded:
+                _insert(client, collection, folder, first, batch=1)
+                first += len(folder.features)
+            client.flush(collection)
+            params = {
+                "kind": kind,
+                "hnsw_m": hnsw_m,
+                "ef_construction": ef_construction,
+                "ef_search": ef_search,
+                "nlist": nlist,
+                "nprobe": nprobe,
+                "rerank_factor": rerank_factor,
+            }
+            _create_index(client, collection, params)
+            client.load_collection(collection)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "rmgl_version": _rmgl_version(),
+                "kind": kind,
+                "dim": dim,
+                "count": total,
+                "generation": 1,
+                "metric": "inner product on L2-normalised descriptors",
+                "params": params,
+                "model": model,
+                "sources": [_source(folder, i) for folder, i in _firsts(loaded, 0)],
+                "created": _now(),
+                "updated": _now(),
+            }
+            if others:
+                manifest["other_models"] = others
+            _write_manifest(client, collection, manifest)  # the commit
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, str(uri), collection, manifest)
+
+    @classmethod
+    def open(cls, uri: str | Path, collection: str, token: str | None = None) -> MilvusGallery:
+        """Open the gallery of ``collection``; a missing or foreign collection is a
+        one-line ValueError."""
+        client = _connect(uri, token)
+        try:
+            if not client.has_collection(collection):
+                raise ValueError(
+                    f"there is no collection {collection} at {uri}; build it with "
+                    "rmgl index build --store milvus"
+                )
+            manifest = _read_manifest(client, collection, str(uri))
+            client.load_collection(collection)
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, str(uri), collection, manifest)
+
+    def refresh(self) -> bool:
+        """Read the manifest again (another process may have committed); True when it
+        changed."""
+        manifest = _read_manifest(self.client, self.collection, self.uri)
+        if manifest == self._manifest:
+            return False
+        with self._lock:
+            self._manifest = manifest
+            self._cache.clear()
+        return True
+
+    def snapshot(self) -> MilvusGallery:
+        return self
+
+    # ---- writes
+
+    def add(
+        self, folder: str | Path, allow_other_model: bool = False, wait: float = 0.0
+    ) -> tuple[int, int]:
+        """Append a feature folder; (first new id, number added). Refused: another
+        dimension, a folder already added, an image already in the gallery, another model's
+        descriptors (unless ``allow_other_model``)."""
+        loaded = load_feature_folder(folder)
+        with self._lock:
+            self.refresh()
+            manifest = self._manifest
+            if loaded.dim != self.dim:
+                raise ValueError(
+                    f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the "
+                    f"collection {self.location} holds {self.dim}-d"
+                )
+            label = str(loaded.folder.resolve())
+            if any(source["folder"] == label for source in manifest.get("sources", [])):
+                raise ValueError(f"feature folder {loaded.folder} is already in the gallery")
+            others = check_same_model(
+                self.model, [loaded], allow_other_model, f"the collection {self.location}"
+            )
+            self._check_new_paths(loaded)
+            first, generation = self.count, self.generation + 1
+            # rows of an add that never committed (ids past the count) go first
+            self.client.delete(self.collection, filter=f"id >= {first}")
+            _insert(self.client, self.collection, loaded, first, batch=generation)
+            self.client.flush(self.collection)
+            new = {
+                **manifest,
+                "count": first + len(loaded.features),
+                "generation": generation,
+                "sources": [*manifest.get("sources", []), _source(loaded, first)],
+                "updated": _now(),
+            }
+            if others:
+                new["other_models"] = [*manifest.get("other_models", []), *others]
+            _write_manifest(self.client, self.collection, new)  # the commit
+            self._manifest = new
+            self._cache.clear()
+        return first, len(loaded.features)
+
+    def _check_new_paths(self, folder: FeatureFolder) -> None:
+        paths = [record.path for record in folder.records]
+        for start in range(0, len(paths), IN_CHUNK):
+            chunk = paths[start : start + IN_CHUNK]
+            found = self.client.query(
+                self.collection,
+                filter=f"id < {self.count} and path in {json.dumps(chunk)}",
+                output_fields=["path"],
+            )
+            if found:
+                hit = found[0]
+                raise ValueError(
+                    f"{folder.folder / 'images.csv'}: {hit['path']} is already in the gallery "
+                    f"(id {hit['id']}); an image is indexed once: delete the old items first"
+                )
+
+    def delete(
+        self,
+        ids: Sequence[int] | np.ndarray | None = None,
+        before: float | None = None,
+        wait: float = 0.0,
+    ) -> int:
+        """Delete items by id, or every item whose frame is < ``before`` (unknown frames
+        kept), with Milvus deletes; how many were deleted now."""
+        if (ids is None) == (before is None):
+            raise ValueError("delete needs ids or before (one of them)")
+        with self._lock:
+            self.refresh()
+            count = self.count
+            if ids is not None:
+                ids = np.asarray(ids).reshape(-1)
+                if len(ids) and not np.issubdtype(ids.dtype, np.integer):
+                    raise ValueError(f"ids must be integers, got {ids.dtype}")
+                outside = ids[(ids < 0) | (ids >= count)]
+                if len(outside):
+                    shown = ", ".join(str(i) for i in outside[:5].tolist())
+                    raise ValueError(
+                        f"ids {shown} are not in the gallery (its ids are 0..{count - 1}); "
+                        "nothing was deleted"
+                    )
+                wanted = sorted(set(ids.tolist()))
+                expressions = [
+                    f"id in {wanted[s : s + IN_CHUNK]}" for s in range(0, len(wanted), IN_CHUNK)
+                ]
+            else:
+                before = float(before)
+                if not math.isfinite(before):
+                    raise ValueError(f"before must be a finite frame or timestamp, got {before}")
+                expressions = [f"id < {count} and has_frame == true and frame < {_number(before)}"]
+            deleted = 0
+            for expression in expressions:
+                present = self._count(expression)
+                if present:
+                    self.client.delete(self.collection, filter=expression)
+                    deleted += present
+            if deleted:
+                self.client.flush(self.collection)
+                new = {**self._manifest, "generation": self.generation + 1, "updated": _now()}
+                _write_manifest(self.client, self.collection, new)
+                self._manifest = new
+                self._cache.clear()
+        return deleted
+
+    # ---- reads
+
+    def _cached(self, key: str, compute):
+        cache_key = (key, self.generation, self.count)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = compute()
+        return self._cache[cache_key]
+
+    def _count(self, expression: str) -> int:
+        rows = self.client.query(self.collection, filter=expression, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _scan(self, expression: str, fields: list[str]):
+        """Every row that passes ``expression``, in batches (query_iterator)."""
+        iterator = self.client.query_iterator(
+            self.collection, batch_size=4096, filter=expression, output_fields=fields
+        )
+        try:
+            while True:
+                rows = iterator.next()
+                if not rows:
+                    return
+                yield rows
+        finally:
+            iterator.close()
+
+    def cameras(self) -> list[int]:
+        def compute() -> list[int]:
+            found: set[int] = set()
+            for rows in self._scan(f"id < {self.count} and camid != {UNKNOWN}", ["camid"]):
+                found.update(int(row["camid"]) for row in rows)
+            return sorted(found)
+
+        return self._cached("cameras", compute)
+
+    def frame_span(self) -> tuple[float, float] | None:
+        def compute():
+            low, high = math.inf, -math.inf
+            for rows in self._scan(f"id < {self.count} and has_frame == true", ["frame"]):
+                values = [float(row["frame"]) for row in rows]
+                low, high = min(low, *values), max(high, *values)
+            return None if low == math.inf else (low, high)
+
+        return self._cached("frames", compute)
+
+    def is_live(self, item_id: int) -> bool:
+        """True for a committed id that is not deleted."""
+        if not 0 <= int(item_id) < self.count:
+            return False
+        return self._count(f"id == {int(item_id)}") == 1
+
+    def count_allowed(self, cameras=None, frames=None) -> int:
+        return self._count(filter_expression(self.count, cameras, frames))
+
+    def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, GalleryItem]:
+        wanted = sorted({int(i) for i in np.asarray(ids).reshape(-1).tolist() if 0 <= i})
+        found: dict[int, GalleryItem] = {}
+        for start in range(0, len(wanted), IN_CHUNK):
+            rows = self.client.query(
+                self.collection,
+                filter=f"id in {wanted[start : start + IN_CHUNK]}",
+                output_fields=["path", "pid", "camid", "frame", "has_frame"],
+            )
+            for row in rows:
+                found[int(row["id"])] = GalleryItem(
+                    int(row["id"]),
+                    row["path"],
+                    None if row["pid"] == UNKNOWN else int(row["pid"]),
+                    None if row["camid"] == UNKNOWN else int(row["camid"]),
+                    float(row["frame"]) if row["has_frame"] else None,
+                )
+        return found
+
+    def vectors_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows: dict[int, np.ndarray] = {}
+        unique = sorted(set(ids.tolist()))
+        for start in range(0, len(unique), IN_CHUNK):
+            for row in self.client.get(
+                self.collection, ids=unique[start : start + IN_CHUNK], output_fields=["vector"]
+            ):
+                rows[int(row["id"])] = np.asarray(row["vector"], dtype=np.float32)
+        missing = [i for i in unique if i not in rows]
+        if missing:
+            raise ValueError(f"ids {missing[:5]} are not in the collection {self.location}")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for slot, item in enumerate(ids.tolist()):
+            out[slot] = rows[item]
+        return out
+
+    def tune(self, **values: Any) -> None:
+        """Search-time parameters for this session: ef_search, nprobe, rerank_factor."""
+        for key in ("ef_search", "nprobe", "rerank_factor"):
+            if values.get(key) is not None:
+                if int(values[key]) < 1:
+                    raise ValueError(f"{key} must be >= 1, got {values[key]}")
+                self.search_params[key] = int(values[key])
+
+    def info(self) -> dict:
+        return {
+            **self._manifest,
+            "live": self.live_count,
+            "deleted": self.deleted_count,
+            "path": self.location,
+            "bytes": {},
+        }
+
+    # ---- search
+
+    def search(
+        self,
+        queries: np.ndarray,
+        n: int,
+        *,
+        cameras: Sequence[int] | None = None,
+        frames: tuple[float | None, float | None] | None = None,
+        exclude: Sequence[tuple[int, int]] | None = None,
+        metric: str = "euclidean",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rmgl.deploy.stores.GalleryView.search` (see the module docstring)."""
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(
+                f"queries must be (Q, {self.dim}) for this gallery, got shape {queries.shape}"
+            )
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        check_normalised(queries, "queries")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        ids = np.full((len(queries), n), -1, dtype=np.int64)
+        dist = np.full((len(queries), n), np.inf, dtype=np.float64)
+        # queries sharing one filter are searched together
+        groups: dict[str, list[int]] = {}
+        for q in range(len(queries)):
+            key = filter_expression(
+                self.count, cameras, frames, None if exclude is None else exclude[q]
+            )
+            groups.setdefault(key, []).append(q)
+        for expression, members in groups.items():
+            found, found_dist = self._search_group(queries[members], n, expression, metric)
+            ids[members], dist[members] = found, found_dist
+        return ids, dist
+
+    def _search_group(self, queries, n, expression, metric):
+        exact = self.kind == "flat"
+        factor = 1 if exact else int(self.search_params["rerank_factor"])
+        allowed = None  # counted only when a query comes back short
+        ids = np.full((len(queries), n), -1, dtype=np.int64)
+        dist = np.full((len(queries), n), np.inf, dtype=np.float64)
+        todo = np.arange(len(queries))
+        shortlist = min(MAX_LIMIT, n * factor + 8)  # spare candidates for ties at the cut
+        while len(todo):
+            hits = self._milvus_search(queries[todo], shortlist, expression)
+            again = []
+            for slot, q in enumerate(todo):
+                candidates = np.array([hit["id"] for hit in hits[slot]], dtype=np.int64)
+                vectors = np.array(
+                    [hit["entity"]["vector"] for hit in hits[slot]], dtype=np.float32
+                ).reshape(len(candidates), self.dim)
+                found, found_dist, last = _rescore(queries[q], candidates, vectors, n, metric)
+                ids[q, : len(found)], dist[q, : len(found)] = found, found_dist
+                full = len(candidates) == shortlist
+                tie = full and len(found) == n and found_dist[-1] == last
+                short = len(found) < n
+                if short:
+                    if allowed is None:
+                        allowed = self._count(expression)
+                    short = len(found) < min(n, allowed)
+                if tie or short:
+                    again.append(q)
+            if not again:
+                break
+            todo = np.array(again)
+            if shortlist >= MAX_LIMIT or (not exact and shortlist >= n * factor * 4 + 8):
+                for q in todo:  # exhaustive over the items that pass the filter
+                    ids[q], dist[q] = self._exact(queries[q], n, expression, metric)
+                break
+            shortlist = min(MAX_LIMIT, shortlist * 4)
+        return ids, dist
+
+    def _milvus_search(self, queries, limit, expression):
+        params: dict[str, Any] = {"metric_type": "IP"}
+        if self.kind == "hnsw":
+            params["params"] = {"ef": max(int(self.search_params["ef_search"]), limit)}
+        elif self.kind == "ivf":
+            params["params"] = {"nprobe": int(self.search_params["nprobe"])}
+        return self.client.search(
+            self.collection,
+            data=[row for row in queries],
+            limit=limit,
+            filter=expression,
+            search_params=params,
+            output_fields=["vector"],
+        )
+
+    def _exact(self, query, n, expression, metric):
+        """Brute force over the rows passing ``expression`` (query_iterator), ties by id."""
+        from rmgl.metrics.features import pairwise_distance
+
+        best_ids = np.empty(0, dtype=np.int64)
+        best_dist = np.empty(0, dtype=np.float64)
+        for rows in self._scan(expression, ["vector"]):
+            part = np.array([row["id"] for row in rows], dtype=np.int64)
+            vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
+            d = pairwise_distance(query[None], vectors, metric, memory_budget_mb=CHUNK_BYTES >> 20)
+            cand_ids = np.concatenate([best_ids, part])
+            cand_dist = np.concatenate([best_dist, d[0].astype(np.float64)])
+            order = np.lexsort((cand_ids, cand_dist))[:n]
+            best_ids, best_dist = cand_ids[order], cand_dist[order]
+        ids = np.full(n, -1, dtype=np.int64)
+        dist = np.full(n, np.inf, dtype=np.float64)
+        ids[: len(best_ids)], dist[: len(best_ids)] = best_ids, best_dist
+        return ids, dist
+
+
+def _rescore(query, candidates, vectors, n, metric):
+    """Exact distances of the candidates (``paired_distances``, as the faiss store
+    re-scores), ordered by (distance, id), cut to n; and the distance of the last one (the
+    tie check)."""
+    import torch
+
+    from rmgl.metrics.distance import paired_distances, prepare_rows
+
+    if not len(candidates):
+        return candidates, np.zeros(0), math.inf
+    rows = prepare_rows(torch.from_numpy(vectors), metric)
+    query_rows = prepare_rows(torch.from_numpy(query[None].copy()), metric)
+    values = paired_distances(
+        query_rows[torch.zeros(len(candidates), dtype=torch.int64)], rows, metric
+    ).numpy()
+    values = values.astype(np.float64)
+    order = np.lexsort((candidates, values))
+    return candidates[order[:n]], values[order[:n]], values[order[-1]]
+
+
+# --------------------------------------------------------------------------------------
+# the collection
+
+
+def _create_collection(client, collection: str, dim: int) -> None:
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("pid", DataType.INT64)
+    schema.add_field("camid", DataType.INT64)
+    schema.add_field("frame", DataType.DOUBLE)
+    schema.add_field("has_frame", DataType.BOOL)
+    schema.add_field("path", DataType.VARCHAR, max_length=PATH_LENGTH)
+    schema.add_field("batch", DataType.INT64)
+    client.create_collection(collection, schema=schema, consistency_level="Strong")
+
+
+def _create_index(client, collection: str, params: dict) -> None:
+    index_params = client.prepare_index_params()
+    kind = params["kind"]
+    if kind == "flat":
+        index_params.add_index("vector", index_type="FLAT", metric_type="IP")
+    elif kind == "hnsw":
+        index_params.add_index(
+            "vector",
+            index_type="HNSW",
+            metric_type="IP",
+            params={"M": params["hnsw_m"], "efConstruction": params["ef_construction"]},
+        )
+    else:
+        index_params.add_index(
+            "vector", index_type="IVF_FLAT", metric_type="IP", params={"nlist": params["nlist"]}
+        )
+    client.create_index(collection, index_params)
+
+
+def _insert(client, collection: str, folder: FeatureFolder, first: int, batch: int) -> None:
+    """The rows of ``folder`` with ids ``first ..``, checked to be L2-normalised."""
+    start = 0
+    for block in folder.chunks():
+        check_normalised(block, str(folder.folder / "features.npy"), start)
+        for offset in range(0, len(block), INSERT_ROWS):
+            rows = []
+            for row in range(offset, min(offset + INSERT_ROWS, len(block))):
+                record = folder.records[start + row]
+                if len(record.path) > PATH_LENGTH:
+                    raise ValueError(f"{record.path[:60]}... is longer than {PATH_LENGTH}")
+                rows.append(
+                    {
+                        "id": first + start + row,
+                        "vector": block[row],
+                        "pid": UNKNOWN if record.pid is None else int(record.pid),
+                        "camid": UNKNOWN if record.camid is None else int(record.camid),
+                        "frame": 0.0 if record.frame is None else float(record.frame),
+                        "has_frame": record.frame is not None,
+                        "path": record.path,
+                        "batch": batch,
+                    }
+                )
+            client.insert(collection, rows)
+        start += len(block)
+
+
+def _firsts(folders: list[FeatureFolder], first: int):
+    for folder in folders:
+        yield folder, first
+        first += len(folder.features)
+
+
+def _source(folder: FeatureFolder, first: int) -> dict:
+    return {
+        "folder": folder.label,
+        "first_id": first,
+        "count": len(folder.features),
+        "extract": folder.meta,
+    }
+
+
+def _write_manifest(client, collection: str, manifest: dict) -> None:
+    client.alter_collection_properties(collection, properties={PROPERTY: json.dumps(manifest)})
+
+
+def _read_manifest(client, collection: str, uri: str, missing_ok: bool = False) -> dict | None:
+    properties = client.describe_collection(collection).get("properties") or {}
+    text = properties.get(PROPERTY)
+    if text is None:
+        if missing_ok:
+            return None
+        raise ValueError(
+            f"collection {collection} at {uri} is not an rmgl gallery (no manifest; an "
+            "interrupted build?); build it again with rmgl index build --store milvus"
+        )
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        raise ValueError(f"collection {collection} at {uri} has a damaged manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"collection {collection} at {uri} is not an rmgl gallery")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"collection {collection} at {uri}: gallery format version "
+            f"{manifest.get('format_version')} is not supported; rebuild it"
+        )
+    return manifest
+
+
+def _rmgl_version() -> str:
+    from rmgl import __version__
+
+    return __version__
