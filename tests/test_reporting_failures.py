@@ -177,8 +177,8 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypa
     Blocks of 7 rows on both sides, so that the row offsets of several blocks are used."""
     from rmgl.data.records import ImageRecord
     from rmgl.metrics import evaluate_features, features, pairwise_distance
-    from rmgl.reporting import html_report
-    from rmgl.reporting.html_report import ReportInputs, report_data
+    from rmgl.reporting import analysis
+    from rmgl.reporting.analysis import ReportInputs, report_data
 
     def seven_row_blocks(*args, **kwargs):  # the distance blocks, re-cut into 7 rows each
         for start, block in features.pairwise_distance_chunks(*args, **kwargs):
@@ -186,7 +186,7 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypa
                 yield start + i, block[i : i + 7]
 
     monkeypatch.setattr(failures, "CHUNK_ELEMENTS", 7 * 70)  # the matrix path: 7-row blocks
-    monkeypatch.setattr(html_report, "pairwise_distance_chunks", seven_row_blocks)
+    monkeypatch.setattr(analysis, "pairwise_distance_chunks", seven_row_blocks)
 
     rng = np.random.default_rng(5)
     _, q_pids, g_pids, q_cams, g_cams, _ = _problem(5, num_q=30, num_g=70)
