@@ -13,16 +13,15 @@ import torch
 from omegaconf import OmegaConf
 
 from rmgl.data.records import ReidDataset, same_image_index
-from rmgl.engine.evaluation import extract_query_gallery, resolve_protocol
-from rmgl.metrics import (
-    ExtractedFeatures,
-    RankResult,
-    evaluate_features,
-    evaluate_rank,
-    k_reciprocal_rerank,
-    pairwise_distance,
+from rmgl.engine.evaluation import (
+    extract_query_gallery,
+    model_settings,
+    rank_query_gallery,
+    resolve_protocol,
 )
-from rmgl.reporting.html_report import ReportInputs, build_report
+from rmgl.metrics import ExtractedFeatures, RankResult, pairwise_distance
+from rmgl.reporting.analysis import ReportInputs
+from rmgl.reporting.html_report import build_report
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,8 @@ def report_model(
     results: dict[str, RankResult] | None = None,
 ) -> tuple[Path, dict, dict[str, RankResult]]:
     """Extract features of the query and gallery (as :func:`~rmgl.engine.evaluation.evaluate_model`
-    does: flip-averaged, L2-normalised, the config's distance), rank, and write the report.
+    does: flip-averaged, L2-normalised, the model's preprocessing and distance, see
+    :func:`~rmgl.engine.evaluation.model_settings`), rank, and write the report.
 
     ``model`` is a model from :func:`rmgl.engine.load.load_model` (it carries ``preprocess``,
     ``config`` and ``checkpoint``). ``features`` (from
@@ -66,41 +66,22 @@ def report_model(
     numbers (with ``timings``) and the results.
     """
     protocol = resolve_protocol(protocol, dataset)
-    metric = model.config.eval.metric
+    preprocess, metric = model_settings(model)
     start = time.perf_counter()
     if features is None:  # extract_features runs without autograd
         features = extract_query_gallery(
-            model, dataset, model.preprocess, batch_size, workers, progress, amp
+            model, dataset, preprocess, batch_size, workers, progress, amp
         )
     query, gallery = features
     extracted = time.perf_counter()
     own = same_image_index(dataset.query, dataset.gallery)
-    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    results = dict(results or {})
     small = len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20
     # small enough to hold: one distance pass serves the ranking and the page; else both
     # stream it (the ranking as evaluate_model does, the page once more)
     distmat = pairwise_distance(query.features, gallery.features, metric=metric) if small else None
-    if "plain" not in results:
-        results["plain"] = (
-            evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
-            if small
-            else evaluate_features(
-                query.features,
-                gallery.features,
-                *labels,
-                metric=metric,
-                protocol=protocol,
-                query_in_gallery=own,
-            )
-        )
-    if rerank and "rerank" not in results:
-        results["rerank"] = evaluate_rank(
-            k_reciprocal_rerank(query.features, gallery.features),
-            *labels,
-            protocol=protocol,
-            query_in_gallery=own,
-        )
+    results = rank_query_gallery(
+        query, gallery, protocol, own, metric, rerank, distmat=distmat, results=results
+    )
     ranked = time.perf_counter()
     inputs = ReportInputs(
         dataset=dataset.name,
