@@ -425,6 +425,30 @@ def test_ignored_gallery_mask_is_the_metric_rule(protocol):
     assert result.mAP == pytest.approx(np.mean(aps), abs=1e-12)
 
 
+@pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
+def test_ignored_gallery_block_is_the_rule_of_each_query(protocol):
+    """The block form (failure analysis) on any sorted subset of columns, with two copies of
+    a query's image, equals a plain loop over pairs with the rule written out."""
+    from rmgl.metrics.ranking import ignored_gallery_block
+
+    rng = np.random.default_rng(7)
+    q_pids, q_cams = rng.integers(0, 4, 9), rng.integers(0, 3, 9)
+    g_pids, g_cams = rng.integers(0, 4, 30), rng.integers(0, 3, 30)
+    copies = np.full((9, 2), -1)
+    copies[0], copies[4, 0] = (3, 17), 29
+    columns = np.sort(rng.choice(30, 12, replace=False))
+    columns[:2] = (3, 17)  # so that query 0's copies are among the columns
+    columns = np.sort(columns)
+    same, ignored = ignored_gallery_block(q_pids, q_cams, copies, g_pids, g_cams, protocol, columns)
+    for q in range(9):
+        for j, g in enumerate(columns):
+            rule = g in copies[q] or (
+                protocol == "cross_camera" and g_pids[g] == q_pids[q] and g_cams[g] == q_cams[q]
+            )
+            assert ignored[q, j] == rule and same[q, j] == (g_pids[g] == q_pids[q])
+    assert ignored[0, list(columns).index(17)]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

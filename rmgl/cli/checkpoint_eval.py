@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from rmgl.data.datasets import dataset_names
+from rmgl.data.records import PROTOCOLS
 
 
 def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help: str) -> None:
@@ -18,7 +19,7 @@ def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help:
     parser.add_argument(
         "--protocol",
         default="auto",
-        choices=("auto", "cross_camera", "any_camera"),
+        choices=("auto", *PROTOCOLS),
         help="auto: the dataset's own (cross_camera, or any_camera for data without cameras)",
     )
     parser.add_argument(

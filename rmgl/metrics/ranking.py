@@ -212,6 +212,43 @@ def own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
     return own
 
 
+def protocol_ignores(same_pid, q_camids, g_camids, protocol: str = "cross_camera") -> np.ndarray:
+    """The protocol's rule, elementwise over (query, gallery) pairs whose ``q_camids`` and
+    ``g_camids`` broadcast: whether a gallery item sharing the query's identity
+    (``same_pid``: a boolean array, or True when every pair does) is ignored. Under
+    ``cross_camera`` those from the query's camera are; under ``any_camera`` none is. The
+    query image itself is ignored under both, by its index (see :func:`ignored_gallery_block`).
+    """
+    if protocol == "cross_camera":
+        return np.logical_and(same_pid, np.asarray(q_camids) == np.asarray(g_camids))
+    return np.zeros(np.broadcast(same_pid, q_camids, g_camids).shape, dtype=bool)
+
+
+def ignored_gallery_block(
+    q_pids: np.ndarray,
+    q_camids: np.ndarray,
+    query_in_gallery: np.ndarray,
+    g_pids: np.ndarray,
+    g_camids: np.ndarray,
+    protocol: str = "cross_camera",
+    columns: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(same identity, ignored) boolean masks, rows x columns, of a block of queries: the rule
+    of :func:`evaluate_rank`. ``query_in_gallery`` is (rows, k), the gallery indices of each
+    query's own image, -1 padded (:func:`own_indices`): every copy is ignored. ``columns``:
+    the sorted gallery indices of the block's columns (default all); labels are int arrays.
+    """
+    cols = np.arange(len(g_pids)) if columns is None else columns
+    same = q_pids[:, None] == g_pids[None, cols]
+    ignored = protocol_ignores(same, q_camids[:, None], g_camids[None, cols], protocol)
+    for column in np.asarray(query_in_gallery).T:
+        position = np.searchsorted(cols, column)
+        hit = (column >= 0) & (position < len(cols))
+        hit[hit] = cols[position[hit]] == column[hit]
+        ignored[np.flatnonzero(hit), position[hit]] = True
+    return same, ignored
+
+
 def ignored_gallery_mask(
     q_pid: int,
     q_camid: int,
@@ -235,12 +272,8 @@ def ignored_gallery_mask(
     bad = own[(own < -1) | (own >= len(g_pids))]
     if len(bad):
         raise ValueError(f"own_index {bad[0]} is not a gallery index (0..{len(g_pids) - 1}) or -1")
-    if protocol == "cross_camera":
-        mask = (g_pids == q_pid) & (g_camids == q_camid)
-    else:
-        mask = np.zeros(len(g_pids), dtype=bool)
-    mask[own[own >= 0]] = True
-    return mask
+    query = np.array([q_pid], dtype=np.int64), np.array([q_camid], dtype=np.int64)
+    return ignored_gallery_block(*query, own[None, :], g_pids, g_camids, protocol)[1][0]
 
 
 def _same_pid_pairs(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,8 +310,7 @@ def _labelled_pairs(
     ignored = np.zeros(len(pair_query), dtype=bool)
     for column in own.T:
         ignored |= pair_gallery == column[pair_query]
-    if protocol == "cross_camera":
-        ignored |= q_camids[pair_query] == g_camids[pair_gallery]
+    ignored |= protocol_ignores(True, q_camids[pair_query], g_camids[pair_gallery], protocol)
     odd_query, odd_slot = np.nonzero((own >= 0) & (g_pids[np.maximum(own, 0)] != q_pids[:, None]))
     if len(odd_query):
         pair_query = np.concatenate([pair_query, odd_query])
@@ -713,9 +745,8 @@ def evaluate_cuhk03_single_shot(
     for start in range(0, num_q, rows_per_chunk):
         block = dist[start : start + rows_per_chunk][:, by_pid]  # gallery grouped by pid
         same_pid = g_pids[by_pid][None, :] == q_pids[start : start + len(block), None]
-        valid = ~(
-            same_pid & (g_camids[by_pid][None, :] == q_camids[start : start + len(block), None])
-        )
+        rows = q_camids[start : start + len(block), None]
+        valid = ~protocol_ignores(same_pid, rows, g_camids[by_pid][None, :], "cross_camera")
         has_match = (same_pid & valid).any(axis=1)
         block, same_pid, valid = block[has_match], same_pid[has_match], valid[has_match]
         gallery_index = np.broadcast_to(by_pid, block.shape)

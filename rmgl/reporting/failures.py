@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rmgl.data.records import check_protocol
-from rmgl.metrics.ranking import RankResult, ignored_gallery_mask, own_indices
+from rmgl.metrics.ranking import (
+    RankResult,
+    ignored_gallery_block,
+    ignored_gallery_mask,
+    own_indices,
+)
 
 __all__ = [
     "CameraPairR1",
@@ -50,22 +55,6 @@ def _own(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
     return own_indices(query_in_gallery, num_q, num_g)
 
 
-def _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol) -> tuple[np.ndarray, np.ndarray]:
-    """(same identity, ignored) masks (rows x len(cols)) of a block of queries; ``own`` is
-    (rows, k): every copy of a query's own image is ignored."""
-    same = q_pids[:, None] == g_pids[None, cols]
-    if protocol == "cross_camera":
-        ignored = same & (q_cams[:, None] == g_cams[None, cols])
-    else:
-        ignored = np.zeros_like(same)
-    for column in own.T:
-        position = np.searchsorted(cols, column)
-        hit = (column >= 0) & (position < len(cols))
-        hit[hit] = cols[position[hit]] == column[hit]
-        ignored[np.flatnonzero(hit), position[hit]] = True
-    return same, ignored
-
-
 def _nearest_in_block(
     block: np.ndarray, q_pids, q_cams, own, g_pids, g_cams, cols, protocol
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +62,7 @@ def _nearest_in_block(
     ``cols``. ``block`` is overwritten (pass a copy)."""
     if block.dtype not in (np.float32, np.float64):
         block = block.astype(np.float64)
-    same, ignored = _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol)
+    same, ignored = ignored_gallery_block(q_pids, q_cams, own, g_pids, g_cams, protocol, cols)
     block[ignored] = np.inf
     best = np.argmin(block, axis=1)  # first minimum: the lowest gallery index on ties
     valid = np.isfinite(block[np.arange(len(best)), best])
