@@ -42,18 +42,20 @@ def test_ranking_is_the_metrics_of_the_full_matrix(protocol):
     g_pids = np.array([1, 1, 2, 2, 3, 3, 0, 4])
     g_cams = np.array([0, 1, 0, 1, 1, 0, 1, 0])
     query, gallery = _features(0, 4, q_pids, q_cams), _features(1, 8, g_pids, g_cams)
-    own = np.array([0, -1, -1, -1])  # query 0 is gallery image 0
+    query_in_gallery = np.array([0, -1, -1, -1])  # query 0 is gallery image 0
     labels = (q_pids, g_pids, q_cams, g_cams)
     distmat = pairwise_distance(query.features, gallery.features, metric="cosine")
-    reference = evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
+    reference = evaluate_rank(
+        distmat, *labels, protocol=protocol, query_in_gallery=query_in_gallery
+    )
     reranked = evaluate_rank(
         k_reciprocal_rerank(query.features, gallery.features),
         *labels,
         protocol=protocol,
-        query_in_gallery=own,
+        query_in_gallery=query_in_gallery,
     )
-    streamed = rank_query_gallery(query, gallery, protocol, own, "cosine", rerank=True)
-    held = rank_query_gallery(query, gallery, protocol, own, "cosine", distmat=distmat)
+    streamed = rank_query_gallery(query, gallery, protocol, query_in_gallery, "cosine", rerank=True)
+    held = rank_query_gallery(query, gallery, protocol, query_in_gallery, "cosine", distmat=distmat)
     assert set(streamed) == {"plain", "rerank"} and set(held) == {"plain"}
     for got in (streamed["plain"], held["plain"]):
         np.testing.assert_allclose(got.cmc, reference.cmc, atol=1e-6)
@@ -61,5 +63,5 @@ def test_ranking_is_the_metrics_of_the_full_matrix(protocol):
         assert got.protocol == protocol
     np.testing.assert_allclose(streamed["rerank"].cmc, reranked.cmc, atol=1e-6)
     # results already computed are kept, not computed again
-    kept = rank_query_gallery(query, gallery, protocol, own, rerank=True, results=held)
+    kept = rank_query_gallery(query, gallery, protocol, query_in_gallery, rerank=True, results=held)
     assert kept["plain"] is held["plain"] and "rerank" in kept and "rerank" not in held

@@ -74,13 +74,13 @@ def report_model(
         )
     query, gallery = features
     extracted = time.perf_counter()
-    own = same_image_index(dataset.query, dataset.gallery)
+    query_in_gallery = same_image_index(dataset.query, dataset.gallery)
     small = len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20
     # small enough to hold: one distance pass serves the ranking and the page; else both
     # stream it (the ranking as evaluate_model does, the page once more)
     distmat = pairwise_distance(query.features, gallery.features, metric=metric) if small else None
     results = rank_query_gallery(
-        query, gallery, protocol, own, metric, rerank, distmat=distmat, results=results
+        query, gallery, protocol, query_in_gallery, metric, rerank, distmat=distmat, results=results
     )
     ranked = time.perf_counter()
     inputs = ReportInputs(
@@ -90,7 +90,7 @@ def report_model(
         distmat=distmat,
         results=results,
         protocol=protocol,
-        query_in_gallery=own,
+        query_in_gallery=query_in_gallery,
         metric=metric,
         root=str(dataset.root),
         query_features=np.asarray(query.features),

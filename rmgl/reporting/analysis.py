@@ -79,7 +79,7 @@ def report_data(
     g_pids = np.array([r.pid for r in inputs.gallery])
     q_cams = np.array([r.camid for r in inputs.query])
     g_cams = np.array([r.camid for r in inputs.gallery])
-    own = inputs.query_in_gallery
+    query_in_gallery = inputs.query_in_gallery
     if inputs.distmat is not None:
         blocks = np.asarray(inputs.distmat)
         if blocks.shape != (len(q_pids), len(g_pids)):
@@ -118,7 +118,7 @@ def report_data(
     valid_ap = ap[~np.isnan(ap)]
     counts, edges = np.histogram(valid_ap, bins=10, range=(0.0, 1.0))
     worst_ids = failures.worst_queries(plain, worst).tolist()
-    labels = (q_pids, g_pids, q_cams, g_cams, inputs.protocol, own)
+    labels = (q_pids, g_pids, q_cams, g_cams, inputs.protocol, query_in_gallery)
     scan = failures.scan_distances(blocks, *labels, keep_rows=worst_ids)
     nearest, has_match = scan.nearest, scan.has_match
     pairs, distractors = failures.confused_identity_pairs(
@@ -135,7 +135,7 @@ def report_data(
             g_pids,
             g_cams,
             inputs.protocol,
-            own[q] if own is not None else -1,
+            query_in_gallery[q] if query_in_gallery is not None else -1,
         )
         if len(ranking.match_ranks) and ranking.match_ranks[0] - 1 != plain.per_query_first_rank[q]:
             raise ValueError(

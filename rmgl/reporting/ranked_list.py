@@ -114,7 +114,7 @@ def ranked_list_figure(
     g_pids = np.array([r.pid for r in gallery])
     q_cams = np.array([r.camid for r in query])
     g_cams = np.array([r.camid for r in gallery])
-    own = same_image_index(query, gallery)
+    query_in_gallery = same_image_index(query, gallery)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(query), size=min(num_queries, len(query)), replace=False))
     rows = []
@@ -124,7 +124,9 @@ def ranked_list_figure(
             dists = distmat.distances[qi, :topk][order >= 0]
             order = order[order >= 0]
         else:
-            keep = ~ignored_gallery_mask(q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, own[qi])
+            keep = ~ignored_gallery_mask(
+                q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, query_in_gallery[qi]
+            )
             candidates = np.flatnonzero(keep)
             order = candidates[np.argsort(distmat[qi, candidates], kind="stable")[:topk]]
             dists = distmat[qi, order]
