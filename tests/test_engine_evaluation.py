@@ -65,3 +65,13 @@ def test_ranking_is_the_metrics_of_the_full_matrix(protocol):
     # results already computed are kept, not computed again
     kept = rank_query_gallery(query, gallery, protocol, query_in_gallery, rerank=True, results=held)
     assert kept["plain"] is held["plain"] and "rerank" in kept and "rerank" not in held
+
+
+def test_the_former_module_name_still_works_with_a_warning():
+    from rmgl.engine import failure_report
+
+    with pytest.warns(DeprecationWarning, match="import report_model from rmgl.engine.failure"):
+        from rmgl.engine.report import report_model
+    assert report_model is failure_report.report_model
+    with pytest.raises(ImportError):
+        from rmgl.engine.report import no_such_name  # noqa: F401

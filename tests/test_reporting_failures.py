@@ -28,10 +28,12 @@ def _problem(seed: int, num_q: int = 40, num_g: int = 90, queries_in_gallery: bo
     return dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery
 
 
-def _order(dist_row, q_pid, q_cam, g_pids, g_cams, protocol, query_in_gallery):
-    keep = ~ignored_gallery_mask(q_pid, q_cam, g_pids, g_cams, protocol, query_in_gallery)
+def _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery):
+    """Query ``q``'s ranked gallery: the valid items sorted by (distance, index)."""
+    copy = -1 if query_in_gallery is None else query_in_gallery[q]
+    keep = ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, copy)
     candidates = np.flatnonzero(keep)
-    return candidates[np.argsort(dist_row[candidates], kind="stable")]
+    return candidates[np.argsort(dist[q, candidates], kind="stable")]
 
 
 CASES = [("cross_camera", False), ("any_camera", True), ("cross_camera", True)]
@@ -48,15 +50,7 @@ def test_camera_pair_r1_matches_a_loop(protocol, queries_in_gallery):
     hits = np.zeros((len(cams), len(cams)))
     counts = np.zeros((len(cams), len(cams)), dtype=int)
     for q in range(len(q_pids)):
-        order = _order(
-            dist[q],
-            q_pids[q],
-            q_cams[q],
-            g_pids,
-            g_cams,
-            protocol,
-            -1 if query_in_gallery is None else query_in_gallery[q],
-        )
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         for b, cam in enumerate(cams):
             ranked = order[g_cams[order] == cam]
             if not (g_pids[ranked] == q_pids[q]).any():
@@ -84,15 +78,7 @@ def test_confused_pairs_and_nearest_match_a_loop(protocol, queries_in_gallery):
     )
     counter, directed, expected_distractors = Counter(), Counter(), 0
     for q in range(len(q_pids)):
-        order = _order(
-            dist[q],
-            q_pids[q],
-            q_cams[q],
-            g_pids,
-            g_cams,
-            protocol,
-            -1 if query_in_gallery is None else query_in_gallery[q],
-        )
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         assert nearest[q] == order[0]
         assert has_match[q] == (g_pids[order] == q_pids[q]).any()
         if not has_match[q] or g_pids[order[0]] == q_pids[q]:
@@ -130,7 +116,7 @@ def test_query_ranking_and_worst_queries(protocol, queries_in_gallery):
         ranking = failures.query_ranking(
             dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, copy_q
         )
-        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, copy_q)
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         np.testing.assert_array_equal(ranking.order, order)
         expected_ranks = [i + 1 for i, g in enumerate(order) if g_pids[g] == q_pids[q]]
         np.testing.assert_array_equal(ranking.match_ranks, expected_ranks)

@@ -288,8 +288,8 @@ def test_bad_input_is_one_line(argv, message, data, checkpoint, tmp_path, capsys
 def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
     """A report stays a few hundred kB per detailed query, whatever the dataset size."""
     from rmgl.data.datasets import load_dataset
+    from rmgl.engine.failure_report import report_model
     from rmgl.engine.load import load_model
-    from rmgl.engine.report import report_model
 
     model = load_model(checkpoint, "cpu")
     path, got, _ = report_model(
@@ -303,17 +303,19 @@ def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
 def test_streamed_report_equals_the_matrix_report(checkpoint, data, tmp_path, monkeypatch):
     """Above MATRIX_LIMIT_MB report_model never holds the Q x G matrix; the page is the same."""
     from rmgl.data.datasets import load_dataset
-    from rmgl.engine import report
+    from rmgl.engine import failure_report
     from rmgl.engine.load import load_model
 
     model, dataset = load_model(checkpoint, "cpu"), load_dataset("folder", data)
-    _, held, _ = report.report_model(
+    _, held, _ = failure_report.report_model(
         model, dataset, tmp_path / "a", workers=0, worst=3, progress=False
     )
-    monkeypatch.setattr(report, "MATRIX_LIMIT_MB", 0)
+    monkeypatch.setattr(failure_report, "MATRIX_LIMIT_MB", 0)
     seen = []
-    monkeypatch.setattr(report, "pairwise_distance", lambda *a, **k: seen.append(a))  # must not run
-    _, streamed, _ = report.report_model(
+    monkeypatch.setattr(
+        failure_report, "pairwise_distance", lambda *a, **k: seen.append(a)
+    )  # must not run
+    _, streamed, _ = failure_report.report_model(
         model, dataset, tmp_path / "b", workers=0, worst=3, progress=False
     )
     assert not seen

@@ -44,7 +44,7 @@ def write_report(
 ) -> Path:
     """Build the report of a loaded model and a checked dataset (reusing an evaluation's
     ``features`` and ``results`` when given); prints its path."""
-    from rmgl.engine.report import report_model
+    from rmgl.engine.failure_report import report_model
 
     path, data, _ = report_model(
         model,
@@ -77,8 +77,8 @@ def run_report(args: argparse.Namespace) -> int:
 def report_for_run(run_dir: Path, dataset, rerank: bool, worst: int = 20) -> Path:
     """The report of a finished run's best checkpoint on ``dataset`` (``rmgl demo``), written
     as ``<run_dir>/report.html``."""
+    from rmgl.engine.failure_report import report_model
     from rmgl.engine.load import load_model
-    from rmgl.engine.report import report_model
 
     checkpoint = run_dir / "best.safetensors"
     if not checkpoint.is_file():
