@@ -34,7 +34,8 @@ from proc_memory import reset_peak_rss, rss_mb
 
 from rmgl.data.records import ImageRecord
 from rmgl.metrics import evaluate_features, evaluate_rank, pairwise_distance
-from rmgl.reporting.html_report import ReportInputs, build_report
+from rmgl.reporting.analysis import ReportInputs
+from rmgl.reporting.html_report import build_report
 
 SCALES = {"small": (500, 3000, 150, 400), "market": (3368, 15913, 750, 2793)}
 PARTS, DIM = 14, 256

@@ -402,15 +402,15 @@ def test_one_camera_data_evaluates_with_any_camera(tmp_path):
     ds = load_dataset("csv", tmp_path)
     q_pids, g_pids = [r.pid for r in ds.query], [r.pid for r in ds.gallery]
     q_cams, g_cams = [r.camid for r in ds.query], [r.camid for r in ds.gallery]
-    own = same_image_index(ds.query, ds.gallery)
-    assert own.tolist() == [[0], [2]]
+    query_in_gallery = same_image_index(ds.query, ds.gallery)
+    assert query_in_gallery.tolist() == [[0], [2]]
     # query a1: itself 0.0, a2 0.5, b1 0.2, b2 0.9 -> a2 after b1: rank 2
     # query b1: a1 0.3, a2 0.4, itself 0.0, b2 0.1 -> b2 first: rank 1
     dist = np.array([[0.0, 0.5, 0.2, 0.9], [0.3, 0.4, 0.0, 0.1]])
     with pytest.raises(ValueError, match="no query has a valid true match.*any_camera"):
-        evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery=own)
+        evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery=query_in_gallery)
     result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=3,
-                           protocol=ds.protocol, query_in_gallery=own)  # fmt: skip
+                           protocol=ds.protocol, query_in_gallery=query_in_gallery)  # fmt: skip
     np.testing.assert_allclose(result.cmc, [0.5, 1, 1])
     assert result.mAP == pytest.approx((1 / 2 + 1) / 2)
     assert result.protocol == "any_camera"
@@ -423,12 +423,14 @@ def test_every_gallery_copy_of_a_query_image_is_ignored(tmp_path):
     query = [ImageRecord(paths[0], 1, 0), ImageRecord(paths[2], 2, 0)]
     gallery = [ImageRecord(p, pid, 0) for p, pid in zip(paths, [1, 1, 2, 2])]
     gallery.append(ImageRecord(paths[0], 1, 0))  # a1 again, index 4
-    own = same_image_index(query, gallery)
-    assert own.tolist() == [[0, 4], [2, -1]]
+    query_in_gallery = same_image_index(query, gallery)
+    assert query_in_gallery.tolist() == [[0, 4], [2, -1]]
     # query a1: its copies 0.0 and 0.0, a2 0.5, b1 0.2 -> a2 after b1: rank 2, AP 1/2
     dist = np.array([[0.0, 0.5, 0.2, 0.9, 0.0], [0.3, 0.4, 0.0, 0.1, 0.3]])
     labels = ([1, 2], [1, 1, 2, 2, 1], [0, 0], [0] * 5)
-    result = evaluate_rank(dist, *labels, max_rank=3, protocol="any_camera", query_in_gallery=own)
+    result = evaluate_rank(
+        dist, *labels, max_rank=3, protocol="any_camera", query_in_gallery=query_in_gallery
+    )
     np.testing.assert_allclose(result.per_query_ap, [1 / 2, 1.0])
     streamed = evaluate_features(
         torch.tensor([[0.0], [10.0]]),
@@ -436,12 +438,12 @@ def test_every_gallery_copy_of_a_query_image_is_ignored(tmp_path):
         *labels,
         max_rank=3,
         protocol="any_camera",
-        query_in_gallery=own,
+        query_in_gallery=query_in_gallery,
         topk=3,
     )
     np.testing.assert_allclose(streamed.per_query_ap, [1 / 2, 1.0])
     assert 4 not in streamed.ranked_lists.indices[0] and 0 not in streamed.ranked_lists.indices[0]
-    mask = ignored_gallery_mask(1, 0, labels[1], labels[3], "any_camera", own[0])
+    mask = ignored_gallery_mask(1, 0, labels[1], labels[3], "any_camera", query_in_gallery[0])
     assert mask.tolist() == [True, False, False, False, True]
 
 

@@ -208,3 +208,26 @@ def test_gpu_distances_equal_cpu_distances(metric):
     query, gallery, *_ = clustered_with_duplicates(2, 200, 3000, 256)
     cpu = pairwise_distance(query, gallery, metric=metric)
     np.testing.assert_array_equal(pairwise_distance(query, gallery, metric, device="cuda"), cpu)
+
+
+def test_one_list_of_metrics_everywhere_they_are_chosen():
+    """Configs, rmgl search --metric, the index and the HTTP API accept what
+    rmgl.metrics.distance computes."""
+    import typing
+
+    from rmgl.cli import build_parser
+    from rmgl.engine.config import CHOICES
+    from rmgl.metrics.distance import METRICS, check_metric
+
+    assert CHOICES["eval.metric"] == METRICS == ("euclidean", "sqeuclidean", "cosine")
+    search = ["search", "--index", "i", "--features", "q", "--out", "o.json", "--metric"]
+    for metric in METRICS:
+        assert build_parser().parse_args([*search, metric]).metric == metric
+        check_metric(metric)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*search, "manhattan"])
+    with pytest.raises(ValueError, match="metric must be one of .*'manhattan'"):
+        check_metric("manhattan")
+    serve = pytest.importorskip("rmgl.serve.app")
+    annotation = serve.SearchOptions.model_fields["metric"].annotation
+    assert typing.get_args(annotation) == METRICS

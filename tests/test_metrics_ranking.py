@@ -258,14 +258,14 @@ def test_distances_far_from_zero_match_reference(dtype, ranking_path):
 # --- Protocols: cross_camera and any_camera, with the query image itself in the gallery ---
 
 
-def reference_protocol(dist, q_pids, g_pids, q_cams, g_cams, protocol, own, max_rank):
+def reference_protocol(dist, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery, max_rank):
     """Slow and independent of the library: per query, drop the ignored items by the written
     rule, order the rest with Python's sort by (distance, gallery index), count by hand."""
     cmc_sum, ap_list, inp_list = np.zeros(max_rank), [], []
     for q in range(dist.shape[0]):
         kept = []
         for g in range(dist.shape[1]):
-            if g == own[q]:
+            if g == query_in_gallery[q]:
                 continue  # the query image itself: ignored by every protocol
             same_id = g_pids[g] == q_pids[q]
             if protocol == "cross_camera" and same_id and g_cams[g] == q_cams[q]:
@@ -288,29 +288,33 @@ def case_with_queries_in_gallery(rng, num_q, num_g, num_ids, num_cams):
     """A random case where about half the queries are also gallery images (their own row at
     distance 0), a few of them labelled inconsistently (another pid in the gallery)."""
     dist, q_pids, g_pids, q_cams, g_cams = random_case(rng, num_q, num_g, num_ids, num_cams)
-    own = np.full(num_q, -1)
+    query_in_gallery = np.full(num_q, -1)
     chosen = rng.permutation(num_g)[: num_q // 2]
     for q, g in enumerate(chosen):
-        own[q] = g
+        query_in_gallery[q] = g
         if rng.random() < 0.9:
             q_pids[q], q_cams[q] = g_pids[g], g_cams[g]
         dist[q, g] = 0.0
     q_pids[q_pids == 0] = 1  # distractors are never queries
-    return (dist, q_pids, g_pids, q_cams, g_cams), own
+    return (dist, q_pids, g_pids, q_cams, g_cams), query_in_gallery
 
 
-def assert_protocol_matches_reference(case, protocol, own, max_rank=10):
-    expected = reference_protocol(*case, protocol, own, max_rank)
+def assert_protocol_matches_reference(case, protocol, query_in_gallery, max_rank=10):
+    expected = reference_protocol(*case, protocol, query_in_gallery, max_rank)
     if expected is None:
         with pytest.raises(ValueError, match="no query has a valid true match"):
-            evaluate_rank(*case, max_rank=max_rank, protocol=protocol, query_in_gallery=own)
+            evaluate_rank(
+                *case, max_rank=max_rank, protocol=protocol, query_in_gallery=query_in_gallery
+            )
         return
     cmc, m_ap, m_inp, n = expected
-    result = evaluate_rank(*case, max_rank=max_rank, protocol=protocol, query_in_gallery=own)
+    result = evaluate_rank(
+        *case, max_rank=max_rank, protocol=protocol, query_in_gallery=query_in_gallery
+    )
     np.testing.assert_allclose(result.cmc, cmc, atol=1e-12)
     assert result.mAP == pytest.approx(m_ap, abs=1e-12)
     assert result.mINP == pytest.approx(m_inp, abs=1e-12)
-    assert (result.num_valid_queries, result.num_skipped_queries) == (n, len(own) - n)
+    assert (result.num_valid_queries, result.num_skipped_queries) == (n, len(query_in_gallery) - n)
     assert result.protocol == protocol
 
 
@@ -319,14 +323,14 @@ def assert_protocol_matches_reference(case, protocol, own, max_rank=10):
 def test_protocols_match_reference(seed, protocol, ranking_path):
     rng = np.random.default_rng(300 + seed)
     num_cams = int(rng.integers(1, 4))  # one camera: cross_camera often has no valid query
-    case, own = case_with_queries_in_gallery(
+    case, query_in_gallery = case_with_queries_in_gallery(
         rng,
         int(rng.integers(2, 30)),
         int(rng.integers(30, 200)),
         int(rng.integers(2, 10)),
         num_cams,
     )
-    assert_protocol_matches_reference(case, protocol, own)
+    assert_protocol_matches_reference(case, protocol, query_in_gallery)
 
 
 @pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
@@ -335,9 +339,9 @@ def test_protocols_match_reference_with_ties_and_chunks(protocol, ranking_path, 
 
     monkeypatch.setattr(ranking, "CHUNK_ELEMENTS", 1000)  # several chunks of query rows
     rng = np.random.default_rng(17)
-    case, own = case_with_queries_in_gallery(rng, 40, 150, 6, 2)
+    case, query_in_gallery = case_with_queries_in_gallery(rng, 40, 150, 6, 2)
     case[0][:] = np.round(case[0] * 4)  # many exact ties
-    assert_protocol_matches_reference(case, protocol, own)
+    assert_protocol_matches_reference(case, protocol, query_in_gallery)
 
 
 def test_any_camera_without_own_images_counts_same_camera_matches(ranking_path):
@@ -363,7 +367,7 @@ PROTO_G_CAMS = np.array([0, 0, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize(
-    "protocol, own, cmc, m_ap, m_inp",
+    "protocol, query_in_gallery, cmc, m_ap, m_inp",
     [
         ("any_camera", [0], [1, 1, 1, 1, 1], 3 / 4, 2 / 4),
         ("cross_camera", [0], [0, 0, 1, 1, 1], 1 / 3, 1 / 3),
@@ -371,10 +375,10 @@ PROTO_G_CAMS = np.array([0, 0, 0, 1, 0, 0])
         ("any_camera", None, [1, 1, 1, 1, 1], (1 + 1 + 3 / 5) / 3, 3 / 5),
     ],
 )
-def test_hand_computed_protocols(protocol, own, cmc, m_ap, m_inp, ranking_path):
+def test_hand_computed_protocols(protocol, query_in_gallery, cmc, m_ap, m_inp, ranking_path):
     result = evaluate_rank(
         PROTO_DIST, [1], PROTO_G_PIDS, [0], PROTO_G_CAMS, max_rank=5,
-        protocol=protocol, query_in_gallery=own,
+        protocol=protocol, query_in_gallery=query_in_gallery,
     )  # fmt: skip
     np.testing.assert_allclose(result.cmc, cmc)
     assert result.mAP == pytest.approx(m_ap)
@@ -397,32 +401,60 @@ def test_single_camera_data_needs_any_camera():
 
 
 def test_ignored_gallery_mask_hand_computed():
-    mask = lambda protocol, own=-1: ignored_gallery_mask(  # noqa: E731
-        1, 0, PROTO_G_PIDS, PROTO_G_CAMS, protocol, own_index=own
+    mask = lambda protocol, query_in_gallery=-1: ignored_gallery_mask(  # noqa: E731
+        1, 0, PROTO_G_PIDS, PROTO_G_CAMS, protocol, query_in_gallery=query_in_gallery
     ).tolist()
     assert mask("cross_camera") == [True, False, True, False, False, False]
-    assert mask("cross_camera", own=3) == [True, False, True, True, False, False]
+    assert mask("cross_camera", query_in_gallery=3) == [True, False, True, True, False, False]
     assert mask("any_camera") == [False] * 6
-    assert mask("any_camera", own=0) == [True, False, False, False, False, False]
+    assert mask("any_camera", query_in_gallery=0) == [True, False, False, False, False, False]
 
 
 @pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
 def test_ignored_gallery_mask_is_the_metric_rule(protocol):
     """Ranking each query by hand over the items the mask keeps gives the metric's numbers."""
     rng = np.random.default_rng(41)
-    (dist, q_pids, g_pids, q_cams, g_cams), own = case_with_queries_in_gallery(rng, 20, 120, 6, 2)
+    (dist, q_pids, g_pids, q_cams, g_cams), query_in_gallery = case_with_queries_in_gallery(
+        rng, 20, 120, 6, 2
+    )
     result = evaluate_rank(
-        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=query_in_gallery
     )
     aps = []
     for q in range(len(q_pids)):
         kept = np.flatnonzero(
-            ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, own[q])
+            ~ignored_gallery_mask(
+                q_pids[q], q_cams[q], g_pids, g_cams, protocol, query_in_gallery[q]
+            )
         )
         hits = g_pids[kept[np.argsort(dist[q, kept], kind="stable")]] == q_pids[q]
         if hits.any():
             aps.append(np.mean(np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)))
     assert result.mAP == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+@pytest.mark.parametrize("protocol", ["cross_camera", "any_camera"])
+def test_ignored_gallery_block_is_the_rule_of_each_query(protocol):
+    """The block form (failure analysis) on any sorted subset of columns, with two copies of
+    a query's image, equals a plain loop over pairs with the rule written out."""
+    from rmgl.metrics.ranking import ignored_gallery_block
+
+    rng = np.random.default_rng(7)
+    q_pids, q_cams = rng.integers(0, 4, 9), rng.integers(0, 3, 9)
+    g_pids, g_cams = rng.integers(0, 4, 30), rng.integers(0, 3, 30)
+    copies = np.full((9, 2), -1)
+    copies[0], copies[4, 0] = (3, 17), 29
+    columns = np.sort(rng.choice(30, 12, replace=False))
+    columns[:2] = (3, 17)  # so that query 0's copies are among the columns
+    columns = np.sort(columns)
+    same, ignored = ignored_gallery_block(q_pids, q_cams, copies, g_pids, g_cams, protocol, columns)
+    for q in range(9):
+        for j, g in enumerate(columns):
+            rule = g in copies[q] or (
+                protocol == "cross_camera" and g_pids[g] == q_pids[q] and g_cams[g] == q_cams[q]
+            )
+            assert ignored[q, j] == rule and same[q, j] == (g_pids[g] == q_pids[q])
+    assert ignored[0, list(columns).index(17)]
 
 
 @pytest.mark.parametrize(
@@ -443,10 +475,25 @@ def test_protocol_argument_errors(kwargs, message):
 def test_ignored_gallery_mask_errors():
     with pytest.raises(ValueError, match="unknown evaluation protocol 'other'"):
         ignored_gallery_mask(1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "other")
-    with pytest.raises(ValueError, match="own_index 6 is not a gallery index"):
-        ignored_gallery_mask(1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "any_camera", own_index=6)
+    with pytest.raises(ValueError, match="query_in_gallery 6 is not a gallery index"):
+        ignored_gallery_mask(1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "any_camera", query_in_gallery=6)
     with pytest.raises(ValueError, match="g_pids has 6 entries but g_camids has 2"):
         ignored_gallery_mask(1, 0, PROTO_G_PIDS, [0, 1], "any_camera")
+
+
+def test_own_index_still_works_with_a_deprecation_warning():
+    from rmgl.reporting.failures import query_ranking
+
+    args = (1, 0, PROTO_G_PIDS, PROTO_G_CAMS, "any_camera")
+    expected = ignored_gallery_mask(*args, query_in_gallery=3)
+    with pytest.warns(DeprecationWarning, match="own_index= is deprecated, use query_in_gallery="):
+        assert ignored_gallery_mask(*args, own_index=3).tolist() == expected.tolist()
+    with pytest.raises(TypeError, match="give query_in_gallery only"):
+        ignored_gallery_mask(*args, query_in_gallery=2, own_index=3)
+    row = np.arange(6.0)
+    with pytest.warns(DeprecationWarning, match="own_index="):
+        old = query_ranking(row, *args, own_index=3)
+    assert old.order.tolist() == query_ranking(row, *args, 3).order.tolist() == [0, 1, 2, 4, 5]
 
 
 def test_result_records_its_protocol(tmp_path):

@@ -26,11 +26,11 @@ def _case(seed: int, num_q: int, num_g: int, dim: int, quantise: bool):
     gallery = centres[g_pids] + rng.standard_normal((num_g, dim))
     if quantise:  # coarse features: many exactly equal distances
         query, gallery = np.round(query), np.round(gallery)
-    own = np.full(num_q, -1)
+    query_in_gallery = np.full(num_q, -1)
     inside = rng.choice(num_q, min(num_q // 3, num_g // 2), replace=False)  # also in gallery
     slots = rng.choice(num_g, len(inside), replace=False)
     gallery[slots], g_pids[slots], g_cams[slots] = query[inside], q_pids[inside], q_cams[inside]
-    own[inside] = slots
+    query_in_gallery[inside] = slots
     return (
         torch.from_numpy(query.astype(np.float32)),
         torch.from_numpy(gallery.astype(np.float32)),
@@ -38,7 +38,7 @@ def _case(seed: int, num_q: int, num_g: int, dim: int, quantise: bool):
         g_pids,
         q_cams,
         g_cams,
-        own,
+        query_in_gallery,
     )
 
 
@@ -52,10 +52,12 @@ def _case(seed: int, num_q: int, num_g: int, dim: int, quantise: bool):
     ],
 )
 def test_equals_full_matrix_path(seed, num_q, num_g, metric, protocol, budget, quantise):
-    query, gallery, q_pids, g_pids, q_cams, g_cams, own = _case(seed, num_q, num_g, 24, quantise)
+    query, gallery, q_pids, g_pids, q_cams, g_cams, query_in_gallery = _case(
+        seed, num_q, num_g, 24, quantise
+    )
     dist = pairwise_distance(query, gallery, metric=metric, memory_budget_mb=budget)
     expected = evaluate_rank(
-        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=query_in_gallery
     )
     result = evaluate_features(
         query,
@@ -66,7 +68,7 @@ def test_equals_full_matrix_path(seed, num_q, num_g, metric, protocol, budget, q
         g_cams,
         metric=metric,
         protocol=protocol,
-        query_in_gallery=own,
+        query_in_gallery=query_in_gallery,
         topk=7,
         memory_budget_mb=budget,
     )
@@ -79,7 +81,9 @@ def test_equals_full_matrix_path(seed, num_q, num_g, metric, protocol, budget, q
     lists = result.ranked_lists
     for q in range(num_q):
         keep = np.flatnonzero(
-            ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, int(own[q]))
+            ~ignored_gallery_mask(
+                q_pids[q], q_cams[q], g_pids, g_cams, protocol, int(query_in_gallery[q])
+            )
         )
         order = keep[np.argsort(dist[q, keep], kind="stable")[:7]]
         assert np.array_equal(lists.indices[q, : len(order)], order), q

@@ -12,7 +12,7 @@ from rmgl.metrics import evaluate_rank, ignored_gallery_mask
 from rmgl.reporting import failures
 
 
-def _problem(seed: int, num_q: int = 40, num_g: int = 90, with_own: bool = False):
+def _problem(seed: int, num_q: int = 40, num_g: int = 90, queries_in_gallery: bool = False):
     rng = np.random.default_rng(seed)
     g_pids = rng.integers(0, 9, num_g)  # pid 0: distractors
     g_cams = rng.integers(0, 4, num_g)
@@ -20,35 +20,37 @@ def _problem(seed: int, num_q: int = 40, num_g: int = 90, with_own: bool = False
     q_cams = rng.integers(0, 4, num_q)
     # coarse distances: many exact ties, so the tie rule matters
     dist = rng.integers(0, 12, (num_q, num_g)).astype(np.float32)
-    own = None
-    if with_own:  # the query images are gallery images 0..num_q-1
+    query_in_gallery = None
+    if queries_in_gallery:  # the query images are gallery images 0..num_q-1
         g_pids[:num_q], g_cams[:num_q] = q_pids, q_cams
-        own = np.arange(num_q)
-        own[::5] = -1
-    return dist, q_pids, g_pids, q_cams, g_cams, own
+        query_in_gallery = np.arange(num_q)
+        query_in_gallery[::5] = -1
+    return dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery
 
 
-def _order(dist_row, q_pid, q_cam, g_pids, g_cams, protocol, own_index):
-    keep = ~ignored_gallery_mask(q_pid, q_cam, g_pids, g_cams, protocol, own_index)
+def _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery):
+    """Query ``q``'s ranked gallery: the valid items sorted by (distance, index)."""
+    copy = -1 if query_in_gallery is None else query_in_gallery[q]
+    keep = ~ignored_gallery_mask(q_pids[q], q_cams[q], g_pids, g_cams, protocol, copy)
     candidates = np.flatnonzero(keep)
-    return candidates[np.argsort(dist_row[candidates], kind="stable")]
+    return candidates[np.argsort(dist[q, candidates], kind="stable")]
 
 
 CASES = [("cross_camera", False), ("any_camera", True), ("cross_camera", True)]
 
 
-@pytest.mark.parametrize(("protocol", "with_own"), CASES)
-def test_camera_pair_r1_matches_a_loop(protocol, with_own):
-    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(1, with_own=with_own)
-    got = failures.camera_pair_r1(dist, q_pids, g_pids, q_cams, g_cams, protocol, own)
+@pytest.mark.parametrize(("protocol", "queries_in_gallery"), CASES)
+def test_camera_pair_r1_matches_a_loop(protocol, queries_in_gallery):
+    dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery = _problem(
+        1, queries_in_gallery=queries_in_gallery
+    )
+    got = failures.camera_pair_r1(dist, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery)
     cams = sorted(set(q_cams) | set(g_cams))
     assert got.cameras == cams
     hits = np.zeros((len(cams), len(cams)))
     counts = np.zeros((len(cams), len(cams)), dtype=int)
     for q in range(len(q_pids)):
-        order = _order(
-            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q]
-        )
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         for b, cam in enumerate(cams):
             ranked = order[g_cams[order] == cam]
             if not (g_pids[ranked] == q_pids[q]).any():
@@ -63,18 +65,20 @@ def test_camera_pair_r1_matches_a_loop(protocol, with_own):
         assert np.isnan(np.diag(got.r1)).all()
 
 
-@pytest.mark.parametrize(("protocol", "with_own"), CASES)
-def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
-    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(2, with_own=with_own)
-    nearest, has_match = failures.nearest_valid(dist, q_pids, g_pids, q_cams, g_cams, protocol, own)
+@pytest.mark.parametrize(("protocol", "queries_in_gallery"), CASES)
+def test_confused_pairs_and_nearest_match_a_loop(protocol, queries_in_gallery):
+    dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery = _problem(
+        2, queries_in_gallery=queries_in_gallery
+    )
+    nearest, has_match = failures.nearest_valid(
+        dist, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery
+    )
     pairs, distractors = failures.confused_identity_pairs(
-        dist, q_pids, g_pids, q_cams, g_cams, protocol, own, top=1000
+        dist, q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery, top=1000
     )
     counter, directed, expected_distractors = Counter(), Counter(), 0
     for q in range(len(q_pids)):
-        order = _order(
-            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, -1 if own is None else own[q]
-        )
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         assert nearest[q] == order[0]
         assert has_match[q] == (g_pids[order] == q_pids[q]).any()
         if not has_match[q] or g_pids[order[0]] == q_pids[q]:
@@ -93,24 +97,26 @@ def test_confused_pairs_and_nearest_match_a_loop(protocol, with_own):
     assert [p.count for p in pairs] == sorted((p.count for p in pairs), reverse=True)
     # rank-1 of the valid queries is the metric's rank-1
     result = evaluate_rank(
-        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=query_in_gallery
     )
     correct = has_match & (g_pids[nearest] == q_pids)
     assert correct.sum() / has_match.sum() == pytest.approx(result.rank(1))
 
 
-@pytest.mark.parametrize(("protocol", "with_own"), CASES)
-def test_query_ranking_and_worst_queries(protocol, with_own):
-    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(3, with_own=with_own)
+@pytest.mark.parametrize(("protocol", "queries_in_gallery"), CASES)
+def test_query_ranking_and_worst_queries(protocol, queries_in_gallery):
+    dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery = _problem(
+        3, queries_in_gallery=queries_in_gallery
+    )
     result = evaluate_rank(
-        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=own
+        dist, q_pids, g_pids, q_cams, g_cams, protocol=protocol, query_in_gallery=query_in_gallery
     )
     for q in range(len(q_pids)):
-        own_q = -1 if own is None else int(own[q])
+        copy_q = -1 if query_in_gallery is None else int(query_in_gallery[q])
         ranking = failures.query_ranking(
-            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q
+            dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, copy_q
         )
-        order = _order(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, protocol, own_q)
+        order = _order(dist, q, q_pids, q_cams, g_pids, g_cams, protocol, query_in_gallery)
         np.testing.assert_array_equal(ranking.order, order)
         expected_ranks = [i + 1 for i, g in enumerate(order) if g_pids[g] == q_pids[q]]
         np.testing.assert_array_equal(ranking.match_ranks, expected_ranks)
@@ -128,12 +134,14 @@ def test_query_ranking_and_worst_queries(protocol, with_own):
     assert len(failures.worst_queries(result, 10_000)) == len(valid)
 
 
-@pytest.mark.parametrize(("protocol", "with_own"), CASES)
-def test_streamed_scan_equals_the_full_matrix(protocol, with_own):
+@pytest.mark.parametrize(("protocol", "queries_in_gallery"), CASES)
+def test_streamed_scan_equals_the_full_matrix(protocol, queries_in_gallery):
     """Blocks of any height (1 row, uneven, all) give the scan of the whole matrix, keep the
     asked rows exactly, and camera_pair_r1 from the streamed scan equals the matrix's."""
-    dist, q_pids, g_pids, q_cams, g_cams, own = _problem(3, with_own=with_own)
-    labels = (q_pids, g_pids, q_cams, g_cams, protocol, own)
+    dist, q_pids, g_pids, q_cams, g_cams, query_in_gallery = _problem(
+        3, queries_in_gallery=queries_in_gallery
+    )
+    labels = (q_pids, g_pids, q_cams, g_cams, protocol, query_in_gallery)
     whole = failures.scan_distances(dist, *labels)
     for height in (1, 7, len(dist)):
         blocks = ((s, dist[s : s + height]) for s in range(0, len(dist), height))
@@ -145,7 +153,7 @@ def test_streamed_scan_equals_the_full_matrix(protocol, with_own):
         assert sorted(scan.rows) == [0, 9, len(dist) - 1]
         for q, row in scan.rows.items():
             np.testing.assert_array_equal(row, dist[q])
-        got = failures.camera_pair_r1(None, *labels[:4], protocol, own, scan=scan)
+        got = failures.camera_pair_r1(None, *labels[:4], protocol, query_in_gallery, scan=scan)
         expected = failures.camera_pair_r1(dist, *labels)
         np.testing.assert_array_equal(got.queries, expected.queries)
         np.testing.assert_array_equal(got.r1, expected.r1)
@@ -177,8 +185,8 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypa
     Blocks of 7 rows on both sides, so that the row offsets of several blocks are used."""
     from rmgl.data.records import ImageRecord
     from rmgl.metrics import evaluate_features, features, pairwise_distance
-    from rmgl.reporting import html_report
-    from rmgl.reporting.html_report import ReportInputs, report_data
+    from rmgl.reporting import analysis
+    from rmgl.reporting.analysis import ReportInputs, report_data
 
     def seven_row_blocks(*args, **kwargs):  # the distance blocks, re-cut into 7 rows each
         for start, block in features.pairwise_distance_chunks(*args, **kwargs):
@@ -186,7 +194,7 @@ def test_report_numbers_streamed_from_features_equal_the_matrix(metric, monkeypa
                 yield start + i, block[i : i + 7]
 
     monkeypatch.setattr(failures, "CHUNK_ELEMENTS", 7 * 70)  # the matrix path: 7-row blocks
-    monkeypatch.setattr(html_report, "pairwise_distance_chunks", seven_row_blocks)
+    monkeypatch.setattr(analysis, "pairwise_distance_chunks", seven_row_blocks)
 
     rng = np.random.default_rng(5)
     _, q_pids, g_pids, q_cams, g_cams, _ = _problem(5, num_q=30, num_g=70)

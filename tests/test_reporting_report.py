@@ -161,7 +161,7 @@ def test_report_numbers_are_the_evaluations(data, checkpoint, tmp_path, capsys):
 def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path, monkeypatch):
     """`rmgl eval --report --rerank`: the page's numbers are results.json's, and the features
     are extracted once per split and re-ranking runs once, shared by both."""
-    from rmgl.engine import evaluation, report
+    from rmgl.engine import evaluation
 
     calls = {"extract": 0, "rerank": 0}
 
@@ -175,10 +175,10 @@ def test_eval_report_flag_writes_the_same_numbers(data, checkpoint, tmp_path, mo
     monkeypatch.setattr(
         evaluation, "extract_features", counted("extract", evaluation.extract_features)
     )
-    for module in (evaluation, report):
-        monkeypatch.setattr(
-            module, "k_reciprocal_rerank", counted("rerank", module.k_reciprocal_rerank)
-        )
+    # the one ranking set-up, shared by the evaluation and the report
+    monkeypatch.setattr(
+        evaluation, "k_reciprocal_rerank", counted("rerank", evaluation.k_reciprocal_rerank)
+    )
     out = tmp_path / "ev"
     assert (
         main(
@@ -288,8 +288,8 @@ def test_bad_input_is_one_line(argv, message, data, checkpoint, tmp_path, capsys
 def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
     """A report stays a few hundred kB per detailed query, whatever the dataset size."""
     from rmgl.data.datasets import load_dataset
+    from rmgl.engine.failure_report import report_model
     from rmgl.engine.load import load_model
-    from rmgl.engine.report import report_model
 
     model = load_model(checkpoint, "cpu")
     path, got, _ = report_model(
@@ -303,17 +303,19 @@ def test_demo_scale_page_is_light(checkpoint, data, tmp_path):
 def test_streamed_report_equals_the_matrix_report(checkpoint, data, tmp_path, monkeypatch):
     """Above MATRIX_LIMIT_MB report_model never holds the Q x G matrix; the page is the same."""
     from rmgl.data.datasets import load_dataset
-    from rmgl.engine import report
+    from rmgl.engine import failure_report
     from rmgl.engine.load import load_model
 
     model, dataset = load_model(checkpoint, "cpu"), load_dataset("folder", data)
-    _, held, _ = report.report_model(
+    _, held, _ = failure_report.report_model(
         model, dataset, tmp_path / "a", workers=0, worst=3, progress=False
     )
-    monkeypatch.setattr(report, "MATRIX_LIMIT_MB", 0)
+    monkeypatch.setattr(failure_report, "MATRIX_LIMIT_MB", 0)
     seen = []
-    monkeypatch.setattr(report, "pairwise_distance", lambda *a, **k: seen.append(a))  # must not run
-    _, streamed, _ = report.report_model(
+    monkeypatch.setattr(
+        failure_report, "pairwise_distance", lambda *a, **k: seen.append(a)
+    )  # must not run
+    _, streamed, _ = failure_report.report_model(
         model, dataset, tmp_path / "b", workers=0, worst=3, progress=False
     )
     assert not seen

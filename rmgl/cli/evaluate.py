@@ -6,37 +6,24 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from rmgl.cli.report import add_report_options, check_report_options, write_report
-from rmgl.data.datasets import dataset_names
+from rmgl.cli.checkpoint_eval import (
+    add_checkpoint_dataset_options,
+    add_report_options,
+    load_checkpoint_and_dataset,
+)
+from rmgl.cli.report import write_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
         "eval", help="evaluate a checkpoint on a dataset (cross-dataset works)"
     )
-    ev.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    ev.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
-    ev.add_argument("--root", required=True)
-    ev.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    ev.add_argument(
-        "--protocol",
-        default="auto",
-        choices=("auto", "cross_camera", "any_camera"),
-        help="auto: the dataset's own (cross_camera, or any_camera for data without cameras)",
-    )
-    ev.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
-        help="precision of feature extraction (default: the checkpoint's run.amp; auto = float32)",
-    )
+    add_checkpoint_dataset_options(ev, rerank_help="also report k-reciprocal re-ranking")
     ev.add_argument(
         "--out",
         help="folder for results.json, cmc.png, ranked_list.png "
         "(default: beside the checkpoint, one folder per checkpoint, dataset and root)",
     )
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--batch-size", type=int, default=128)
-    ev.add_argument("--workers", type=int, default=2)
     # --report: the HTML failure-analysis report of rmgl report, in the --out folder
     ev.add_argument(
         "--report", action="store_true", help="also write report.html (see rmgl report)"
@@ -55,33 +42,19 @@ def default_out_dir(checkpoint: Path, dataset: str, root: str) -> Path:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from rmgl.data.datasets import load_dataset
-    from rmgl.data.loading import check_readable
     from rmgl.engine.evaluation import evaluate_model, extract_query_gallery
-    from rmgl.engine.load import load_model
-    from rmgl.engine.runtime import amp_dtype
 
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
-    check_report_options(args)
+    model, dataset, precision = load_checkpoint_and_dataset(args)
     checkpoint = Path(args.checkpoint)
-    model = load_model(checkpoint, args.device)
-    dataset = load_dataset(args.dataset, args.root)
-    for split in ("query", "gallery"):
-        check_readable(getattr(dataset, split), split)
-    device = next(model.parameters()).device
-    precision = amp_dtype(args.amp or model.config.run.amp, device, evaluation=True)
     out = Path(args.out) if args.out else default_out_dir(checkpoint, dataset.name, args.root)
-    with torch.no_grad():
+    with torch.no_grad():  # preprocessing and distance: the model's own, as in rmgl report
         features = extract_query_gallery(
-            model, dataset, model.preprocess, args.batch_size, args.workers, amp=precision
+            model, dataset, batch_size=args.batch_size, workers=args.workers, amp=precision
         )
         results = evaluate_model(
             model,
             dataset,
-            model.preprocess,
             rerank=args.rerank,
-            metric=model.config.eval.metric,
             batch_size=args.batch_size,
             workers=args.workers,
             out_dir=out,

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from rmgl.metrics.distance import METRICS
+
 BACKENDS = ("auto", "torch", "onnxruntime")  # rmgl.deploy.encoder.BACKEND_CHOICES (no torch import)
 ALLOW_OTHER_MODEL = (
     "mix descriptors of another model than the gallery's anyway (recorded); "
@@ -148,9 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rerank", action="store_true", help="k-reciprocal re-ranking of each query's shortlist"
     )
     search.add_argument("--rerank-shortlist", type=int, default=100)
-    search.add_argument(
-        "--metric", default="euclidean", choices=("euclidean", "sqeuclidean", "cosine")
-    )
+    search.add_argument("--metric", default="euclidean", choices=METRICS)
     search.add_argument("--ef-search", type=int, help="override the index's HNSW beam")
     search.add_argument("--nprobe", type=int, help="override the index's IVF probes")
     search.add_argument("--rerank-factor", type=int, help="override the re-scored shortlist factor")

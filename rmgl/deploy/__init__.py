@@ -33,7 +33,7 @@ _EXPORTS = {
     "ShardedFeatures": "rmgl.deploy.features",
     "read_features": "rmgl.deploy.features",
     "ImageList": "rmgl.deploy.inputs",
-    "parse_market_name": "rmgl.deploy.inputs",
+    "parse_market_name": "rmgl.data.filenames",
     "read_image_list": "rmgl.deploy.inputs",
     "TrackerEncoder": "rmgl.deploy.trackers",
     "write_detection_descriptors": "rmgl.deploy.detections",

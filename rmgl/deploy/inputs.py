@@ -18,21 +18,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from rmgl.data.filenames import IMAGE_SUFFIXES, is_image_file, parse_market_name
+
 CSV_COLUMNS = ("path", "pid", "camid", "frame")
 UNKNOWN = np.iinfo(np.int64).min  # a label that is not known (pid -1 is Market's junk label)
-
-# Market-1501 / DukeMTMC names: 0002_c1s1_000451_03.jpg, 0001_c2_f0046182.jpg
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-MARKET_FRAME = re.compile(r"^-?\d+_c\d+s\d+_(\d+)")
-DUKE_FRAME = re.compile(r"^-?\d+_c\d+_f(\d+)")
 
 
 class PackedStrings(Sequence[str]):
@@ -122,26 +117,6 @@ class ImageList:
         return digest.hexdigest()
 
 
-def parse_market_name(name: str) -> tuple[int | None, int | None, int | None]:
-    """(pid, camid, frame) from a Market-1501 or DukeMTMC file name, None where the name
-    does not say. ``camid`` is 0-based (``c1`` -> 0), as in :class:`rmgl.data.ImageRecord`.
-
-    Examples::
-
-        >>> parse_market_name("0002_c1s1_000451_03.jpg")
-        (2, 0, 451)
-        >>> parse_market_name("0001_c2_f0046182.jpg")
-        (1, 1, 46182)
-        >>> parse_market_name("frame_17.png")
-        (None, None, None)
-    """
-    match = MARKET_NAME.match(name)
-    if match is None or int(match.group(2)) < 1:
-        return None, None, None
-    frame = MARKET_FRAME.match(name) or DUKE_FRAME.match(name)
-    return int(match.group(1)), int(match.group(2)) - 1, int(frame.group(1)) if frame else None
-
-
 def read_image_list(source: str | os.PathLike) -> ImageList:
     """The images of ``source``: a folder (every image below it, sorted by relative path), a
     ``.csv`` file (header ``path[,pid][,camid][,frame]``), a text file (one path per line;
@@ -163,7 +138,7 @@ def read_image_list(source: str | os.PathLike) -> ImageList:
         return _from_names(paths, str(path.resolve()))
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if is_image_file(path):
         return _from_names([os.path.abspath(path)], str(path.resolve()))
     return _read_text_list(path)
 
@@ -201,11 +176,7 @@ def _walk_images(root: Path) -> list[str]:
             continue
         visited.add((info.st_dev, info.st_ino))
         subfolders.sort()
-        found.extend(
-            os.path.join(folder, name)
-            for name in sorted(files)
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-        )
+        found.extend(os.path.join(folder, name) for name in sorted(files) if is_image_file(name))
     if unreadable:
         err = unreadable[0]
         raise ValueError(

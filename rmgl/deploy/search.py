@@ -454,38 +454,23 @@ def ranked_list_picture(
     result: SearchResult, path: str | Path, tile_size: tuple[int, int] = (128, 64)
 ) -> Path:
     """A PNG with each query (blue border) beside its hits in rank order, labelled with
-    rank and distance: the layout and tiles of ``rmgl.reporting.ranked_list_figure``. Green /
+    rank and distance: the layout of ``rmgl.reporting.ranked_list_figure``. Green /
     red borders = same / other identity when both pids are known, grey otherwise; an image
     that cannot be read is drawn as a grey tile."""
-    from PIL import Image, ImageDraw
+    from rmgl.reporting.ranked_list import GREEN, GREY, RED, RankedRow, ranked_list_sheet
 
-    from rmgl.reporting.ranked_list import BLUE, GREEN, RED, _tile
-
-    grey = (150, 150, 150)
-
-    def tile(image_path: str, border) -> Image.Image:
-        try:
-            return _tile(image_path, tile_size, border)
-        except OSError:
-            return Image.new("RGB", (tile_size[1], tile_size[0]), grey)
-
-    h, w = tile_size
-    gap, label = 12, 14
-    topk = result.ids.shape[1]
-    sheet = Image.new("RGB", ((topk + 1) * w + gap, len(result.queries) * (h + label)), "white")
-    draw = ImageDraw.Draw(sheet)
+    rows = []
     for row, record in enumerate(result.queries):
-        y = row * (h + label)
-        sheet.paste(tile(record.path, BLUE), (0, y + label))
-        draw.text((2, y + 1), f"q {row}" if record.pid is None else f"q {record.pid}", fill="black")
+        hits = []
         for hit in result.hits(row):
             if record.pid is None or hit["pid"] is None:
-                border = grey
+                border = GREY
             else:
                 border = GREEN if hit["pid"] == record.pid else RED
-            x = w + gap + (hit["rank"] - 1) * w
-            sheet.paste(tile(hit["path"], border), (x, y + label))
-            draw.text((x + 2, y + 1), f"{hit['rank']}: {hit['distance']:.2f}", fill="black")
+            hits.append((hit["rank"], hit["path"], hit["distance"], border))
+        label = f"q {row}" if record.pid is None else f"q {record.pid}"
+        rows.append(RankedRow(record.path, label, hits))
+    sheet = ranked_list_sheet(rows, result.ids.shape[1], tile_size, unreadable=GREY)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from rmgl.metrics.distance import METRICS
 from rmgl.model.backbone import ARCHITECTURES
 
 
@@ -291,7 +292,7 @@ CHOICES = {
     "model.head": ("reduction", "bnneck"),
     "loss.ce_reduction": ("sum", "mean"),
     "loss.triplet_reduction": ("sum", "mean"),
-    "eval.metric": ("euclidean", "sqeuclidean", "cosine"),
+    "eval.metric": METRICS,
     "eval.protocol": ("auto", "cross_camera", "any_camera"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
     "run.compile_mode": (

@@ -4,9 +4,11 @@ and by ``rmgl eval``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rmgl.data.loading import eval_loader
@@ -38,19 +40,47 @@ def as_preprocess(preprocess: Preprocess | tuple[int, int]) -> Preprocess:
     return preprocess if isinstance(preprocess, Preprocess) else Preprocess(*preprocess)
 
 
+def model_settings(
+    model: torch.nn.Module,
+    preprocess: Preprocess | tuple[int, int] | None = None,
+    metric: str | None = None,
+) -> tuple[Preprocess, str]:
+    """The preprocessing and distance to evaluate ``model`` with: ``preprocess`` and
+    ``metric`` when given, else the model's own, as :func:`rmgl.engine.load.load_model`
+    attaches them (``model.preprocess``, ``model.config.eval.metric``), so that ``rmgl
+    eval`` and ``rmgl report`` of one checkpoint always agree.
+
+    Examples::
+
+        model = load_model("runs/market/best.safetensors")
+        preprocess, metric = model_settings(model)   # (Preprocess(256, 128, ...), 'euclidean')
+    """
+    if preprocess is None:
+        preprocess = getattr(model, "preprocess", None)
+        if preprocess is None:
+            raise ValueError(
+                "the model carries no preprocess (load it with rmgl.engine.load_model) and "
+                "none was given: pass the input size, e.g. preprocess=(256, 128)"
+            )
+    if metric is None:
+        config = getattr(model, "config", None)
+        metric = config.eval.metric if config is not None else "euclidean"
+    return as_preprocess(preprocess), str(metric)
+
+
 def extract_query_gallery(
     model: torch.nn.Module,
     dataset: ReidDataset,
-    preprocess: Preprocess | tuple[int, int],
+    preprocess: Preprocess | tuple[int, int] | None = None,
     batch_size: int = 128,
     workers: int = 2,
     progress: bool = True,
     amp: torch.dtype | None = None,
 ) -> tuple[ExtractedFeatures, ExtractedFeatures]:
     """The evaluation's (query, gallery) features: flip-averaged, L2-normalised descriptors
-    of the images prepared by ``preprocess`` (a :class:`Preprocess`, e.g. a loaded model's
-    ``model.preprocess``, or a bare (height, width): ImageNet normalisation)."""
-    transform = as_preprocess(preprocess).transform()
+    of the images prepared by ``preprocess`` (a :class:`Preprocess`, or a bare (height,
+    width): ImageNet normalisation; None: the model's own, see :func:`model_settings`)."""
+    transform = model_settings(model, preprocess)[0].transform()
     query, gallery = (
         extract_features(
             model, eval_loader(records, transform, batch_size, workers), progress=progress, amp=amp
@@ -60,12 +90,62 @@ def extract_query_gallery(
     return query, gallery
 
 
+def rank_query_gallery(
+    query: ExtractedFeatures,
+    gallery: ExtractedFeatures,
+    protocol: str,
+    query_in_gallery: np.ndarray | None,
+    metric: str = "euclidean",
+    rerank: bool = False,
+    distmat: np.ndarray | None = None,
+    topk: int = 0,
+    results: Mapping[str, RankResult] | None = None,
+) -> dict[str, RankResult]:
+    """Rank the query features against the gallery's: results keyed ``"plain"`` (and
+    ``"rerank"`` with ``rerank``), under ``protocol`` (resolved, see
+    :func:`resolve_protocol`) and ``query_in_gallery``
+    (:func:`rmgl.data.records.same_image_index`). The one ranking of ``rmgl eval``, the
+    trainer's evaluations and the report.
+
+    The plain ranking streams the distances per query block (the Q x G matrix is never held;
+    ``topk`` > 0 keeps each query's top-k for the ranked-list picture), or ranks ``distmat``
+    when the caller holds it already. Re-ranking's output is a full matrix. Entries of
+    ``results`` are kept, not computed again.
+    """
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    results = dict(results or {})
+    if "plain" not in results:
+        results["plain"] = (
+            evaluate_features(
+                query.features,
+                gallery.features,
+                *labels,
+                metric=metric,
+                protocol=protocol,
+                query_in_gallery=query_in_gallery,
+                topk=topk,
+            )
+            if distmat is None
+            else evaluate_rank(
+                distmat, *labels, protocol=protocol, query_in_gallery=query_in_gallery
+            )
+        )
+    if rerank and "rerank" not in results:
+        results["rerank"] = evaluate_rank(
+            k_reciprocal_rerank(query.features, gallery.features),
+            *labels,
+            protocol=protocol,
+            query_in_gallery=query_in_gallery,
+        )
+    return results
+
+
 def evaluate_model(
     model: torch.nn.Module,
     dataset: ReidDataset,
-    preprocess: Preprocess | tuple[int, int],
+    preprocess: Preprocess | tuple[int, int] | None = None,
     rerank: bool = False,
-    metric: str = "euclidean",
+    metric: str | None = None,
     batch_size: int = 128,
     workers: int = 2,
     out_dir: str | Path | None = None,
@@ -76,7 +156,7 @@ def evaluate_model(
     features: tuple[ExtractedFeatures, ExtractedFeatures] | None = None,
 ) -> dict[str, RankResult]:
     """Results keyed ``"plain"`` (and ``"rerank"``) of the images prepared by ``preprocess``
-    (as in :func:`extract_query_gallery`).
+    with the distance ``metric`` (each None: the model's own, see :func:`model_settings`).
 
     ``amp`` is the autocast dtype of feature extraction (None = float32, the default: see
     :func:`rmgl.engine.runtime.amp_dtype`). With ``out_dir`` also writes ``results.json``
@@ -85,33 +165,22 @@ def evaluate_model(
     caller has them already (``rmgl eval --report`` extracts once for both).
     """
     protocol = resolve_protocol(protocol, dataset)
-    preprocess = as_preprocess(preprocess)
+    preprocess, metric = model_settings(model, preprocess, metric)
     if features is None:
         features = extract_query_gallery(
             model, dataset, preprocess, batch_size, workers, progress, amp
         )
     query, gallery = features
-    own = same_image_index(dataset.query, dataset.gallery)
-    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    # distances and metrics per query chunk: the Q x G matrix is never held (the ranked-list
-    # picture keeps each query's top 10); re-ranking's own output is the only full matrix
-    plain = evaluate_features(
-        query.features,
-        gallery.features,
-        *labels,
+    results = rank_query_gallery(
+        query,
+        gallery,
+        protocol,
+        same_image_index(dataset.query, dataset.gallery),
         metric=metric,
-        protocol=protocol,
-        query_in_gallery=own,
-        topk=10 if out_dir is not None else 0,
+        rerank=rerank,
+        topk=10 if out_dir is not None else 0,  # the ranked-list picture's top 10
     )
-    results = {"plain": plain}
-    if rerank:
-        results["rerank"] = evaluate_rank(
-            k_reciprocal_rerank(query.features, gallery.features),
-            *labels,
-            protocol=protocol,
-            query_in_gallery=own,
-        )
+    plain = results["plain"]
     if out_dir is not None:
         out = Path(out_dir)
         settings = {

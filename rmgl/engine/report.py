@@ -1,132 +1,19 @@
-"""The failure-analysis report of a trained model on a dataset (``rmgl report``, ``rmgl eval
---report``, ``rmgl demo``): features, ranking and the HTML page of
-:mod:`rmgl.reporting.html_report`."""
+"""Former name of :mod:`rmgl.engine.failure_report` (deprecated): ``rmgl.engine.report`` was
+one of three things called "report". Its names still resolve here, with a
+``DeprecationWarning``; import them from :mod:`rmgl.engine.failure_report`."""
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
+import warnings
 
-import numpy as np
-import torch
-from omegaconf import OmegaConf
-
-from rmgl.data.records import ReidDataset, same_image_index
-from rmgl.engine.evaluation import extract_query_gallery, resolve_protocol
-from rmgl.metrics import (
-    ExtractedFeatures,
-    RankResult,
-    evaluate_features,
-    evaluate_rank,
-    k_reciprocal_rerank,
-    pairwise_distance,
-)
-from rmgl.reporting.html_report import ReportInputs, build_report
-
-log = logging.getLogger(__name__)
-
-# Above this size the plain Q x G matrix is never held (MSMT17: 3.8 GB): the ranking and the
-# page stream its row blocks instead, at the cost of computing the distances twice.
-MATRIX_LIMIT_MB = 1024
+from rmgl.engine import failure_report
 
 
-def run_folder(checkpoint: str | Path | None) -> Path | None:
-    """The training run's folder of a checkpoint: its parent, when it holds the run's logs."""
-    if not checkpoint:
-        return None
-    folder = Path(checkpoint).resolve().parent
-    has_logs = (folder / "metrics.jsonl").is_file() or (folder / "evaluations.jsonl").is_file()
-    return folder if has_logs else None
-
-
-def report_model(
-    model: torch.nn.Module,
-    dataset: ReidDataset,
-    out: str | Path,
-    rerank: bool = False,
-    protocol: str = "auto",
-    batch_size: int = 128,
-    workers: int = 2,
-    amp: torch.dtype | None = None,
-    worst: int = 20,
-    topk: int = 10,
-    progress: bool = True,
-    features: tuple[ExtractedFeatures, ExtractedFeatures] | None = None,
-    results: dict[str, RankResult] | None = None,
-) -> tuple[Path, dict, dict[str, RankResult]]:
-    """Extract features of the query and gallery (as :func:`~rmgl.engine.evaluation.evaluate_model`
-    does: flip-averaged, L2-normalised, the config's distance), rank, and write the report.
-
-    ``model`` is a model from :func:`rmgl.engine.load.load_model` (it carries ``preprocess``,
-    ``config`` and ``checkpoint``). ``features`` (from
-    :func:`~rmgl.engine.evaluation.extract_query_gallery`) and ``results`` (from
-    :func:`~rmgl.engine.evaluation.evaluate_model` on those features) are reused when given,
-    so that ``rmgl eval --report`` extracts and re-ranks once. Returns the page's path, its
-    numbers (with ``timings``) and the results.
-    """
-    protocol = resolve_protocol(protocol, dataset)
-    metric = model.config.eval.metric
-    start = time.perf_counter()
-    if features is None:  # extract_features runs without autograd
-        features = extract_query_gallery(
-            model, dataset, model.preprocess, batch_size, workers, progress, amp
-        )
-    query, gallery = features
-    extracted = time.perf_counter()
-    own = same_image_index(dataset.query, dataset.gallery)
-    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    results = dict(results or {})
-    small = len(query.features) * len(gallery.features) * 4 <= MATRIX_LIMIT_MB * 2**20
-    # small enough to hold: one distance pass serves the ranking and the page; else both
-    # stream it (the ranking as evaluate_model does, the page once more)
-    distmat = pairwise_distance(query.features, gallery.features, metric=metric) if small else None
-    if "plain" not in results:
-        results["plain"] = (
-            evaluate_rank(distmat, *labels, protocol=protocol, query_in_gallery=own)
-            if small
-            else evaluate_features(
-                query.features,
-                gallery.features,
-                *labels,
-                metric=metric,
-                protocol=protocol,
-                query_in_gallery=own,
-            )
-        )
-    if rerank and "rerank" not in results:
-        results["rerank"] = evaluate_rank(
-            k_reciprocal_rerank(query.features, gallery.features),
-            *labels,
-            protocol=protocol,
-            query_in_gallery=own,
-        )
-    ranked = time.perf_counter()
-    inputs = ReportInputs(
-        dataset=dataset.name,
-        query=dataset.query,
-        gallery=dataset.gallery,
-        distmat=distmat,
-        results=results,
-        protocol=protocol,
-        query_in_gallery=own,
-        metric=metric,
-        root=str(dataset.root),
-        query_features=np.asarray(query.features),
-        gallery_features=np.asarray(gallery.features),
-        feature_names=list(getattr(model, "feature_names", [])),
-        model=model,
-        checkpoint=getattr(model, "checkpoint", None),
-        config_yaml=OmegaConf.to_yaml(model.config)
-        if getattr(model, "config", None) is not None
-        else None,
-        run_dir=run_folder(getattr(model, "checkpoint", None)),
-        timings={"features_s": extracted - start, "ranking_s": ranked - extracted},
+def __getattr__(name: str):
+    value = getattr(failure_report, name)  # AttributeError for a name it never had
+    warnings.warn(
+        f"rmgl.engine.report is deprecated: import {name} from rmgl.engine.failure_report",
+        DeprecationWarning,
+        stacklevel=2,
     )
-    path, data = build_report(out, inputs, worst=worst, topk=topk)
-    log.info(
-        "report %s: features %.1f s, ranking %.1f s, analysis %.1f s, page %.1f s",
-        path,
-        *(data["timings"][k] for k in ("features_s", "ranking_s", "analysis_s", "page_s")),
-    )
-    return path, data, results
+    return value

@@ -38,13 +38,28 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["METRICS", "PreparedRows", "distance_block", "paired_distances", "prepare_rows"]
+__all__ = [
+    "METRICS",
+    "PreparedRows",
+    "check_metric",
+    "distance_block",
+    "paired_distances",
+    "prepare_rows",
+]
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
+"""The distances rmgl computes: the one list that configs, the command line, the search
+index and the HTTP API accept."""
 
 _UNIT = 2.0**-53  # float64 unit roundoff (round to nearest)
 # Pairs handled at once by steps 2 and 3 (their terms are float64 copies of the rows).
 _PAIR_BYTES = 64 << 20
+
+
+def check_metric(metric: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``metric`` is one of :data:`METRICS`."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
 def _gamma(n: int) -> float:
@@ -79,8 +94,7 @@ def prepare_rows(features: torch.Tensor, metric: str, rows_per_chunk: int = 4096
         >>> prepare_rows(torch.tensor([[3.0, 4.0]]), "cosine").rows
         tensor([[0.6000, 0.8000]])
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     features = features.detach()
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D, got shape {tuple(features.shape)}")
@@ -129,8 +143,7 @@ def distance_block(query: PreparedRows, gallery: PreparedRows, metric: str) -> t
         tensor([[0.0000, 1.4142],
                 [1.4142, 0.0000]])
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     products = query.rows.double() @ gallery.rows.double().T
     out, ambiguous = _certified(
         products,
@@ -158,8 +171,7 @@ def paired_distances(first: PreparedRows, second: PreparedRows, metric: str) -> 
         >>> paired_distances(a, a[[1, 1]], "sqeuclidean")
         tensor([2., 0.])
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     if first.rows.shape != second.rows.shape:
         raise ValueError(
             f"paired rows must have equal shapes, got {tuple(first.rows.shape)} "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rmgl.metrics.distance import METRICS, PreparedRows, distance_block, prepare_rows
+from rmgl.metrics.distance import PreparedRows, check_metric, distance_block, prepare_rows
 
 __all__ = [
     "ExtractedFeatures",
@@ -197,8 +197,7 @@ def pairwise_distance_chunks(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The rows of :func:`pairwise_distance` as ``(first row, float32 block)`` pairs, in order
     (the same values: no entry depends on the chunk it is computed in)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     query, gallery = _as_tensor(query), _as_tensor(gallery)
     if query.dim() != 2 or gallery.dim() != 2:
         raise ValueError(

@@ -32,6 +32,7 @@ Both are exact; work per row is a few linear passes instead of an O(G log G) sor
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +186,24 @@ def _check_labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, sizes):
     return q_pids, g_pids, q_camids, g_camids
 
 
-def own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
-    """``query_in_gallery`` checked, as a (Q, k) array of the gallery indices of each query's
-    own image, -1 padded (k >= 1): it may be given per query as one index or -1 (Q,), or as
+def renamed_keyword(old_value, old_name: str, value, default, new_name: str = "query_in_gallery"):
+    """``value``, or ``old_value`` given under a keyword's former name (with a
+    ``DeprecationWarning``); both given is an error."""
+    if old_value is None:
+        return value
+    if value is not default and not (np.ndim(value) == 0 and value == default):
+        raise TypeError(f"give {new_name} only ({old_name} is its former name)")
+    warnings.warn(
+        f"{old_name}= is deprecated, use {new_name}= (the same values)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
+def query_copies(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
+    """``query_in_gallery`` checked, as a (Q, k) array of the gallery indices that hold a copy
+    of each query image, -1 padded (k >= 1): it may be given per query as one index or -1 (Q,), or as
     (Q, k) rows (:func:`rmgl.data.same_image_index`); all -1 when it is not given."""
     if query_in_gallery is None:
         return np.full((num_q, 1), -1, dtype=np.int64)
@@ -199,17 +215,54 @@ def own_indices(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
         raise ValueError(
             f"query_in_gallery must be (num_query,) or (num_query, k), got shape {given.shape}"
         )
-    own = _as_labels(given.reshape(-1), "query_in_gallery").reshape(len(given), -1)
-    if len(own) != num_q:
-        raise ValueError(f"query_in_gallery has {len(own)} entries but distmat has {num_q} rows")
-    bad = np.argwhere((own < -1) | (own >= num_g))
+    copies = _as_labels(given.reshape(-1), "query_in_gallery").reshape(len(given), -1)
+    if len(copies) != num_q:
+        raise ValueError(f"query_in_gallery has {len(copies)} entries but distmat has {num_q} rows")
+    bad = np.argwhere((copies < -1) | (copies >= num_g))
     if len(bad):
         where = bad[0][0] if given.ndim == 1 else tuple(bad[0].tolist())
         raise ValueError(
-            f"query_in_gallery[{where}] = {own[tuple(bad[0])]} is not a gallery index "
+            f"query_in_gallery[{where}] = {copies[tuple(bad[0])]} is not a gallery index "
             f"(0..{num_g - 1}) or -1 (the query image is not in the gallery)"
         )
-    return own
+    return copies
+
+
+def protocol_ignores(same_pid, q_camids, g_camids, protocol: str = "cross_camera") -> np.ndarray:
+    """The protocol's rule, elementwise over (query, gallery) pairs whose ``q_camids`` and
+    ``g_camids`` broadcast: whether a gallery item sharing the query's identity
+    (``same_pid``: a boolean array, or True when every pair does) is ignored. Under
+    ``cross_camera`` those from the query's camera are; under ``any_camera`` none is. The
+    query image itself is ignored under both, by its index (see :func:`ignored_gallery_block`).
+    """
+    if protocol == "cross_camera":
+        return np.logical_and(same_pid, np.asarray(q_camids) == np.asarray(g_camids))
+    return np.zeros(np.broadcast(same_pid, q_camids, g_camids).shape, dtype=bool)
+
+
+def ignored_gallery_block(
+    q_pids: np.ndarray,
+    q_camids: np.ndarray,
+    query_copies: np.ndarray,
+    g_pids: np.ndarray,
+    g_camids: np.ndarray,
+    protocol: str = "cross_camera",
+    columns: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(same identity, ignored) boolean masks, rows x columns, of a block of queries: the rule
+    of :func:`evaluate_rank`. ``query_copies`` is (rows, k), the gallery indices of each
+    query image's copies in the gallery, -1 padded (:func:`query_copies`): each is ignored. ``columns``:
+    the sorted gallery indices of the block's columns (default all); labels are int arrays.
+    """
+    cols = np.arange(len(g_pids)) if columns is None else columns
+    same = q_pids[:, None] == g_pids[None, cols]
+    ignored = protocol_ignores(same, q_camids[:, None], g_camids[None, cols], protocol)
+    for column in np.asarray(query_copies).T:
+        position = np.searchsorted(cols, column)
+        hit = (column >= 0) & (position < len(cols))
+        hit[hit] = cols[position[hit]] == column[hit]
+        ignored[np.flatnonzero(hit), position[hit]] = True
+    return same, ignored
 
 
 def ignored_gallery_mask(
@@ -218,29 +271,36 @@ def ignored_gallery_mask(
     g_pids: Sequence[int] | np.ndarray | torch.Tensor,
     g_camids: Sequence[int] | np.ndarray | torch.Tensor,
     protocol: str = "cross_camera",
-    own_index: int | Sequence[int] | np.ndarray = -1,
+    query_in_gallery: int | Sequence[int] | np.ndarray = -1,
+    *,
+    own_index: int | Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean mask of the gallery items one query's ranking ignores under ``protocol``.
 
     The rule of :func:`evaluate_rank`, for one query; code that shows ranked lists uses it so
-    the pictures skip exactly what the metric skips. ``own_index`` is the gallery index of the
-    query image itself (-1 if absent), or the indices of its copies (a row of
-    :func:`rmgl.data.same_image_index`), ignored under both protocols.
+    the pictures skip exactly what the metric skips. ``query_in_gallery`` is the gallery
+    index of the query image itself (-1 if absent), or the indices of its copies (a row of
+    :func:`rmgl.data.same_image_index`), ignored under both protocols. ``own_index`` is its
+    former name (deprecated).
+
+    Examples::
+
+        >>> ignored_gallery_mask(1, 0, [1, 1, 2], [0, 1, 0], query_in_gallery=2).tolist()
+        [True, False, True]
     """
+    query_in_gallery = renamed_keyword(own_index, "own_index", query_in_gallery, -1)
     check_protocol(protocol)
     g_pids, g_camids = _as_labels(g_pids, "g_pids"), _as_labels(g_camids, "g_camids")
     if len(g_pids) != len(g_camids):
         raise ValueError(f"g_pids has {len(g_pids)} entries but g_camids has {len(g_camids)}")
-    own = np.atleast_1d(np.asarray(own_index, dtype=np.int64))
-    bad = own[(own < -1) | (own >= len(g_pids))]
+    copies = np.atleast_1d(np.asarray(query_in_gallery, dtype=np.int64))
+    bad = copies[(copies < -1) | (copies >= len(g_pids))]
     if len(bad):
-        raise ValueError(f"own_index {bad[0]} is not a gallery index (0..{len(g_pids) - 1}) or -1")
-    if protocol == "cross_camera":
-        mask = (g_pids == q_pid) & (g_camids == q_camid)
-    else:
-        mask = np.zeros(len(g_pids), dtype=bool)
-    mask[own[own >= 0]] = True
-    return mask
+        raise ValueError(
+            f"query_in_gallery {bad[0]} is not a gallery index (0..{len(g_pids) - 1}) or -1"
+        )
+    query = np.array([q_pid], dtype=np.int64), np.array([q_camid], dtype=np.int64)
+    return ignored_gallery_block(*query, copies[None, :], g_pids, g_camids, protocol)[1][0]
 
 
 def _same_pid_pairs(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +323,7 @@ def _labelled_pairs(
     g_pids: np.ndarray,
     q_camids: np.ndarray,
     g_camids: np.ndarray,
-    own: np.ndarray,
+    copies: np.ndarray,
     protocol: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query, gallery, ignored) for every same-pid pair, ordered by query; a pair not ignored
@@ -275,14 +335,15 @@ def _labelled_pairs(
     """
     pair_query, pair_gallery = _same_pid_pairs(q_pids, g_pids)
     ignored = np.zeros(len(pair_query), dtype=bool)
-    for column in own.T:
+    for column in copies.T:
         ignored |= pair_gallery == column[pair_query]
-    if protocol == "cross_camera":
-        ignored |= q_camids[pair_query] == g_camids[pair_gallery]
-    odd_query, odd_slot = np.nonzero((own >= 0) & (g_pids[np.maximum(own, 0)] != q_pids[:, None]))
+    ignored |= protocol_ignores(True, q_camids[pair_query], g_camids[pair_gallery], protocol)
+    odd_query, odd_slot = np.nonzero(
+        (copies >= 0) & (g_pids[np.maximum(copies, 0)] != q_pids[:, None])
+    )
     if len(odd_query):
         pair_query = np.concatenate([pair_query, odd_query])
-        pair_gallery = np.concatenate([pair_gallery, own[odd_query, odd_slot]])
+        pair_gallery = np.concatenate([pair_gallery, copies[odd_query, odd_slot]])
         ignored = np.concatenate([ignored, np.ones(len(odd_query), dtype=bool)])
         order = np.argsort(pair_query, kind="stable")
         pair_query, pair_gallery, ignored = pair_query[order], pair_gallery[order], ignored[order]
@@ -486,9 +547,9 @@ def _evaluate_blocks(
     """The metrics from consecutive row blocks ``(first row, block)`` of the distance matrix,
     each ``_rank_chunk_rows(num_g)`` rows (the last one fewer): the whole matrix is never
     needed. With ``topk`` also each query's top-k valid gallery items (``ranked_lists``)."""
-    own = own_indices(query_in_gallery, num_q, num_g)
+    copies = query_copies(query_in_gallery, num_q, num_g)
     pair_query, pair_gallery, is_junk = _labelled_pairs(
-        q_pids, g_pids, q_camids, g_camids, own, protocol
+        q_pids, g_pids, q_camids, g_camids, copies, protocol
     )
     rows_per_chunk = _rank_chunk_rows(num_g)
     chunk_of_pair = pair_query // rows_per_chunk
@@ -713,9 +774,8 @@ def evaluate_cuhk03_single_shot(
     for start in range(0, num_q, rows_per_chunk):
         block = dist[start : start + rows_per_chunk][:, by_pid]  # gallery grouped by pid
         same_pid = g_pids[by_pid][None, :] == q_pids[start : start + len(block), None]
-        valid = ~(
-            same_pid & (g_camids[by_pid][None, :] == q_camids[start : start + len(block), None])
-        )
+        rows = q_camids[start : start + len(block), None]
+        valid = ~protocol_ignores(same_pid, rows, g_camids[by_pid][None, :], "cross_camera")
         has_match = (same_pid & valid).any(axis=1)
         block, same_pid, valid = block[has_match], same_pid[has_match], valid[has_match]
         gallery_index = np.broadcast_to(by_pid, block.shape)

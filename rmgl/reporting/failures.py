@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rmgl.data.records import check_protocol
-from rmgl.metrics.ranking import RankResult, ignored_gallery_mask, own_indices
+from rmgl.metrics.ranking import (
+    RankResult,
+    ignored_gallery_block,
+    ignored_gallery_mask,
+    query_copies,
+    renamed_keyword,
+)
 
 __all__ = [
     "CameraPairR1",
@@ -45,35 +51,14 @@ def _labels(values) -> np.ndarray:
     return np.asarray(values).astype(np.int64).reshape(-1)
 
 
-def _own(query_in_gallery, num_q: int, num_g: int) -> np.ndarray:
-    """(Q, k) gallery indices of each query's own image, -1 padded (see ``own_indices``)."""
-    return own_indices(query_in_gallery, num_q, num_g)
-
-
-def _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol) -> tuple[np.ndarray, np.ndarray]:
-    """(same identity, ignored) masks (rows x len(cols)) of a block of queries; ``own`` is
-    (rows, k): every copy of a query's own image is ignored."""
-    same = q_pids[:, None] == g_pids[None, cols]
-    if protocol == "cross_camera":
-        ignored = same & (q_cams[:, None] == g_cams[None, cols])
-    else:
-        ignored = np.zeros_like(same)
-    for column in own.T:
-        position = np.searchsorted(cols, column)
-        hit = (column >= 0) & (position < len(cols))
-        hit[hit] = cols[position[hit]] == column[hit]
-        ignored[np.flatnonzero(hit), position[hit]] = True
-    return same, ignored
-
-
 def _nearest_in_block(
-    block: np.ndarray, q_pids, q_cams, own, g_pids, g_cams, cols, protocol
+    block: np.ndarray, q_pids, q_cams, copies, g_pids, g_cams, cols, protocol
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest valid gallery index and has-a-true-match of a block of rows whose columns are
     ``cols``. ``block`` is overwritten (pass a copy)."""
     if block.dtype not in (np.float32, np.float64):
         block = block.astype(np.float64)
-    same, ignored = _ignored(q_pids, q_cams, own, g_pids, g_cams, cols, protocol)
+    same, ignored = ignored_gallery_block(q_pids, q_cams, copies, g_pids, g_cams, protocol, cols)
     block[ignored] = np.inf
     best = np.argmin(block, axis=1)  # first minimum: the lowest gallery index on ties
     valid = np.isfinite(block[np.arange(len(best)), best])
@@ -105,7 +90,7 @@ def nearest_valid(
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     q_cams, g_cams = _labels(q_camids), _labels(g_camids)
     cols = np.arange(dist.shape[1]) if columns is None else np.sort(_labels(columns))
-    own = _own(query_in_gallery, len(q_pids), len(g_pids))
+    copies = query_copies(query_in_gallery, len(q_pids), len(g_pids))
     nearest = np.full(len(q_pids), -1, dtype=np.int64)
     has_match = np.zeros(len(q_pids), dtype=bool)
     if len(cols) == 0:
@@ -114,7 +99,7 @@ def nearest_valid(
         rows = slice(start, start + len(block))
         block = block.copy() if columns is None else block[:, cols]
         nearest[rows], has_match[rows] = _nearest_in_block(
-            block, q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams, cols, protocol
+            block, q_pids[rows], q_cams[rows], copies[rows], g_pids, g_cams, cols, protocol
         )
     return nearest, has_match
 
@@ -152,7 +137,7 @@ def scan_distances(
     check_protocol(protocol)
     q_pids, g_pids = _labels(q_pids), _labels(g_pids)
     q_cams, g_cams = _labels(q_camids), _labels(g_camids)
-    own = _own(query_in_gallery, len(q_pids), len(g_pids))
+    copies = query_copies(query_in_gallery, len(q_pids), len(g_pids))
     cameras = sorted(set(q_cams.tolist()) | set(g_cams.tolist()))
     camera_cols = [np.flatnonzero(g_cams == c) for c in cameras]
     all_cols = np.arange(len(g_pids))
@@ -176,7 +161,7 @@ def scan_distances(
                 f"{block.shape[1]} columns"
             )
         rows = slice(start, start + len(block))
-        labels = (q_pids[rows], q_cams[rows], own[rows], g_pids, g_cams)
+        labels = (q_pids[rows], q_cams[rows], copies[rows], g_pids, g_cams)
         scan.nearest[rows], scan.has_match[rows] = _nearest_in_block(
             block.copy(), *labels, all_cols, protocol
         )
@@ -333,13 +318,17 @@ def query_ranking(
     g_pids,
     g_camids,
     protocol: str = "cross_camera",
-    own_index: int | Sequence[int] | np.ndarray = -1,
+    query_in_gallery: int | Sequence[int] | np.ndarray = -1,
+    *,
+    own_index: int | Sequence[int] | np.ndarray | None = None,
 ) -> QueryRanking:
-    """The full ranking of one query (one row of the distance matrix); ``own_index`` is the
-    gallery index of the query image itself, or of each of its copies (-1: absent)."""
+    """The full ranking of one query (one row of the distance matrix); ``query_in_gallery``
+    is the gallery index of the query image itself, or of each of its copies (-1: absent);
+    ``own_index`` is its former name (deprecated)."""
+    query_in_gallery = renamed_keyword(own_index, "own_index", query_in_gallery, -1)
     g_pids = _labels(g_pids)
     same = g_pids == q_pid
-    ignored = ignored_gallery_mask(q_pid, q_camid, g_pids, g_camids, protocol, own_index)
+    ignored = ignored_gallery_mask(q_pid, q_camid, g_pids, g_camids, protocol, query_in_gallery)
     candidates = np.flatnonzero(~ignored)
     order = candidates[np.argsort(np.asarray(distances)[candidates], kind="stable")]
     matches = np.flatnonzero(same[order])

@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from rmgl.metrics.distance import METRICS
 from rmgl.serve.errors import RequestError
 from rmgl.serve.images import DecodedImage, decode_image
 from rmgl.serve.metrics import CONTENT_TYPE, ServiceMetrics
@@ -82,7 +83,7 @@ class SearchOptions(BaseModel):
     camera: int | None = Field(None, description="the query's camera, if known")
     rerank: bool = Field(False, description="k-reciprocal re-ranking of the shortlist")
     rerank_shortlist: int = Field(100, ge=1)
-    metric: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
+    metric: Literal[METRICS] = "euclidean"  # type: ignore[valid-type]
 
     _cameras = field_validator("cameras", mode="before")(_split_numbers)
 

@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmgl.data.filenames import is_image_file
 from rmgl.data.records import ImageRecord, relabel, split_stats
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train", "query", "gallery")
 JUNK_PID, DISTRACTOR_PID = -1, 0
 INTEGER = re.compile(r"[+-]?\d+")
@@ -51,7 +51,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name so the record order is stable."""
     if not folder.is_dir():
         raise DatasetLayoutError(f"expected an image folder at {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p.name))
 
 
 def require_nonempty(split: str, records: list[ImageRecord], where: Path | str) -> None:

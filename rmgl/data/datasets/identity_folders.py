@@ -8,8 +8,8 @@ Layout::
 
 A folder name is the identity: an integer (``-1`` junk, dropped; ``0`` distractors, gallery
 only) or a name such as ``alice``; names are numbered (see
-:func:`~rmgl.data.datasets.common.identity_numbers`). Images are the ``.jpg``, ``.jpeg``,
-``.png`` and ``.bmp`` files directly in an identity folder. There are no cameras: every image
+:func:`~rmgl.data.datasets.common.identity_numbers`). Images are the files directly in an
+identity folder whose ending is in :data:`rmgl.data.filenames.IMAGE_SUFFIXES`. There are no cameras: every image
 is camera 0 and the dataset's protocol is ``any_camera``.
 """
 
@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 from rmgl.data.datasets.common import (
-    IMAGE_SUFFIXES,
     SPLITS,
     DatasetLayoutError,
     LabelledImage,
@@ -28,6 +27,7 @@ from rmgl.data.datasets.common import (
     labelled_splits,
     list_images,
 )
+from rmgl.data.filenames import IMAGE_SUFFIXES, is_image_file
 from rmgl.data.records import ReidDataset
 
 LAYOUT_HINT = (
@@ -51,7 +51,7 @@ def read_identity_split(folder: Path) -> list[LabelledImage]:
                     "put each person's images directly in their folder"
                 )
             images.extend(LabelledImage(os.path.abspath(f), label, 0) for f in files)
-        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+        elif is_image_file(entry.name):
             raise DatasetLayoutError(
                 f"image {entry} is not in an identity folder; move it to "
                 f"{folder}/<pid or name>/{entry.name}"

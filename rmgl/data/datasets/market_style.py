@@ -14,7 +14,6 @@ in the gallery) and the 1-based camera, e.g. Market ``0002_c1s1_000451_03.jpg`` 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from rmgl.data.datasets.common import (
@@ -25,10 +24,10 @@ from rmgl.data.datasets.common import (
     one_camera_note,
     require_nonempty,
 )
+from rmgl.data.filenames import parse_market_name
 from rmgl.data.records import ImageRecord, ReidDataset, relabel
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-NAME_PATTERN = re.compile(r"^(-?\d+)_c(\d+)")
 
 LAYOUT_HINT = (
     "Expected the Market-1501 layout: ROOT[/<one or two sub-folders>]/"
@@ -42,27 +41,27 @@ OFFICIAL_COUNTS = {
 }
 
 
-def parse_market_name(path: Path) -> tuple[int, int]:
-    """(pid, 0-based camid) from a Market-style file name."""
-    match = NAME_PATTERN.match(path.name)
-    if match is None or int(match.group(2)) < 1:
+def market_label(path: Path) -> tuple[int, int]:
+    """(pid, 0-based camid) from a Market-style file name, or a :class:`DatasetLayoutError`
+    saying how such names look: in a dataset, a file that does not follow them is a mistake."""
+    pid, camid, _ = parse_market_name(path.name)
+    if pid is None or camid is None:
         raise DatasetLayoutError(
             f"cannot parse identity and camera from {path}: Market-style names start with "
             "'<pid>_c<camera>' (pid -1 = junk, 0 = distractor; camera counted from 1), "
             "e.g. 0002_c1s1_000451_03.jpg. Move other files out of the split folders."
         )
-    pid, cam = int(match.group(1)), int(match.group(2))
     if pid < -1:
         raise DatasetLayoutError(
             f"identity {pid} in {path} is negative (only -1 = junk is allowed)"
         )
-    return pid, cam - 1
+    return pid, camid
 
 
 def read_split(folder: Path, split: str) -> list[ImageRecord]:
     records = []
     for path in list_images(folder):
-        pid, camid = parse_market_name(path)
+        pid, camid = market_label(path)
         if pid == -1:
             continue  # junk: detector false positives, excluded by the protocol
         if pid == 0 and split != "gallery":
