@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rmgl.losses import RMGLLoss
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 from rmgl.model.backbone import ResNetBackbone, set_last_stride
 from rmgl.model.network import ReductionHead
 
@@ -106,7 +106,7 @@ class MGNStyle(nn.Module):
 
 
 def rmgl(**options) -> nn.Module:
-    return build_model(NUM_CLASSES, pretrained="none", **options)
+    return build_model(RMGLConfig(pretrained="none", **options), NUM_CLASSES)
 
 
 VARIANTS: list[tuple[str, Callable[[], nn.Module]]] = [

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from rmgl.model import abp_boundaries, activation_balanced_pool, build_model, stripe_pool
+from rmgl.model import (
+    RMGLConfig,
+    abp_boundaries,
+    activation_balanced_pool,
+    build_model,
+    stripe_pool,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,7 +158,7 @@ def test_stripe_pool_rejects_unknown_mode():
 
 def _model(abp: str, **options) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(5, backbone="resnet18", pretrained="none", abp=abp, **options)
+    return build_model(RMGLConfig(backbone="resnet18", pretrained="none", abp=abp, **options), 5)
 
 
 def _features(model: torch.nn.Module, x: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:

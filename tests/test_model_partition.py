@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rmgl.model import (
+    RMGLConfig,
     build_model,
     partition_field,
     receptive_partition,
@@ -24,7 +25,8 @@ POSITIONS = ["input", "layer1", "layer2", "layer3", "layer4"]
 def _model(position: str = "layer2", branches=(2, 3), seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(
-        5, backbone="resnet18", pretrained="none", branches=branches, rp_position=position
+        RMGLConfig(backbone="resnet18", pretrained="none", branches=branches, rp_position=position),
+        5,
     )
     return model.eval()
 

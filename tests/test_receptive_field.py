@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rmgl.cli import main
-from rmgl.model import build_model, partition_field, stage_fields
+from rmgl.model import RMGLConfig, build_model, partition_field, stage_fields
 from rmgl.model.backbone import ResNetBackbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,7 +100,7 @@ def test_empirical_probe_of_the_rp_region(position):
     """All outputs of RP stripe k together see exactly the clipped region of Eq. 6."""
     torch.manual_seed(0)
     model = _positive_constant(
-        build_model(3, backbone="resnet18", pretrained="none", rp_position=position)
+        build_model(RMGLConfig(backbone="resnet18", pretrained="none", rp_position=position), 3)
     )
     height, width = 96, 16  # 24 rows before layer2: K = 2 and 3 divide at every position
     x = torch.rand(1, 3, height, width, dtype=torch.float64, requires_grad=True)

@@ -1,7 +1,8 @@
-"""The RMGL network, its ResNet backbones and the receptive-field calculator."""
+"""Re-ID models chosen by name (``build_model(cfg.model, num_classes)``), the RMGL network,
+its ResNet backbones and the receptive-field calculator."""
 
 from rmgl.model.backbone import ResNetBackbone, build_backbone, read_state_dict
-from rmgl.model.network import RMGL, BranchMaps, RMGLOutput, build_model
+from rmgl.model.network import RMGL, BranchMaps, RMGLConfig, RMGLOutput, build_rmgl
 from rmgl.model.partition import (
     GlobalPool,
     abp_boundaries,
@@ -14,11 +15,22 @@ from rmgl.model.partition import (
     stripe_rows,
 )
 from rmgl.model.receptive_field import partition_field, stage_fields
+from rmgl.model.registry import (
+    MODELS,
+    ModelConfig,
+    build_model,
+    model_config_class,
+    model_names,
+    register_model,
+)
 
 __all__ = [
+    "MODELS",
     "RMGL",
     "BranchMaps",
     "GlobalPool",
+    "ModelConfig",
+    "RMGLConfig",
     "RMGLOutput",
     "ResNetBackbone",
     "abp_boundaries",
@@ -26,6 +38,9 @@ __all__ = [
     "activation_balanced_pool",
     "build_backbone",
     "build_model",
+    "build_rmgl",
+    "model_config_class",
+    "model_names",
     "partition_field",
     "read_state_dict",
     "receptive_partition",
@@ -34,4 +49,5 @@ __all__ = [
     "stage_fields",
     "stripe_pool",
     "stripe_rows",
+    "register_model",
 ]
