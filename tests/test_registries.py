@@ -3,6 +3,7 @@ options, checkpoints without ``name``, and the Trainer's overridable builders.""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -146,3 +147,40 @@ def test_the_built_in_builders_match_the_direct_constructors():
     )
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("layer1", "after_stem"), ("layer2", "after_layer1"), ("layer3", "after_layer2"),
+     ("layer4", "after_layer3")],
+)  # fmt: skip
+def test_former_rp_position_names_still_load_and_say_the_new_form(tmp_path, old, new):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"base: demo\nmodel:\n  rp_position: {old}\n")
+    warning = (
+        rf"model.rp_position={old} is deprecated .* write model.rp_position={new}, the same cut"
+    )
+    with pytest.warns(FutureWarning, match=warning):
+        assert load_config(path).model.rp_position == new
+    with pytest.warns(FutureWarning, match=warning):
+        assert load_config(None, [f"model.rp_position={old}"]).model.rp_position == new
+    with pytest.warns(FutureWarning, match=rf"rp_position={old} is deprecated"):
+        assert RMGLConfig(rp_position=old).rp_position == new
+    # a checkpoint's stored config is translated without a warning: it is not the user's file
+    text = to_yaml(load_config("demo")).replace("rp_position: after_layer1", f"rp_position: {old}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert from_yaml_text(text).model.rp_position == new
+
+
+def test_the_command_line_shows_the_deprecation_as_one_line(tmp_path, capsys):
+    from rmgl.cli import main
+
+    path = tmp_path / "old.yaml"
+    path.write_text("base: demo\nmodel:\n  rp_position: layer2\n")
+    assert main(["configs", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "rmgl: warning: model.rp_position=layer2 is deprecated (the old name of the stage the "
+        "cut comes before); write model.rp_position=after_layer1, the same cut"
+    )

@@ -369,9 +369,9 @@ def test_separate_batchnorm_keeps_each_paths_statistics_and_affine_parameters():
     ("position", "layers"),
     [
         ("input", {"layer2", "layer3", "layer4"}),
-        ("layer2", {"layer2", "layer3", "layer4"}),
-        ("layer3", {"layer3", "layer4"}),
-        ("layer4", {"layer4"}),
+        ("after_layer1", {"layer2", "layer3", "layer4"}),
+        ("after_layer2", {"layer3", "layer4"}),
+        ("after_layer3", {"layer4"}),
     ],
 )
 def test_separate_batchnorm_only_where_the_rp_path_runs(position, layers):

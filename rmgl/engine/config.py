@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from rmgl.losses import LossConfig, RMGLLossConfig, loss_config_class
 from rmgl.model import ModelConfig, RMGLConfig, model_config_class
+from rmgl.model.receptive_field import current_rp_position
 
 
 @dataclass
@@ -278,9 +279,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.model.abp = "off"
     if cfg.run.amp == "False":
         cfg.run.amp = "off"
+    _current_names(cfg, warn=True)
     check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _current_names(cfg: DictConfig, warn: bool) -> None:
+    """Translate former option values that config files and stored checkpoints still hold;
+    ``warn`` shows the user the new form to write."""
+    if "rp_position" in cfg.model:
+        cfg.model.rp_position = current_rp_position(
+            cfg.model.rp_position, "model.rp_position", warn
+        )
 
 
 # Checked before anything runs, so that a bad value fails in a second with its name instead
@@ -442,6 +453,8 @@ def from_yaml_text(text: str, source: str = "config") -> DictConfig:
         raise ConfigError(f"{source}: the stored config is not a mapping of sections")
     schema = config_schema(_chosen_name("model", [node], []), _chosen_name("loss", [node], []))
     try:
-        return OmegaConf.merge(schema, node)
+        cfg = OmegaConf.merge(schema, node)
     except OmegaConfBaseException as err:
         raise _explain(err, schema, source) from None
+    _current_names(cfg, warn=False)  # a checkpoint is not the user's to edit
+    return cfg

@@ -7,11 +7,9 @@ from rmgl.model.partition import (
     GlobalPool,
     abp_boundaries,
     abp_row_votes,
-    activation_balanced_pool,
     receptive_partition,
     run_partitioned,
     split_partitions,
-    stripe_pool,
     stripe_rows,
 )
 from rmgl.model.receptive_field import partition_field, stage_fields
@@ -35,7 +33,6 @@ __all__ = [
     "ResNetBackbone",
     "abp_boundaries",
     "abp_row_votes",
-    "activation_balanced_pool",
     "build_backbone",
     "build_model",
     "build_rmgl",
@@ -47,7 +44,6 @@ __all__ = [
     "run_partitioned",
     "split_partitions",
     "stage_fields",
-    "stripe_pool",
     "stripe_rows",
     "register_model",
 ]

@@ -43,7 +43,12 @@ from rmgl.model.partition import (
     stripe_rows,
     uniform_boundaries,
 )
-from rmgl.model.receptive_field import RP_POSITIONS, stage_fields
+from rmgl.model.receptive_field import (
+    RP_POSITIONS,
+    current_rp_position,
+    rp_position_words,
+    stage_fields,
+)
 from rmgl.model.registry import ModelConfig, register_model
 from rmgl.registry import option
 
@@ -263,7 +268,9 @@ class RMGLConfig(ModelConfig):
     backbone: str = option("resnet50", choices=tuple(ARCHITECTURES), architecture=True)
     last_stride: int = option(1, architecture=True)
     branches: list[int] = option([2, 3], architecture=True)  # stripe counts K, one per branch
-    rp_position: str = option("layer2", choices=RP_POSITIONS, architecture=True)
+    # where the RP path cuts the map (RP_POSITIONS: input, after_stem, after_layer1, ...,
+    # output = no RP path)
+    rp_position: str = option("after_layer1", choices=RP_POSITIONS, architecture=True)
     only_rp: bool = option(False, architecture=True)
     abp: str = option("both", choices=ABP_MODES)  # where stripes are activation balanced
     abp_pool: str = option("avg", choices=ABP_POOLINGS)
@@ -275,6 +282,9 @@ class RMGLConfig(ModelConfig):
     rp_batchnorm: str = option("shared", choices=RP_BATCHNORMS, architecture=True)
     # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
     head: str = option("reduction", choices=HEADS, architecture=True)
+
+    def __post_init__(self) -> None:
+        self.rp_position = current_rp_position(self.rp_position)
 
     def check(self, prefix: str = "") -> None:
         """Raise ValueError naming the option (after ``prefix``) whose value cannot work."""
@@ -291,8 +301,7 @@ class RMGLConfig(ModelConfig):
         no_rp = f"{prefix}rp_position=output has none"
         if self.only_rp and self.rp_position == "output":
             raise ValueError(
-                f"{prefix}only_rp=true keeps the receptive-partitioned path's stripes instead "
-                f"of the original path's and needs a receptive partition; {no_rp} (an output "
+                f"{prefix}only_rp=true needs a receptive partition; {no_rp} (an output "
                 "partition is the original path's stripes): choose an RP position "
                 f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set "
                 f"{prefix}only_rp=false"
@@ -328,7 +337,7 @@ class RMGL(nn.Module):
         self.last_stride = backbone.last_stride
         self.num_classes = num_classes
         self.rp_position = rp_position
-        self.cut = RP_POSITIONS.index(rp_position)  # the cut is made before stage number `cut`
+        self.cut = RP_POSITIONS.index(rp_position)  # the number of stages before the cut
         self.abp = abp
         self.abp_pool = cfg.abp_pool
         self.pooling = pooling
@@ -438,7 +447,7 @@ class RMGL(nn.Module):
         rows = cut_map.shape[2]
         if rows % stripes:
             raise ValueError(
-                f"the map before {self.rp_position} has {rows} rows for an input of height "
+                f"the map {rp_position_words(self.rp_position)} has {rows} rows for an input of height "
                 f"{input_height}, not divisible by K={stripes}; input heights that work: "
                 f"{self.working_heights(input_height)}"
             )
