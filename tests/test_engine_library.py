@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmgl.data.synthetic import SynthConfig, generate
 from rmgl.engine import Callback, ConfigError, Trainer, load_config, load_model
 from rmgl.engine.config import check_resume_changes
 from rmgl.engine.load import init_from_checkpoint, model_config
@@ -33,26 +32,6 @@ TINY = [
     "eval.every=0",
     "run.log_every=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lib_synth")
-    generate(
-        SynthConfig(
-            seed=5,
-            train_ids=8,
-            test_ids=6,
-            distractors=4,
-            junk=2,
-            cameras_per_id=(2, 3),
-            images_per_camera=(2, 3),
-        ),
-        root,
-        workers=1,
-        progress=False,
-    )
-    return root
 
 
 @pytest.fixture(scope="module")
