@@ -399,7 +399,7 @@ def check_extraction_rate(ctx: Context) -> list[Row]:
     keep up. Float32 (what rmgl eval uses) and bf16, random weights."""
     from rmgl.deploy import Encoder
     from rmgl.engine.load import Preprocess
-    from rmgl.model import build_model
+    from rmgl.model import RMGLConfig, build_model
 
     backbone, (height, width), batch = (
         ("resnet18", (48, 16), 8)
@@ -411,7 +411,7 @@ def check_extraction_rate(ctx: Context) -> list[Row]:
         )
     )
     torch.manual_seed(0)
-    model = build_model(751, backbone=backbone, pretrained="none").eval().to(ctx.device)
+    model = build_model(RMGLConfig(backbone=backbone, pretrained="none"), 751).eval().to(ctx.device)
     model.preprocess = Preprocess(height, width)
     inputs = torch.randn(batch, 3, height, width)
     rows = []

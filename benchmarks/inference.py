@@ -29,7 +29,7 @@ import torch
 from rmgl.deploy import Encoder
 from rmgl.deploy.export import export_onnx
 from rmgl.engine.load import Preprocess
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 
 MODELS = {
     # name: (label, backbone, height, width); branches [2, 3], the paper's other settings
@@ -40,7 +40,7 @@ MODELS = {
 
 def make_model(backbone: str, height: int, width: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(751, backbone=backbone, pretrained="none").eval()
+    model = build_model(RMGLConfig(backbone=backbone, pretrained="none"), 751).eval()
     model.preprocess = Preprocess(height, width)
     return model
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rmgl.losses import RMGLLoss
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 from rmgl.model.backbone import ResNetBackbone, set_last_stride
 from rmgl.model.network import ReductionHead
 
@@ -106,19 +106,19 @@ class MGNStyle(nn.Module):
 
 
 def rmgl(**options) -> nn.Module:
-    return build_model(NUM_CLASSES, pretrained="none", **options)
+    return build_model(RMGLConfig(pretrained="none", **options), NUM_CLASSES)
 
 
 VARIANTS: list[tuple[str, Callable[[], nn.Module]]] = [
-    ("RMGL [2,3] RP@layer2 (paper)", lambda: rmgl()),
+    ("RMGL [2,3] RP after_layer1 (paper)", lambda: rmgl()),
     ("RMGL [2,3,4]", lambda: rmgl(branches=(2, 3, 4))),
     ("RMGL [1,2,3]", lambda: rmgl(branches=(1, 2, 3))),
     ("RMGL [2] single branch", lambda: rmgl(branches=(2,))),
     ("RMGL [3] single branch", lambda: rmgl(branches=(3,))),
-    ("RMGL [2,3] RP@input", lambda: rmgl(rp_position="input")),
-    ("RMGL [2,3] RP@layer1", lambda: rmgl(rp_position="layer1")),
-    ("RMGL [2,3] RP@layer3", lambda: rmgl(rp_position="layer3")),
-    ("RMGL [2,3] RP@layer4", lambda: rmgl(rp_position="layer4")),
+    ("RMGL [2,3] RP input", lambda: rmgl(rp_position="input")),
+    ("RMGL [2,3] RP after_stem", lambda: rmgl(rp_position="after_stem")),
+    ("RMGL [2,3] RP after_layer2", lambda: rmgl(rp_position="after_layer2")),
+    ("RMGL [2,3] RP after_layer3", lambda: rmgl(rp_position="after_layer3")),
     ("RMGL [2,3] output only (no RP)", lambda: rmgl(rp_position="output")),
     ("RMGL [2,3] only RP", lambda: rmgl(only_rp=True)),
     ("ResNet-50, last stride 1", lambda: PlainResNet(1)),

@@ -52,7 +52,7 @@ from rmgl.deploy.features import read_meta, shard_folder
 from rmgl.engine import load_config
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 
 MODELS = {
     # name: (label, backbone, height, width)
@@ -72,7 +72,7 @@ def make_checkpoint(path: Path, backbone: str, height: int, width: int) -> Path:
         ],
     )
     torch.manual_seed(0)
-    model = build_model(751, backbone=backbone, pretrained="none")
+    model = build_model(RMGLConfig(backbone=backbone, pretrained="none"), 751)
     return save_checkpoint(path, model, to_yaml(cfg), {"num_classes": 751, "epoch": 0})
 
 

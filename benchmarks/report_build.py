@@ -106,9 +106,9 @@ def main() -> None:
     model = None
     if args.model != "none":
         from rmgl.engine.load import Preprocess
-        from rmgl.model import build_model
+        from rmgl.model import RMGLConfig, build_model
 
-        model = build_model(751, backbone=args.model, pretrained="none").eval()
+        model = build_model(RMGLConfig(backbone=args.model, pretrained="none"), 751).eval()
         model.preprocess = Preprocess(384, 128)
     times = {}
     reset_peak_rss()

@@ -57,12 +57,11 @@ MODELS = {"demo": ("resnet18", 96, 32), "r50": ("resnet50", 384, 128)}
 
 def make_checkpoint(path: Path, backbone: str, height: int, width: int) -> Path:
     import torch
-    from omegaconf import OmegaConf
 
     from rmgl.engine import load_config
     from rmgl.engine.checkpoint import save_checkpoint
     from rmgl.engine.config import to_yaml
-    from rmgl.engine.load import model_options
+    from rmgl.engine.load import model_config
     from rmgl.model import build_model
 
     if path.exists():
@@ -79,7 +78,7 @@ def make_checkpoint(path: Path, backbone: str, height: int, width: int) -> Path:
         ],
     )
     torch.manual_seed(0)
-    model = build_model(751, **model_options(OmegaConf.to_container(cfg.model)))
+    model = build_model(model_config(cfg), 751)
     return save_checkpoint(path, model, to_yaml(cfg), {"num_classes": 751, "epoch": 0})
 
 

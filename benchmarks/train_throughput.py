@@ -22,7 +22,7 @@ import torch
 
 from rmgl.engine.schedule import parameter_groups
 from rmgl.losses import RMGLLoss
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 
 MARKET_TRAIN_IMAGES = 12936
 MARKET_IDS = 751
@@ -52,7 +52,8 @@ def measure(
     median is returned: a launch-bound GPU step varies with the host's load. ``model_kwargs``
     go to ``build_model`` (ablations); ``profile`` prints the profiler's table of 3 steps."""
     model = build_model(
-        MARKET_IDS, backbone=setting["backbone"], pretrained="none", **(model_kwargs or {})
+        RMGLConfig(backbone=setting["backbone"], pretrained="none", **(model_kwargs or {})),
+        MARKET_IDS,
     ).to(device)
     if channels_last is None:
         channels_last = device.type == "cuda"

@@ -35,6 +35,25 @@ def synth_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The tiny synthetic benchmark (Market-1501 layout, about 50 images, 8 training
+    identities) that the engine and deploy tests train on and read, generated once per
+    session. Read only: a test that changes files copies them first."""
+    from deploy_support import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """An rmgl checkpoint of an untrained ResNet-18 RMGL at 48x16 input with randomised
+    BatchNorm statistics (``deploy_support.make_checkpoint``), written once per session."""
+    from deploy_support import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_ck") / "ck.safetensors", tiny_data)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (2 CPUs) for every test that needs Ray: starting one takes
     seconds."""

@@ -51,10 +51,10 @@ def tiny_model():
     """RMGL on ResNet-18 whose BatchNorm layers use their running statistics: each sample's
     output then depends on that sample only, so one process and two can be compared exactly
     (the batch statistics differ by construction; run.sync_bn is their GPU remedy)."""
-    from rmgl.model import build_model
+    from rmgl.model import RMGLConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(4, backbone="resnet18", pretrained="none").train()
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4).train()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from rmgl.data.synthetic import SynthConfig, generate
 from rmgl.engine import load_config
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
-from rmgl.engine.load import model_options
+from rmgl.engine.load import model_config
 from rmgl.model import build_model
 
 
@@ -61,9 +60,8 @@ def make_checkpoint(
             *overrides,
         ],
     )
-    options = model_options(OmegaConf.to_container(cfg.model))
     torch.manual_seed(seed)
-    model = build_model(8, **options)
+    model = build_model(model_config(cfg), 8)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from deploy_support import make_checkpoint, make_synthetic
+from deploy_support import make_checkpoint
 from PIL import Image
 
 from rmgl.data.datasets import load_dataset
@@ -22,10 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = make_synthetic(tmp_path_factory.mktemp("enc_synth"))
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("enc_ck") / "ck.safetensors", root)
-    return root, checkpoint
+def setup(tiny_data, tiny_checkpoint):
+    return tiny_data, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-from deploy_support import make_checkpoint, make_synthetic
 
 from rmgl.cli import main
 from rmgl.deploy import Encoder, extract_to_folder, read_features, read_image_list
@@ -21,10 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = make_synthetic(tmp_path_factory.mktemp("ext_synth"))
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ext_ck") / "ck.safetensors", root)
-    return root, checkpoint
+def setup(tiny_data, tiny_checkpoint):
+    return tiny_data, tiny_checkpoint
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from deploy_support import make_checkpoint, make_synthetic
 
 from rmgl.cli import main
 from rmgl.deploy import Encoder, read_sidecar
@@ -15,9 +14,10 @@ from rmgl.deploy.export import FP16_MIN_COSINE
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_fp16_export_runs_in_half_precision_within_its_tolerance(tmp_path, capsys):
-    root = make_synthetic(tmp_path / "synth")
-    checkpoint = make_checkpoint(tmp_path / "ck.safetensors", root)
+def test_fp16_export_runs_in_half_precision_within_its_tolerance(
+    tiny_data, tiny_checkpoint, tmp_path, capsys
+):
+    root, checkpoint = tiny_data, tiny_checkpoint
     out = tmp_path / "half.onnx"
     assert (
         main(

@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import pytest
-from deploy_support import make_checkpoint, make_synthetic
 
 from rmgl.data.datasets import load_dataset
 from rmgl.deploy import Encoder, extract_to_folder, read_image_list
@@ -17,9 +16,9 @@ from rmgl.engine import evaluate_model, load_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_extract_index_search_reproduces_the_evaluation(tmp_path):
-    data = make_synthetic(tmp_path / "data")
-    model = load_model(make_checkpoint(tmp_path / "ck.safetensors", data), device="cpu")
+def test_extract_index_search_reproduces_the_evaluation(tiny_data, tiny_checkpoint, tmp_path):
+    data = tiny_data
+    model = load_model(tiny_checkpoint, device="cpu")
     dataset = load_dataset("folder", data)
     expected = evaluate_model(model, dataset, model.preprocess.size, workers=0, progress=False)[
         "plain"

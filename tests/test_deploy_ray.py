@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_support import make_checkpoint, make_synthetic
 
 from rmgl.deploy import Encoder, extract_to_folder, read_features, read_image_list
 from rmgl.deploy.features import ShardedFeatures, shard_folder
@@ -59,13 +58,12 @@ def kill_an_actor_after_the_first_shard(out: Path, killed: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory, ray_cluster, one_torch_thread):
+def extracted(tmp_path_factory, ray_cluster, one_torch_thread, tiny_data, tiny_checkpoint):
     """28 gallery images (the last one broken) extracted in one process and on Ray (4
     shards of 8, 2 actors), where one actor is killed (SIGKILL) once the first shard is
     written: a worker that dies mid-run."""
     base = tmp_path_factory.mktemp("ray_extract")
-    root = make_synthetic(base / "synth")
-    checkpoint = make_checkpoint(base / "ck.safetensors", root)
+    root, checkpoint = tiny_data, tiny_checkpoint
     crops = base / "crops"
     shutil.copytree(root / "bounding_box_test", crops)
     (crops / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated")

@@ -20,7 +20,7 @@ def test_defaults_are_the_papers_recipe():
     assert (
         cfg.model.backbone == "resnet50"
         and list(cfg.model.branches) == [2, 3]
-        and cfg.model.rp_position == "layer2"
+        and cfg.model.rp_position == "after_layer1"
     )
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (
         0.01,
@@ -110,7 +110,14 @@ def test_every_paper_experiment_has_a_config():
     for folder in ("ablation", "augmentation", "partition", "rsa_params", "studies"):
         assert any(n.startswith(folder + "/") for n in names), folder
     positions = {load_config(p).model.rp_position for p in CONFIGS if p.parent.name == "partition"}
-    assert positions == {"input", "layer1", "layer2", "layer3", "layer4", "output"}
+    assert positions == {
+        "input",
+        "after_stem",
+        "after_layer1",
+        "after_layer2",
+        "after_layer3",
+        "output",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -146,27 +153,27 @@ TABLE_V = {
     "2stripe_baseline": ("2-stripe (BL)", [2], "output", False, "off", False),
     "3stripe_baseline": ("3-stripe (BL)", [3], "output", False, "off", False),
     "multibranch_baseline": ("2+3-stripe (BL)", [2, 3], "output", False, "off", False),
-    "2stripe_rp": ("2-stripe+RP", [2], "layer2", False, "off", False),
-    "3stripe_rp": ("3-stripe+RP", [3], "layer2", False, "off", False),
-    "multibranch_rp": ("2+3-stripe+RP", [2, 3], "layer2", False, "off", False),
-    "2stripe_only_rp": ("2-stripe only RP", [2], "layer2", True, "off", False),
-    "3stripe_only_rp": ("3-stripe only RP", [3], "layer2", True, "off", False),
-    "multibranch_only_rp": ("2+3-stripe only RP", [2, 3], "layer2", True, "off", False),
+    "2stripe_rp": ("2-stripe+RP", [2], "after_layer1", False, "off", False),
+    "3stripe_rp": ("3-stripe+RP", [3], "after_layer1", False, "off", False),
+    "multibranch_rp": ("2+3-stripe+RP", [2, 3], "after_layer1", False, "off", False),
+    "2stripe_only_rp": ("2-stripe only RP", [2], "after_layer1", True, "off", False),
+    "3stripe_only_rp": ("3-stripe only RP", [3], "after_layer1", True, "off", False),
+    "multibranch_only_rp": ("2+3-stripe only RP", [2, 3], "after_layer1", True, "off", False),
     "2stripe_rsa": ("2-stripe+RSA", [2], "output", False, "off", True),
     "3stripe_rsa": ("3-stripe+RSA", [3], "output", False, "off", True),
     "multibranch_rsa": ("2+3-stripe+RSA", [2, 3], "output", False, "off", True),
-    "2stripe_rp_rsa": ("2-stripe+RP+RSA", [2], "layer2", False, "off", True),
-    "multibranch_rp_rsa": ("2+3-stripe+RP+RSA", [2, 3], "layer2", False, "off", True),
+    "2stripe_rp_rsa": ("2-stripe+RP+RSA", [2], "after_layer1", False, "off", True),
+    "multibranch_rp_rsa": ("2+3-stripe+RP+RSA", [2, 3], "after_layer1", False, "off", True),
     "2stripe_abp": ("2-stripe+ABP", [2], "output", False, "both", False),
     "3stripe_abp": ("3-stripe+ABP", [3], "output", False, "both", False),
     "multibranch_abp": ("2+3-stripe+ABP", [2, 3], "output", False, "both", False),
-    "2stripe_rp_rsa_abp": ("2-stripe+RP+ABP+RSA", [2], "layer2", False, "both", True),
-    "multibranch_full": ("2+3-stripe+RP+ABP+RSA", [2, 3], "layer2", False, "both", True),
-    "branches_123": ("RMGL (1+2+3)", [1, 2, 3], "layer2", False, "both", True),
-    "branches_234": ("RMGL (2+3+4)", [2, 3, 4], "layer2", False, "both", True),
+    "2stripe_rp_rsa_abp": ("2-stripe+RP+ABP+RSA", [2], "after_layer1", False, "both", True),
+    "multibranch_full": ("2+3-stripe+RP+ABP+RSA", [2, 3], "after_layer1", False, "both", True),
+    "branches_123": ("RMGL (1+2+3)", [1, 2, 3], "after_layer1", False, "both", True),
+    "branches_234": ("RMGL (2+3+4)", [2, 3, 4], "after_layer1", False, "both", True),
     # not rows of Table V: the 3-stripe counterparts of the 2-stripe rows with RP and RSA
-    "3stripe_rp_rsa": (None, [3], "layer2", False, "off", True),
-    "3stripe_rp_rsa_abp": (None, [3], "layer2", False, "both", True),
+    "3stripe_rp_rsa": (None, [3], "after_layer1", False, "off", True),
+    "3stripe_rp_rsa_abp": (None, [3], "after_layer1", False, "both", True),
 }
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmgl.data.synthetic import SynthConfig, generate
 from rmgl.engine import Callback, ConfigError, Trainer, load_config, load_model
 from rmgl.engine.config import check_resume_changes
-from rmgl.engine.load import init_from_checkpoint
+from rmgl.engine.load import init_from_checkpoint, model_config
 from rmgl.engine.run_record import check_run_name
 from rmgl.engine.runtime import amp_dtype
 from rmgl.model import build_model
@@ -33,26 +32,6 @@ TINY = [
     "eval.every=0",
     "run.log_every=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lib_synth")
-    generate(
-        SynthConfig(
-            seed=5,
-            train_ids=8,
-            test_ids=6,
-            distractors=4,
-            junk=2,
-            cameras_per_id=(2, 3),
-            images_per_camera=(2, 3),
-        ),
-        root,
-        workers=1,
-        progress=False,
-    )
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +93,7 @@ def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_count(trained):
     run, _ = trained
     cfg = load_config(None, [*TINY, "data.root=unused"])
-    model = build_model(11, **_options(cfg))
+    model = build_model(model_config(cfg), 11)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     message = init_from_checkpoint(model, cfg.model, run / "last.safetensors")
     trained_state = load_model(run / "last.safetensors").state_dict()
@@ -130,18 +109,10 @@ def test_init_from_loads_the_backbone_and_resets_classifiers_of_another_class_co
             assert torch.equal(value, trained_state[name]), name
 
 
-def _options(cfg):
-    from omegaconf import OmegaConf
-
-    from rmgl.engine.load import model_options
-
-    return model_options(OmegaConf.to_container(cfg.model))
-
-
 def test_init_from_another_architecture_names_the_mismatch(trained):
     run, _ = trained
     cfg = load_config(None, [*TINY, "data.root=unused", "model.branches=[2,3,4]"])
-    model = build_model(8, **_options(cfg))
+    model = build_model(model_config(cfg), 8)
     with pytest.raises(
         ValueError,
         match=r"another architecture \(branches: checkpoint \[2, 3\] vs config \[2, 3, 4\]\)",
@@ -198,7 +169,7 @@ def test_same_identities_needs_the_same_class_count_and_an_init_from(trained):
             "model.init_from_same_identities=true",
         ],
     )
-    model = build_model(11, **_options(cfg))
+    model = build_model(model_config(cfg), 11)
     with pytest.raises(ValueError, match="trained on 8 identities and this data has 11"):
         init_from_checkpoint(model, cfg.model, run / "last.safetensors")
 
@@ -503,7 +474,7 @@ def test_gem_exponents_are_not_weight_decayed():
     from rmgl.engine.schedule import build_optimizer
 
     cfg = load_config(None, [*TINY, "data.root=unused", "model.pooling=gem"])
-    model = build_model(5, **_options(cfg))
+    model = build_model(model_config(cfg), 5)
     optimizer = build_optimizer(model, cfg.optim)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {

@@ -348,9 +348,9 @@ def test_sync_bn_converts_batchnorm_on_gpu_ranks_and_refuses_cpu_ranks():
     from types import SimpleNamespace
 
     from rmgl.engine.runtime import Runtime
-    from rmgl.model import build_model
+    from rmgl.model import RMGLConfig, build_model
 
-    model = build_model(4, backbone="resnet18", pretrained="none")
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gpu_rank = SimpleNamespace(runtime=Runtime(1, 2, torch.device("cuda", 1)), is_main=False)
     gpu_rank.device = gpu_rank.runtime.device
@@ -362,9 +362,11 @@ def test_sync_bn_converts_batchnorm_on_gpu_ranks_and_refuses_cpu_ranks():
     cpu_rank = SimpleNamespace(runtime=Runtime(1, 2, torch.device("cpu")), is_main=False)
     cpu_rank.device = cpu_rank.runtime.device
     with pytest.raises(ValueError, match="run.sync_bn=true needs GPUs"):
-        Trainer._sync_batchnorm(cpu_rank, build_model(4, backbone="resnet18", pretrained="none"))
+        Trainer._sync_batchnorm(
+            cpu_rank, build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4)
+        )
     alone = SimpleNamespace(runtime=Runtime(0, 1, torch.device("cpu")), is_main=True)
-    plain = build_model(4, backbone="resnet18", pretrained="none")
+    plain = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4)
     assert Trainer._sync_batchnorm(alone, plain) is plain
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rmgl.losses import RMGLLoss, batch_hard_triplet_loss
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +64,7 @@ def _tiny_batch():
 
 def test_total_is_the_sum_of_named_terms():
     images, targets = _tiny_batch()
-    model = build_model(4, backbone="resnet18", pretrained="none").train()
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4).train()
     out = model(images)
     total, terms = RMGLLoss(label_smoothing=0.1)(out, targets)
     assert set(terms) == {f"ce/{n}" for n in model.feature_names} | {"triplet/b2", "triplet/b3"}
@@ -78,7 +78,7 @@ def test_total_is_the_sum_of_named_terms():
 
 def test_loss_decreases_over_a_few_sgd_steps():
     images, targets = _tiny_batch()
-    model = build_model(4, backbone="resnet18", pretrained="none").train()
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 4).train()
     criterion = RMGLLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     history = []

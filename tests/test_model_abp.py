@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rmgl.model import abp_boundaries, activation_balanced_pool, build_model, stripe_pool
+from rmgl.model import BranchMaps, RMGLConfig, abp_boundaries, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,6 +102,20 @@ def test_non_positive_channels_do_not_vote():
     assert abp_boundaries(negative, 3).tolist() == [[0, 2, 4, 6]] * 2  # M = 0: uniform
 
 
+def _network_abp_pool(x: torch.Tensor, stripes: int, mode: str) -> list[torch.Tensor]:
+    """The original path's K stripes of map ``x`` pooled as the network pools them with ABP
+    (``Branch.pool``: ABP boundaries, the branch's own pooling operator per stripe)."""
+    model = build_model(
+        RMGLConfig(
+            backbone="resnet18", pretrained="none", branches=[stripes], rp_position="output",
+            abp="both", abp_pool=mode, reduction_dim=4,
+        ),
+        2,
+    )  # fmt: skip
+    pooled = model.branches[0].pool(BranchMaps(original=x), abp=True)
+    return [pooled[f"orig_s{k + 1}"] for k in range(stripes)]
+
+
 @pytest.mark.parametrize(("height", "stripes"), [(6, 2), (6, 3), (8, 3), (5, 4), (4, 4), (24, 3)])
 def test_vectorised_equals_per_sample_loop(height, stripes):
     g = torch.Generator().manual_seed(height * 10 + stripes)
@@ -114,7 +128,7 @@ def test_vectorised_equals_per_sample_loop(height, stripes):
         ref = reference_boundaries(x[i], stripes)
         assert bounds[i].tolist() == ref, i
     for mode in ("avg", "max"):
-        pooled = activation_balanced_pool(x, stripes, mode)
+        pooled = _network_abp_pool(x, stripes, mode)
         for i in range(x.shape[0]):
             ref = reference_pool(x[i], reference_boundaries(x[i], stripes), mode)
             for k in range(stripes):
@@ -135,7 +149,7 @@ def test_gradient_flows_through_pooled_values_only():
     x = torch.relu(torch.randn(2, 4, 6, 2)).requires_grad_()
     bounds = abp_boundaries(x, 2)
     assert not bounds.requires_grad
-    pooled = activation_balanced_pool(x, 2, "avg")
+    pooled = _network_abp_pool(x, 2, "avg")
     pooled[0].sum().backward()
     for i in range(2):
         rows = int(bounds[i, 1])
@@ -145,14 +159,9 @@ def test_gradient_flows_through_pooled_values_only():
         assert (x.grad[i, :, rows:] == 0).all()
 
 
-def test_stripe_pool_rejects_unknown_mode():
-    with pytest.raises(ValueError):
-        stripe_pool(torch.zeros(1, 1, 4, 1), torch.tensor([[0, 2, 4]]), "sum")
-
-
 def _model(abp: str, **options) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(5, backbone="resnet18", pretrained="none", abp=abp, **options)
+    return build_model(RMGLConfig(backbone="resnet18", pretrained="none", abp=abp, **options), 5)
 
 
 def _features(model: torch.nn.Module, x: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:

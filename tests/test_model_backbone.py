@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models
 
-from rmgl.model import build_backbone, build_model
+from rmgl.model import RMGLConfig, build_backbone, build_model
 from rmgl.model.backbone import ResNetBackbone, resolve_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,7 +101,7 @@ def test_model_built_from_local_file_starts_every_branch_from_it(tmp_path):
     _randomise_bn(source)
     path = tmp_path / "r18.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(5, backbone="resnet18", pretrained=str(path), branches=(2, 3))
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained=str(path), branches=(2, 3)), 5)
     src = source.state_dict()
     for k, v in model.trunk.state_dict().items():
         assert torch.equal(v, src[k]), k

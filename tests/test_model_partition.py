@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rmgl.model import (
+    RMGLConfig,
     build_model,
     partition_field,
     receptive_partition,
@@ -18,13 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 H, W = 192, 64  # ResNet-18: 48 rows before layer2, divisible by 2 and 3 at every RP position
-POSITIONS = ["input", "layer1", "layer2", "layer3", "layer4"]
+POSITIONS = ["input", "after_stem", "after_layer1", "after_layer2", "after_layer3"]
 
 
-def _model(position: str = "layer2", branches=(2, 3), seed: int = 0) -> torch.nn.Module:
+def _model(position: str = "after_layer1", branches=(2, 3), seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(
-        5, backbone="resnet18", pretrained="none", branches=branches, rp_position=position
+        RMGLConfig(backbone="resnet18", pretrained="none", branches=branches, rp_position=position),
+        5,
     )
     return model.eval()
 
@@ -76,7 +78,7 @@ def test_rp_stripe_sees_only_its_rows(position):
 
 def test_original_path_sees_across_stripes():
     """Control for the test above: the original path's top stripe depends on the bottom rows."""
-    model = _model("layer2")
+    model = _model("after_layer1")
     images = torch.randn(1, 3, H, W, requires_grad=True)
     m = model.branch_maps(images)[0]
     top = m.original[:, :, : m.original.shape[2] // 2]

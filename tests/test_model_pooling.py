@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rmgl.losses import RMGLLoss
-from rmgl.model import GlobalPool, build_model
+from rmgl.model import GlobalPool, RMGLConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -17,7 +17,9 @@ SMALL = (96, 32)  # ResNet-18: 24 rows before layer2, 6 rows at the output
 def _gem_model(**options) -> torch.nn.Module:
     torch.manual_seed(0)
     options.setdefault("abp", "off")
-    return build_model(7, backbone="resnet18", pretrained="none", pooling="gem", **options)
+    return build_model(
+        RMGLConfig(backbone="resnet18", pretrained="none", pooling="gem", **options), 7
+    )
 
 
 def _gem_by_hand(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
@@ -109,5 +111,5 @@ def test_no_weight_decay_lists_exactly_the_gem_exponents():
     # with ABP the original stripes are pooled with abp_pool (no exponent), the rest with GeM
     with_abp = _gem_model(abp="both", abp_pool="avg")
     assert with_abp.no_weight_decay() == {n for n in expected if ".orig_s" not in n}
-    plain = build_model(7, backbone="resnet18", pretrained="none")
+    plain = build_model(RMGLConfig(backbone="resnet18", pretrained="none"), 7)
     assert plain.no_weight_decay() == set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmgl.model import RMGLOutput, build_model
+from rmgl.model import RMGLConfig, RMGLOutput, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -16,7 +16,7 @@ SMALL = (96, 32)  # ResNet-18 at 96x32: 24 rows before layer2, 6 rows at the out
 def _small(**options) -> torch.nn.Module:
     torch.manual_seed(0)
     options.setdefault("backbone", "resnet18")
-    return build_model(7, pretrained="none", **options)
+    return build_model(RMGLConfig(pretrained="none", **options), 7)
 
 
 @pytest.mark.parametrize(
@@ -35,10 +35,10 @@ def test_descriptor_size_per_branch_list(branches, n_features):
     ("position", "n_features", "rp_rows"),
     [
         ("input", 14, (3, 2)),
-        ("layer1", 14, (3, 2)),
-        ("layer2", 14, (3, 2)),
-        ("layer3", 14, (3, 2)),
-        ("layer4", 14, (3, 2)),
+        ("after_stem", 14, (3, 2)),
+        ("after_layer1", 14, (3, 2)),
+        ("after_layer2", 14, (3, 2)),
+        ("after_layer3", 14, (3, 2)),
         ("output", 7, None),
     ],
 )
@@ -123,7 +123,7 @@ def test_backbone_depths(arch, channels):
 
 def test_paper_model_resnet50_384x128():
     torch.manual_seed(0)
-    model = build_model(751, pretrained="none").eval()
+    model = build_model(RMGLConfig(pretrained="none"), 751).eval()
     x = torch.randn(1, 3, 384, 128)
     with torch.no_grad():
         maps = model.branch_maps(x)
@@ -165,11 +165,12 @@ def test_bad_options_are_rejected(options):
 def test_only_rp_without_an_rp_path_is_an_error_that_says_what_to_do():
     with pytest.raises(
         ValueError,
-        match=r"only_rp=True .* rp_position='output' builds no RP path .*"
-        r"choose an RP position \(input, layer1, layer2, layer3, layer4\) or set only_rp=False",
+        match=r"only_rp=true needs a receptive partition; rp_position=output has none .*"
+        r"choose an RP position \(input, after_stem, after_layer1, after_layer2, after_layer3\) "
+        r"or set only_rp=false",
     ):
         _small(only_rp=True, rp_position="output")
-    assert len(_small(only_rp=True, rp_position="layer3").feature_names) == 9  # 2 + 7
+    assert len(_small(only_rp=True, rp_position="after_layer2").feature_names) == 9  # 2 + 7
 
 
 @pytest.mark.parametrize("pooling", ["avg", "gem"])

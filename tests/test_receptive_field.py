@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rmgl.cli import main
-from rmgl.model import build_model, partition_field, stage_fields
+from rmgl.model import RMGLConfig, build_model, partition_field, stage_fields
 from rmgl.model.backbone import ResNetBackbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,17 +39,17 @@ def test_last_stride_2_and_basic_blocks():
 
 def test_partition_fields_eq6_and_condition7():
     stages = ResNetBackbone("resnet50", 1).stages()
-    pf = partition_field(stages, 384, 128, "layer2", 2)
+    pf = partition_field(stages, 384, 128, "after_layer1", 2)
     assert (pf.cut_height, pf.rows_per_stripe, pf.rf_at_cut, pf.stride_at_cut) == (96, 48, 35, 4)
     assert pf.restricted_region == 35 + (48 - 1) * 4 == 223
     assert pf.regions == [(0, 205), (175, 383)]  # rows 0..47 -> [-17, 205], 48..95 -> [175, 400]
     assert pf.rf_after_cut == 83 and pf.condition_7
-    assert partition_field(stages, 384, 128, "layer2", 3).restricted_region == 159
+    assert partition_field(stages, 384, 128, "after_layer1", 3).restricted_region == 159
     pf = partition_field(stages, 384, 128, "input", 3)
     assert pf.regions == [(0, 127), (128, 255), (256, 383)] and pf.restricted_region == 128
-    pf = partition_field(stages, 384, 128, "layer4", 2)  # layer4 alone sees 7 rows < 12
+    pf = partition_field(stages, 384, 128, "after_layer3", 2)  # layer4 alone sees 7 rows < 12
     assert (pf.rows_per_stripe, pf.rf_after_cut, pf.condition_7) == (12, 7, False)
-    assert partition_field(stages, 384, 128, "layer2", 5).rows_per_stripe is None
+    assert partition_field(stages, 384, 128, "after_layer1", 5).rows_per_stripe is None
 
 
 def _positive_constant(model: nn.Module) -> nn.Module:
@@ -95,12 +95,12 @@ def test_empirical_probe_matches_calculator(arch, height):
         assert hi - lo + 1 == row.rf
 
 
-@pytest.mark.parametrize("position", ["input", "layer1", "layer2", "layer3"])
+@pytest.mark.parametrize("position", ["input", "after_stem", "after_layer1", "after_layer2"])
 def test_empirical_probe_of_the_rp_region(position):
     """All outputs of RP stripe k together see exactly the clipped region of Eq. 6."""
     torch.manual_seed(0)
     model = _positive_constant(
-        build_model(3, backbone="resnet18", pretrained="none", rp_position=position)
+        build_model(RMGLConfig(backbone="resnet18", pretrained="none", rp_position=position), 3)
     )
     height, width = 96, 16  # 24 rows before layer2: K = 2 and 3 divide at every position
     x = torch.rand(1, 3, height, width, dtype=torch.float64, requires_grad=True)
@@ -113,7 +113,7 @@ def test_empirical_probe_of_the_rp_region(position):
 
 def test_rf_command_prints_the_table(capsys):
     code = main(["rf", "--backbone", "resnet50", "--height", "384", "--width", "128",
-                 "--stripes", "2", "3", "--position", "layer2"])  # fmt: skip
+                 "--stripes", "2", "3", "--position", "after_layer1"])  # fmt: skip
     text = capsys.readouterr().out
     assert code == 0
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}

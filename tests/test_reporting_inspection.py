@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 from rmgl.reporting import inspection
 from rmgl.reporting.inspection import activation_map, inspect_tensors, receptive_regions
 
@@ -21,7 +21,7 @@ SIZE = (96, 32)  # resnet18, RP before layer2: 24 rows at the cut, final map 6x2
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    net = build_model(10, backbone="resnet18", pretrained="none", branches=[2, 3])
+    net = build_model(RMGLConfig(backbone="resnet18", pretrained="none", branches=[2, 3]), 10)
     net.eval()
     # Random BatchNorm statistics instead of the identity ones, so that the test does not
     # rely on a freshly initialised network's special structure.

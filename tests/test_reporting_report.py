@@ -42,12 +42,12 @@ def checkpoint(data, tmp_path_factory):
     """An untrained RMGL-R18 checkpoint in a run folder with a short training log."""
     from rmgl.engine.checkpoint import save_checkpoint
     from rmgl.engine.config import load_config, to_yaml
-    from rmgl.model import build_model
+    from rmgl.model import RMGLConfig, build_model
 
     run = tmp_path_factory.mktemp("report_run") / "rmgl"
     cfg = load_config("demo", [f"data.root={data}", "data.workers=0", "data.test_batch_size=64"])
     torch.manual_seed(0)
-    model = build_model(6, backbone="resnet18", pretrained="none", branches=[2, 3])
+    model = build_model(RMGLConfig(backbone="resnet18", pretrained="none", branches=[2, 3]), 6)
     path = save_checkpoint(run / "best.safetensors", model, to_yaml(cfg), {"num_classes": 6})
     rows = [
         {"epoch": e, "iter": i, "lr": 0.01, "loss": 50.0 - e - i / 4}

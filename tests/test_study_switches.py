@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
@@ -26,11 +25,12 @@ from rmgl.engine import Callback, ConfigError, Trainer, load_config, load_model
 from rmgl.engine.callbacks import PeriodicEvaluation, _random_shift, rsa_probability
 from rmgl.engine.checkpoint import save_checkpoint
 from rmgl.engine.config import to_yaml
-from rmgl.engine.load import ARCHITECTURE_KEYS, model_options
+from rmgl.engine.load import model_config
 from rmgl.engine.schedule import build_optimizer
 from rmgl.losses import RMGLLoss
-from rmgl.model import build_model
+from rmgl.model import RMGLConfig, build_model
 from rmgl.model.network import PathBatchNorm
+from rmgl.registry import architecture_keys
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,7 +57,7 @@ TINY = [
 def _model(**options) -> nn.Module:
     torch.manual_seed(0)
     options.setdefault("backbone", "resnet18")
-    return build_model(7, pretrained="none", **options)
+    return build_model(RMGLConfig(pretrained="none", **options), 7)
 
 
 def _images(n: int = 8, size: tuple[int, int] = SIZE) -> torch.Tensor:
@@ -95,8 +95,8 @@ def test_new_keys_default_to_the_papers_recipe():
     )
     assert (cfg.loss.ce_reduction, cfg.loss.triplet_reduction) == ("sum", "sum")
     # rp_batchnorm and head define the network: a checkpoint only fits a model that agrees
-    assert {"rp_batchnorm", "head"} <= set(ARCHITECTURE_KEYS)
-    assert "abp_warmup_epochs" not in model_options(OmegaConf.to_container(cfg.model))
+    assert {"rp_batchnorm", "head"} <= set(architecture_keys(RMGLConfig))
+    assert "abp_warmup_epochs" not in architecture_keys(type(model_config(cfg)))
 
 
 @pytest.mark.parametrize(
@@ -369,9 +369,9 @@ def test_separate_batchnorm_keeps_each_paths_statistics_and_affine_parameters():
     ("position", "layers"),
     [
         ("input", {"layer2", "layer3", "layer4"}),
-        ("layer2", {"layer2", "layer3", "layer4"}),
-        ("layer3", {"layer3", "layer4"}),
-        ("layer4", {"layer4"}),
+        ("after_layer1", {"layer2", "layer3", "layer4"}),
+        ("after_layer2", {"layer3", "layer4"}),
+        ("after_layer3", {"layer4"}),
     ],
 )
 def test_separate_batchnorm_only_where_the_rp_path_runs(position, layers):

@@ -742,6 +742,6 @@ def test_configs_prints_built_in_configs_and_yaml_configs_only(data, tmp_path, c
         assert message in captured.err and "hunter2" not in captured.out + captured.err, name
         assert "Traceback" not in captured.err
     assert main(["configs", "ablation/2stripe_rp"]) == 0
-    assert "rp_position: layer2" in capsys.readouterr().out
+    assert "rp_position: after_layer1" in capsys.readouterr().out
     assert main(["configs", str(valid)]) == 0
     assert capsys.readouterr().out == valid.read_text()

@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 
 from rmgl.cli import (
     data,
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    warnings.showwarning = _show_warning
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -79,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines[1:]:  # multi-line explanations (which tensors do not fit) stay readable
             print(f"  {line.strip()}", file=sys.stderr)
         return 1
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Deprecations (FutureWarning: a config value under a former name) as one line that
+    says what to write instead; other warnings as Python shows them."""
+    if issubclass(category, FutureWarning):
+        print(f"rmgl: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def user_message(err: BaseException) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.model.receptive_field import RP_POSITIONS
+from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--position",
-        choices=RP_POSITIONS[:-1],
+        choices=[*RP_POSITIONS[:-1], *DEPRECATED_RP_POSITIONS],
         help="RP position of the receptive-region picture (default: the model's)",
     )
     parser.add_argument(

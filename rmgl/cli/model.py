@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rmgl.model.backbone import ARCHITECTURES, ResNetBackbone
-from rmgl.model.receptive_field import RP_POSITIONS, format_report
+from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS, format_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--stripes", type=int, nargs="*", default=[2, 3], metavar="K")
-    parser.add_argument("--position", default="layer2", choices=RP_POSITIONS)
+    parser.add_argument(
+        "--position", default="after_layer1", choices=[*RP_POSITIONS, *DEPRECATED_RP_POSITIONS]
+    )
     parser.set_defaults(func=run_rf)
 
 

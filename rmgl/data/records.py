@@ -52,10 +52,6 @@ class ReidDataset:
     def num_train_pids(self) -> int:
         return len({r.pid for r in self.train})
 
-    @property
-    def num_train_cams(self) -> int:
-        return len({r.camid for r in self.train})
-
     def splits(self) -> dict[str, list[ImageRecord]]:
         return {"train": self.train, "query": self.query, "gallery": self.gallery}
 

@@ -174,6 +174,7 @@ class AugmentConfig:
     random_erasing: float = 0.0
     color_jitter: float = 0.0
     random_crop: float = 0.0
+    # RCRS (Table VI): random crop of any size, resized to the input and shifted
     rcrs: float = 0.0
 
 

@@ -466,7 +466,7 @@ def _weights_readme(model: nn.Module, out: Path, state: dict[str, torch.Tensor],
         "",
         *[f"- `{k}`: `{json.dumps(v)}`" for k, v in arch.items()],
         "",
-        "Rebuild it with rmgl: `rmgl.model.build_model(num_classes, pretrained='none', **architecture)`, "
+        "Rebuild it with rmgl: `rmgl.model.build_model(rmgl.model.RMGLConfig(pretrained='none', **architecture), num_classes)`, "
         "then `load_state_dict`. Key prefixes: `trunk.*` = the shared ResNet stem and layer1; "
         "`branches.{i}.layer2..layer4` = each branch's own copy of the later stages; "
         "`branches.{i}.heads.<part>.reduction` = 1x1 conv + BatchNorm + ReLU to "

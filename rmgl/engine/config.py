@@ -19,8 +19,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from rmgl.losses import LossConfig, RMGLLossConfig, loss_config_class
 from rmgl.metrics.distance import METRICS
-from rmgl.model.backbone import ARCHITECTURES
+from rmgl.model import ModelConfig, RMGLConfig, model_config_class
+from rmgl.model.receptive_field import current_rp_position
 
 
 @dataclass
@@ -38,38 +40,6 @@ class DataConfig:
     workers: int = 4
     test_batch_size: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | imagenet_v2 | none | path to a torchvision state dict
-    last_stride: int = 1
-    branches: list[int] = field(default_factory=lambda: [2, 3])
-    rp_position: str = "layer2"  # input | layer1 | layer2 | layer3 | layer4 | output
-    only_rp: bool = False
-    abp: str = "both"  # off | train | test | both
-    abp_pool: str = "avg"
-    pooling: str = "max"  # max | avg | gem
-    reduction_dim: int = 256
-    init_from: str = ""  # an rmgl checkpoint to fine-tune from (same architecture)
-    # the training identities are the checkpoint's, same labels: keep its classifiers too
-    # (otherwise they start fresh, as the classes of other data mean other people)
-    init_from_same_identities: bool = False
-    # Study switches; the defaults are the paper's model (docs/model.md, section 10).
-    abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
-    rp_batchnorm: str = "shared"  # shared | separate (the RP path's own BatchNorm layers)
-    head: str = "reduction"  # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
-
-
-@dataclass
-class LossConfig:
-    triplet_margin: float = 0.6
-    soft_margin: bool = False
-    label_smoothing: float = 0.0
-    ce_reduction: str = "sum"  # sum (Eq. 4) | mean over the classifiers
-    triplet_reduction: str = "sum"  # sum (Eq. 4) | mean over the branches
-    triplet_weight: float = 1.0  # Eq. 4's unit weight; 0 = cross-entropy only (PCB's objective)
 
 
 @dataclass
@@ -121,8 +91,9 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # the options of the model and loss their `name` chooses (rmgl.model, rmgl.losses)
+    model: ModelConfig = field(default_factory=RMGLConfig)
+    loss: LossConfig = field(default_factory=RMGLLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -130,6 +101,35 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid."""
+
+
+def config_schema(model: str = "rmgl", loss: str = "rmgl") -> DictConfig:
+    """The structured config whose ``model`` / ``loss`` sections are the config dataclasses
+    of the model and loss registered under those names."""
+    sections = {}
+    for key, name, config_class in (
+        ("model", model, model_config_class),
+        ("loss", loss, loss_config_class),
+    ):
+        try:
+            sections[key] = config_class(name)()
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"{key}.name={name!r}: {err}") from None
+    return OmegaConf.structured(Config(**sections))
+
+
+def _chosen_name(section: str, nodes: list[DictConfig], overrides: list[str]) -> str:
+    """The ``<section>.name`` the YAML chain and overrides choose (last one wins)."""
+    name = "rmgl"
+    for node in nodes:
+        value = node.get(section) if isinstance(node, DictConfig) else None
+        if isinstance(value, DictConfig) and "name" in value:
+            name = str(value.name)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == f"{section}.name":
+            name = value.strip("'\"")
+    return name
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -241,10 +241,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Dict
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Defaults <- YAML chain <- ``key=value`` overrides, validated against :class:`Config`."""
-    schema = OmegaConf.structured(Config)
+    """Defaults <- YAML chain <- ``key=value`` overrides, validated against :class:`Config`
+    with the ``model`` and ``loss`` sections of the chosen ``model.name`` / ``loss.name``."""
+    chain = _read_yaml(find_config(path)) if path else []
+    nodes = [node for _, node in chain]
+    schema = config_schema(
+        _chosen_name("model", nodes, overrides or []), _chosen_name("loss", nodes, overrides or [])
+    )
     cfg = schema
-    for source, node in _read_yaml(find_config(path)) if path else []:
+    for source, node in chain:
         _check_sections(node, schema, str(source))
         try:
             cfg = OmegaConf.merge(cfg, node)
@@ -271,27 +276,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise _explain(err, schema, f"override {item!r}", key) from None
     # YAML reads a bare `off` as the boolean False; these two options spell "disabled" as off.
-    if cfg.model.abp == "False":
+    if cfg.model.get("abp") == "False":
         cfg.model.abp = "off"
     if cfg.run.amp == "False":
         cfg.run.amp = "off"
+    _current_names(cfg, warn=True)
     check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-# (key, test, what is expected): checked before anything runs, so that a bad value fails in
-# a second with its name instead of after an epoch of training.
+def _current_names(cfg: DictConfig, warn: bool) -> None:
+    """Translate former option values that config files and stored checkpoints still hold;
+    ``warn`` shows the user the new form to write."""
+    if "rp_position" in cfg.model:
+        cfg.model.rp_position = current_rp_position(
+            cfg.model.rp_position, "model.rp_position", warn
+        )
+
+
+# Checked before anything runs, so that a bad value fails in a second with its name instead
+# of after an epoch of training. The model's and the loss's options are declared (choices
+# included) and checked by their config dataclasses, next to their code.
 CHOICES = {
-    "model.backbone": tuple(ARCHITECTURES),
-    "model.abp": ("off", "train", "test", "both"),
-    "model.abp_pool": ("avg", "max"),
-    "model.pooling": ("max", "avg", "gem"),
-    "model.rp_position": ("input", "layer1", "layer2", "layer3", "layer4", "output"),
-    "model.rp_batchnorm": ("shared", "separate"),
-    "model.head": ("reduction", "bnneck"),
-    "loss.ce_reduction": ("sum", "mean"),
-    "loss.triplet_reduction": ("sum", "mean"),
     "eval.metric": METRICS,
     "eval.protocol": ("auto", "cross_camera", "any_camera"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
@@ -302,6 +309,7 @@ CHOICES = {
         "max-autotune-no-cudagraphs",
     ),
 }
+# (key, test, what is expected)
 RANGES = [
     ("data.height", lambda v: v > 0, "> 0"),
     ("data.width", lambda v: v > 0, "> 0"),
@@ -309,13 +317,8 @@ RANGES = [
     ("data.num_instances", lambda v: v >= 1, ">= 1"),
     ("data.workers", lambda v: v >= 0, ">= 0"),
     ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
-    ("model.reduction_dim", lambda v: v >= 1, ">= 1"),
-    ("model.abp_warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("data.augment.rsa_start_epoch", lambda v: v >= 0, ">= 0"),
     ("data.augment.rsa_ramp_epochs", lambda v: v >= 0, ">= 0"),
-    ("loss.triplet_margin", lambda v: v >= 0, ">= 0"),
-    ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("loss.triplet_weight", lambda v: v >= 0, ">= 0 (0 = cross-entropy only)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.head_lr_mult", lambda v: v > 0, "> 0"),
@@ -340,6 +343,11 @@ PROBABILITIES = (
 
 def check_config(cfg: DictConfig) -> None:
     """Value checks the types cannot express; raises :class:`ConfigError` naming the key."""
+    for section in ("model", "loss"):
+        try:
+            OmegaConf.to_object(cfg[section]).check(prefix=f"{section}.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -353,19 +361,6 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not test(value):
             raise ConfigError(f"{key}={value} must be {expected}")
-    if cfg.model.only_rp and cfg.model.rp_position == "output":
-        raise ConfigError(
-            "model.only_rp=true needs a receptive partition; model.rp_position=output has none"
-        )
-    if cfg.model.rp_batchnorm == "separate" and cfg.model.rp_position == "output":
-        raise ConfigError(
-            "model.rp_batchnorm=separate needs a receptive partition; model.rp_position=output has none"
-        )
-    if cfg.model.abp_warmup_epochs and cfg.model.abp not in ("train", "both"):
-        raise ConfigError(
-            f"model.abp_warmup_epochs={cfg.model.abp_warmup_epochs} needs ABP in training "
-            f"(model.abp=train or both), not model.abp={cfg.model.abp}"
-        )
     for key in ("data.mean", "data.std"):
         values = list(OmegaConf.select(cfg, key))
         if len(values) != 3 or (key == "data.std" and min(values) <= 0):
@@ -377,10 +372,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.init_from_same_identities=true keeps the classifiers of model.init_from, "
             "which is not set"
-        )
-    if not cfg.model.branches or min(cfg.model.branches) < 1:
-        raise ConfigError(
-            f"model.branches={list(cfg.model.branches)} must be stripe counts >= 1, e.g. [2, 3]"
         )
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(
@@ -454,7 +445,6 @@ def from_yaml_text(text: str, source: str = "config") -> DictConfig:
     is never constructed. Anything that is not a valid config (such tags, broken YAML,
     unknown keys, wrong types) is a one-line :class:`ConfigError` that names ``source``.
     """
-    schema = OmegaConf.structured(Config)
     try:
         node = OmegaConf.create(text)
     except (yaml.YAMLError, OmegaConfBaseException) as err:
@@ -462,7 +452,10 @@ def from_yaml_text(text: str, source: str = "config") -> DictConfig:
         raise ConfigError(f"{source}: the stored config is not valid YAML ({first})") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{source}: the stored config is not a mapping of sections")
+    schema = config_schema(_chosen_name("model", [node], []), _chosen_name("loss", [node], []))
     try:
-        return OmegaConf.merge(schema, node)
+        cfg = OmegaConf.merge(schema, node)
     except OmegaConfBaseException as err:
         raise _explain(err, schema, source) from None
+    _current_names(cfg, warn=False)  # a checkpoint is not the user's to edit
+    return cfg

@@ -16,7 +16,7 @@ Examples::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,25 +26,11 @@ from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transfo
 from rmgl.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from rmgl.engine.config import from_yaml_text
 from rmgl.engine.runtime import resolve_device
-from rmgl.model import RMGL, build_model
+from rmgl.model import ModelConfig, build_model
+from rmgl.registry import architecture_keys
 
 log = logging.getLogger(__name__)
 
-# Config keys that change the network's structure: a checkpoint only fits a model that
-# agrees on all of them (abp and abp_pool change how stripes are pooled, not the weights).
-ARCHITECTURE_KEYS = (
-    "backbone",
-    "last_stride",
-    "branches",
-    "rp_position",
-    "only_rp",
-    "pooling",
-    "reduction_dim",
-    "rp_batchnorm",
-    "head",
-)
-# Config model keys that only steer training, not build_model.
-TRAINING_ONLY_KEYS = ("init_from", "init_from_same_identities", "abp_warmup_epochs")
 CLASSIFIER_KEY = ".classifier."
 
 
@@ -92,14 +78,19 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
 
 
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """A loaded config's ``model`` section as its model's config dataclass."""
+    return OmegaConf.to_object(cfg.model)
+
+
 def model_from_checkpoint(
     ckpt: Checkpoint, source: str | Path = "checkpoint"
-) -> tuple[RMGL, DictConfig]:
+) -> tuple[torch.nn.Module, DictConfig]:
     """The model a checkpoint was trained as, with its weights, and the run's config."""
     cfg = from_yaml_text(ckpt.config_yaml)
     num_classes = int(ckpt.trainer.get("num_classes", 1))
-    options = {**OmegaConf.to_container(cfg.model), "pretrained": "none", "init_from": ""}
-    model = build_model(num_classes, **model_options(options))
+    options = replace(model_config(cfg), pretrained="none", init_from="")
+    model = build_model(options, num_classes)
     try:
         state = check_compatible(model, ckpt.model_state())
     except ValueError as err:
@@ -108,7 +99,7 @@ def model_from_checkpoint(
     return model, cfg
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> RMGL:
+def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> torch.nn.Module:
     """The trained model of ``checkpoint``, in eval mode on ``device``.
 
     The returned model also carries ``preprocess`` (:class:`Preprocess`: input size,
@@ -124,7 +115,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> R
     return model
 
 
-def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -> str:
+def init_from_checkpoint(model: torch.nn.Module, model_cfg: DictConfig, path: str | Path) -> str:
     """Start ``model`` from a trained rmgl model (fine-tuning, ``model.init_from``).
 
     The architecture must be the same. The classifiers keep their fresh initialisation: class
@@ -137,8 +128,8 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
     trained = from_yaml_text(ckpt.config_yaml).model
     mismatch = [
         f"{key}: checkpoint {_plain(trained[key])} vs config {_plain(model_cfg[key])}"
-        for key in ARCHITECTURE_KEYS
-        if _plain(trained[key]) != _plain(model_cfg[key])
+        for key in architecture_keys(OmegaConf.get_type(model_cfg))
+        if _plain(trained.get(key)) != _plain(model_cfg[key])
     ]
     if mismatch:
         raise ValueError(
@@ -172,11 +163,6 @@ def init_from_checkpoint(model: RMGL, model_cfg: DictConfig, path: str | Path) -
     else:
         message += f"; classifiers kept (the same {old_classes} identities)"
     return message
-
-
-def model_options(options: dict) -> dict:
-    """Config ``model`` section -> :func:`build_model` keyword arguments."""
-    return {k: v for k, v in options.items() if k not in TRAINING_ONLY_KEYS}
 
 
 def _plain(value):

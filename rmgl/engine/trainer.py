@@ -50,7 +50,7 @@ from rmgl.engine.callbacks import (
 from rmgl.engine.checkpoint import check_compatible, optimizer_state, save_checkpoint
 from rmgl.engine.config import check_resume_changes, from_yaml_text, to_yaml
 from rmgl.engine.evaluation import evaluate_model, resolve_protocol
-from rmgl.engine.load import Preprocess, init_from_checkpoint, model_options, read_checkpoint
+from rmgl.engine.load import Preprocess, init_from_checkpoint, model_config, read_checkpoint
 from rmgl.engine.run_record import RunRecord
 from rmgl.engine.runtime import (
     amp_dtype,
@@ -61,7 +61,7 @@ from rmgl.engine.runtime import (
     setup_runtime,
 )
 from rmgl.engine.schedule import build_optimizer, build_scheduler
-from rmgl.losses import RMGLLoss
+from rmgl.losses import build_loss
 from rmgl.metrics import RankResult
 from rmgl.model import build_model
 
@@ -141,24 +141,16 @@ class Trainer:
                 "the training split is too small for one PK batch; lower data.num_identities"
             )
 
-        self.model = self._build_model(resumed=checkpoint is not None).to(self.device)
+        self.model = self.build_model(resumed=checkpoint is not None).to(self.device)
         if cfg.run.sync_bn:
             self.model = self._sync_batchnorm(self.model)
         self.amp_dtype = amp_dtype(cfg.run.amp, self.device)
         if self.device.type == "cuda" and cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = self.build_optimizer(self.model)
         self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = RMGLLoss(
-            cfg.loss.triplet_margin,
-            cfg.loss.soft_margin,
-            cfg.loss.label_smoothing,
-            cfg.loss.ce_reduction,
-            cfg.loss.triplet_reduction,
-            cfg.loss.triplet_weight,
-            gather=gather_global_batch if self.runtime.distributed else None,
-        )
+        self.criterion = self.build_loss()
         self.ddp = self.model
         if self.runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -179,7 +171,7 @@ class Trainer:
         self.callbacks: list[Callback] = [
             # schedules first: every later callback sees the epoch's settings
             RSASchedule(aug_cfg.rsa, aug_cfg.rsa_start_epoch, aug_cfg.rsa_ramp_epochs),
-            ABPWarmup(cfg.model.abp_warmup_epochs),
+            ABPWarmup(cfg.model.get("abp_warmup_epochs", 0)),
             MetricsLogger(cfg.run.log_every),
             PeriodicEvaluation(cfg.eval.every, cfg.eval.rerank),
             *callbacks,
@@ -227,17 +219,30 @@ class Trainer:
     def out_dir(self) -> Path:
         return self.record.dir
 
-    def _build_model(self, resumed: bool) -> torch.nn.Module:
-        options = model_options(OmegaConf.to_container(self.cfg.model))
-        init_from = self.cfg.model.init_from
+    # The three builders a subclass may override (a model, loss or optimiser outside the
+    # registries); the defaults build what the config's names choose.
+    def build_model(self, resumed: bool) -> torch.nn.Module:
+        """The model ``model.name`` names, for the dataset's training identities, started
+        from ``model.init_from`` when set (a resumed run's weights come from its checkpoint)."""
+        options = model_config(self.cfg)
+        init_from = options.init_from
         if init_from or resumed:
-            options["pretrained"] = "none"  # the weights come from a checkpoint
-        model = build_model(self.dataset.num_train_pids, **options)
+            options = replace(options, pretrained="none")  # the weights come from a checkpoint
+        model = build_model(options, self.dataset.num_train_pids)
         if init_from and not resumed:
             message = init_from_checkpoint(model, self.cfg.model, init_from)
             if self.is_main:
                 log.info(message)
         return model
+
+    def build_loss(self) -> torch.nn.Module:
+        """The loss ``loss.name`` names; under DDP it may mine over the global batch."""
+        gather = gather_global_batch if self.runtime.distributed else None
+        return build_loss(OmegaConf.to_object(self.cfg.loss), gather=gather)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """SGD over the paper's parameter groups (:func:`rmgl.engine.schedule.build_optimizer`)."""
+        return build_optimizer(model, self.cfg.optim)
 
     def _resolve_resume(self, resume: bool | str, overwrite: bool) -> tuple[bool, bool]:
         """(resume, overwrite) after deciding ``"auto"``; rank 0 decides for every rank, and a

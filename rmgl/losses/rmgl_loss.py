@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rmgl.losses.registry import Gather, LossConfig, register_loss
 from rmgl.losses.triplet import batch_hard_triplet_loss
 from rmgl.model.network import RMGLOutput
+from rmgl.registry import option
 
 REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class RMGLLossConfig(LossConfig):
+    """The RMGL objective's options (config section ``loss:``); see :class:`RMGLLoss`."""
+
+    name: str = "rmgl"
+    triplet_margin: float = 0.6
+    soft_margin: bool = False
+    label_smoothing: float = 0.0
+    ce_reduction: str = option("sum", choices=REDUCTIONS)  # sum (Eq. 4) | mean over classifiers
+    triplet_reduction: str = option("sum", choices=REDUCTIONS)  # sum (Eq. 4) | mean over branches
+    triplet_weight: float = 1.0  # Eq. 4's unit weight; 0 = cross-entropy only (PCB's objective)
+
+    def check(self, prefix: str = "") -> None:
+        super().check(prefix)
+        if self.triplet_margin < 0:
+            raise ValueError(f"{prefix}triplet_margin={self.triplet_margin} must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"{prefix}label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.triplet_weight < 0:
+            raise ValueError(
+                f"{prefix}triplet_weight={self.triplet_weight} must be >= 0 (0 = cross-entropy only)"
+            )
 
 
 class RMGLLoss(nn.Module):
@@ -47,7 +73,7 @@ class RMGLLoss(nn.Module):
         ce_reduction: str = "sum",
         triplet_reduction: str = "sum",
         triplet_weight: float = 1.0,
-        gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
+        gather: Gather | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -96,3 +122,18 @@ class RMGLLoss(nn.Module):
             f"{kind}, label_smoothing={self.label_smoothing}, ce_reduction={self.ce_reduction}, "
             f"triplet_reduction={self.triplet_reduction}, triplet_weight={self.triplet_weight}"
         )
+
+
+@register_loss("rmgl", config=RMGLLossConfig)
+def build_rmgl_loss(cfg: RMGLLossConfig, gather: Gather | None = None) -> RMGLLoss:
+    """:class:`RMGLLoss` with ``cfg``'s options."""
+    cfg.check()
+    return RMGLLoss(
+        cfg.triplet_margin,
+        cfg.soft_margin,
+        cfg.label_smoothing,
+        cfg.ce_reduction,
+        cfg.triplet_reduction,
+        cfg.triplet_weight,
+        gather=gather,
+    )

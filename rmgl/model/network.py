@@ -27,7 +27,6 @@ flag ``abp_warmup`` makes training use uniform stripes (set by the trainer's ABP
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rmgl.model.backbone import ResNetBackbone, build_backbone
+from rmgl.model.backbone import ARCHITECTURES, ResNetBackbone, build_backbone
 from rmgl.model.partition import (
     POOLINGS,
     GlobalPool,
@@ -44,7 +43,14 @@ from rmgl.model.partition import (
     stripe_rows,
     uniform_boundaries,
 )
-from rmgl.model.receptive_field import RP_POSITIONS, stage_fields
+from rmgl.model.receptive_field import (
+    RP_POSITIONS,
+    current_rp_position,
+    rp_position_words,
+    stage_fields,
+)
+from rmgl.model.registry import ModelConfig, register_model
+from rmgl.registry import option
 
 ABP_MODES = ("off", "train", "test", "both")
 ABP_POOLINGS = ("avg", "max")
@@ -247,90 +253,122 @@ class Branch(nn.Module):
         return pooled
 
 
+@dataclass
+class RMGLConfig(ModelConfig):
+    """The RMGL model's options (config section ``model:``); the defaults are the paper's
+    (ResNet-50, last stride 1, Local-2 and Local-3 branches, RP after layer1, ABP in training
+    and test, max pooling, 256-d, BatchNorm shared by both paths, conv + BN + ReLU heads).
+
+    A new option is a field here (with its choices, and ``architecture=True`` when it changes
+    the weights) and its use in :class:`RMGL`: config validation and checkpoint checks read
+    the field.
+    """
+
+    name: str = "rmgl"
+    backbone: str = option("resnet50", choices=tuple(ARCHITECTURES), architecture=True)
+    last_stride: int = option(1, architecture=True)
+    branches: list[int] = option([2, 3], architecture=True)  # stripe counts K, one per branch
+    # where the RP path cuts the map (RP_POSITIONS: input, after_stem, after_layer1, ...,
+    # output = no RP path)
+    rp_position: str = option("after_layer1", choices=RP_POSITIONS, architecture=True)
+    only_rp: bool = option(False, architecture=True)
+    abp: str = option("both", choices=ABP_MODES)  # where stripes are activation balanced
+    abp_pool: str = option("avg", choices=ABP_POOLINGS)
+    pooling: str = option("max", choices=POOLINGS, architecture=True)
+    reduction_dim: int = option(256, architecture=True)
+    # Study switches; the defaults are the paper's model (docs/model.md, section 10).
+    abp_warmup_epochs: int = 0  # uniform stripes in training for the first N epochs, then ABP
+    # shared | separate (the RP path's own BatchNorm layers)
+    rp_batchnorm: str = option("shared", choices=RP_BATCHNORMS, architecture=True)
+    # reduction (conv + BN + ReLU) | bnneck (conv; BN for CE and test)
+    head: str = option("reduction", choices=HEADS, architecture=True)
+
+    def __post_init__(self) -> None:
+        self.rp_position = current_rp_position(self.rp_position)
+
+    def check(self, prefix: str = "") -> None:
+        """Raise ValueError naming the option (after ``prefix``) whose value cannot work."""
+        super().check(prefix)
+        branches = [int(k) for k in self.branches]
+        if not branches or min(branches) < 1 or len(set(branches)) != len(branches):
+            raise ValueError(
+                f"{prefix}branches={branches} must be distinct stripe counts >= 1, e.g. [2, 3]"
+            )
+        if self.reduction_dim < 1:
+            raise ValueError(f"{prefix}reduction_dim={self.reduction_dim} must be >= 1")
+        if self.abp_warmup_epochs < 0:
+            raise ValueError(f"{prefix}abp_warmup_epochs={self.abp_warmup_epochs} must be >= 0")
+        no_rp = f"{prefix}rp_position=output has none"
+        if self.only_rp and self.rp_position == "output":
+            raise ValueError(
+                f"{prefix}only_rp=true needs a receptive partition; {no_rp} (an output "
+                "partition is the original path's stripes): choose an RP position "
+                f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set "
+                f"{prefix}only_rp=false"
+            )
+        if self.rp_batchnorm == "separate" and self.rp_position == "output":
+            raise ValueError(f"{prefix}rp_batchnorm=separate needs a receptive partition; {no_rp}")
+        if self.abp_warmup_epochs and self.abp not in ("train", "both"):
+            raise ValueError(
+                f"{prefix}abp_warmup_epochs={self.abp_warmup_epochs} needs ABP in training "
+                f"({prefix}abp=train or both), not {prefix}abp={self.abp}"
+            )
+
+
 class RMGL(nn.Module):
-    """Receptive multi-granularity learning network; build it with :func:`build_model`.
+    """Receptive multi-granularity learning network; build it with :func:`build_model` from
+    an :class:`RMGLConfig`.
 
     ``forward`` returns the (N, 256 * num_features) descriptor in eval mode and an
     :class:`RMGLOutput` in training mode.
     """
 
     def __init__(
-        self,
-        backbone: ResNetBackbone,
-        num_classes: int,
-        branches: Sequence[int] = (2, 3),
-        rp_position: str = "layer2",
-        only_rp: bool = False,
-        abp: str = "both",
-        abp_pool: str = "avg",
-        pooling: str = "max",
-        reduction_dim: int = 256,
-        rp_batchnorm: str = "shared",
-        head: str = "reduction",
+        self, backbone: ResNetBackbone, num_classes: int, cfg: RMGLConfig | None = None
     ) -> None:
         super().__init__()
-        branches = [int(k) for k in branches]
-        if not branches or min(branches) < 1 or len(set(branches)) != len(branches):
-            raise ValueError(f"branches must be distinct stripe counts >= 1, got {branches}")
-        if rp_position not in RP_POSITIONS:
-            raise ValueError(f"rp_position must be one of {RP_POSITIONS}, got {rp_position!r}")
-        if abp not in ABP_MODES:
-            raise ValueError(f"abp must be one of {ABP_MODES}, got {abp!r}")
-        if abp_pool not in ABP_POOLINGS:
-            raise ValueError(f"abp_pool must be one of {ABP_POOLINGS}, got {abp_pool!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if only_rp and rp_position == "output":
-            raise ValueError(
-                "only_rp=True keeps the receptive-partitioned path's stripes instead of the "
-                "original path's, but rp_position='output' builds no RP path (an output "
-                "partition is the original path's stripes): choose an RP position "
-                f"({', '.join(p for p in RP_POSITIONS if p != 'output')}) or set only_rp=False"
-            )
-        if rp_batchnorm not in RP_BATCHNORMS:
-            raise ValueError(f"rp_batchnorm must be one of {RP_BATCHNORMS}, got {rp_batchnorm!r}")
-        if rp_batchnorm == "separate" and rp_position == "output":
-            raise ValueError(
-                "rp_batchnorm='separate' needs an RP path; rp_position='output' has none"
-            )
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        cfg = cfg or RMGLConfig()
+        cfg.check()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        branches = [int(k) for k in cfg.branches]
+        rp_position, abp, pooling = cfg.rp_position, cfg.abp, cfg.pooling
         self.arch = backbone.arch
         self.last_stride = backbone.last_stride
         self.num_classes = num_classes
         self.rp_position = rp_position
-        self.cut = RP_POSITIONS.index(rp_position)  # the cut is made before stage number `cut`
+        self.cut = RP_POSITIONS.index(rp_position)  # the number of stages before the cut
         self.abp = abp
-        self.abp_pool = abp_pool
+        self.abp_pool = cfg.abp_pool
         self.pooling = pooling
-        self.reduction_dim = reduction_dim
-        self.rp_batchnorm = rp_batchnorm
-        self.head = head
+        self.reduction_dim = cfg.reduction_dim
+        self.rp_batchnorm = cfg.rp_batchnorm
+        self.head = cfg.head
         # Runtime flag, not state: True makes training use uniform stripes (ABP warm-up).
         self.abp_warmup = False
         self.trunk = Trunk(backbone)
         has_rp = rp_position != "output"
         # One operator per head in both modes: with ABP in either mode the original path's
         # stripes are pooled with `abp_pool` also where their boundaries are uniform.
-        stripe_pooling = pooling if abp == "off" else abp_pool
+        stripe_pooling = pooling if abp == "off" else cfg.abp_pool
         # The branch layers the RP path runs (the shared trunk keeps its BatchNorm).
         rp_bn_layers = (
-            [f"layer{i}" for i in range(max(self.cut, 2), 5)] if rp_batchnorm == "separate" else []
+            [f"layer{i}" for i in range(max(self.cut, 2), 5)]
+            if cfg.rp_batchnorm == "separate"
+            else []
         )
         self.branches = nn.ModuleList(
             Branch(
                 k,
                 backbone,
                 num_classes,
-                reduction_dim,
+                cfg.reduction_dim,
                 has_rp,
-                only_rp,
+                cfg.only_rp,
                 pooling,
                 stripe_pooling,
                 rp_bn_layers,
-                head == "bnneck",
+                cfg.head == "bnneck",
             )
             for k in branches
         )
@@ -409,7 +447,7 @@ class RMGL(nn.Module):
         rows = cut_map.shape[2]
         if rows % stripes:
             raise ValueError(
-                f"the map before {self.rp_position} has {rows} rows for an input of height "
+                f"the map {rp_position_words(self.rp_position)} has {rows} rows for an input of height "
                 f"{input_height}, not divisible by K={stripes}; input heights that work: "
                 f"{self.working_heights(input_height)}"
             )
@@ -440,35 +478,8 @@ class RMGL(nn.Module):
         return RMGLOutput(logits=logits, features=features, branch_features=branch_features)
 
 
-def build_model(
-    num_classes: int,
-    backbone: str = "resnet50",
-    pretrained: str | os.PathLike = "imagenet",
-    last_stride: int = 1,
-    branches: Sequence[int] = (2, 3),
-    rp_position: str = "layer2",
-    only_rp: bool = False,
-    abp: str = "both",
-    abp_pool: str = "avg",
-    pooling: str = "max",
-    reduction_dim: int = 256,
-    rp_batchnorm: str = "shared",
-    head: str = "reduction",
-) -> RMGL:
-    """The RMGL model; the defaults are the paper's (ResNet-50, last stride 1, Local-2 and
-    Local-3 branches, RP after layer1, ABP in training and test, max pooling, 256-d, BatchNorm
-    shared by both paths, conv + BN + ReLU heads)."""
-    net = build_backbone(backbone, pretrained, last_stride)
-    return RMGL(
-        net,
-        num_classes,
-        branches=branches,
-        rp_position=rp_position,
-        only_rp=only_rp,
-        abp=abp,
-        abp_pool=abp_pool,
-        pooling=pooling,
-        reduction_dim=reduction_dim,
-        rp_batchnorm=rp_batchnorm,
-        head=head,
-    )
+@register_model("rmgl", config=RMGLConfig)
+def build_rmgl(cfg: RMGLConfig, num_classes: int) -> RMGL:
+    """The RMGL model of ``cfg`` on its backbone (``cfg.pretrained``'s weights)."""
+    cfg.check()
+    return RMGL(build_backbone(cfg.backbone, cfg.pretrained, cfg.last_stride), num_classes, cfg)

@@ -149,19 +149,3 @@ def stripe_rows(bounds: Tensor, height: int) -> list[Tensor]:
         (rows >= bounds[:, k, None]) & (rows < bounds[:, k + 1, None])
         for k in range(bounds.shape[1] - 1)
     ]
-
-
-def stripe_pool(x: Tensor, bounds: Tensor, mode: str = "avg") -> list[Tensor]:
-    """Pool rows bounds[:, k] .. bounds[:, k+1]-1 of every sample: K tensors (N, C).
-
-    ``bounds`` (N, K+1) may differ per sample; masks keep it vectorised over the batch.
-    """
-    if mode not in ("avg", "max"):
-        raise ValueError(f"stripe pooling must be 'avg' or 'max', got {mode!r}")
-    pool = GlobalPool(mode)
-    return [pool(x, rows) for rows in stripe_rows(bounds, x.shape[2])]
-
-
-def activation_balanced_pool(x: Tensor, stripes: int, mode: str = "avg") -> list[Tensor]:
-    """ABP: K pooled vectors (N, C) over per-sample activation balanced stripes (Eq. 8-11)."""
-    return stripe_pool(x, abp_boundaries(x, stripes), mode)

@@ -13,13 +13,45 @@ kernel k, stride s, dilation d and padding p maps (size r, jump j, centre of out
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-RP_POSITIONS = ("input", "layer1", "layer2", "layer3", "layer4", "output")
+# Where the receptive partition cuts the map: the input image, after a stage, or at the output
+# (the final map, whose stripes are the original path's: no RP path). The index of a position
+# is the number of backbone stages (stem, layer1..layer4) before the cut.
+RP_POSITIONS = ("input", "after_stem", "after_layer1", "after_layer2", "after_layer3", "output")
+# Former names, which named the stage the cut comes *before* ("layer2" cut after layer1).
+DEPRECATED_RP_POSITIONS = {
+    "layer1": "after_stem",
+    "layer2": "after_layer1",
+    "layer3": "after_layer2",
+    "layer4": "after_layer3",
+}
+
+
+def rp_position_words(position: str) -> str:
+    """``'after_layer1'`` -> ``'after layer1'``, ``'input'`` -> ``'of the input'``."""
+    return "of the input" if position == "input" else position.replace("_", " ")
+
+
+def current_rp_position(value: str, key: str = "rp_position", warn: bool = True) -> str:
+    """``value`` under its current name. A former name (``layer2``) is translated, with a
+    FutureWarning that shows the new form (``key=after_layer1``) unless ``warn`` is False."""
+    new = DEPRECATED_RP_POSITIONS.get(value)
+    if new is None:
+        return value
+    if warn:
+        warnings.warn(
+            f"{key}={value} is deprecated (the old name of the stage the cut comes before); "
+            f"write {key}={new}, the same cut",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return new
 
 
 @dataclass(frozen=True)
@@ -105,7 +137,7 @@ def stage_fields(
 
 @dataclass(frozen=True)
 class PartitionField:
-    """What a receptive partition of K stripes before ``position`` does (Eq. 6-7)."""
+    """What a receptive partition of K stripes at ``position`` does (Eq. 6-7)."""
 
     position: str
     stripes: int
@@ -122,8 +154,9 @@ class PartitionField:
 def partition_field(
     stages: Sequence[tuple[str, nn.Module]], height: int, width: int, position: str, stripes: int
 ) -> PartitionField:
-    """Analyse an RP cut before stage ``position`` ('input' = before the stem, 'layer2' =
-    after layer1, ...); ``stages`` are the five backbone stages in order."""
+    """Analyse an RP cut at ``position`` ('input' = the image, 'after_layer1', ...; see
+    :data:`RP_POSITIONS`); ``stages`` are the five backbone stages in order."""
+    position = current_rp_position(position, "position")
     if position not in RP_POSITIONS[:-1]:
         raise ValueError(f"RP position must be one of {RP_POSITIONS[:-1]}, got {position!r}")
     cut = RP_POSITIONS.index(position)
@@ -181,7 +214,7 @@ def format_report(
     first = partition_field(stages, height, width, position, stripes[0])
     lines += [
         "",
-        f"Receptive partition {'of the input' if position == 'input' else 'before ' + position}: "
+        f"Receptive partition {rp_position_words(first.position)}: "
         f"{first.cut_height} rows at the cut, "
         f"RF there {first.rf_at_cut} px, stride {first.stride_at_cut}; the layers after the "
         f"cut see {first.rf_after_cut} rows of it (r_j,N).",

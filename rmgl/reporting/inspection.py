@@ -31,7 +31,13 @@ from rmgl.data.loading import read_image
 from rmgl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from rmgl.model.network import RMGL
 from rmgl.model.partition import abp_boundaries, abp_row_votes, uniform_boundaries
-from rmgl.model.receptive_field import RP_POSITIONS, PartitionField, partition_field
+from rmgl.model.receptive_field import (
+    RP_POSITIONS,
+    PartitionField,
+    current_rp_position,
+    partition_field,
+    rp_position_words,
+)
 
 __all__ = [
     "BranchView",
@@ -198,11 +204,11 @@ def receptive_regions(
     position: str | None = None,
     stripes: Sequence[int] | None = None,
 ) -> dict[int, PartitionField]:
-    """For an RP cut before ``position`` (default: the model's) into each K of ``stripes``
+    """For an RP cut at ``position`` (default: the model's) into each K of ``stripes``
     (default: the model's branches with K > 1), the :class:`PartitionField` of the receptive-
     field calculator: ``regions[k]`` are the input rows (inclusive) stripe k+1 can see.
     A K that does not divide the rows at the cut gets a field with empty ``regions``."""
-    position = position or model.rp_position
+    position = current_rp_position(position or model.rp_position, "position")
     if position not in RP_POSITIONS[:-1]:
         raise ValueError(
             f"receptive regions need an RP position ({', '.join(RP_POSITIONS[:-1])}), got "
@@ -441,7 +447,7 @@ def regions_figure(image: np.ndarray, fields: dict[int, PartitionField], title: 
                 row, xmax=w / (w + 0.18 * w * k + 2), color="white", linestyle="--", linewidth=1
             )
         spans = ", ".join(f"{lo}-{hi}" for lo, hi in field.regions)
-        ax.set_title(f"K={k} before {field.position}\nrows seen: {spans}", fontsize=7)
+        ax.set_title(f"K={k} {rp_position_words(field.position)}\nrows seen: {spans}", fontsize=7)
     figure.suptitle(title or "Receptive regions of the RP stripes (Eq. 6)", fontsize=9)
     figure.tight_layout()
     return figure

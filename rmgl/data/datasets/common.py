@@ -85,10 +85,6 @@ def check_official_counts(
     return notes
 
 
-def pids_of(records: Iterable[ImageRecord]) -> set[int]:
-    return {r.pid for r in records}
-
-
 def one_camera_note(query: Sequence[ImageRecord], gallery: Sequence[ImageRecord]) -> list[str]:
     """A note when query and gallery come from a single camera: the cross-camera protocol
     then ignores every true match, and the user needs to know before training, not after."""

@@ -35,7 +35,6 @@ COLORS = tuple(PALETTE)
 SKIN_TONES = ((240, 200, 170), (210, 160, 120), (160, 110, 80), (100, 70, 50))
 HAIR_COLORS = ((30, 25, 20), (90, 60, 30), (180, 150, 90), (140, 140, 140))
 
-VIEWS = ("front", "back", "left", "right")
 BAGS = ("none", "backpack", "shoulder_bag")
 SIDES = ("left", "right")
 LOGO_SHAPES = ("none", "circle", "square", "triangle")
