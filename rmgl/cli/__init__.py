@@ -14,10 +14,10 @@ import logging
 import sys
 import traceback
 
-from rmgl.cli import data, deploy, evaluate, inspect, model, report, search, serve, train
+from rmgl.cli import data, deploy, evaluate, inspect, model, report, search, serve, track, train
 
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
-COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, search, serve]
+COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, search, serve, track]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
