@@ -88,7 +88,7 @@ def cell(values: list[float], percent: bool) -> str:
     scale = 100.0 if percent else 1.0
     mean = statistics.fmean(values) * scale
     if len(values) < 2:
-        return f"{mean:.1f}"
+        return f"{mean:.1f}" if percent else f"{mean:g}"
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 

@@ -125,6 +125,12 @@ def test_synthetic_video_is_deterministic_and_its_people_are_new(tmp_path):
     generate_video(config, tmp_path / "b", workers=2, progress=False)
     for name in ("cam1/gt/gt.txt", "cam2/det/det.txt", "cam2/img1/000015.jpg"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    generate_video(config, tmp_path / "a", workers=1, progress=False)  # over an earlier set
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["cam1", "cam2", "cameras.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an rmgl synthetic video"):
+        generate_video(config, tmp_path / "other", workers=1, progress=False)
     video = load_video_set(tmp_path / "a")  # passes every check of rmgl track
     assert [len(c.frames) for c in video.cameras] == [30, 30]
     assert video.transit[("cam1", "cam2")] == (0.0, 4.0)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,6 +50,7 @@ from rmgl.data.synthetic.render import apply_camera
 from rmgl.data.synthetic.scene import camera_scene
 
 CAMERAS_FILE = "cameras.json"
+CAMERA_FOLDER = re.compile(r"^cam\d+$")
 FIRST_PID = 10001
 # the figure's sprite: the 128 x 64 person box with room for arms and bags at the sides
 MARGIN = 16
@@ -296,19 +299,51 @@ def _render_camera(args: tuple) -> dict:
 def generate_video(
     config: VideoConfig, out_dir: str | os.PathLike, workers: int = 0, progress: bool = True
 ) -> dict:
-    """Write the video set to ``out_dir`` (see the module docstring); returns ``cameras.json``."""
-    from tqdm import tqdm
+    """Write the video set to ``out_dir`` (see the module docstring); returns ``cameras.json``.
 
+    Examples::
+
+        meta = generate_video(VideoConfig(cameras=2, frames=50, people=6), "videos")
+        meta["transit"]   # [{"from": "cam1", "to": "cam2", "min_s": 0.0, "max_s": 9.0}, ...]
+    """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / CAMERAS_FILE).exists():
+    if (
+        out.exists()
+        and not (out / CAMERAS_FILE).exists()
+        and not all(_ours(p) for p in out.iterdir())
+    ):
         raise FileExistsError(
             f"{out} exists and is not an rmgl synthetic video; choose an empty folder"
         )
-    for stale in out.glob("cam*"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-    (out / CAMERAS_FILE).unlink(missing_ok=True)  # a half-written set never looks complete
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".rendering-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # rendered into a hidden folder and moved into place at the end: an interrupted run
+    # leaves the earlier set (or nothing) behind, never a mix
+    staging = Path(tempfile.mkdtemp(prefix=".rendering-", dir=out))
+    try:
+        meta = _render(config, staging, workers, progress)
+        (out / CAMERAS_FILE).unlink(missing_ok=True)
+        for old in out.iterdir():
+            if old.is_dir() and CAMERA_FOLDER.match(old.name):
+                shutil.rmtree(old)
+        for new in staging.iterdir():
+            if new.is_dir():
+                new.replace(out / new.name)
+        (staging / CAMERAS_FILE).replace(out / CAMERAS_FILE)  # last: marks a complete set
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _ours(path: Path) -> bool:
+    """A file a (possibly interrupted) rmgl synth-video run leaves in its folder."""
+    return path.name.startswith(".rendering-") or bool(CAMERA_FOLDER.match(path.name))
+
+
+def _render(config: VideoConfig, out: Path, workers: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
     people, cameras, passes = plan_video(config)
     by_pid = {p.pid: p for p in people}
     workers = max(1, min(workers or os.cpu_count() or 1, len(cameras)))
@@ -352,7 +387,5 @@ def generate_video(
             "counts": counts,
         },
     }
-    tmp = out / (CAMERAS_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / CAMERAS_FILE)
+    (out / CAMERAS_FILE).write_text(json.dumps(meta, indent=1))
     return meta
