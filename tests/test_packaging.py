@@ -23,6 +23,7 @@ def _declared() -> set[str]:
         + list(extras["deploy"])
         + list(extras["ray"])
         + list(extras["serve"])
+        + list(extras["track"])
     )
     return {re.split(r"[<>=!~\[ ;]", n, maxsplit=1)[0].lower().replace("_", "-") for n in names}
 

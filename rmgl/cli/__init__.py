@@ -24,12 +24,13 @@ from rmgl.cli import (
     report,
     search,
     serve,
+    track,
     trackers,
     train,
 )
 
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
-COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, trackers, search, serve]
+COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, trackers, search, serve, track]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
