@@ -729,5 +729,5 @@ def test_configs_prints_built_in_configs_and_yaml_configs_only(data, tmp_path, c
         assert "Traceback" not in captured.err
     assert main(["configs", "ablation/2stripe_rp"]) == 0
     assert "rp_position: layer2" in capsys.readouterr().out
-    assert main(["configs", str(valid)]) == 0
+    assert main(["configs", str(valid), "--source"]) == 0
     assert capsys.readouterr().out == valid.read_text()

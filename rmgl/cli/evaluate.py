@@ -6,8 +6,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from rmgl.cli.choices import DATASET_HELP
 from rmgl.cli.report import add_report_options, check_report_options, write_report
-from rmgl.data.datasets import dataset_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a checkpoint on a dataset (cross-dataset works)"
     )
     ev.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    ev.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
+    ev.add_argument("--dataset", required=True, help=DATASET_HELP)
     ev.add_argument("--root", required=True)
     ev.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
     ev.add_argument(

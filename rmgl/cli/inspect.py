@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.model.receptive_field import RP_POSITIONS
+from rmgl.cli.choices import RP_POSITIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.data.datasets import dataset_names
+from rmgl.cli.choices import DATASET_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_report_options(parser)
     parser.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
+    parser.add_argument("--dataset", required=True, help=DATASET_HELP)
     parser.add_argument("--root", required=True)
     parser.add_argument(
         "--out",
