@@ -112,8 +112,9 @@ class RunConfig:
     # DDP: BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only) instead of
     # each process's share of it
     sync_bn: bool = False
-    # iterations between reads of the losses: logging, the NaN check (the step never waits
-    # for the GPU in between)
+    # iterations between reads of the losses from the device: metrics.jsonl rows, TensorBoard
+    # scalars, the progress bar's loss and the NaN check happen that often (the step never
+    # waits for the GPU in between); train.log has one line per epoch, with the run's ETA
     log_every: int = 20
 
 

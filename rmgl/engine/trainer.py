@@ -187,7 +187,7 @@ class Trainer:
         self.record.start(to_yaml(cfg), resume, overwrite, self.start_epoch)
         self.record.launch_row(
             {
-                "epoch": self.start_epoch,
+                "epoch": self.start_epoch + 1,  # 1-based, as in train.log and every record
                 "resumed": checkpoint is not None,
                 "nodes": self.runtime.nodes,
                 "processes": self.runtime.world_size,
