@@ -36,6 +36,10 @@ class DataConfig:
     num_instances: int = 4  # K
     workers: int = 4
     test_batch_size: int = 128
+    # data with only training identities (a folder without query/gallery): the share of the
+    # identities held out as query and gallery, chosen with run.seed and written to
+    # <run>/split.csv
+    holdout_ids: float = 0.2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -326,6 +330,7 @@ RANGES = [
     ("optim.gamma", lambda v: v > 0, "> 0"),
     ("eval.every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("run.log_every", lambda v: v >= 1, ">= 1"),
+    ("data.holdout_ids", lambda v: 0 < v < 1, "in (0, 1)"),
 ]
 PROBABILITIES = (
     "flip",
