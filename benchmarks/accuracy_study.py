@@ -2,7 +2,7 @@
 
 The runs are ordinary rmgl runs named ``<name>_seed<N>``, trained with ``eval.every=1`` (one
 curve point per epoch) or every few epochs (``eval.every=3``: points at epochs 3, 6, ...),
-e.g. for the CPU study of ``docs/accuracy.md``::
+e.g. for the CPU study of ``docs/results.md``::
 
     rmgl synth --out data/realistic --realism realistic
     OMP_NUM_THREADS=1 rmgl sweep cpu/global cpu/pcb6 cpu/multibranch cpu/rmgl --seeds 3 \\

@@ -1,4 +1,4 @@
-"""benchmarks/accuracy_study.py on hand-made runs: the tables it prints for docs/accuracy.md,
+"""benchmarks/accuracy_study.py on hand-made runs: the tables it prints for docs/results.md,
 for runs evaluated every epoch and every few epochs."""
 
 from __future__ import annotations
