@@ -2,7 +2,7 @@
 
 The runs are ordinary rmgl runs named ``<name>_seed<N>``, trained with ``eval.every=1`` (one
 curve point per epoch) or every few epochs (``eval.every=3``: points at epochs 3, 6, ...),
-e.g. for the CPU study of ``docs/accuracy.md``::
+e.g. for the CPU study of ``docs/results.md``::
 
     rmgl synth --out data/realistic --realism realistic
     OMP_NUM_THREADS=1 rmgl sweep cpu/global cpu/pcb6 cpu/multibranch cpu/rmgl --seeds 3 \\
@@ -52,12 +52,12 @@ def mean_spread(values: list[float]) -> str:
 
 def finished(seeds: dict[int, list[dict]], epochs: int) -> dict[int, list[dict]]:
     """The seeds whose run evaluated its last epoch."""
-    return {s: rows for s, rows in seeds.items() if rows and rows[-1]["epoch"] + 1 == epochs}
+    return {s: rows for s, rows in seeds.items() if rows and rows[-1]["epoch"] == epochs}
 
 
 def mean_curve(runs: list[list[dict]]) -> dict[int, float]:
     """{epoch (1-based): mean mAP} over the epochs every run evaluated."""
-    by_epoch = [{r["epoch"] + 1: r["mAP"] for r in rows} for rows in runs]
+    by_epoch = [{r["epoch"]: r["mAP"] for r in rows} for rows in runs]
     shared = sorted(set.intersection(*(set(e) for e in by_epoch)))
     return {e: statistics.fmean(run[e] for run in by_epoch) for e in shared}
 
@@ -117,7 +117,7 @@ def plot(curves: dict[str, dict[int, list[dict]]], epochs: int, path: Path) -> N
         )[0]
         for rows in done:
             axes.plot(
-                [r["epoch"] + 1 for r in rows],
+                [r["epoch"] for r in rows],
                 [100 * r["mAP"] for r in rows],
                 color=line.get_color(),
                 alpha=0.25,

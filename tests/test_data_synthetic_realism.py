@@ -468,9 +468,7 @@ def test_synth_command_takes_a_preset_and_knob_settings(tmp_path, capsys):
         "--realism",
         "realistic",
     ]
-    assert (
-        main([*args, "--set", "occlusion.prob=1", "--set", "degradation.jpeg_quality=50,60"]) == 0
-    )
+    assert main([*args, "occlusion.prob=1", "degradation.jpeg_quality=50,60"]) == 0
     config = json.loads((out / META_FILE).read_text())["config"]
     assert (
         config["realism"] == "realistic"
@@ -478,6 +476,6 @@ def test_synth_command_takes_a_preset_and_knob_settings(tmp_path, capsys):
         and config["degradation"]["jpeg_quality"] == [50, 60]
     )
     capsys.readouterr()
-    assert main([*args, "--set", "occlusion.prob=3"]) == 1
+    assert main([*args, "occlusion.prob=3"]) == 1
     err = capsys.readouterr().err
     assert "occlusion.prob must be in [0, 1], got 3" in err and "Traceback" not in err

@@ -118,8 +118,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
         "the interrupted epoch's rows are dropped"
     )
 
-    expected = losses_after(tmp_path / "runs" / "full" / "metrics.jsonl", resumed_from + 1)
-    got = losses_after(tmp_path / "runs" / "killed" / "metrics.jsonl", resumed_from + 1)
+    # resumed_from is the checkpoint's 0-based epoch; the records count from 1
+    expected = losses_after(tmp_path / "runs" / "full" / "metrics.jsonl", resumed_from + 2)
+    got = losses_after(tmp_path / "runs" / "killed" / "metrics.jsonl", resumed_from + 2)
     assert expected.keys() == got.keys() and expected
     for key in expected:
         assert got[key]["loss"] == expected[key]["loss"], key
@@ -159,7 +160,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         in (tmp_path / "runs" / "tiny" / "train.log").read_text()
     )
     launches = (tmp_path / "runs" / "tiny" / "launches.jsonl").read_text().splitlines()
-    assert [json.loads(row)["epoch"] for row in launches] == [0, 1]
+    assert [json.loads(row)["epoch"] for row in launches] == [1, 2]
     assert trainer.iters_per_epoch > 3
     real = trainer.criterion.forward
     calls = []
@@ -256,7 +257,7 @@ def test_ddp_two_processes_on_cpu(two_processes, tiny_data, tmp_path):
     run = out / "runs" / "tiny"
     assert (run / "last.safetensors").is_file()
     launches = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["nodes"], r["processes"]) for r in launches] == [(0, 1, 2)]
+    assert [(r["epoch"], r["nodes"], r["processes"]) for r in launches] == [(1, 1, 2)]
 
 
 def test_two_nodes_restart_after_a_lost_worker_and_end_as_an_uninterrupted_run(
@@ -306,8 +307,8 @@ def test_two_nodes_restart_after_a_lost_worker_and_end_as_an_uninterrupted_run(
     elastic = tmp_path / "runs" / "tiny"
     launches = [json.loads(line) for line in (elastic / "launches.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["resumed"], r["nodes"], r["processes"]) for r in launches] == [
-        (0, False, 2, 2),
-        (1, True, 2, 2),
+        (1, False, 2, 2),
+        (2, True, 2, 2),
     ]
     a = load_file(str(reference / "runs" / "tiny" / "last.safetensors"))
     b = load_file(str(elastic / "last.safetensors"))
@@ -422,7 +423,7 @@ def test_eval_command_on_a_checkpoint(tiny_data, tmp_path):
     assert provenance["protocol"] == "cross_camera" and provenance["precision"] == "float32"
     # the learning curve: one row per evaluation
     curve = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
-    assert [(row["epoch"], row["eval"]) for row in curve] == [(0, "plain")]
+    assert [(row["epoch"], row["eval"]) for row in curve] == [(1, "plain")]
     assert curve[0]["mAP"] == pytest.approx(results["plain"].mAP)
     assert (tmp_path / "ev" / "cmc.png").is_file() and (
         tmp_path / "ev" / "ranked_list.png"

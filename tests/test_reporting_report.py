@@ -51,11 +51,11 @@ def checkpoint(data, tmp_path_factory):
     path = save_checkpoint(run / "best.safetensors", model, to_yaml(cfg), {"num_classes": 6})
     rows = [
         {"epoch": e, "iter": i, "lr": 0.01, "loss": 50.0 - e - i / 4}
-        for e in range(2)
+        for e in range(1, 3)
         for i in range(4)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    evals = [{"epoch": 1, "eval": "plain", "mAP": 0.2, "rank1": 0.25, "mINP": 0.1}]
+    evals = [{"epoch": 2, "eval": "plain", "mAP": 0.2, "rank1": 0.25, "mINP": 0.1}]
     (run / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     return path
 

@@ -528,7 +528,7 @@ def test_leftover_temporary_checkpoints_are_removed_when_a_run_resumes(data, che
     assert main(["train", env.config(), "--resume", "optim.epochs=2"]) == 0
     assert not (run / "last.safetensors.tmp").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all(r["epoch"] == 1 for r in rows)
+    assert rows and all(r["epoch"] == 2 for r in rows)
 
 
 def test_genuine_bugs_keep_their_traceback(monkeypatch, capsys):
@@ -743,5 +743,5 @@ def test_configs_prints_built_in_configs_and_yaml_configs_only(data, tmp_path, c
         assert "Traceback" not in captured.err
     assert main(["configs", "ablation/2stripe_rp"]) == 0
     assert "rp_position: after_layer1" in capsys.readouterr().out
-    assert main(["configs", str(valid)]) == 0
+    assert main(["configs", str(valid), "--source"]) == 0
     assert capsys.readouterr().out == valid.read_text()

@@ -5,6 +5,9 @@ library modules know nothing of the command line.
 User errors (a bad path, a bad config value, an unreadable file, a run that diverged) are
 printed as one line, ``rmgl <command>: error: ...``, with exit code 1; ``-v`` adds the
 traceback. Anything else is a bug in rmgl and keeps its traceback.
+
+Building the parser imports neither torch nor numpy (each handler imports what it needs), so
+``rmgl --help`` and ``rmgl CMD --help`` answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import traceback
 import warnings
 
+import rmgl
 from rmgl.cli import (
     data,
     deploy,
@@ -28,9 +32,22 @@ from rmgl.cli import (
     trackers,
     train,
 )
+from rmgl.cli.overrides import apply_deprecated_set
 
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
-COMMAND_MODULES = [data, model, train, evaluate, inspect, report, deploy, trackers, search, serve, track]
+COMMAND_MODULES = [
+    data,
+    model,
+    train,
+    evaluate,
+    inspect,
+    report,
+    deploy,
+    trackers,
+    search,
+    serve,
+    track,
+]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -41,18 +58,66 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, UnreadableImageError, TrainingDiverged)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there
+    is none to show (a flag, an option that is off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if text == argparse.SUPPRESS or "default" in text.lower() or not shows_default(action):
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})".strip()
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """An option with a value to show: not a flag, not off-unless-given, not a positional."""
+    default = action.default
+    return (
+        bool(action.option_strings)
+        and default is not None
+        and default is not False
+        and default is not argparse.SUPPRESS
+        and default != []
+        and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rmgl", description="Receptive multi-granularity learning for person re-ID."
+        prog="rmgl",
+        description="Receptive multi-granularity learning for person re-ID: train, evaluate, "
+        "report, export and search. 'rmgl COMMAND --help' describes a command; the manual is "
+        "in docs/README.md.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"rmgl {rmgl.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(subparsers)
+    for sub in all_parsers(parser):
+        sub.formatter_class = HelpFormatter
+        for action in sub._actions:
+            if action.help is None and shows_default(action):
+                action.help = ""  # argparse skips an option without help: give it one
+                action.help = HelpFormatter(sub.prog)._get_help_string(action)
     return parser
 
 
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser, depth first."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += all_parsers(sub)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options: `train CFG --resume optim.epochs=80`
@@ -60,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    apply_deprecated_set(args, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rmgl.data.datasets import dataset_names
-from rmgl.data.records import PROTOCOLS
+from rmgl.cli.choices import DATASET_HELP, PROTOCOLS
 
 
 def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help: str) -> None:
     """The checkpoint, the dataset, the ranking and how features are extracted."""
     parser.add_argument("--checkpoint", required=True, help="an rmgl checkpoint (.safetensors)")
-    parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
+    parser.add_argument("--dataset", required=True, help=DATASET_HELP)
     parser.add_argument("--root", required=True)
     parser.add_argument("--rerank", action="store_true", help=rerank_help)
     parser.add_argument(

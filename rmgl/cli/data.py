@@ -6,23 +6,17 @@ import argparse
 import time
 from pathlib import Path
 
-from rmgl.data.datasets import dataset_names, load_dataset
-from rmgl.data.synthetic import (
-    META_FILE,
-    MOSAIC_FILE,
-    PRESETS,
-    Misalignment,
-    SynthConfig,
-    generate,
-    parse_knob_settings,
-)
+from rmgl.cli.choices import DATASET_HELP, REALISM_PRESETS
+from rmgl.cli.overrides import add_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     synth = subparsers.add_parser(
         "synth",
         help="generate the synthetic multi-camera benchmark (Market-1501 layout)",
-        description="Generate the synthetic multi-camera re-ID benchmark. Every knob is described in docs/data.md.",
+        description="Generate the synthetic multi-camera re-ID benchmark. KEY=VALUE arguments "
+        "change one realism knob of the preset, e.g. occlusion.prob=0.5 or "
+        "degradation.jpeg_quality=30,70; every knob is described in docs/data.md.",
     )
     synth.add_argument(
         "--out",
@@ -49,14 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--workers", type=int, default=0, help="render processes (0 = up to 4)")
     synth.add_argument(
-        "--realism", choices=tuple(PRESETS), default="classic", help="realism preset (docs/data.md)"
+        "--realism",
+        choices=REALISM_PRESETS,
+        default="classic",
+        help="realism preset (docs/data.md)",
     )
-    synth.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="GROUP.KNOB=VALUE",
-        help="change one realism knob of the preset, e.g. occlusion.prob=0.5 or degradation.jpeg_quality=30,70 (repeatable)",
+    add_overrides(
+        synth,
+        "realism knobs of the preset, GROUP.KNOB=VALUE: occlusion.prob=0.5 "
+        "degradation.jpeg_quality=30,70",
     )
     synth.set_defaults(func=run_synth)
 
@@ -65,13 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument(
         "dataset",
-        help=f"one of: {', '.join(dataset_names())} (a synthetic benchmark is a 'folder')",
+        help=DATASET_HELP,
     )
     info.add_argument("--root", required=True, help="dataset folder")
     info.set_defaults(func=run_data_info)
 
 
-def synth_config(args: argparse.Namespace) -> SynthConfig:
+def synth_config(args: argparse.Namespace):
+    from rmgl.data.synthetic import Misalignment, SynthConfig, parse_knob_settings
+
     return SynthConfig(
         seed=args.seed,
         scale=args.scale,
@@ -83,11 +80,14 @@ def synth_config(args: argparse.Namespace) -> SynthConfig:
         width=args.width,
         misalignment=Misalignment(strength=args.misalignment),
         realism=args.realism,
-        **parse_knob_settings(args.set),
+        **parse_knob_settings(args.overrides),
     )
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from rmgl.data.datasets import load_dataset
+    from rmgl.data.synthetic import META_FILE, MOSAIC_FILE, generate
+
     for name in ("scale", "train_ids", "test_ids", "cameras", "height", "width"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -106,5 +106,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_data_info(args: argparse.Namespace) -> int:
+    from rmgl.data.datasets import load_dataset
+
     print(load_dataset(args.dataset, args.root).summary())
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS
+from rmgl.cli.choices import DEPRECATED_RP_POSITIONS, RP_POSITIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rmgl.model.backbone import ARCHITECTURES, ResNetBackbone
-from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS, format_report
+from rmgl.cli.choices import BACKBONES, DEPRECATED_RP_POSITIONS, RP_POSITIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cumulative stride and receptive field along the height; with --stripes, the "
         "restricted region R_p (Eq. 6) of an RP cut and whether condition (7) holds.",
     )
-    parser.add_argument("--backbone", default="resnet50", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
     parser.add_argument("--last-stride", type=int, default=1, choices=(1, 2))
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=128)
@@ -28,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_rf(args: argparse.Namespace) -> int:
+    from rmgl.model.backbone import ResNetBackbone
+    from rmgl.model.receptive_field import format_report
+
     if args.height < 1 or args.width < 1 or any(k < 1 for k in args.stripes):
         raise ValueError("height, width and stripes must be positive")
     backbone = ResNetBackbone(args.backbone, args.last_stride)  # geometry only: no weights

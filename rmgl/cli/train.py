@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from rmgl.cli.overrides import add_overrides, split_overrides
 
-from rmgl.cli.report import report_for_run
-from rmgl.engine.config import builtin_config, builtin_configs, find_config, load_config
-from rmgl.reporting import results_table, seeds_table
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "file; key=value arguments override it, e.g. optim.epochs=80.",
     )
     train.add_argument("config", help="built-in config name (e.g. market1501) or YAML file")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.branches=[2,3,4]")
+    add_overrides(train, "dotted overrides, e.g. optim.epochs=80 model.branches=[2,3,4]")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume", action="store_true", help="continue from <output_dir>/<name>/last.safetensors"
@@ -42,19 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sweep",
         help="train several configs (and seeds) and collect one markdown table",
         description="Train each config with each seed; the table gives mean ± standard deviation "
-        "over seeds. Differences inside the spread are ties.",
+        "over seeds. Differences inside the spread are ties. KEY=VALUE arguments override every "
+        "config: rmgl sweep ablation/2stripe_rp ablation/2stripe_baseline optim.epochs=2",
     )
     sweep.add_argument(
         "configs",
         nargs="+",
-        help="config names or YAML files, e.g. ablation/2stripe_rp or configs/*.yaml",
+        metavar="CONFIG_OR_KEY=VALUE",
+        help="config names or YAML files (e.g. ablation/2stripe_rp or configs/*.yaml), then "
+        "KEY=VALUE overrides applied to every config",
     )
-    sweep.add_argument(
-        "--set", nargs="*", default=[], dest="overrides", help="overrides applied to every config"
-    )
-    sweep.add_argument(
-        "--seeds", type=int, default=1, help="seeds per config: run.seed = 0 .. N-1 (default 1)"
-    )
+    add_overrides(sweep, "", positional=False)
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per config: run.seed = 0 .. N-1")
     sweep.add_argument(
         "--table",
         default="runs/sweep.md",
@@ -64,31 +64,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=run_sweep)
 
     demo = subparsers.add_parser(
-        "demo", help="generate the synthetic benchmark, train RMGL and two baselines, evaluate them"
+        "demo",
+        help="generate the synthetic benchmark, train RMGL and two baselines, evaluate them",
+        description="Generate the synthetic benchmark, train RMGL and two baselines on it (a "
+        "multi-branch network without RP, ABP and RSA, and a single global feature), evaluate "
+        "the three and write a results table, pictures and the RMGL run's HTML report.",
     )
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="folder for the data and the runs")
     demo.add_argument(
         "--scale",
         type=float,
         default=1.0,
         help="size of the synthetic benchmark (identities x scale)",
     )
-    demo.add_argument(
-        "overrides", nargs="*", help="overrides applied to both demo runs, e.g. optim.epochs=2"
-    )
+    add_overrides(demo, "overrides applied to all three demo runs, e.g. optim.epochs=2")
     demo.set_defaults(func=run_demo)
 
-    configs = subparsers.add_parser("configs", help="list the built-in configs (or print one)")
+    configs = subparsers.add_parser(
+        "configs",
+        help="list the built-in configs, or print one resolved",
+        description="Without NAME: every built-in config with its first comment line. With NAME "
+        "(a built-in name or a YAML file): the resolved config, every key with the value a run "
+        "of it uses (defaults, the YAML chain and KEY=VALUE overrides merged), after checking it.",
+    )
     configs.add_argument(
         "name",
         nargs="?",
-        help="print this built-in config (a name from the list), or a .yaml config file after "
-        "checking that it is one",
+        help="a built-in config name from the list, or a .yaml config file",
+    )
+    configs.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides to apply before printing, as rmgl train takes them",
+    )
+    configs.add_argument(
+        "--source", action="store_true", help="print the file as written instead (with comments)"
     )
     configs.set_defaults(func=run_configs)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from rmgl.engine.config import load_config
     from rmgl.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -112,6 +129,15 @@ def train_one(cfg: DictConfig, dataset=None, overwrite: bool = False) -> dict:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    from rmgl.engine.config import load_config
+    from rmgl.reporting import results_table, seeds_table
+
+    names, overrides = split_overrides(args.configs)
+    args.configs, args.overrides = names, [*overrides, *args.overrides]
+    if not args.configs:
+        raise ValueError(
+            "give at least one config name or YAML file before the KEY=VALUE overrides"
+        )
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     configs = {
@@ -142,8 +168,11 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The README's main job: synthetic data -> RMGL and two baselines -> metrics and pictures."""
+    from rmgl.cli.report import report_for_run
     from rmgl.data.datasets import load_dataset
     from rmgl.data.synthetic import SynthConfig, generate
+    from rmgl.engine.config import load_config
+    from rmgl.reporting import results_table
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be > 0, got {args.scale}")
@@ -206,23 +235,41 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_configs(args: argparse.Namespace) -> int:
+    from rmgl.engine.config import builtin_configs, find_config
+
     if args.name:
-        print(config_text(args.name), end="")
+        if args.source and args.overrides:
+            raise ValueError("--source prints the file as written: give no KEY=VALUE overrides")
+        print(config_text(args.name, args.overrides, source=args.source), end="")
         return 0
-    for name in builtin_configs():
+    if args.overrides or args.source:
+        raise ValueError("KEY=VALUE overrides and --source need a config NAME")
+    names = builtin_configs()
+    width = max(len(name) for name in names) + 2
+    for name in names:
         first = find_config(name).read_text().splitlines()[:1]
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        print(f"{name:<32} {summary[:90]}")
+        print(configs_row(name, summary, width))
     return 0
 
 
-def config_text(name: str) -> str:
-    """The text of a built-in config (a name resolves inside the package's configs only), or
-    of a YAML config file given by path, which must load as a valid rmgl config: the command
-    never prints an arbitrary file."""
+def configs_row(name: str, summary: str, width: int, columns: int = 100) -> str:
+    """``name`` and its summary, the summary wrapped at word boundaries under itself."""
+    lines = textwrap.wrap(summary, max(30, columns - width)) or [""]
+    pad = " " * width
+    return "\n".join([f"{name:<{width}}{lines[0]}", *(pad + line for line in lines[1:])]).rstrip()
+
+
+def config_text(name: str, overrides: list[str] | None = None, source: bool = False) -> str:
+    """The resolved config ``name`` as YAML (every key, defaults merged), or with ``source``
+    the text of the built-in config or YAML file as written. A file given by path must load
+    as a valid rmgl config: the command never prints an arbitrary file."""
+    from rmgl.engine.config import builtin_config, find_config, load_config, to_yaml
+
     builtin = builtin_config(name)
     if builtin is not None:
-        return builtin.read_text()
+        cfg = load_config(builtin, overrides)
+        return builtin.read_text() if source else resolved_header(name, overrides) + to_yaml(cfg)
     path = Path(name)
     if not path.is_file():
         find_config(name)  # raises: not a file, not a built-in name (with suggestions)
@@ -231,5 +278,13 @@ def config_text(name: str) -> str:
             f"{name} is not a built-in config name and not a .yaml config file; "
             "'rmgl configs' lists the built-in ones"
         )
-    load_config(path)  # a config with unknown keys or bad values is refused, naming the key
-    return path.read_text()
+    cfg = load_config(path, overrides)  # unknown keys or bad values are refused, naming the key
+    return path.read_text() if source else resolved_header(name, overrides) + to_yaml(cfg)
+
+
+def resolved_header(name: str, overrides: list[str] | None) -> str:
+    extra = f" {' '.join(overrides)}" if overrides else ""
+    return (
+        f"# {name}{extra}, resolved: every key with the value a run uses "
+        f"(rmgl configs {name} --source prints the file as written)\n"
+    )

@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,11 +85,19 @@ class Callback:
 
 
 class MetricsLogger(Callback):
-    """Per-iteration rows in metrics.jsonl, TensorBoard scalars every ``every`` iterations,
-    and one readable log line per epoch."""
+    """Per-iteration rows in metrics.jsonl, TensorBoard scalars every ``every`` iterations
+    (``run.log_every``: the losses are read from the device that often), and one readable
+    log line per epoch with the epoch's time and the time the run still needs."""
 
     def __init__(self, every: int = 20) -> None:
         self.every = every
+        self._started: float | None = None
+        self._first_epoch = 0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if self._started is None:  # the first epoch of this launch (a resume starts later)
+            self._started, self._first_epoch = time.perf_counter(), epoch
+        self._epoch_started = time.perf_counter()
 
     def on_log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
         if not trainer.is_main:
@@ -96,8 +105,8 @@ class MetricsLogger(Callback):
         record = trainer.record
         for row in rows:
             losses = {k: v for k, v in row.items() if k not in LOG_KEYS}
-            record.metrics_row(
-                {"epoch": row["epoch"], "iter": row["iter"], "lr": row["lr"], **losses}
+            record.metrics_row(  # epochs counted from 1, as in train.log
+                {"epoch": row["epoch"] + 1, "iter": row["iter"], "lr": row["lr"], **losses}
             )
             if row["global_step"] % self.every == 0:
                 record.scalars("train", losses, row["global_step"])
@@ -109,13 +118,27 @@ class MetricsLogger(Callback):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
         if trainer.is_main:
+            now = time.perf_counter()
+            epochs = trainer.cfg.optim.epochs
+            # the mean time of this launch's epochs so far, evaluations included
+            per_epoch = (now - self._started) / (epoch + 1 - self._first_epoch)
+            remaining = per_epoch * (epochs - epoch - 1)
             log.info(
-                "epoch %d/%d: %s",
+                "epoch %d/%d: %s; epoch %s, run ETA %s",
                 epoch + 1,
-                trainer.cfg.optim.epochs,
+                epochs,
                 ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if "/" not in k),
+                format_duration(now - self._epoch_started),
+                format_duration(remaining),
             )
             trainer.record.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1:02:05"``; ``65`` -> ``"1:05"``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class PeriodicEvaluation(Callback):
@@ -141,7 +164,7 @@ class PeriodicEvaluation(Callback):
             values = {"mAP": result.mAP, "rank1": result.rank(1), "mINP": result.mINP}
             trainer.record.scalars(f"eval_{key}", values, epoch + 1)
             setting = {"metric": trainer.cfg.eval.metric, "protocol": result.protocol}
-            trainer.record.evaluation_row({"epoch": epoch, "eval": key, **values, **setting})
+            trainer.record.evaluation_row({"epoch": epoch + 1, "eval": key, **values, **setting})
         if results["plain"].mAP > trainer.best_map:
             trainer.best_map = results["plain"].mAP
             trainer.save("best", epoch)

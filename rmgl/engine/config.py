@@ -39,6 +39,10 @@ class DataConfig:
     num_instances: int = 4  # K
     workers: int = 4
     test_batch_size: int = 128
+    # data with only training identities (a folder without query/gallery): the share of the
+    # identities held out as query and gallery, chosen with run.seed and written to
+    # <run>/split.csv
+    holdout_ids: float = 0.2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -83,8 +87,9 @@ class RunConfig:
     # DDP: BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only) instead of
     # each process's share of it
     sync_bn: bool = False
-    # iterations between reads of the losses: logging, the NaN check (the step never waits
-    # for the GPU in between)
+    # iterations between reads of the losses from the device: metrics.jsonl rows, TensorBoard
+    # scalars, the progress bar's loss and the NaN check happen that often (the step never
+    # waits for the GPU in between); train.log has one line per epoch, with the run's ETA
     log_every: int = 20
 
 
@@ -329,6 +334,7 @@ RANGES = [
     ("optim.gamma", lambda v: v > 0, "> 0"),
     ("eval.every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("run.log_every", lambda v: v >= 1, ">= 1"),
+    ("data.holdout_ids", lambda v: 0 < v < 1, "in (0, 1)"),
 ]
 PROBABILITIES = (
     "flip",

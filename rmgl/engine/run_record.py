@@ -116,7 +116,7 @@ class RunRecord:
             leftover.unlink()  # a checkpoint whose writing was interrupted
         if resume:
             for path in (self.metrics_path, self.evaluations_path):
-                _drop_rows_from(path, resume_epoch)
+                _drop_rows_from(path, resume_epoch + 1)  # the files count epochs from 1
         self._handler = logging.FileHandler(self.dir / "train.log")
         self._handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -173,7 +173,7 @@ class RunRecord:
 
 
 def _drop_rows_from(path: Path, epoch: int) -> None:
-    """Drop the rows of ``epoch`` and later: a resumed run rewrites them."""
+    """Drop the rows of 1-based ``epoch`` and later: a resumed run rewrites them."""
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["epoch"] < epoch]

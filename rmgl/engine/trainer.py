@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import rmgl
 from rmgl.data.datasets import load_dataset
+from rmgl.data.holdout import hold_out_identities, write_split_csv
 from rmgl.data.loading import check_readable, train_loader
 from rmgl.data.records import ReidDataset
 from rmgl.data.transforms import AugmentConfig, build_train_transform
@@ -119,6 +120,11 @@ class Trainer:
         seed_everything(cfg.run.seed + self.rank)
 
         self.dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+        self.held_out = not self.dataset.query and not self.dataset.gallery
+        if self.held_out:  # only training identities: evaluate on some of them
+            self.dataset = hold_out_identities(
+                self.dataset, float(cfg.data.holdout_ids), int(cfg.run.seed)
+            )
         if self.is_main:  # evaluation must not fail after hours of training
             check_readable(self.dataset.query, "query")
             check_readable(self.dataset.gallery, "gallery")
@@ -177,9 +183,24 @@ class Trainer:
             *callbacks,
         ]
         self.record.start(to_yaml(cfg), resume, overwrite, self.start_epoch)
+        if self.held_out and self.is_main:
+            split = write_split_csv(self.dataset, self.record.dir / "split.csv")
+            log.info(
+                "%s has only training identities: %d of them are held out for evaluation "
+                "(data.holdout_ids=%g, seed run.seed=%d): %d query and %d gallery images, "
+                "listed in %s (data.dataset=csv data.root=%s trains on the same split)",
+                self.dataset.root,
+                len({r.pid for r in self.dataset.query}),
+                cfg.data.holdout_ids,
+                cfg.run.seed,
+                len(self.dataset.query),
+                len(self.dataset.gallery),
+                split,
+                split,
+            )
         self.record.launch_row(
             {
-                "epoch": self.start_epoch,
+                "epoch": self.start_epoch + 1,  # 1-based, as in train.log and every record
                 "resumed": checkpoint is not None,
                 "nodes": self.runtime.nodes,
                 "processes": self.runtime.world_size,

@@ -134,7 +134,8 @@ def _training_plot(run_dir: Path) -> str | None:
         per_epoch: dict[int, int] = {}
         for row in losses:
             per_epoch[row["epoch"]] = max(per_epoch.get(row["epoch"], 0), row.get("iter", 0) + 1)
-        x = [row["epoch"] + row.get("iter", 0) / per_epoch[row["epoch"]] for row in losses]
+        # epochs count from 1 in the records: epoch 1 spans x in [0, 1)
+        x = [row["epoch"] - 1 + row.get("iter", 0) / per_epoch[row["epoch"]] for row in losses]
         y = np.array([row.get("loss", np.nan) for row in losses], dtype=float)
         axes[0].plot(x, y, color="0.7", linewidth=0.8, label="loss")
         window = max(1, len(y) // 20)
@@ -146,7 +147,7 @@ def _training_plot(run_dir: Path) -> str | None:
         axes[0].legend(fontsize=7)
     for key in sorted({row.get("eval", "plain") for row in evaluations}):
         rows = [r for r in evaluations if r.get("eval", "plain") == key]
-        epochs = [r["epoch"] + 1 for r in rows]
+        epochs = [r["epoch"] for r in rows]
         axes[1].plot(epochs, [100 * r["mAP"] for r in rows], marker="o", label=f"mAP {key}")
         axes[1].plot(
             epochs, [100 * r["rank1"] for r in rows], marker="s", linestyle="--", label=f"R1 {key}"

@@ -47,6 +47,29 @@ def find_dataset_dir(root: str | Path, required: Sequence[str], layout_hint: str
     )
 
 
+TRAIN_ONLY_NOTE = (
+    "only training identities (no query or gallery): rmgl train holds out a share of them "
+    "for evaluation (data.holdout_ids; docs/own-data.md)"
+)
+
+
+def find_dataset_dir_or_train_only(
+    root: str | Path, required: Sequence[str], layout_hint: str
+) -> tuple[Path, bool]:
+    """Like :func:`find_dataset_dir`, and also accepts a folder that holds the training
+    split ``required[0]`` and none of the others: ``(folder, True)`` then."""
+    try:
+        return find_dataset_dir(root, required, layout_hint), False
+    except DatasetLayoutError as err:
+        try:
+            base = find_dataset_dir(root, required[:1], layout_hint)
+        except DatasetLayoutError:
+            raise err from None
+        if any((base / name).exists() for name in required[1:]):
+            raise err from None
+        return base, True
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name so the record order is stable."""
     if not folder.is_dir():

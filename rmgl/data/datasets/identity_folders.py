@@ -20,15 +20,17 @@ from pathlib import Path
 
 from rmgl.data.datasets.common import (
     SPLITS,
+    TRAIN_ONLY_NOTE,
     DatasetLayoutError,
     LabelledImage,
     check_identity_label,
-    find_dataset_dir,
+    find_dataset_dir_or_train_only,
+    identity_numbers,
     labelled_splits,
     list_images,
 )
 from rmgl.data.filenames import IMAGE_SUFFIXES, is_image_file
-from rmgl.data.records import ReidDataset
+from rmgl.data.records import ImageRecord, ReidDataset, relabel
 
 LAYOUT_HINT = (
     "Expected ROOT/{train,query,gallery}/<identity>/<images>, one folder per identity "
@@ -60,11 +62,33 @@ def read_identity_split(folder: Path) -> list[LabelledImage]:
 
 
 def read_identity_folders(root: str | Path) -> ReidDataset:
-    """Read ``ROOT/{train,query,gallery}/<identity>/`` folders (no cameras)."""
-    base = find_dataset_dir(root, list(SPLITS), LAYOUT_HINT)
+    """Read ``ROOT/{train,query,gallery}/<identity>/`` folders (no cameras); a root with
+    only ``train/`` gives empty query and gallery."""
+    base, train_only = find_dataset_dir_or_train_only(root, list(SPLITS), LAYOUT_HINT)
+    if train_only:
+        return _train_only(base)
     images = {split: read_identity_split(base / split) for split in SPLITS}
     splits, notes = labelled_splits(images, {split: str(base / split) for split in SPLITS})
     notes.append("no cameras: every image is camera 0, evaluated with any_camera")
     return ReidDataset(
         "identity_folders", root=str(base), notes=notes, protocol="any_camera", **splits
+    )
+
+
+def _train_only(base: Path) -> ReidDataset:
+    images = read_identity_split(base / "train")
+    mapping, notes = identity_numbers(i.label for i in images)
+    train = relabel(
+        [ImageRecord(i.path, mapping[i.label], 0) for i in images if mapping[i.label] > 0]
+    )
+    if not train:
+        raise DatasetLayoutError(f"{base / 'train'} holds no identity folder with images")
+    return ReidDataset(
+        "identity_folders",
+        train=train,
+        query=[],
+        gallery=[],
+        root=str(base),
+        notes=[*notes, TRAIN_ONLY_NOTE, "no cameras: every image is camera 0"],
+        protocol="any_camera",
     )

@@ -17,9 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmgl.data.datasets.common import (
+    TRAIN_ONLY_NOTE,
     DatasetLayoutError,
     check_official_counts,
     find_dataset_dir,
+    find_dataset_dir_or_train_only,
     list_images,
     one_camera_note,
     require_nonempty,
@@ -72,8 +74,17 @@ def read_split(folder: Path, split: str) -> list[ImageRecord]:
 
 
 def read_market_style(root: str | Path, name: str = "folder") -> ReidDataset:
-    """Read a Market-style folder. ``name`` selects the official count check, if any."""
-    base = find_dataset_dir(root, list(SPLIT_FOLDERS.values()), LAYOUT_HINT)
+    """Read a Market-style folder. ``name`` selects the official count check, if any. A user
+    folder (``folder``) may hold only ``bounding_box_train``: its query and gallery are empty."""
+    required = list(SPLIT_FOLDERS.values())
+    if name == "folder":
+        base, train_only = find_dataset_dir_or_train_only(root, required, LAYOUT_HINT)
+        if train_only:
+            train = relabel(read_split(base / SPLIT_FOLDERS["train"], "train"))
+            return ReidDataset(
+                name, train=train, query=[], gallery=[], root=str(base), notes=[TRAIN_ONLY_NOTE]
+            )
+    base = find_dataset_dir(root, required, LAYOUT_HINT)
     splits = {split: read_split(base / folder, split) for split, folder in SPLIT_FOLDERS.items()}
     splits["train"] = relabel(splits["train"])
     notes = []
