@@ -50,6 +50,7 @@ def test_the_help_choices_are_the_librarys():
     from rmgl.data.datasets import READERS
     from rmgl.data.records import PROTOCOLS
     from rmgl.data.synthetic import PRESETS
+    from rmgl.metrics.distance import METRICS
     from rmgl.model.backbone import ARCHITECTURES
     from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS
 
@@ -59,6 +60,7 @@ def test_the_help_choices_are_the_librarys():
     assert choices.RP_POSITIONS == RP_POSITIONS
     assert choices.DEPRECATED_RP_POSITIONS == tuple(DEPRECATED_RP_POSITIONS)
     assert choices.PROTOCOLS == PROTOCOLS
+    assert choices.METRICS == METRICS
 
 
 def test_every_option_with_a_default_shows_it():

@@ -22,6 +22,8 @@ BACKBONES = ("resnet101", "resnet18", "resnet34", "resnet50")
 # rmgl.model.receptive_field.RP_POSITIONS and the former names it still accepts
 RP_POSITIONS = ("input", "after_stem", "after_layer1", "after_layer2", "after_layer3", "output")
 DEPRECATED_RP_POSITIONS = ("layer1", "layer2", "layer3", "layer4")
+# rmgl.metrics.distance.METRICS
+METRICS = ("euclidean", "sqeuclidean", "cosine")
 # rmgl.data.records.PROTOCOLS
 PROTOCOLS = ("cross_camera", "any_camera")
 

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from rmgl.metrics.distance import METRICS
+from rmgl.cli.choices import METRICS
 
 BACKENDS = ("auto", "torch", "onnxruntime")  # rmgl.deploy.encoder.BACKEND_CHOICES (no torch import)
 ALLOW_OTHER_MODEL = (
