@@ -185,15 +185,15 @@ def test_the_examples_of_docs_trackers_run(exported, tmp_path, monkeypatch):
     for name in ("reid", "reid_uint8"):
         shutil.copy(paths["uint8"], tmp_path / f"{name}.onnx")
         shutil.copy(paths["uint8"].with_suffix(".json"), tmp_path / f"{name}.json")
-    (tmp_path / "MOT17-02/img1").mkdir(parents=True)
-    (tmp_path / "MOT17-02/det").mkdir()
+    (tmp_path / "MOT17-02-FRCNN/img1").mkdir(parents=True)
+    (tmp_path / "MOT17-02-FRCNN/det").mkdir()
     people = sorted((root / "bounding_box_test").glob("*.jpg"))
     frame = Image.new("RGB", (180, 140), (90, 120, 60))
     for i, x in enumerate((12, 70)):
         frame.paste(Image.open(people[i]).convert("RGB").resize((40, 100)), (x, 30))
     for number in (1, 2):
-        frame.save(tmp_path / f"MOT17-02/img1/{number:06d}.jpg", quality=95)
-    (tmp_path / "MOT17-02/det/det.txt").write_text(
+        frame.save(tmp_path / f"MOT17-02-FRCNN/img1/{number:06d}.jpg", quality=95)
+    (tmp_path / "MOT17-02-FRCNN/det/det.txt").write_text(
         "1,-1,12,30,40,100,0.91,-1,-1,-1\n1,-1,70,28,40,97,0.84,-1,-1,-1\n2,-1,14,30,40,100,0.9,-1,-1,-1\n"
     )
     _stand_in_modules(monkeypatch)
@@ -227,7 +227,7 @@ def test_the_examples_of_docs_trackers_run(exported, tmp_path, monkeypatch):
         atol=1e-6,
     )
     assert namespace["descriptors"].shape == (2, reid.descriptor_dim)  # the raw-pixel graph
-    table = np.load("dets/MOT17-02.npy")
+    table = np.load("dets/MOT17-02-FRCNN.npy")
     assert table.shape == (3, 10 + reid.descriptor_dim)
     # the offline file's rows of frame 1 are the encoder's descriptors of the same boxes
     np.testing.assert_allclose(table[:2, 10:], namespace["embs"], atol=1e-5)
