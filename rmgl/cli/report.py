@@ -22,13 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "their ranked lists, activation maps and ABP stripes, training curves and the config. "
         "See docs/report.md.",
     )
-    add_report_options(parser)
     add_checkpoint_dataset_options(parser, rerank_help="also show k-reciprocal re-ranking")
     parser.add_argument(
         "--out",
         default="report",
         help="an .html file, or a folder for report.html (default: ./report)",
     )
+    add_report_options(parser)
     parser.set_defaults(func=run_report)
 
 
