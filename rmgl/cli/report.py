@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.cli.checkpoint_eval import (
-    add_checkpoint_dataset_options,
-    add_report_options,
-    load_checkpoint_and_dataset,
-)
+from rmgl.cli import checkpoint_eval
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,13 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "their ranked lists, activation maps and ABP stripes, training curves and the config. "
         "See docs/report.md.",
     )
-    add_report_options(parser)
-    add_checkpoint_dataset_options(parser, rerank_help="also show k-reciprocal re-ranking")
+    checkpoint_eval.add_checkpoint_dataset_options(
+        parser, rerank_help="also show k-reciprocal re-ranking"
+    )
     parser.add_argument(
         "--out",
         default="report",
         help="an .html file, or a folder for report.html (default: ./report)",
     )
+    checkpoint_eval.add_report_options(parser)
     parser.set_defaults(func=run_report)
 
 
@@ -69,7 +67,7 @@ def write_report(
 
 
 def run_report(args: argparse.Namespace) -> int:
-    model, dataset, precision = load_checkpoint_and_dataset(args)
+    model, dataset, precision = checkpoint_eval.load_checkpoint_and_dataset(args)
     write_report(model, dataset, Path(args.out), args, precision, args.rerank)
     return 0
 
