@@ -93,7 +93,10 @@ def test_split_csv_is_written_whole(tmp_path):
 
 
 def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_path):
-    images = sorted((synth_dir / "bounding_box_train").glob("*.jpg"))[:12]
+    by_person: dict[str, list] = {}
+    for image in sorted((synth_dir / "bounding_box_train").glob("*.jpg")):
+        by_person.setdefault(image.name[:4], []).append(image)
+    images = [image for person in list(by_person.values())[:4] for image in person[:3]]
     for image in images:
         person = tmp_path / "people" / "train" / f"p{image.name[:4]}"
         person.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,10 @@ def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_pat
     data = load_dataset("identity_folders", tmp_path / "people")
     assert len(data.train) == 12 and not data.query and not data.gallery
     assert data.protocol == "any_camera"
+    split = hold_out_identities(data, 0.3, seed=0)
+    again = load_dataset("csv", write_split_csv(split, tmp_path / "split.csv"))
+    assert again.protocol == "any_camera"  # no camera column: read back without cameras
+    assert sorted(r.path for r in again.query) == sorted(r.path for r in split.query)
     (tmp_path / "people" / "query").mkdir()  # a partial layout is still an error
     with pytest.raises(ValueError, match="holds train, query, gallery"):
         load_dataset("identity_folders", tmp_path / "people")
