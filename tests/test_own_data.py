@@ -115,3 +115,20 @@ def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_pat
     shutil.copytree(synth_dir / "bounding_box_train", market / "bounding_box_train")
     with pytest.raises(ValueError, match="bounding_box_test"):  # official data: never partial
         load_dataset("market1501", market)
+
+
+def test_evaluating_data_without_query_and_gallery_says_what_to_do(synth_dir, tmp_path, capsys):
+    from rmgl.engine.checkpoint import save_checkpoint
+    from rmgl.model import build_model
+
+    mine = tmp_path / "mine"
+    shutil.copytree(synth_dir / "bounding_box_train", mine / "bounding_box_train")
+    model = build_model(4, backbone="resnet18", pretrained="none", branches=[2, 3])
+    checkpoint = save_checkpoint(
+        tmp_path / "ck.safetensors", model, to_yaml(load_config("small")), {"num_classes": 4}
+    )
+    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(mine)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the dataset has no query images, so there is nothing to evaluate" in err
+    assert "--dataset csv --root runs/<name>/split.csv" in err and "Traceback" not in err
