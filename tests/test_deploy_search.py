@@ -757,3 +757,15 @@ def test_image_search_with_the_real_encoder_and_the_default_backend(extracted, t
         "note: queries from another model than the gallery (weights_sha256"
         in capsys.readouterr().err
     )
+
+
+def test_search_images_with_its_defaults_runs_the_real_encoder(extracted):
+    """search_images() as the docs call it, with no backend or device: "auto" is a real
+    choice of the Encoder (torch for a checkpoint)."""
+    from rmgl.deploy.search import search_images
+
+    _, checkpoint, _, images, index = extracted
+    result = search_images(index, [images[5]], checkpoint, 2)
+    assert int(result.ids[0, 0]) == 5 and float(result.distances[0, 0]) == pytest.approx(
+        0, abs=1e-3
+    )

@@ -22,6 +22,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELLS = {"bash", "sh", "shell", "console"}
 NOT_RUN = re.compile(r"^<!--\s*not run:(.*?)-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
+COMMAND = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*=\S*\s+)*rmgl(\s|$)")  # VAR=x rmgl ...
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,17 @@ class Block:
         leading VAR=value settings dropped), as argument lists without ``rmgl``."""
         found = []
         for line in self.text.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if self.language == "console":  # only the lines after a prompt are commands
+                if not line.startswith("$ "):
+                    continue
+                line = line[2:]
+            if not COMMAND.match(line):
+                continue  # another program, a comment or output
             words = shlex.split(line, comments=True)
             while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
                 words = words[1:]
-            if words and words[0] == "rmgl":
-                found.append(words[1:])
+            found.append(words[1:])
         return found
 
 
@@ -167,3 +174,17 @@ def test_docs_example(block: Block, page_sandboxes, monkeypatch, one_torch_threa
     if block.line not in ran:
         ran.add(block.line)
         run_block(block)
+
+
+def test_shell_command_lines_are_read_as_a_user_types_them():
+    block = Block(
+        REPO / "README.md",
+        1,
+        "bash",
+        "rmgl train demo \\\n    optim.epochs=2   # a comment\nOMP_NUM_THREADS=1 rmgl configs\n"
+        "pip install rmgl\ntorchrun -m rmgl.cli train demo\n",
+        None,
+    )
+    assert block.commands == [["train", "demo", "optim.epochs=2"], ["configs"]]
+    console = Block(REPO / "README.md", 1, "console", "$ rmgl configs small\nrmgl output\n", None)
+    assert console.commands == [["configs", "small"]]

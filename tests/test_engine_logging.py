@@ -69,7 +69,7 @@ def test_every_epoch_line_gives_its_time_and_the_runs_eta(trained):
     lines = [line for line in (run / "train.log").read_text().splitlines() if "/2: loss" in line]
     assert len(lines) == 2
     for line in lines:
-        assert re.search(r"; epoch \d+:\d\d, run ETA \d+:\d\d$", line), line
+        assert re.search(r"; took \d+:\d\d, run ETA \d+:\d\d$", line), line
     assert lines[-1].endswith("run ETA 0:00")  # nothing left after the last epoch
 
 

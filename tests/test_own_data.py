@@ -93,7 +93,10 @@ def test_split_csv_is_written_whole(tmp_path):
 
 
 def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_path):
-    images = sorted((synth_dir / "bounding_box_train").glob("*.jpg"))[:12]
+    by_person: dict[str, list] = {}
+    for image in sorted((synth_dir / "bounding_box_train").glob("*.jpg")):
+        by_person.setdefault(image.name[:4], []).append(image)
+    images = [image for person in list(by_person.values())[:4] for image in person[:3]]
     for image in images:
         person = tmp_path / "people" / "train" / f"p{image.name[:4]}"
         person.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,10 @@ def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_pat
     data = load_dataset("identity_folders", tmp_path / "people")
     assert len(data.train) == 12 and not data.query and not data.gallery
     assert data.protocol == "any_camera"
+    split = hold_out_identities(data, 0.3, seed=0)
+    again = load_dataset("csv", write_split_csv(split, tmp_path / "split.csv"))
+    assert again.protocol == "any_camera"  # no camera column: read back without cameras
+    assert sorted(r.path for r in again.query) == sorted(r.path for r in split.query)
     (tmp_path / "people" / "query").mkdir()  # a partial layout is still an error
     with pytest.raises(ValueError, match="holds train, query, gallery"):
         load_dataset("identity_folders", tmp_path / "people")
@@ -108,3 +115,20 @@ def test_identity_folders_with_only_train_and_partial_layouts(synth_dir, tmp_pat
     shutil.copytree(synth_dir / "bounding_box_train", market / "bounding_box_train")
     with pytest.raises(ValueError, match="bounding_box_test"):  # official data: never partial
         load_dataset("market1501", market)
+
+
+def test_evaluating_data_without_query_and_gallery_says_what_to_do(synth_dir, tmp_path, capsys):
+    from rmgl.engine.checkpoint import save_checkpoint
+    from rmgl.model import build_model
+
+    mine = tmp_path / "mine"
+    shutil.copytree(synth_dir / "bounding_box_train", mine / "bounding_box_train")
+    model = build_model(4, backbone="resnet18", pretrained="none", branches=[2, 3])
+    checkpoint = save_checkpoint(
+        tmp_path / "ck.safetensors", model, to_yaml(load_config("small")), {"num_classes": 4}
+    )
+    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(mine)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the dataset has no query images, so there is nothing to evaluate" in err
+    assert "--dataset csv --root runs/<name>/split.csv" in err and "Traceback" not in err

@@ -82,7 +82,9 @@ def hold_out_identities(dataset: ReidDataset, fraction: float, seed: int) -> Rei
 
 def write_split_csv(dataset: ReidDataset, path: str | Path) -> Path:
     """``path,pid,camid,split`` rows (identities from 1, as the ``csv`` format counts them),
-    written to a temporary file and renamed: never half written."""
+    written to a temporary file and renamed: never half written. Data without cameras
+    (``any_camera``) is written without the ``camid`` column, so that it reads back with the
+    same protocol."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     train_ids = {pid: i + 1 for i, pid in enumerate(sorted({r.pid for r in dataset.train}))}
@@ -91,13 +93,15 @@ def write_split_csv(dataset: ReidDataset, path: str | Path) -> Path:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "pid", "camid", "split"])
+        cameras = dataset.protocol != "any_camera"
+        writer.writerow(["path", "pid", "camid", "split"] if cameras else ["path", "pid", "split"])
         for split, records, ids in (
             ("train", dataset.train, train_ids),
             ("query", dataset.query, test_ids_map),
             ("gallery", dataset.gallery, test_ids_map),
         ):
             for r in records:
-                writer.writerow([os.path.abspath(r.path), ids[r.pid], r.camid, split])
+                camid = [r.camid] if cameras else []
+                writer.writerow([os.path.abspath(r.path), ids[r.pid], *camid, split])
     os.replace(temporary, path)
     return path

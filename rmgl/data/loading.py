@@ -46,7 +46,14 @@ def check_readable(records: Sequence[ImageRecord], split: str) -> None:
     """Fail now, naming the file, if an image of ``split`` is missing or not an image.
 
     Cheap (the file header only, well under a millisecond per image), so that a broken query
-    or gallery image is found before training starts rather than at the first evaluation."""
+    or gallery image is found before training starts rather than at the first evaluation.
+    An empty split is refused too: there is nothing to evaluate."""
+    if not records:
+        raise ValueError(
+            f"the dataset has no {split} images, so there is nothing to evaluate; for data with "
+            "only training identities, evaluate on the split that rmgl train held out: "
+            "--dataset csv --root runs/<name>/split.csv (docs/own-data.md)"
+        )
     for record in records:
         try:
             with Image.open(record.path) as image:

@@ -124,7 +124,7 @@ class MetricsLogger(Callback):
             per_epoch = (now - self._started) / (epoch + 1 - self._first_epoch)
             remaining = per_epoch * (epochs - epoch - 1)
             log.info(
-                "epoch %d/%d: %s; epoch %s, run ETA %s",
+                "epoch %d/%d: %s; took %s, run ETA %s",
                 epoch + 1,
                 epochs,
                 ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if "/" not in k),
