@@ -117,7 +117,7 @@ def base_sandbox(tmp_path_factory):
     )
     cfg = load_config("demo", ["data.root=runs/demo/synthetic", "data.workers=0"])
     torch.manual_seed(0)
-    model = build_model(8, backbone="resnet18", pretrained="none", branches=[2, 3])
+    model = build_model(cfg.model, 8)
     save_checkpoint(
         root / "runs" / "demo" / "rmgl" / "best.safetensors",
         model,
