@@ -688,6 +688,13 @@ def _create_collection(client, collection: str, dim: int) -> None:
 
 
 def _create_index(client, collection: str, params: dict) -> None:
+    """The vector index of ``params["kind"]``, replacing one the server may have made by
+    itself (Milvus Lite indexes a large enough collection on its own when it is flushed)."""
+    existing = client.list_indexes(collection, field_name="vector")
+    if existing:
+        client.release_collection(collection)
+        for name in existing:
+            client.drop_index(collection, name)
     index_params = client.prepare_index_params()
     kind = params["kind"]
     if kind == "flat":
@@ -704,6 +711,10 @@ def _create_index(client, collection: str, params: dict) -> None:
             "vector", index_type="IVF_FLAT", metric_type="IP", params={"nlist": params["nlist"]}
         )
     client.create_index(collection, index_params)
+    made = client.describe_index(collection, "vector").get("index_type")
+    wanted = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
+    if made != wanted:
+        raise ValueError(f"Milvus made a {made} index where {wanted} was asked for")
 
 
 def _insert(client, collection: str, folder: FeatureFolder, first: int, batch: int) -> None:
