@@ -68,7 +68,6 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 INSERT_ROWS = 2_000  # rows per insert request (well under Milvus' message size limit)
 MAX_LIMIT = 16_384  # Milvus' largest top-k
 IN_CHUNK = 1_000  # ids per "id in [...]" expression
-CONNECT_TIMEOUT = 10.0
 PATH_LENGTH = 4096
 
 
@@ -88,7 +87,8 @@ def _connect(uri: str, token: str | None):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     try:
         options = {"token": token} if token else {}
-        return MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT, **options)
+        # no timeout=: MilvusClient applies it to every call, index builds included
+        return MilvusClient(uri=uri, **options)
     except Exception as err:  # noqa: BLE001 - pymilvus raises several kinds
         reason = _reason(err)
         if local:
