@@ -2,6 +2,7 @@
 faiss index folder behind the GalleryStore interface."""
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -60,7 +61,11 @@ def test_the_faiss_store_follows_the_interface_and_excludes_same_camera(tmp_path
     folder = feature_folder(tmp_path / "g", features, cameras, pids)
     gallery = stores.build_store("faiss", [folder], tmp_path / "x.idx")
     assert isinstance(gallery, GalleryStore) and isinstance(gallery.snapshot(), GalleryView)
-    assert "pymilvus" not in sys.modules  # the faiss store never imports Milvus
+    code = (
+        "import sys; from rmgl.deploy import search, stores; stores.store_class('faiss'); "
+        "assert 'pymilvus' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)  # faiss never imports Milvus
     view = gallery.snapshot()
     queries = features[:3]
     exclude = [(int(pids[q]), int(cameras[q])) for q in range(3)]

@@ -68,7 +68,6 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 INSERT_ROWS = 2_000  # rows per insert request (well under Milvus' message size limit)
 MAX_LIMIT = 16_384  # Milvus' largest top-k
 IN_CHUNK = 1_000  # ids per "id in [...]" expression
-CONNECT_TIMEOUT = 10.0
 PATH_LENGTH = 4096
 
 
@@ -88,7 +87,8 @@ def _connect(uri: str, token: str | None):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     try:
         options = {"token": token} if token else {}
-        return MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT, **options)
+        # no timeout=: MilvusClient applies it to every call, index builds included
+        return MilvusClient(uri=uri, **options)
     except Exception as err:  # noqa: BLE001 - pymilvus raises several kinds
         reason = _reason(err)
         if local:
@@ -688,6 +688,13 @@ def _create_collection(client, collection: str, dim: int) -> None:
 
 
 def _create_index(client, collection: str, params: dict) -> None:
+    """The vector index of ``params["kind"]``, replacing one the server may have made by
+    itself (Milvus Lite indexes a large enough collection on its own when it is flushed)."""
+    existing = client.list_indexes(collection, field_name="vector")
+    if existing:
+        client.release_collection(collection)
+        for name in existing:
+            client.drop_index(collection, name)
     index_params = client.prepare_index_params()
     kind = params["kind"]
     if kind == "flat":
@@ -703,7 +710,17 @@ def _create_index(client, collection: str, params: dict) -> None:
         index_params.add_index(
             "vector", index_type="IVF_FLAT", metric_type="IP", params={"nlist": params["nlist"]}
         )
-    client.create_index(collection, index_params)
+    wanted = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
+    try:
+        client.create_index(collection, index_params)
+    except Exception as err:  # noqa: BLE001
+        # a long build whose connection was reset is retried by the client, and the retry
+        # finds the index the first request made: that index is the one asked for
+        if "already exists" not in str(err):
+            raise
+    made = client.describe_index(collection, "vector").get("index_type")
+    if made != wanted:
+        raise ValueError(f"Milvus made a {made} index where {wanted} was asked for")
 
 
 def _insert(client, collection: str, folder: FeatureFolder, first: int, batch: int) -> None:
