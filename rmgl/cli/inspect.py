@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmgl.model.receptive_field import DEPRECATED_RP_POSITIONS, RP_POSITIONS
+from rmgl.model.receptive_field import (
+    DEPRECATED_RP_POSITIONS,
+    RP_POSITIONS,
+    current_rp_position,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +52,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.stripes and any(k < 1 for k in args.stripes):
         raise ValueError(f"--stripes must be >= 1, got {args.stripes}")
+    if args.position:
+        args.position = current_rp_position(args.position, "--position")
     for path in args.images:  # an unreadable image is named before the model is loaded
         read_image(str(Path(path)))
     model = load_model(args.checkpoint, args.device)
