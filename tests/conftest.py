@@ -46,11 +46,14 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data, tmp_path_factory):
-    """An rmgl checkpoint of an untrained ResNet-18 RMGL at 48x16 input with randomised
-    BatchNorm statistics (``deploy_support.make_checkpoint``), written once per session."""
-    from deploy_support import make_checkpoint
+    """An rmgl checkpoint of an untrained ResNet-18 RMGL with one K = 2 branch of 32-d
+    features (``deploy_support.SMALL_MODEL``: a 192-d descriptor) at 48x16 input, with
+    randomised BatchNorm statistics (``deploy_support.make_checkpoint``), written once per
+    session."""
+    from deploy_support import SMALL_MODEL, make_checkpoint
 
-    return make_checkpoint(tmp_path_factory.mktemp("tiny_ck") / "ck.safetensors", tiny_data)
+    path = tmp_path_factory.mktemp("tiny_ck") / "ck.safetensors"
+    return make_checkpoint(path, tiny_data, overrides=SMALL_MODEL)
 
 
 @pytest.fixture(scope="session")

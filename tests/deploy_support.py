@@ -37,6 +37,12 @@ def make_synthetic(root: Path) -> Path:
     return root
 
 
+# A smaller RMGL for tests that do not need the paper's two branches: one K = 2 branch with
+# 32-d features (6 features, a 192-d descriptor); half the forward cost and checkpoint size.
+SMALL_MODEL = ("model.branches=[2]", "model.reduction_dim=32")
+SMALL_DIM = 6 * 32
+
+
 def make_checkpoint(
     path: Path,
     data_root: Path | str,

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from deploy_support import SMALL_DIM
 
 from rmgl.cli import main
 from rmgl.deploy import Encoder, extract_to_folder, read_features, read_image_list
@@ -74,9 +75,9 @@ def test_extract_writes_the_documented_folder(setup, images, tmp_path, capsys):
         )
         == 0
     )
-    assert "wrote 9 descriptors (3584-d) of 10 images" in capsys.readouterr().out
+    assert f"wrote 9 descriptors ({SMALL_DIM}-d) of 10 images" in capsys.readouterr().out
     features = np.load(out / "features.npy")  # plain NumPy, no rmgl
-    assert features.dtype == np.float32 and features.shape == (9, 3584)
+    assert features.dtype == np.float32 and features.shape == (9, SMALL_DIM)
     with open(out / "images.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["index", "path", "pid", "camid", "frame"]
@@ -104,7 +105,7 @@ def test_extract_writes_the_documented_folder(setup, images, tmp_path, capsys):
     )
     assert meta["checkpoint"] == str(setup[1].resolve()) and meta["backend"] == "torch"
     assert (
-        meta["descriptor_dim"] == 3584
+        meta["descriptor_dim"] == SMALL_DIM
         and meta["input_size"] == [48, 16]
         and meta["precision"] == "float32"
     )
@@ -177,7 +178,7 @@ def test_interrupted_extraction_is_refused_then_resumed_to_the_same_numbers(
     monkeypatch.setattr(FeatureWriter, "add", real_add)
     meta = json.loads((out / "extract.json").read_text())
     assert meta["complete"] is False and meta["inputs_done"] == 6
-    assert np.load(out / "features.npy").shape == (10, 3584)  # one row per input until the end
+    assert np.load(out / "features.npy").shape == (10, SMALL_DIM)  # one row per input until the end
     with pytest.raises(
         ValueError, match=r"unfinished extraction \(6 of 10 images done\).*--resume"
     ):

@@ -703,13 +703,13 @@ def test_query_features_of_another_model_are_refused_naming_both(dataset, tmp_pa
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, tiny_data, tiny_checkpoint):
     """A real checkpoint, another one, and a gallery extracted and indexed with the first."""
-    from deploy_support import make_checkpoint
+    from deploy_support import SMALL_MODEL, make_checkpoint
 
     from rmgl.deploy import Encoder, extract_to_folder, read_image_list
 
     root = tmp_path_factory.mktemp("img_search")
     data, checkpoint = tiny_data, tiny_checkpoint
-    other = make_checkpoint(root / "other.safetensors", data, seed=1)
+    other = make_checkpoint(root / "other.safetensors", data, seed=1, overrides=SMALL_MODEL)
     images = sorted((data / "bounding_box_test").glob("*.jpg"))[:12]
     (root / "list.txt").write_text("\n".join(map(str, images)))
     extract_to_folder(

@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 TINY = """
 data: {{dataset: folder, root: {root}, height: 48, width: 16, num_identities: 4, num_instances: 2, workers: {workers}, test_batch_size: 64}}
-model: {{backbone: resnet18, pretrained: none, branches: [2, 3]}}
+model: {{backbone: resnet18, pretrained: none, branches: [2], reduction_dim: 32}}
 optim: {{epochs: {epochs}, warmup_epochs: 1, milestones: [2], lr: 0.02}}
 eval: {{every: 0, rerank: false}}
 run: {{name: tiny, output_dir: {out}, log_every: 1}}

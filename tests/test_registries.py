@@ -184,3 +184,16 @@ def test_the_command_line_shows_the_deprecation_as_one_line(tmp_path, capsys):
         "rmgl: warning: model.rp_position=layer2 is deprecated (the old name of the stage the "
         "cut comes before); write model.rp_position=after_layer1, the same cut"
     )
+
+
+def test_rf_takes_a_former_position_name_with_the_new_form(capsys):
+    from rmgl.cli import main
+
+    args = ["rf", "--backbone", "resnet18", "--height", "96", "--width", "32", "--stripes", "2"]
+    assert main([*args, "--position", "layer2"]) == 0
+    old = capsys.readouterr()
+    assert "rmgl: warning: --position=layer2 is deprecated" in old.err
+    assert "write --position=after_layer1" in old.err
+    assert main([*args, "--position", "after_layer1"]) == 0
+    new = capsys.readouterr()
+    assert new.out == old.out and "Receptive partition after layer1" in new.out and not new.err

@@ -44,10 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from rmgl.data.loading import read_image
     from rmgl.engine.load import load_model
+    from rmgl.model.receptive_field import current_rp_position
     from rmgl.reporting.inspection import write_inspection
 
     if args.stripes and any(k < 1 for k in args.stripes):
         raise ValueError(f"--stripes must be >= 1, got {args.stripes}")
+    if args.position:
+        args.position = current_rp_position(args.position, "--position")
     for path in args.images:  # an unreadable image is named before the model is loaded
         read_image(str(Path(path)))
     model = load_model(args.checkpoint, args.device)

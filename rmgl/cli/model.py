@@ -28,18 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_rf(args: argparse.Namespace) -> int:
     from rmgl.model.backbone import ResNetBackbone
-    from rmgl.model.receptive_field import format_report
+    from rmgl.model.receptive_field import current_rp_position, format_report
 
     if args.height < 1 or args.width < 1 or any(k < 1 for k in args.stripes):
         raise ValueError("height, width and stripes must be positive")
+    position = current_rp_position(args.position, "--position")
     backbone = ResNetBackbone(args.backbone, args.last_stride)  # geometry only: no weights
     title = (
         f"{args.backbone}, last stride {args.last_stride}, input {args.height}x{args.width} "
         "(HxW); receptive field along the height"
     )
-    print(
-        format_report(
-            title, backbone.stages(), args.height, args.width, args.position, args.stripes
-        )
-    )
+    print(format_report(title, backbone.stages(), args.height, args.width, position, args.stripes))
     return 0

@@ -90,7 +90,12 @@ def identities_per_rank(num_identities: int, world_size: int) -> int:
 
 class Trainer:
     """Trains one config; ``callbacks`` are added after the built-in schedules (RSA, ABP
-    warm-up), logging and evaluation."""
+    warm-up), logging and evaluation.
+
+    The model, loss and optimiser come from :meth:`build_model`, :meth:`build_loss` and
+    :meth:`build_optimizer`: by default what ``model.name`` and ``loss.name`` choose in the
+    registries (:mod:`rmgl.model`, :mod:`rmgl.losses`) and the paper's SGD; a subclass may
+    override any of them."""
 
     def __init__(
         self,
