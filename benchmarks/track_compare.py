@@ -33,7 +33,8 @@ KEYS = ("mota", "idf1", "num_switches", "cross_camera_idf1")
 
 
 def train_missing(runs: Path, seeds: list[int]) -> None:
-    """Train every (model, seed) without a checkpoint, seed by seed, by the demo recipe."""
+    """Train every (model, seed) that has not finished, seed by seed, by the demo recipe; an
+    interrupted run continues from its last epoch."""
     data = runs / "synthetic"
     if not (data / "synth_meta.json").is_file():
         from rmgl.data.synthetic import SynthConfig, generate
@@ -45,7 +46,7 @@ def train_missing(runs: Path, seeds: list[int]) -> None:
                 continue
             command = [sys.executable, "-m", "rmgl.cli", "train", config, f"data.root={data}",
                        f"run.output_dir={runs}", f"run.name={name}_seed{seed}",
-                       f"run.seed={seed}", "eval.rerank=false", "--overwrite"]  # fmt: skip
+                       f"run.seed={seed}", "eval.rerank=false", "--auto-resume"]  # fmt: skip
             subprocess.run(command, check=True)
 
 
