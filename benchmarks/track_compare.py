@@ -7,7 +7,8 @@ baseline and RMGL, all on the same synthetic video and the same detections.
 Models are trained by the demo recipe on the demo's synthetic benchmark (``rmgl synth``
 seed 0, the still images whose identities the video never reuses): ``demo`` (RMGL),
 ``cpu/multibranch`` and ``cpu/global``, one run per seed, named ``<model>_seed<N>`` in
-``--runs``. The video is ``rmgl synth-video`` with its defaults (seed 0). Every row tracks
+``--runs``. The video is ``rmgl synth-video`` seed 0 with 2 cameras x 200 frames and 16
+people (``VIDEO``), in ``<runs>/video``. Every row tracks
 the same ``det.txt`` with the same tracker and association settings; only the descriptor
 differs. Prints a markdown table: mean ± sample standard deviation over the seeds that
 finished training (seeds listed) of the overall MOTA, IDF1 and ID switches (all cameras
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from rmgl.data.synthetic.video import VideoConfig
 
 MODELS = {  # row label: (built-in config, run name prefix)
     "global-feature baseline (`cpu/global`)": ("cpu/global", "global"),
@@ -29,11 +33,15 @@ MODELS = {  # row label: (built-in config, run name prefix)
     "RMGL (`demo`)": ("demo", "rmgl"),
 }
 MOTION = "motion only (no descriptor)"
+# smaller than `rmgl synth-video`'s default (4 x 400 frames, 40 people) so that ten tracking
+# runs with descriptors fit on a CPU: 2 cameras x 200 frames, 16 people
+VIDEO = VideoConfig(seed=0, cameras=2, frames=200, people=16)
 KEYS = ("mota", "idf1", "num_switches", "cross_camera_idf1")
 
 
-def train_missing(runs: Path, seeds: list[int]) -> None:
-    """Train every (model, seed) without a checkpoint, seed by seed, by the demo recipe."""
+def train_missing(runs: Path, seeds: list[int], threads: int) -> None:
+    """Train every (model, seed) that has not finished, seed by seed, by the demo recipe; an
+    interrupted run continues from its last epoch."""
     data = runs / "synthetic"
     if not (data / "synth_meta.json").is_file():
         from rmgl.data.synthetic import SynthConfig, generate
@@ -45,8 +53,9 @@ def train_missing(runs: Path, seeds: list[int]) -> None:
                 continue
             command = [sys.executable, "-m", "rmgl.cli", "train", config, f"data.root={data}",
                        f"run.output_dir={runs}", f"run.name={name}_seed{seed}",
-                       f"run.seed={seed}", "eval.rerank=false", "--overwrite"]  # fmt: skip
-            subprocess.run(command, check=True)
+                       f"run.seed={seed}", "eval.rerank=false", "--auto-resume"]  # fmt: skip
+            env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+            subprocess.run(command, check=True, env=env)
 
 
 def trained(run: Path) -> bool:
@@ -116,16 +125,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train", action="store_true", help="train the missing models first")
     parser.add_argument("--table", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training and descriptors (1 holds up best on a shared machine)",
+    )
     args = parser.parse_args()
 
-    from rmgl.data.synthetic.video import CAMERAS_FILE, VideoConfig, generate_video
+    import torch
+
+    from rmgl.data.synthetic.video import CAMERAS_FILE, generate_video
     from rmgl.tracking.sequences import load_video_set
 
+    torch.set_num_threads(args.threads)
     if args.train:
-        train_missing(args.runs, args.seeds)
+        train_missing(args.runs, args.seeds, args.threads)
     video_dir = args.video or args.runs / "video"
     if not (video_dir / CAMERAS_FILE).is_file():
-        generate_video(VideoConfig(), video_dir)
+        generate_video(VIDEO, video_dir)
     video = load_video_set(video_dir)
     results = args.runs / "tracking"
     rows: dict[str, dict[int, dict]] = {MOTION: {0: track_one(video, None, results / "motion")}}

@@ -16,6 +16,7 @@ from rmgl.tracking.run import SUMMARY_FILE, run_tracking
 
 pytest.importorskip("deep_sort_realtime")
 pytest.importorskip("motmetrics")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def track(tmp_path, cameras, describe, transit=(), **association):
