@@ -18,7 +18,11 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
 def example(kind: str) -> str:
-    found = re.search(rf"<!-- example: {kind} -->\n```python\n(.*?)```", DOC.read_text(), re.S)
+    found = re.search(
+        rf"<!-- example: {kind} -->\n(?:<!-- not run:[^\n]*-->\n)?```python\n(.*?)```",
+        DOC.read_text(),
+        re.S,
+    )
     assert found, f"no {kind} example in {DOC}"
     return found.group(1)
 
