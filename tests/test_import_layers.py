@@ -18,6 +18,7 @@ ALLOWED = {
     "reporting": {"data", "metrics", "model"},
     "engine": {"data", "model", "losses", "metrics", "reporting", "registry"},
     "deploy": {"data", "engine", "metrics", "reporting", "model", "registry"},
+    "tracking": {"data", "deploy"},
     "serve": {"deploy", "data", "engine", "metrics", "reporting", "model", "registry"},
 }
 

@@ -123,9 +123,10 @@ def test_evaluating_data_without_query_and_gallery_says_what_to_do(synth_dir, tm
 
     mine = tmp_path / "mine"
     shutil.copytree(synth_dir / "bounding_box_train", mine / "bounding_box_train")
-    model = build_model(4, backbone="resnet18", pretrained="none", branches=[2, 3])
+    cfg = load_config("small")
+    model = build_model(cfg.model, 4)
     checkpoint = save_checkpoint(
-        tmp_path / "ck.safetensors", model, to_yaml(load_config("small")), {"num_classes": 4}
+        tmp_path / "ck.safetensors", model, to_yaml(cfg), {"num_classes": 4}
     )
     argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(mine)]
     assert main(argv) == 1
