@@ -53,7 +53,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -652,6 +652,29 @@ def check_same_model(
             )
         notes.append({"folder": folder.label, "model": found, "differences": differences})
     return notes
+
+
+def load_gallery_folders(
+    folders: str | Path | Sequence[str | Path], allow_other_model: bool
+) -> tuple[list[FeatureFolder], list[dict]]:
+    """The feature folders of one gallery build, read and checked as every store needs them:
+    at least one, one dimension, no folder or image twice, one model unless
+    ``allow_other_model`` (then the records the manifest keeps of the others)."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    if not folders:
+        raise ValueError("no feature folder given")
+    loaded = [load_feature_folder(folder) for folder in folders]
+    dim = loaded[0].dim
+    for folder in loaded[1:]:
+        if folder.dim != dim:
+            raise ValueError(
+                f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
+                f"{loaded[0].folder / 'features.npy'} has {dim}-d"
+            )
+    check_unique_folders(loaded)
+    check_paths_unique(loaded)
+    others = check_same_model(loaded[0].model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+    return loaded, others
 
 
 def model_name(model: dict) -> str:

@@ -89,6 +89,7 @@ from rmgl.deploy.features import (
     check_unique_folders,
     descriptor_model,
     load_feature_folder,
+    load_gallery_folders,
 )
 from rmgl.deploy.files import atomic_write_text
 from rmgl.deploy.locking import IndexBusyError, writer_lock
@@ -430,24 +431,11 @@ class GalleryIndex:
         it in the manifest), and no image may be listed twice.
         """
         settings = IndexParams(**params)
-        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
-        if not folders:
-            raise ValueError("no feature folder given")
         out = Path(out)
         if out.exists():
             raise ValueError(f"{out} already exists; add to it with `rmgl index add` or remove it")
-        loaded = [load_feature_folder(folder) for folder in folders]
-        dim = loaded[0].dim
-        for folder in loaded[1:]:
-            if folder.dim != dim:
-                raise ValueError(
-                    f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
-                    f"{loaded[0].folder / 'features.npy'} has {dim}-d"
-                )
-        check_unique_folders(loaded)
-        check_paths_unique(loaded)
-        model = loaded[0].model
-        other_models = check_same_model(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+        loaded, other_models = load_gallery_folders(folders, allow_other_model)
+        dim, model = loaded[0].dim, loaded[0].model
         total = sum(len(folder.features) for folder in loaded)
 
         def write_vectors(vectors: VectorFile) -> None:

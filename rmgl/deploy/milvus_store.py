@@ -51,9 +51,9 @@ import numpy as np
 
 from rmgl.deploy.features import (
     FeatureFolder,
-    check_paths_unique,
     check_same_model,
     load_feature_folder,
+    load_gallery_folders,
 )
 from rmgl.deploy.store import UNKNOWN, GalleryItem
 from rmgl.deploy.vectors import CHUNK_BYTES, check_normalised
@@ -228,20 +228,8 @@ class MilvusGallery:
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
-        if not folders:
-            raise ValueError("no feature folder given")
-        loaded = [load_feature_folder(folder) for folder in folders]
-        dim = loaded[0].dim
-        for folder in loaded[1:]:
-            if folder.dim != dim:
-                raise ValueError(
-                    f"{folder.folder / 'features.npy'} has {folder.dim}-d features but "
-                    f"{loaded[0].folder / 'features.npy'} has {dim}-d"
-                )
-        check_paths_unique(loaded)
-        model = loaded[0].model
-        others = check_same_model(model, loaded[1:], allow_other_model, f"{loaded[0].folder}")
+        loaded, others = load_gallery_folders(folders, allow_other_model)
+        dim, model = loaded[0].dim, loaded[0].model
         total = sum(len(folder.features) for folder in loaded)
         nlist = nlist or int(max(1, min(2 ** round(math.log2(4 * math.sqrt(total))), 65_536)))
         client = _connect(uri, token)
