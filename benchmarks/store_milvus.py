@@ -4,10 +4,11 @@ For each gallery size: writes a gallery and a query feature folder (the `rmgl ex
 format) of synthetic re-ID-like descriptors, computes the exact top-10 by brute force, then
 builds each store and kind and searches it one query at a time (as a service does) through
 :func:`rmgl.deploy.search.search`. Reports build time, ms/query, recall@10 against the exact
-top-10, and checks that every returned distance is exact.
+top-10, and checks that every returned distance is exact. Each row is printed and appended
+to ``--out`` (JSON lines) as soon as it is measured, so a run cut short keeps its rows.
 
     python benchmarks/store_milvus.py --sizes 100000 --dim 512
-    python benchmarks/store_milvus.py --sizes 1000000 --dim 512 --stores milvus:hnsw
+    python benchmarks/store_milvus.py --sizes 1000000 --dim 512 --stores milvus:hnsw --out rows.jsonl
 
 Descriptors: identity centres in a 128-d latent space with variances falling as 1/i, 10
 images per identity (centre + 0.7 x latent noise), mapped to ``--dim`` by a random
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import shutil
 import sys
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--stores", nargs="+", default=list(STORES), choices=STORES)
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", help="append each row to this JSON-lines file when measured")
     args = parser.parse_args()
 
     from rmgl.deploy.search import search
@@ -117,6 +120,7 @@ def main() -> None:
         truth = exact_top10(gallery, queries)
         for name in args.stores:
             store, kind = name.split(":")
+            load_before = os.getloadavg()[0]
             start = time.perf_counter()
             index = build(store, kind, work / "gallery", work)
             built = time.perf_counter() - start
@@ -144,9 +148,14 @@ def main() -> None:
                 "ms_per_query": round(per_query, 2),
                 "recall@10": round(recall, 4),
                 "exact_distances": exact,
+                "load_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+                "date": str(date.today()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
             index.close()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{platform.machine()}, {date.today()}, python {sys.version.split()[0]}")

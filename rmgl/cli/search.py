@@ -203,7 +203,10 @@ def store_location(args: argparse.Namespace, folder: str | None, option: str) ->
         )
     if not args.uri or not args.collection:
         raise ValueError(f"--store {args.store} needs --uri and --collection")
-    options = {"collection": args.collection}
+    options = {"collection": args.collection, "wait": max(0.0, getattr(args, "wait", 0.0))}
+    options["action"] = " ".join(
+        ["rmgl", *(str(w) for w in (args.command, getattr(args, "index_command", None)) if w)]
+    )
     if getattr(args, "milvus_token", None):
         options["token"] = args.milvus_token
     return args.uri, options

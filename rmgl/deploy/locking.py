@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["LOCK", "IndexBusyError", "writer_lock"]
+__all__ = ["LOCK", "IndexBusyError", "file_lock", "writer_lock"]
 
 LOCK = "writer.lock"
 
@@ -29,11 +29,24 @@ def writer_lock(folder: Path, wait: float = 0.0, action: str = "rmgl index") -> 
     index. flock locks are per open file, so two threads of one process exclude each
     other too. Local file systems only: flock over NFS is not reliable.
     """
-    path = folder / LOCK
+    with file_lock(folder / LOCK, wait, action, f"index {folder} is being modified by"):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: Path,
+    wait: float = 0.0,
+    action: str = "rmgl index",
+    busy: str = "",
+    hint: str = "try again when it has finished (or wait for it: --wait SECONDS)",
+) -> Iterator[None]:
+    """Hold the lock file ``path`` (what :func:`writer_lock` does for an index folder);
+    a busy lock raises ``f"{busy} {holder}; {hint}"``."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise OSError(f"cannot modify index {folder}: {err.strerror} ({path})") from None
+        raise OSError(f"cannot lock {path}: {err.strerror}") from None
     try:
         deadline = time.monotonic() + max(0.0, wait)
         while True:
@@ -42,10 +55,7 @@ def writer_lock(folder: Path, wait: float = 0.0, action: str = "rmgl index") -> 
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise IndexBusyError(
-                        f"index {folder} is being modified by {_lock_holder(path)}; try again "
-                        "when it has finished (or wait for it: --wait SECONDS)"
-                    ) from None
+                    raise IndexBusyError(f"{busy} {_lock_holder(path)}; {hint}") from None
                 time.sleep(0.05)
         note = f"process {os.getpid()} ({action}, since {_now()})\n".encode()
         os.ftruncate(fd, 0)

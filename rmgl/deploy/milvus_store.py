@@ -39,6 +39,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -55,6 +56,7 @@ from rmgl.deploy.features import (
     load_feature_folder,
     load_gallery_folders,
 )
+from rmgl.deploy.milvus_lock import lite_file, release_lite_file, server_writer
 from rmgl.deploy.store import UNKNOWN, GalleryItem
 from rmgl.deploy.vectors import CHUNK_BYTES, check_normalised
 
@@ -101,6 +103,20 @@ def _connect(uri: str, token: str | None):
         ) from None
 
 
+def _open_client(uri: str, token: str | None, wait: float, action: str):
+    """(client, lock): a Milvus Lite file is held by this process until :meth:`close`
+    (``<file>.lock``; ``wait`` seconds for another process), a server is shared."""
+    if "://" in str(uri) or not str(uri).endswith(".db"):
+        return _connect(uri, token), None
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    writers = lite_file(str(uri), wait, action)
+    try:
+        return _connect(uri, token), writers
+    except BaseException:
+        release_lite_file(str(uri))
+        raise
+
+
 def _reason(err: Exception) -> str:
     message = getattr(err, "message", None) or str(err) or type(err).__name__
     return message.strip().splitlines()[0][:200]
@@ -143,8 +159,11 @@ class MilvusGallery:
     :class:`rmgl.deploy.stores.GalleryView`, since Milvus gives every read the latest
     committed state."""
 
-    def __init__(self, client, uri: str, collection: str, manifest: dict) -> None:
+    def __init__(
+        self, client, uri: str, collection: str, manifest: dict, lite=None, action: str = "rmgl"
+    ) -> None:
         self.client, self.uri, self.collection = client, str(uri), collection
+        self._lite, self._action = lite, action  # the Lite file's writer lock, or None
         self._manifest = manifest
         self.search_params = dict(manifest["params"])
         self._lock = threading.RLock()
@@ -194,6 +213,22 @@ class MilvusGallery:
 
     def close(self) -> None:
         self.client.close()
+        if self._lite is not None:
+            self._lite = None
+            release_lite_file(self.uri)
+
+    @contextlib.contextmanager
+    def _writing(self, wait: float):
+        """One writer at a time (:mod:`rmgl.deploy.milvus_lock`); yields the commit check:
+        called before the manifest is written, and as rows are inserted."""
+        if self._lite is not None:
+            with self._lite:
+                yield lambda: None
+            return
+        with server_writer(
+            self.client, self.collection, self.location, wait, self._action
+        ) as lease:
+            yield lease.renew
 
     # ---- build / open
 
@@ -212,6 +247,8 @@ class MilvusGallery:
         nlist: int | None = None,
         nprobe: int = 32,
         rerank_factor: int = 10,
+        wait: float = 0.0,
+        action: str = "rmgl index build",
         **unused: Any,
     ) -> MilvusGallery:
         """A new collection holding the feature folders (ids in folder order, then row
@@ -232,7 +269,7 @@ class MilvusGallery:
         dim, model = loaded[0].dim, loaded[0].model
         total = sum(len(folder.features) for folder in loaded)
         nlist = nlist or int(max(1, min(2 ** round(math.log2(4 * math.sqrt(total))), 65_536)))
-        client = _connect(uri, token)
+        client, lite = _open_client(str(uri), token, wait, action)
         try:
             if client.has_collection(collection):
                 if _read_manifest(client, collection, str(uri), missing_ok=True) is not None:
@@ -278,14 +315,26 @@ class MilvusGallery:
             _write_manifest(client, collection, manifest)  # the commit
         except BaseException:
             client.close()
+            if lite is not None:
+                release_lite_file(str(uri))
             raise
-        return cls(client, str(uri), collection, manifest)
+        return cls(client, str(uri), collection, manifest, lite, action)
 
     @classmethod
-    def open(cls, uri: str | Path, collection: str, token: str | None = None) -> MilvusGallery:
+    def open(
+        cls,
+        uri: str | Path,
+        collection: str,
+        token: str | None = None,
+        wait: float = 0.0,
+        action: str = "rmgl",
+    ) -> MilvusGallery:
         """Open the gallery of ``collection``; a missing or foreign collection is a
-        one-line ValueError."""
-        client = _connect(uri, token)
+        one-line ValueError. A Milvus Lite file is this process's until :meth:`close`
+        (another process waits ``wait`` seconds for it, then gets a one-line
+        :class:`rmgl.deploy.locking.IndexBusyError`); ``action`` names this process in
+        that message."""
+        client, lite = _open_client(str(uri), token, wait, action)
         try:
             if not client.has_collection(collection):
                 raise ValueError(
@@ -296,8 +345,10 @@ class MilvusGallery:
             client.load_collection(collection)
         except BaseException:
             client.close()
+            if lite is not None:
+                release_lite_file(str(uri))
             raise
-        return cls(client, str(uri), collection, manifest)
+        return cls(client, str(uri), collection, manifest, lite, action)
 
     def refresh(self) -> bool:
         """Read the manifest again (another process may have committed); True when it
@@ -322,7 +373,7 @@ class MilvusGallery:
         dimension, a folder already added, an image already in the gallery, another model's
         descriptors (unless ``allow_other_model``)."""
         loaded = load_feature_folder(folder)
-        with self._lock:
+        with self._lock, self._writing(wait) as still_mine:
             self.refresh()
             manifest = self._manifest
             if loaded.dim != self.dim:
@@ -340,8 +391,9 @@ class MilvusGallery:
             first, generation = self.count, self.generation + 1
             # rows of an add that never committed (ids past the count) go first
             self.client.delete(self.collection, filter=f"id >= {first}")
-            _insert(self.client, self.collection, loaded, first, batch=generation)
+            _insert(self.client, self.collection, loaded, first, generation, still_mine)
             self.client.flush(self.collection)
+            still_mine()
             new = {
                 **manifest,
                 "count": first + len(loaded.features),
@@ -382,7 +434,7 @@ class MilvusGallery:
         kept), with Milvus deletes; how many were deleted now."""
         if (ids is None) == (before is None):
             raise ValueError("delete needs ids or before (one of them)")
-        with self._lock:
+        with self._lock, self._writing(wait) as still_mine:
             self.refresh()
             count = self.count
             if ids is not None:
@@ -413,6 +465,7 @@ class MilvusGallery:
                     deleted += present
             if deleted:
                 self.client.flush(self.collection)
+                still_mine()
                 new = {**self._manifest, "generation": self.generation + 1, "updated": _now()}
                 _write_manifest(self.client, self.collection, new)
                 self._manifest = new
@@ -711,8 +764,11 @@ def _create_index(client, collection: str, params: dict) -> None:
         raise ValueError(f"Milvus made a {made} index where {wanted} was asked for")
 
 
-def _insert(client, collection: str, folder: FeatureFolder, first: int, batch: int) -> None:
-    """The rows of ``folder`` with ids ``first ..``, checked to be L2-normalised."""
+def _insert(
+    client, collection: str, folder: FeatureFolder, first: int, batch: int, heartbeat=None
+) -> None:
+    """The rows of ``folder`` with ids ``first ..``, checked to be L2-normalised;
+    ``heartbeat()`` after each request (renews a writer lease)."""
     start = 0
     for block in folder.chunks():
         check_normalised(block, str(folder.folder / "features.npy"), start)
@@ -735,6 +791,8 @@ def _insert(client, collection: str, folder: FeatureFolder, first: int, batch: i
                     }
                 )
             client.insert(collection, rows)
+            if heartbeat is not None:
+                heartbeat()
         start += len(block)
 
 
