@@ -25,6 +25,7 @@ from rmgl.cli import main  # noqa: E402
 from rmgl.deploy.index import FeatureRecord, GalleryIndex  # noqa: E402
 from rmgl.deploy.search import search  # noqa: E402
 from rmgl.serve import GalleryService, ServeSettings, create_app  # noqa: E402
+from rmgl.serve.service import SOURCE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -480,6 +481,8 @@ def test_a_gallery_of_another_model_is_refused_naming_both(setup, tmp_path):
         (["--index", "{index}", "--max-images", "0"], "max_images must be >= 1"),
         (["--index", "{index}", "--threads", "0"], "threads must be >= 1"),
         (["--index", "{index}", "--cors-origin", "*"], "must be one exact origin"),
+        (["--index", "{index}", "--crops", "{tmp}/c"], "--crops is for --store milvus"),
+        (["--store", "milvus", "--uri", "{tmp}/g.db", "--collection", "g", "--workers", "2"], "--workers > 1 needs a Milvus server"),
     ],
 )  # fmt: skip
 def test_the_command_refuses_a_bad_set_up_in_one_line(setup, tmp_path, capsys, argv, message):
@@ -489,6 +492,17 @@ def test_the_command_refuses_a_bad_set_up_in_one_line(setup, tmp_path, capsys, a
     assert err == [f"rmgl serve: error: {message.format(tmp=tmp_path)}"] or (
         len(err) == 1 and message.format(tmp=tmp_path) in err[0]
     ), err
+
+
+def test_workers_get_the_milvus_settings_and_credentials_through_the_environment(tmp_path):
+    settings = ServeSettings(
+        index="http://milvus:19530", store="milvus", collection="g", model="m.onnx",
+        crops=tmp_path / "crops", milvus_token="user:secret-password", workers=2,
+    )  # fmt: skip
+    env = settings.to_env()
+    assert "secret-password" not in env["RMGL_SERVE_SETTINGS"]
+    assert "secret-password" not in repr(settings)
+    assert ServeSettings.from_env(env) == settings
 
 
 def test_short_tokens_are_refused(tmp_path):
@@ -575,9 +589,40 @@ def test_a_milvus_gallery_serves_the_hits_of_the_faiss_one(setup, service, clien
         refused = other.post(
             "/v1/gallery", files=image_files(setup.query_images[:1]), headers=auth()
         )
-        assert refused.status_code == 405 and "takes no uploads" in refused.json()["error"]
+        assert refused.status_code == 405 and "--crops FOLDER" in refused.json()["error"]
         deleted = other.delete("/v1/gallery?ids=2", headers=auth())
         assert deleted.status_code == 200 and deleted.json()["deleted"] == 1, deleted.text
         assert other.get("/v1/gallery/2").status_code == 404
+    finally:
+        milvus.close()
+    # with a crops folder, uploads work as with an index folder
+    settings.crops = tmp_path / "crops"
+    milvus = GalleryService.open(settings, encoder=service.encoder)
+    try:
+        other = TestClient(create_app(service=milvus))
+        data = [noise_png(11), noise_png(12)]
+        upload = files(("a.png", data[0]), ("b.png", data[1]))
+        response = other.post("/v1/gallery", files=upload, data={"camera": "5"}, headers=auth())
+        assert response.status_code == 200, response.text
+        added = response.json()["added"]
+        first = added[0]["id"]
+        assert first == milvus.index.count - 2 and added[1]["id"] == first + 1
+        for entry, raw in zip(added, data):
+            assert (settings.crops / entry["path"]).read_bytes() == raw
+            assert other.get(entry["image_url"]).content == raw
+        hits = other.post("/v1/search", files=files(("q.png", data[1]), field="image"))
+        assert hits.json()["hits"][0]["id"] == first + 1
+        assert hits.json()["hits"][0]["distance"] < 1e-3
+        assert other.get(f"/v1/gallery/{first}").json()["camid"] == 5
+        again = other.post("/v1/gallery", files=files(("c.png", data[0])), headers=auth())
+        assert again.status_code == 409 and f"item {first}" in again.json()["error"]
+        more = other.post("/v1/gallery", files=files(("d.png", noise_png(13))), headers=auth())
+        assert more.json()["added"][0]["id"] == first + 2
+        uploads = [s for s in milvus.index.manifest["sources"] if s["folder"] == SOURCE]
+        assert len(uploads) == 1 and uploads[0]["count"] == 3  # one entry for the service
+        deleted = other.delete(f"/v1/gallery?ids={first}", headers=auth())
+        assert deleted.json()["deleted"] == 1
+        assert not (settings.crops / added[0]["path"]).exists()  # its image went with it
+        assert (settings.crops / added[1]["path"]).exists()
     finally:
         milvus.close()

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--index", help="the index folder (rmgl index build)")
     add_store_options(serve)
+    serve.add_argument(
+        "--crops",
+        metavar="FOLDER",
+        help="--store milvus: keep uploaded images here (without it uploads are refused)",
+    )
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="the rmgl checkpoint the gallery was extracted with")
     model.add_argument("--onnx", help="or its export (rmgl export --format onnx)")
@@ -116,6 +121,8 @@ def run_serve(args: argparse.Namespace) -> int:
         index=location,
         store=args.store,
         collection=options.get("collection"),
+        crops=args.crops,
+        milvus_token=options.get("token"),
         model=args.checkpoint or args.onnx,
         backend=args.backend,
         device=args.device,

@@ -43,15 +43,17 @@ import contextlib
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rmgl.deploy.crops import is_crop_path, write_crop
 from rmgl.deploy.features import (
     FeatureFolder,
+    FeatureRecord,
     check_same_model,
     load_feature_folder,
     load_gallery_folders,
@@ -164,6 +166,7 @@ class MilvusGallery:
     ) -> None:
         self.client, self.uri, self.collection = client, str(uri), collection
         self._lite, self._action = lite, action  # the Lite file's writer lock, or None
+        self.crops: Path | None = None  # where add_arrays keeps image files (rmgl serve)
         self._manifest = manifest
         self.search_params = dict(manifest["params"])
         self._lock = threading.RLock()
@@ -328,12 +331,14 @@ class MilvusGallery:
         token: str | None = None,
         wait: float = 0.0,
         action: str = "rmgl",
+        crops: str | Path | None = None,
     ) -> MilvusGallery:
         """Open the gallery of ``collection``; a missing or foreign collection is a
         one-line ValueError. A Milvus Lite file is this process's until :meth:`close`
         (another process waits ``wait`` seconds for it, then gets a one-line
         :class:`rmgl.deploy.locking.IndexBusyError`); ``action`` names this process in
-        that message."""
+        that message. ``crops``: the folder where :meth:`add_arrays` keeps image files
+        (``crops/ab/<sha256>.jpg`` under it)."""
         client, lite = _open_client(str(uri), token, wait, action)
         try:
             if not client.has_collection(collection):
@@ -348,7 +353,9 @@ class MilvusGallery:
             if lite is not None:
                 release_lite_file(str(uri))
             raise
-        return cls(client, str(uri), collection, manifest, lite, action)
+        gallery = cls(client, str(uri), collection, manifest, lite, action)
+        gallery.crops = None if crops is None else Path(crops)
+        return gallery
 
     def refresh(self) -> bool:
         """Read the manifest again (another process may have committed); True when it
@@ -372,7 +379,65 @@ class MilvusGallery:
         """Append a feature folder; (first new id, number added). Refused: another
         dimension, a folder already added, an image already in the gallery, another model's
         descriptors (unless ``allow_other_model``)."""
-        loaded = load_feature_folder(folder)
+        return self._add(load_feature_folder(folder), allow_other_model, wait)
+
+    def add_arrays(
+        self,
+        features: np.ndarray,
+        records: Sequence[FeatureRecord],
+        meta: dict | None = None,
+        source: str = "arrays",
+        crops: Mapping[str, bytes] | None = None,
+        allow_other_model: bool = False,
+        wait: float = 0.0,
+    ) -> tuple[int, int]:
+        """Append descriptors held in memory (a service's uploads), as
+        :meth:`rmgl.deploy.index.GalleryIndex.add_arrays`; ``crops`` (image files keyed by
+        :func:`rmgl.deploy.crops.crop_path`) go to the gallery's crops folder (``crops=``
+        of :meth:`open`) before the commit and are removed again when the add fails.
+        Consecutive adds with one ``source`` label extend one manifest entry."""
+        features = np.asarray(features)
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(
+                f"features must be a non-empty (N, dim) array, got shape {features.shape}"
+            )
+        records = [r if isinstance(r, FeatureRecord) else FeatureRecord(*r) for r in records]
+        if len(records) != len(features):
+            raise ValueError(f"{len(records)} records for {len(features)} feature rows")
+        if not source or source.startswith("/"):
+            raise ValueError(f"source must be a label, not empty or a path, got {source!r}")
+        crops = dict(crops or {})
+        paths = [record.path for record in records]
+        for path in crops:
+            if not is_crop_path(path) or path not in paths:
+                raise ValueError(f"crop {path!r} is not a crop_path() named by one of the records")
+        if crops and self.crops is None:
+            raise ValueError(
+                f"the collection {self.location} has no crops folder for image files; "
+                "open it with crops=FOLDER (rmgl serve --crops FOLDER)"
+            )
+        if len(set(paths)) != len(paths):
+            raise ValueError("a path appears twice in the records; an image is added once")
+        loaded = FeatureFolder(
+            Path("."),
+            np.ascontiguousarray(features, dtype=np.float32),
+            records,
+            dict(meta or {}),
+            source=source,
+        )
+        written = []
+        try:
+            for path, data in crops.items():
+                if not (self.crops / path).exists():
+                    write_crop(self.crops, path, data)
+                    written.append(path)
+            return self._add(loaded, allow_other_model, wait)
+        except BaseException:
+            for path in written:
+                (self.crops / path).unlink(missing_ok=True)
+            raise
+
+    def _add(self, loaded: FeatureFolder, allow_other_model: bool, wait: float) -> tuple[int, int]:
         with self._lock, self._writing(wait) as still_mine:
             self.refresh()
             manifest = self._manifest
@@ -381,8 +446,8 @@ class MilvusGallery:
                     f"{loaded.folder / 'features.npy'} has {loaded.dim}-d features but the "
                     f"collection {self.location} holds {self.dim}-d"
                 )
-            label = str(loaded.folder.resolve())
-            if any(source["folder"] == label for source in manifest.get("sources", [])):
+            sources = list(manifest.get("sources", []))
+            if loaded.source is None and any(s["folder"] == loaded.label for s in sources):
                 raise ValueError(f"feature folder {loaded.folder} is already in the gallery")
             others = check_same_model(
                 self.model, [loaded], allow_other_model, f"the collection {self.location}"
@@ -394,11 +459,23 @@ class MilvusGallery:
             _insert(self.client, self.collection, loaded, first, generation, still_mine)
             self.client.flush(self.collection)
             still_mine()
+            last = sources[-1] if sources else None
+            if (
+                loaded.source is not None
+                and last is not None
+                and last["folder"] == loaded.label
+                and last["first_id"] + last["count"] == first
+            ):  # a service's many small adds: one entry
+                sources[-1] = {**last, "count": last["count"] + len(loaded.features)}
+            else:
+                entry = _source(loaded, first)
+                entry["extract"] = {k: v for k, v in entry["extract"].items() if k != "uploads"}
+                sources.append(entry)
             new = {
                 **manifest,
                 "count": first + len(loaded.features),
                 "generation": generation,
-                "sources": [*manifest.get("sources", []), _source(loaded, first)],
+                "sources": sources,
                 "updated": _now(),
             }
             if others:
@@ -408,21 +485,31 @@ class MilvusGallery:
             self._cache.clear()
         return first, len(loaded.features)
 
-    def _check_new_paths(self, folder: FeatureFolder) -> None:
-        paths = [record.path for record in folder.records]
+    def find_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        """{path: id} of the committed live items that have one of ``paths``."""
+        found: dict[str, int] = {}
+        paths = list(paths)
         for start in range(0, len(paths), IN_CHUNK):
-            chunk = paths[start : start + IN_CHUNK]
-            found = self.client.query(
+            rows = self.client.query(
                 self.collection,
-                filter=f"id < {self.count} and path in {json.dumps(chunk)}",
+                filter=f"id < {self.count} and path in {json.dumps(paths[start : start + IN_CHUNK])}",
                 output_fields=["path"],
             )
-            if found:
-                hit = found[0]
-                raise ValueError(
-                    f"{folder.folder / 'images.csv'}: {hit['path']} is already in the gallery "
-                    f"(id {hit['id']}); an image is indexed once: delete the old items first"
-                )
+            found.update({row["path"]: int(row["id"]) for row in rows})
+        return found
+
+    def _check_new_paths(self, folder: FeatureFolder) -> None:
+        from rmgl.deploy.index import DuplicateImageError  # the faiss store's error too
+
+        found = self.find_paths([record.path for record in folder.records])
+        if found:
+            path = next(record.path for record in folder.records if record.path in found)
+            raise DuplicateImageError(
+                f"{folder.images_file}: {path} is already in the gallery (id {found[path]}); "
+                "an image is indexed once: delete the old items first",
+                path,
+                found[path],
+            )
 
     def delete(
         self,
@@ -457,10 +544,17 @@ class MilvusGallery:
                 if not math.isfinite(before):
                     raise ValueError(f"before must be a finite frame or timestamp, got {before}")
                 expressions = [f"id < {count} and has_frame == true and frame < {_number(before)}"]
-            deleted = 0
+            deleted, crops = 0, []
             for expression in expressions:
                 present = self._count(expression)
                 if present:
+                    if self.crops is not None:
+                        crops += [
+                            row["path"]
+                            for rows in self._scan(expression, ["path"])
+                            for row in rows
+                            if is_crop_path(row["path"])
+                        ]
                     self.client.delete(self.collection, filter=expression)
                     deleted += present
             if deleted:
@@ -470,6 +564,8 @@ class MilvusGallery:
                 _write_manifest(self.client, self.collection, new)
                 self._manifest = new
                 self._cache.clear()
+            for path in crops:  # after the commit: a failed delete keeps its images
+                (self.crops / path).unlink(missing_ok=True)
         return deleted
 
     # ---- reads

@@ -236,7 +236,12 @@ class GalleryService:
         elif settings.store == "faiss":
             index = open_store("faiss", settings.index)
         else:
-            index = open_store(settings.store, settings.index, collection=settings.collection)
+            options = {"collection": settings.collection, "action": "rmgl serve"}
+            if settings.milvus_token:
+                options["token"] = settings.milvus_token
+            if settings.crops is not None:
+                options["crops"] = settings.crops
+            index = open_store(settings.store, settings.index, **options)
         try:
             check_model(index, encoder.provenance(), settings)
             service = cls(settings, index, encoder)
@@ -407,7 +412,8 @@ class GalleryService:
         the file its feature folder names. Never a path a client chose."""
         self.index.refresh()
         found = self._live_item(item_id)
-        folder = getattr(self.index, "path", None)  # crops live in a faiss index folder
+        # crops live in a faiss index folder, or in a Milvus gallery's crops folder
+        folder = getattr(self.index, "path", None) or getattr(self.index, "crops", None)
         crop = folder is not None and is_crop_path(found.path)
         path = folder / found.path if crop else Path(found.path)
         unavailable = RequestError(404, f"the image of gallery item {item_id} is not available")
@@ -433,11 +439,11 @@ class GalleryService:
         """Embed and add images (one camera, frame or time, pid and source label each; None
         = unknown). Returns their ids once the commit is on disk: a search that starts
         after that finds them, in every worker process."""
-        if self.settings.store != "faiss":
+        if self.settings.store != "faiss" and self.settings.crops is None:
             raise RequestError(
                 405,
-                f"a gallery in the {self.settings.store} store takes no uploads; add feature "
-                f"folders with rmgl index add --store {self.settings.store}",
+                f"this {self.settings.store} gallery takes no uploads: the service has no "
+                "folder for their images (rmgl serve --crops FOLDER)",
             )
         self._check_count(len(images))
         for name, values in (("camera", cameras), ("time", frames), ("pid", pids), ("source", sources)):  # fmt: skip
@@ -454,7 +460,12 @@ class GalleryService:
             seen[path] = i
         self.index.refresh()
         view = self.index.snapshot()
-        already = self.index.store.find_paths(paths, below=view.count, generation=view.generation)
+        if self.settings.store == "faiss":
+            already = self.index.store.find_paths(
+                paths, below=view.count, generation=view.generation
+            )
+        else:
+            already = self.index.find_paths(paths)
         if already:
             i = min(seen[path] for path in already)
             raise RequestError(
@@ -538,9 +549,11 @@ class GalleryService:
 
     def _public(self, message: str) -> str:
         """A message for a client: the server's index folder is not named."""
-        folder = getattr(self.index, "path", None)
-        names = {str(folder.resolve()), str(folder)} if folder is not None else set()
-        for path in sorted(names | {self.index.location}, key=len, reverse=True):
+        names = {self.index.location}
+        for folder in (getattr(self.index, "path", None), getattr(self.index, "crops", None)):
+            if folder is not None:
+                names |= {str(folder.resolve()), str(folder)}
+        for path in sorted(names, key=len, reverse=True):
             message = message.replace(path, "the gallery")
         return message.splitlines()[0] if message else message
 

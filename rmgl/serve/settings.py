@@ -18,6 +18,7 @@ __all__ = ["AUTH_MODES", "SETTINGS_ENV", "TOKEN_ENV", "ServeSettings", "read_tok
 
 TOKEN_ENV = "RMGL_SERVE_TOKEN"
 SETTINGS_ENV = "RMGL_SERVE_SETTINGS"
+MILVUS_TOKEN_ENV = "RMGL_SERVE_MILVUS_TOKEN"  # workers get the Milvus credentials here
 # writes: adds and deletes need the token; all: every /v1 route and /metrics need it too
 AUTH_MODES = ("writes", "all")
 MIN_TOKEN_LENGTH = 16
@@ -40,6 +41,8 @@ class ServeSettings:
     ``threads``: CPU threads of torch and faiss (default: theirs, one per core).
     ``write_wait``: seconds an add or delete waits for another process writing the index
     (then 503). ``create``: make an empty flat index at ``index`` if there is none.
+    ``crops`` (Milvus store): the folder that keeps uploaded images (without it a Milvus
+    gallery takes no uploads); ``milvus_token``: the Milvus server's credentials.
 
     Examples::
 
@@ -69,6 +72,8 @@ class ServeSettings:
     create: bool = False
     store: str = "faiss"
     collection: str | None = None
+    crops: Path | None = None
+    milvus_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # a faiss index folder, or (another store) its URI, kept as text: http://HOST:PORT
@@ -76,6 +81,15 @@ class ServeSettings:
         self.model = Path(self.model)
         if self.store != "faiss" and not self.collection:
             raise ValueError(f"--store {self.store} needs --uri and --collection")
+        if self.crops is not None:
+            if self.store == "faiss":
+                raise ValueError("--crops is for --store milvus; an index folder keeps its crops")
+            self.crops = Path(self.crops)
+        if self.store == "milvus" and "://" not in self.index and int(self.workers) > 1:
+            raise ValueError(
+                "--workers > 1 needs a Milvus server (--uri http://HOST:19530): a Milvus Lite "
+                "file serves one process"
+            )
         if self.store != "faiss" and self.create:
             raise ValueError(
                 "--create makes an empty faiss index; build a collection with rmgl index build --store milvus"
@@ -132,11 +146,14 @@ class ServeSettings:
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that carry these settings to worker processes."""
-        values = {key: value for key, value in asdict(self).items() if key != "token"}
+        secrets = ("token", "milvus_token")
+        values = {key: value for key, value in asdict(self).items() if key not in secrets}
         values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
         env = {SETTINGS_ENV: json.dumps(values)}
         if self.token is not None:
             env[TOKEN_ENV] = self.token
+        if self.milvus_token is not None:
+            env[MILVUS_TOKEN_ENV] = self.milvus_token
         return env
 
     @classmethod
@@ -147,7 +164,9 @@ class ServeSettings:
         values = json.loads(environ[SETTINGS_ENV])
         known = {f.name for f in fields(cls)}
         return cls(
-            **{k: v for k, v in values.items() if k in known}, token=environ.get(TOKEN_ENV) or None
+            **{k: v for k, v in values.items() if k in known},
+            token=environ.get(TOKEN_ENV) or None,
+            milvus_token=environ.get(MILVUS_TOKEN_ENV) or None,
         )
 
 
