@@ -226,3 +226,31 @@ def test_cli_build_info_search_with_the_milvus_store(pair, milvus_uri, tmp_path,
         == 1
     )
     assert "--store milvus needs --uri and --collection" in capsys.readouterr().err
+
+
+def test_compaction_asks_milvus_and_milvus_lite_says_it_compacts_by_itself(
+    tmp_path, milvus_uri, capsys
+):
+    base, pids, cams = clustered(40, 16, 8, seed=21)
+    write_folder(tmp_path / "g", base, pids, cams)
+    gallery = MilvusGallery.build(tmp_path / "g", milvus_uri, collection="compacted")
+    assert gallery.delete(ids=list(range(10))) == 10
+    info = gallery.info()
+    assert (info["live"], info["deleted"]) == (30, 10)
+    # Milvus Lite leaves deleted rows out of its statistics (a server counts them)
+    assert info["stored_rows"] == 30 and info["stored_not_live"] == 0
+    store = ["--store", "milvus", "--uri", milvus_uri, "--collection", "compacted"]
+    assert main(["index", "compact", *store]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "Milvus Lite compacts a collection on its own" in out[0]
+    assert main(["index", "compact", *store, "--out", str(tmp_path / "x")]) == 1
+    assert "compacts the collection in place" in capsys.readouterr().err
+    assert main(["index", "info", *store]) == 0
+    assert "rows stored: 30 (0 of them deleted or uncommitted" in capsys.readouterr().out
+    # as on a server: the compaction job is asked for and waited on; ids stay
+    server_like = MilvusGallery.open(milvus_uri, "compacted")
+    server_like._lite = None
+    result = server_like.compact(timeout=30)
+    assert result["compacted"] and result["state"] == "Completed" and result["stored_after"] == 30
+    ids, dist = server_like.snapshot().search(base[10:15], 1)
+    assert ids[:, 0].tolist() == list(range(10, 15)) and np.allclose(dist, 0, atol=1e-3)

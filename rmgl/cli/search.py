@@ -104,10 +104,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="copy the live items into a new index folder (deleted items gone from disk)",
         description="Write a new index folder with the live items only (same kind and "
         "parameters, ids renumbered in order; OUT/compacted_ids.csv maps new ids to old). "
-        "The old folder is not changed: remove it once the new one is in use.",
+        "The old folder is not changed: remove it once the new one is in use. With --store "
+        "milvus: ask Milvus to compact the collection in place (ids unchanged).",
     )
-    compact.add_argument("--index", required=True)
-    compact.add_argument("--out", required=True, metavar="INDEX", help="new index folder")
+    compact.add_argument("--index", help="the index folder (--store faiss)")
+    compact.add_argument(
+        "--out", metavar="INDEX", help="new index folder (--store faiss; required there)"
+    )
+    add_store_options(compact)
+    compact.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="--store milvus: how long to wait for the compaction job",
+    )
     add_wait(compact)
     compact.set_defaults(func=run_compact)
 
@@ -299,7 +310,23 @@ def run_compact(args: argparse.Namespace) -> int:
 
     if args.wait < 0:
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
-    old = GalleryIndex.open(args.index)
+    if args.store != "faiss":
+        if args.out:
+            raise ValueError(
+                f"--out names a new index folder of --store faiss; --store {args.store} "
+                "compacts the collection in place"
+            )
+        gallery = open_gallery(args, args.index)
+        result = gallery.compact(timeout=args.timeout)
+        print(
+            f"{gallery.location}: {result['note']}; rows stored "
+            f"{result['stored_before']} -> {result['stored_after']}, {gallery.live_count} live"
+        )
+        return 0
+    location, _ = store_location(args, args.index, "--index")
+    if not args.out:
+        raise ValueError("--out is required (the new index folder)")
+    old = GalleryIndex.open(location)
     new = old.compact(args.out, wait=args.wait)
     print(
         f"wrote {new.path}: the {new.count} live items of {old.path} (ids renumbered; "
@@ -364,6 +391,10 @@ def run_info(args: argparse.Namespace) -> int:
         model = info.get("model") or {}
         print(f"  model: {model.get('model') or 'unrecorded file'}")
         print("  parameters: " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
+        print(
+            f"  rows stored: {info['stored_rows']} ({info['stored_not_live']} of them deleted or "
+            "uncommitted, kept until Milvus compacts them: rmgl index compact --store milvus)"
+        )
         return 0
     mb = {name: size / 2**20 for name, size in info["bytes"].items()}
     print(

@@ -43,6 +43,7 @@ import contextlib
 import json
 import math
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -666,14 +667,56 @@ class MilvusGallery:
                     raise ValueError(f"{key} must be >= 1, got {values[key]}")
                 self.search_params[key] = int(values[key])
 
+    def stored_rows(self) -> int:
+        """The rows Milvus reports holding (collection statistics): on a server this counts
+        deleted rows until compaction drops them (an estimate kept by Milvus); Milvus Lite
+        leaves deleted rows out."""
+        return int(self.client.get_collection_stats(self.collection).get("row_count", 0))
+
     def info(self) -> dict:
+        stored = self.stored_rows()
         return {
             **self._manifest,
             "live": self.live_count,
             "deleted": self.deleted_count,
+            "stored_rows": stored,
+            "stored_not_live": max(0, stored - self.live_count),
             "path": self.location,
             "bytes": {},
         }
+
+    def compact(self, timeout: float = 600.0) -> dict:
+        """Ask Milvus to compact the collection (drop deleted rows from its segments) and
+        wait up to ``timeout`` seconds for the job. Ids stay as they are. Milvus Lite
+        compacts on its own after flushes and has no compaction on request: then nothing
+        is done and ``note`` says so. Returns ``{"compacted", "job", "state",
+        "stored_before", "stored_after", "note"}``."""
+        before = self.stored_rows()
+        out = {"compacted": False, "job": None, "state": None, "stored_before": before}
+        if self._lite is not None:
+            out["stored_after"] = before
+            out["note"] = (
+                "Milvus Lite compacts a collection on its own after flushes and has no "
+                "compaction on request; its deleted rows are not kept once compacted"
+            )
+            return out
+        try:
+            job = self.client.compact(self.collection)
+        except Exception as err:  # noqa: BLE001 - the server may not offer it
+            raise ValueError(
+                f"Milvus at {self.uri} refused to compact {self.collection}: {_reason(err)}"
+            ) from None
+        deadline = time.monotonic() + max(0.0, timeout)
+        state = str(self.client.get_compaction_state(job))
+        while state != "Completed" and time.monotonic() < deadline:
+            time.sleep(1.0)
+            state = str(self.client.get_compaction_state(job))
+        out.update(job=job, state=state, compacted=state == "Completed")
+        out["stored_after"] = self.stored_rows()
+        out["note"] = (
+            f"compaction job {job} {'finished' if out['compacted'] else 'is still running'}"
+        )
+        return out
 
     # ---- search
 
