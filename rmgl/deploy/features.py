@@ -703,3 +703,41 @@ def check_paths_unique(folders: list[FeatureFolder]) -> None:
                 )
                 raise ValueError(f"{record.path} is listed {where}; an image is indexed once")
             seen[record.path] = folder.images_file
+
+
+def arrays_folder(
+    folder: Path,
+    features: np.ndarray,
+    records: Sequence[FeatureRecord | tuple],
+    meta: dict | None,
+    source: str,
+    crops: dict[str, bytes] | None = None,
+) -> tuple[FeatureFolder, dict[str, bytes]]:
+    """Descriptors held in memory (a service's uploads) as a :class:`FeatureFolder` labelled
+    ``source``, checked as every store's ``add_arrays`` checks them: a non-empty (N, dim)
+    array, one record per row, a label (not a path), each path once, and ``crops`` keyed by
+    :func:`rmgl.deploy.crops.crop_path` names of the records. Returns it and the crops."""
+    from rmgl.deploy.crops import is_crop_path
+
+    features = np.asarray(features)
+    if features.ndim != 2 or len(features) == 0:
+        raise ValueError(f"features must be a non-empty (N, dim) array, got shape {features.shape}")
+    records = [r if isinstance(r, FeatureRecord) else FeatureRecord(*r) for r in records]
+    if len(records) != len(features):
+        raise ValueError(f"{len(records)} records for {len(features)} feature rows")
+    if not source or source.startswith("/"):
+        raise ValueError(f"source must be a label, not empty or a path, got {source!r}")
+    crops = dict(crops or {})
+    paths = {record.path for record in records}
+    for path in crops:
+        if not is_crop_path(path) or path not in paths:
+            raise ValueError(f"crop {path!r} is not a crop_path() named by one of the records")
+    loaded = FeatureFolder(
+        folder,
+        np.ascontiguousarray(features, dtype=np.float32),
+        records,
+        dict(meta or {}),
+        source=source,
+    )
+    check_paths_unique([loaded])
+    return loaded, crops

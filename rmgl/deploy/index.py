@@ -79,12 +79,13 @@ import numpy as np
 from rmgl.deploy import crops as crop_files
 from rmgl.deploy import faiss_ann as ann
 from rmgl.deploy.crops import CROP_TEMPORARY, crop_path, is_crop_path
+from rmgl.deploy.exact import exact_top_n, rank_candidates
 from rmgl.deploy.faiss_ann import KINDS, IndexParams
 from rmgl.deploy.features import (
     IMAGES,
     FeatureFolder,
     FeatureRecord,
-    check_paths_unique,
+    arrays_folder,
     check_same_model,
     check_unique_folders,
     descriptor_model,
@@ -701,29 +702,7 @@ class GalleryIndex:
             index.add_arrays(encoder.encode(["crop.jpg"]), [FeatureRecord(path, None, 3, 1.7e9)],
                              encoder.provenance(), source="uploads", crops={path: data})
         """
-        features = np.asarray(features)
-        if features.ndim != 2 or len(features) == 0:
-            raise ValueError(
-                f"features must be a non-empty (N, dim) array, got shape {features.shape}"
-            )
-        records = [r if isinstance(r, FeatureRecord) else FeatureRecord(*r) for r in records]
-        if len(records) != len(features):
-            raise ValueError(f"{len(records)} records for {len(features)} feature rows")
-        if not source or source.startswith("/"):
-            raise ValueError(f"source must be a label, not empty or a path, got {source!r}")
-        crops = dict(crops or {})
-        paths = [record.path for record in records]
-        for path in crops:
-            if not is_crop_path(path) or path not in paths:
-                raise ValueError(f"crop {path!r} is not a crop_path() named by one of the records")
-        loaded = FeatureFolder(
-            self.path,
-            np.ascontiguousarray(features, dtype=np.float32),
-            records,
-            dict(meta or {}),
-            source=source,
-        )
-        check_paths_unique([loaded])
+        loaded, crops = arrays_folder(self.path, features, records, meta, source, crops)
         with self._writing(wait, f"add ({source})") as state:
             if loaded.dim != self.dim:
                 raise ValueError(
@@ -1286,36 +1265,28 @@ class GalleryIndex:
             )
             scored[start + query_of, slot] = values.numpy()
         for q in range(num_q):
-            cand, d = candidates[q, valid[q]], scored[q, valid[q]]
-            order = np.lexsort((cand, d))
-            ids[q, : min(n, len(order))] = cand[order[:n]]
-            dist[q, : min(n, len(order))] = d[order[:n]]
-            full = len(order) == shortlist > n
-            if self.kind == "flat" and full and d[order[-1]] == d[order[n - 1]]:
+            found, found_dist, tied = rank_candidates(
+                candidates[q, valid[q]], scored[q, valid[q]], n
+            )
+            ids[q, : len(found)], dist[q, : len(found)] = found, found_dist
+            if self.kind == "flat" and valid[q].sum() == shortlist and tied:
                 ids[q, -1] = -1
         return ids, dist
 
     def _exact_scan(self, queries, n, pool, metric):
         """Brute force over the ids in ``pool``, in blocks, with ``pairwise_distance``; ties
         by id."""
-        from rmgl.metrics.features import pairwise_distance
 
-        best_ids = np.empty((len(queries), 0), dtype=np.int64)
-        best_dist = np.empty((len(queries), 0), dtype=np.float64)
-        block = max(1, CHUNK_BYTES // (4 * self.dim))
-        for start in range(0, len(pool), block):
-            part = pool[start : start + block]
-            if len(part) and part[-1] - part[0] == len(part) - 1:  # contiguous: one read
-                vecs = self.vectors.range(int(part[0]), int(part[-1]) + 1)
-            else:
-                vecs = self.vectors.rows(part)
-            d = pairwise_distance(queries, vecs, metric, memory_budget_mb=CHUNK_BYTES >> 20)
-            cand_ids = np.concatenate([best_ids, np.broadcast_to(part, d.shape)], axis=1)
-            cand_dist = np.concatenate([best_dist, d.astype(np.float64)], axis=1)
-            order = np.lexsort((cand_ids, cand_dist), axis=1)[:, :n]
-            best_ids = np.take_along_axis(cand_ids, order, 1)
-            best_dist = np.take_along_axis(cand_dist, order, 1)
-        return best_ids, best_dist
+        def blocks():
+            block = max(1, CHUNK_BYTES // (4 * self.dim))
+            for start in range(0, len(pool), block):
+                part = pool[start : start + block]
+                if len(part) and part[-1] - part[0] == len(part) - 1:  # contiguous: one read
+                    yield part, self.vectors.range(int(part[0]), int(part[-1]) + 1)
+                else:
+                    yield part, self.vectors.rows(part)
+
+        return exact_top_n(queries, blocks(), n, metric)
 
 
 # --------------------------------------------------------------------------------------

@@ -52,16 +52,18 @@ from typing import Any
 import numpy as np
 
 from rmgl.deploy.crops import is_crop_path, write_crop
+from rmgl.deploy.exact import exact_top_n, rank_candidates
 from rmgl.deploy.features import (
     FeatureFolder,
     FeatureRecord,
+    arrays_folder,
     check_same_model,
     load_feature_folder,
     load_gallery_folders,
 )
 from rmgl.deploy.milvus_lock import lite_file, release_lite_file, server_writer
 from rmgl.deploy.store import UNKNOWN, GalleryItem
-from rmgl.deploy.vectors import CHUNK_BYTES, check_normalised
+from rmgl.deploy.vectors import check_normalised
 
 __all__ = ["KINDS", "MilvusGallery"]
 
@@ -397,35 +399,12 @@ class MilvusGallery:
         :func:`rmgl.deploy.crops.crop_path`) go to the gallery's crops folder (``crops=``
         of :meth:`open`) before the commit and are removed again when the add fails.
         Consecutive adds with one ``source`` label extend one manifest entry."""
-        features = np.asarray(features)
-        if features.ndim != 2 or len(features) == 0:
-            raise ValueError(
-                f"features must be a non-empty (N, dim) array, got shape {features.shape}"
-            )
-        records = [r if isinstance(r, FeatureRecord) else FeatureRecord(*r) for r in records]
-        if len(records) != len(features):
-            raise ValueError(f"{len(records)} records for {len(features)} feature rows")
-        if not source or source.startswith("/"):
-            raise ValueError(f"source must be a label, not empty or a path, got {source!r}")
-        crops = dict(crops or {})
-        paths = [record.path for record in records]
-        for path in crops:
-            if not is_crop_path(path) or path not in paths:
-                raise ValueError(f"crop {path!r} is not a crop_path() named by one of the records")
+        loaded, crops = arrays_folder(Path("."), features, records, meta, source, crops)
         if crops and self.crops is None:
             raise ValueError(
                 f"the collection {self.location} has no crops folder for image files; "
                 "open it with crops=FOLDER (rmgl serve --crops FOLDER)"
             )
-        if len(set(paths)) != len(paths):
-            raise ValueError("a path appears twice in the records; an image is added once")
-        loaded = FeatureFolder(
-            Path("."),
-            np.ascontiguousarray(features, dtype=np.float32),
-            records,
-            dict(meta or {}),
-            source=source,
-        )
         written = []
         try:
             for path, data in crops.items():
@@ -772,10 +751,9 @@ class MilvusGallery:
                 vectors = np.array(
                     [hit["entity"]["vector"] for hit in hits[slot]], dtype=np.float32
                 ).reshape(len(candidates), self.dim)
-                found, found_dist, last = _rescore(queries[q], candidates, vectors, n, metric)
+                found, found_dist, tied = _rescore(queries[q], candidates, vectors, n, metric)
                 ids[q, : len(found)], dist[q, : len(found)] = found, found_dist
-                full = len(candidates) == shortlist
-                tie = full and len(found) == n and found_dist[-1] == last
+                tie = len(candidates) == shortlist and tied
                 short = len(found) < n
                 if short:
                     if allowed is None:
@@ -810,42 +788,35 @@ class MilvusGallery:
 
     def _exact(self, query, n, expression, metric):
         """Brute force over the rows passing ``expression`` (query_iterator), ties by id."""
-        from rmgl.metrics.features import pairwise_distance
-
-        best_ids = np.empty(0, dtype=np.int64)
-        best_dist = np.empty(0, dtype=np.float64)
-        for rows in self._scan(expression, ["vector"]):
-            part = np.array([row["id"] for row in rows], dtype=np.int64)
-            vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
-            d = pairwise_distance(query[None], vectors, metric, memory_budget_mb=CHUNK_BYTES >> 20)
-            cand_ids = np.concatenate([best_ids, part])
-            cand_dist = np.concatenate([best_dist, d[0].astype(np.float64)])
-            order = np.lexsort((cand_ids, cand_dist))[:n]
-            best_ids, best_dist = cand_ids[order], cand_dist[order]
+        blocks = (
+            (
+                np.array([row["id"] for row in rows], dtype=np.int64),
+                np.array([row["vector"] for row in rows], dtype=np.float32),
+            )
+            for rows in self._scan(expression, ["vector"])
+        )
+        best_ids, best_dist = exact_top_n(query[None], blocks, n, metric)
         ids = np.full(n, -1, dtype=np.int64)
         dist = np.full(n, np.inf, dtype=np.float64)
-        ids[: len(best_ids)], dist[: len(best_ids)] = best_ids, best_dist
+        ids[: best_ids.shape[1]], dist[: best_ids.shape[1]] = best_ids[0], best_dist[0]
         return ids, dist
 
 
 def _rescore(query, candidates, vectors, n, metric):
     """Exact distances of the candidates (``paired_distances``, as the faiss store
-    re-scores), ordered by (distance, id), cut to n; and the distance of the last one (the
-    tie check)."""
+    re-scores), ranked by :func:`rmgl.deploy.exact.rank_candidates`."""
     import torch
 
     from rmgl.metrics.distance import paired_distances, prepare_rows
 
     if not len(candidates):
-        return candidates, np.zeros(0), math.inf
+        return candidates, np.zeros(0), False
     rows = prepare_rows(torch.from_numpy(vectors), metric)
     query_rows = prepare_rows(torch.from_numpy(query[None].copy()), metric)
     values = paired_distances(
         query_rows[torch.zeros(len(candidates), dtype=torch.int64)], rows, metric
     ).numpy()
-    values = values.astype(np.float64)
-    order = np.lexsort((candidates, values))
-    return candidates[order[:n]], values[order[:n]], values[order[-1]]
+    return rank_candidates(candidates, values.astype(np.float64), n)
 
 
 # --------------------------------------------------------------------------------------
