@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +144,40 @@ def write_folder(
     (path / "extract.json").write_text(json.dumps(extract_meta(features, complete, model)))
     (path / "failed.csv").write_text("input_index,path,reason\n")
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict:
+    """The environment of a child Python that imports this checkout's rmgl."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def run_together(tmp: Path, script: str, argvs: list[list[str]], go: Path) -> list[dict]:
+    """One child per argv running ``script`` (``sys.argv[1:] = [*argv, go]``), all released
+    at the same moment: each touches ``{go}.ready.{pid}`` when ready and waits for ``go``.
+    Returns the JSON of each child's last output line."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *argv, str(go)],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for argv in argvs
+    ]
+    deadline = time.time() + 120
+    while len(list(tmp.glob(f"{go.name}.ready.*"))) < len(children):
+        assert time.time() < deadline and all(c.poll() is None for c in children)
+        time.sleep(0.05)
+    go.touch()
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()[-3000:]
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return results

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from deploy_support import MODEL, clustered, extract_meta, write_folder  # noqa: E402
+from deploy_support import MODEL, clustered, extract_meta, run_together, write_folder  # noqa: E402
 
 import rmgl.deploy.faiss_ann as ann_module  # noqa: E402
 import rmgl.deploy.index as index_module  # noqa: E402
@@ -306,27 +306,8 @@ except ValueError as err:
 def concurrent_adds(tmp: Path, index: Path, batches: list[Path], wait: float) -> list[dict]:
     """One process per folder; once all have imported rmgl and opened the index, they all
     call add at the same moment."""
-    go = tmp / f"go_{wait}"
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", ADD_IN_CHILD, str(index), str(folder), str(wait), str(go)],
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for folder in batches
-    ]
-    deadline = time.time() + 120
-    while len(list(tmp.glob(f"{go.name}.ready.*"))) < len(children):
-        assert time.time() < deadline and all(c.poll() is None for c in children)
-        time.sleep(0.05)
-    go.touch()
-    results = []
-    for child in children:
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err.decode()[-3000:]
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    return results
+    argvs = [[str(index), str(folder), str(wait)] for folder in batches]
+    return run_together(tmp, ADD_IN_CHILD, argvs, tmp / f"go_{wait}")
 
 
 def check_holds_exactly(index_path: Path, results: list[dict], base: int) -> None:

@@ -4,7 +4,6 @@ and the writer lease a Milvus server uses (exercised here on Milvus Lite)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,22 +15,12 @@ import pytest
 
 pytest.importorskip("pymilvus", reason="the milvus store needs pip install 'rmgl[milvus]'")
 
-from deploy_support import clustered, write_folder  # noqa: E402
+from deploy_support import child_env, clustered, run_together, write_folder  # noqa: E402
 
 from rmgl.deploy import milvus_lock  # noqa: E402
 from rmgl.deploy.locking import IndexBusyError  # noqa: E402
 from rmgl.deploy.milvus_lock import WriterLease  # noqa: E402
 from rmgl.deploy.milvus_store import MilvusGallery  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def child_env() -> dict:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-
 
 ADD_IN_CHILD = """
 import json, os, sys, time
@@ -54,27 +43,8 @@ except IndexBusyError as err:
 
 def concurrent_adds(tmp: Path, uri: str, batches: list[Path], wait: float) -> list[dict]:
     """One process per folder, all starting their add at the same moment."""
-    go = tmp / f"go_{wait}"
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", ADD_IN_CHILD, uri, str(folder), str(wait), str(go)],
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for folder in batches
-    ]
-    deadline = time.time() + 120
-    while len(list(tmp.glob(f"{go.name}.ready.*"))) < len(children):
-        assert time.time() < deadline and all(c.poll() is None for c in children)
-        time.sleep(0.05)
-    go.touch()
-    results = []
-    for child in children:
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err.decode()[-3000:]
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    return results
+    argvs = [[uri, str(folder), str(wait)] for folder in batches]
+    return run_together(tmp, ADD_IN_CHILD, argvs, tmp / f"go_{wait}")
 
 
 def check_holds_exactly(uri: str, results: list[dict], base: int) -> None:
