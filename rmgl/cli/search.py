@@ -126,11 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("index", nargs="?", help="the index folder (--store faiss)")
     info.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     add_store_options(info)
+    add_wait(info)
     info.set_defaults(func=run_info)
 
     search = subparsers.add_parser("search", help="search a gallery index by features or images")
     search.add_argument("--index", help="the index folder (--store faiss)")
     add_store_options(search)
+    add_wait(search)
     queries = search.add_mutually_exclusive_group(required=True)
     queries.add_argument("--features", metavar="FOLDER", help="query feature folder")
     queries.add_argument(

@@ -18,7 +18,8 @@ new count; every search and count is restricted to ``id < count`` of the manifes
 so rows of an add that was interrupted before its manifest was written never answer, and
 the next add deletes them before it inserts. A delete is one Milvus delete by filter
 expression (by id, or ``frame < before`` for retention), then a new generation in the
-manifest.
+manifest. Adds and deletes take turns (:mod:`rmgl.deploy.milvus_lock`: a Milvus Lite file
+is held by one process; a server's collection has a writer lease).
 
 Search. Camera / frame filters and exclude-same-camera are Milvus filter expressions
 evaluated inside the search (``camid in [..] and frame >= A``, ``not (pid == P and camid ==
