@@ -15,8 +15,9 @@ would give out the same ids and overwrite each other's manifest. Two guards:
   ``rmgl_writer``: holder, token, expiry). A writer takes it when it is free or expired,
   waits :data:`SETTLE` seconds and reads it back; it writes only if its own token is still
   there, renews the lease as it inserts and checks it again before committing. Milvus has
-  no compare-and-set, so this narrows the race to two writers taking a free lease within
-  :data:`SETTLE` seconds of each other, and a writer that stalls longer than
+  no compare-and-set, so this is a guard, not a lock: a writer that stalls for more than
+  :data:`SETTLE` seconds between reading the lease free and writing its own can go ahead
+  beside another one (and both give out the same ids), and a writer that stalls longer than
   :data:`LEASE_SECONDS` between renewals loses the lease (its add fails before it
   commits). A killed writer's lease blocks other writers until it expires.
 
