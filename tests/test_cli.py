@@ -74,7 +74,7 @@ def test_configs_lists_and_prints_builtin_configs(capsys):
         (["train", "demo", "optim.epochs=0"], "rmgl train: error: optim.epochs=0 must be >= 1"),
         (["sweep", "demo", "--seeds", "0"], "rmgl sweep: error: --seeds must be >= 1"),
         (
-            ["eval", "--checkpoint", "missing.safetensors", "--dataset", "folder", "--root", "."],
+            ["eval", "--checkpoint", "missing.safetensors", "data.dataset=folder", "data.root=."],
             "rmgl eval: error: checkpoint missing.safetensors does not exist",
         ),
         (["demo", "--scale", "0"], "rmgl demo: error: --scale must be > 0"),
