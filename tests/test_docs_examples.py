@@ -188,3 +188,13 @@ def test_shell_command_lines_are_read_as_a_user_types_them():
     assert block.commands == [["train", "demo", "optim.epochs=2"], ["configs"]]
     console = Block(REPO / "README.md", 1, "console", "$ rmgl configs small\nrmgl output\n", None)
     assert console.commands == [["configs", "small"]]
+
+
+def test_diagram_blocks_are_not_run():
+    """The README's pipeline is a mermaid diagram: found as a block, never run."""
+    diagrams = [b for b in BLOCKS if b.language == "mermaid"]
+    assert [b.page.name for b in diagrams] == ["README.md"]
+    assert not [b for b in diagrams if b in RUNNABLE]
+    text = diagrams[0].text
+    for step in ("rmgl train", "rmgl eval", "rmgl export", "rmgl index", "rmgl search"):
+        assert step in text, step
