@@ -2,10 +2,12 @@
 
 Layout of an index folder::
 
-    manifest.json   format, rmgl version, kind, dim, count, generation, the faiss file,
-                    deleted count, parameters, the descriptor model, source folders
-    index-G.faiss   the faiss index written by generation G (ids 0..count-1 in the order
-                    vectors were added)
+    manifest.json   format, rmgl version, kind, dim, count, generation, the faiss files
+                    (base file and segments), deleted count, parameters, the descriptor
+                    model, source folders
+    index-G.faiss   a faiss file written by generation G: the base (ids from 0) or a
+                    segment (ids first_id.. of later adds; faiss numbers them from 0)
+    trained.faiss   the trained, empty faiss index new segments start from
     vectors.f32     the gallery descriptors, float32 row-major (count x dim), exact
     store.sqlite    path / pid / camid / frame / deletion of every id (:mod:`rmgl.deploy.store`)
     writer.lock     taken by the one process that modifies the index (add, delete)
@@ -41,8 +43,9 @@ Writes, and what a reader sees. ``manifest.json`` is the commit record: it names
 generation, the item count, the faiss file and the number of deleted items, and it is
 replaced by one rename at the end of every write. Everything else is written so that the
 previous manifest still describes a complete index: vector rows and store rows are appended
-past ``count`` (readers never look there), the faiss index goes to a new file named by the
-new generation, and a deletion marks store rows with the new generation (readers honour
+past ``count`` (readers never look there), the added rows go to a new faiss segment named
+by the new generation (the files already written are never read or rewritten: an add costs
+its own rows; searches merge the segments' shortlists before the exact re-scoring), and a deletion marks store rows with the new generation (readers honour
 only marks up to their manifest's generation). So a reader, and a writer killed at any
 moment, see either the old state or the new one. One process writes at a time
 (``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
