@@ -1,5 +1,6 @@
 """The cost of an add to a faiss gallery index: seconds per ``GalleryIndex.add`` of a small
-feature folder to a large index, and the faiss bytes each add wrote.
+feature folder to a large index, the faiss bytes each add wrote, and the search time after
+the adds (which asks every faiss file of the index).
 
 Builds one index per kind from a synthetic gallery (random L2-normalised descriptors; the
 values do not matter for the cost of an add), then adds ``--repeats`` folders of ``--add``
@@ -75,8 +76,12 @@ def main() -> None:
             first = args.size + r * args.add
             write_folder(work / f"add{r}", unit_rows(rng, args.add, args.dim), first)
         print(f"rmgl {rmgl.__version__} from {Path(rmgl.__file__).parent}; {platform.machine()}")
-        print("| kind | gallery | rows added | seconds per add (median, min) | faiss MB written |")
-        print("|---|---|---|---|---|")
+        queries = unit_rows(rng, 100, args.dim)
+        print(
+            "| kind | gallery | rows added | seconds per add (median, min) | faiss MB written "
+            "| faiss files after | ms per query after (100 queries, top 10) |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for kind in args.kinds:
             out = work / f"{kind}.idx"
             index = GalleryIndex.build(work / "gallery", out, kind=kind)
@@ -87,12 +92,22 @@ def main() -> None:
                 index.add(work / f"add{r}")
                 times.append(time.perf_counter() - start)
                 after = faiss_bytes(out)
-                new = [size for name, (ino, size) in after.items() if before.get(name, (0,))[0] != ino]
+                new = [
+                    size for name, (ino, size) in after.items() if before.get(name, (0,))[0] != ino
+                ]
                 written.append(sum(new) / 2**20)
+            index.nearest(queries, 10)  # warm-up: faiss files read, caches built
+            searches = []
+            for _ in range(3):
+                start = time.perf_counter()
+                index.nearest(queries, 10)
+                searches.append((time.perf_counter() - start) * 1000 / len(queries))
+            files = 1 + len(index.manifest.get("segments", []))
             print(
                 f"| {kind} | {args.size:,} x {args.dim} | {args.add:,} | "
                 f"{statistics.median(times):.3f} ({min(times):.3f}) | "
-                f"{statistics.median(written):.2f} |"
+                f"{statistics.median(written):.2f} | {files} | "
+                f"{statistics.median(searches):.2f} |"
             )
             index.close()
             shutil.rmtree(out)

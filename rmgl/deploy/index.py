@@ -1241,25 +1241,46 @@ class GalleryIndex:
         shortlist = n if self.kind == "flat" else min(num_allowed, n * self.params.rerank_factor)
         # a few spare candidates so that ties at the cut are broken by id, as in evaluate_rank
         shortlist = min(num_allowed, shortlist + 8)
-        parts, short = [], np.zeros(len(queries), dtype=bool)
-        for segment in state.segments:  # each file's shortlist, re-scored; then merged
+        short = np.zeros(len(queries), dtype=bool)
+        segments = []  # (segment, its part of the mask, allowed ids in it)
+        for segment in state.segments:
             part = None if allowed is None else allowed[segment.first : segment.stop]
             in_part = segment.count if part is None else int(part.sum())
-            if in_part == 0:
-                continue
-            candidates = self._faiss_search(
-                segment, queries, min(shortlist, in_part), part, in_part
-            )
-            candidates = np.where(candidates >= 0, candidates + segment.first, -1)
-            found = self._rescore(queries, candidates, min(n, in_part), metric)
-            short |= (found[0] < 0).any(axis=1)
-            parts.append(found)
-        if len(parts) == 1:
-            ids, dist = parts[0]
-        else:  # the n best of the segments' bests, ties by id
+            if in_part:
+                segments.append((segment, part, in_part))
+        if self.kind == "flat" or len(segments) == 1:
+            # each file's shortlist re-scored, then the n best of them, ties by id; flat keeps
+            # its shortlists apart so that a tie at the cut of any of them is seen
+            parts = []
+            for segment, part, in_part in segments:
+                candidates = self._faiss_search(
+                    segment, queries, min(shortlist, in_part), part, in_part
+                )
+                candidates = np.where(candidates >= 0, candidates + segment.first, -1)
+                found = self._rescore(queries, candidates, min(n, in_part), metric)
+                short |= (found[0] < 0).any(axis=1)
+                parts.append(found)
             ids, dist = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
-            order = np.lexsort((ids, dist), axis=1)[:, :n]
-            ids, dist = np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+            if len(parts) > 1:
+                order = np.lexsort((ids, dist), axis=1)[:, :n]
+                ids, dist = np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+        else:
+            # the approximate distances of all files are comparable (one trained template):
+            # the best ``shortlist`` of them all are re-scored, as from one file
+            approx, candidates = [], []
+            for segment, part, in_part in segments:
+                d, c = self._faiss_shortlist(
+                    segment, queries, min(shortlist, in_part), part, in_part
+                )
+                short |= (c >= 0).sum(axis=1) < min(n, in_part)  # a starved search
+                approx.append(np.where(c >= 0, d, np.inf))
+                candidates.append(np.where(c >= 0, c + segment.first, -1))
+            approx, candidates = np.concatenate(approx, 1), np.concatenate(candidates, 1)
+            order = np.argsort(approx, axis=1, kind="stable")[:, :shortlist]
+            candidates = np.take_along_axis(candidates, order, 1)
+            candidates[np.isinf(np.take_along_axis(approx, order, 1))] = -1
+            ids, dist = self._rescore(queries, candidates, n, metric)
+            short |= (ids < 0).any(axis=1)
         short = np.flatnonzero(short)
         if len(short):
             pool = np.flatnonzero(allowed) if allowed is not None else np.arange(state.count)
@@ -1271,6 +1292,13 @@ class GalleryIndex:
     ) -> np.ndarray:
         """The shortlist of one faiss file, in its own ids (0..count-1; -1: none);
         ``allowed`` is the mask of its ids."""
+        return self._faiss_shortlist(segment, queries, shortlist, allowed, num_allowed)[1]
+
+    def _faiss_shortlist(
+        self, segment: _Segment, queries, shortlist, allowed, num_allowed
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_faiss_search` with faiss' own distances (smaller is nearer for every kind
+        but ``flat``, whose are inner products)."""
         import faiss
 
         index, count = segment.index, segment.count
@@ -1289,11 +1317,13 @@ class GalleryIndex:
             params = ann.search_parameters(index, self.params, None, shortlist, 1.0)
         if params is None:
             index = self._gpu(index) or index
-        _, candidates = index.search(queries, shortlist, params=params)
+        approx, candidates = index.search(queries, shortlist, params=params)
         del keep_alive  # the bitmap must outlive the search
-        return candidates
+        return approx, candidates
 
-    def _reduced_scan(self, faiss_index, queries, shortlist, allowed) -> np.ndarray:
+    def _reduced_scan(
+        self, faiss_index, queries, shortlist, allowed
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``pcaflat`` on the CPU: the L2 scan over the reduced vectors as torch matrix
         products on blocks of the gallery, reading faiss' own storage without a copy.
         faiss' flat search does the same arithmetic but reached only ~8 GFLOP/s on the
@@ -1344,7 +1374,7 @@ class GalleryIndex:
                 keep = torch.topk(best_d, shortlist, dim=1, largest=False, sorted=False).indices
                 best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
         best_i[torch.isinf(best_d)] = -1
-        return best_i.numpy()
+        return best_d.float().numpy(), best_i.numpy()
 
     def _gpu(self, faiss_index):
         """A GPU copy of a flat / IVF-PQ index when faiss has GPU support and sees a GPU."""
