@@ -45,8 +45,9 @@ replaced by one rename at the end of every write. Everything else is written so 
 previous manifest still describes a complete index: vector rows and store rows are appended
 past ``count`` (readers never look there), the added rows go to a new faiss segment named
 by the new generation (the files already written are never read or rewritten: an add costs
-its own rows; searches merge the segments' shortlists before the exact re-scoring), and a deletion marks store rows with the new generation (readers honour
-only marks up to their manifest's generation). So a reader, and a writer killed at any
+its own rows; searches merge the segments' shortlists before the exact re-scoring), and a
+deletion marks store rows with the new generation (readers honour only marks up to their
+manifest's generation). So a reader, and a writer killed at any
 moment, see either the old state or the new one. One process writes at a time
 (``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
 
@@ -688,10 +689,11 @@ class GalleryIndex:
         ``allow_other_model``, which is then recorded in the manifest). ``wait``: seconds
         to wait for another writer (:func:`writer_lock`).
 
-        Vector rows and store rows are appended past the committed count, the faiss index
-        is written to a new file, and the manifest that counts them all is written last: a
-        failure or a kill at any step leaves the folder, and this object, at the previous
-        committed state.
+        Vector rows and store rows are appended past the committed count, the new rows'
+        faiss entries go to a new segment file (the files already written are not
+        rewritten, so an add costs its own rows), and the manifest that counts them all is
+        written last: a failure or a kill at any step leaves the folder, and this object, at
+        the previous committed state.
         """
         loaded = load_feature_folder(folder)
         with self._writing(wait, "rmgl index add") as state:
