@@ -156,3 +156,26 @@ def test_a_manifest_whose_segments_do_not_cover_the_ids_is_refused(data, tmp_pat
     path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="segment file '../x.faiss' is not an index file name"):
         GalleryIndex.open(tmp_path / "x.idx")
+
+
+def test_approximate_kinds_cut_one_shortlist_over_all_files(data, tmp_path):
+    """pcaflat with its own settings after adds: the n * rerank_factor + 8 nearest in the
+    PCA space over all files (computed here from trained.faiss's transform), re-scored
+    exactly: what one file holding every row would answer."""
+    import faiss
+
+    root, gallery, queries = data
+    index = GalleryIndex.build(root / "base", tmp_path / "x.idx", kind="pcaflat", pca=8)
+    for number in range(len(BLOCKS)):
+        index.add(root / f"block{number}")
+    assert len(index.manifest["segments"]) == 2
+    template = faiss.read_index(str(tmp_path / "x.idx" / "trained.faiss"))
+    pca = faiss.downcast_VectorTransform(template.chain.at(0))
+    reduced, reduced_queries = pca.apply(gallery), pca.apply(queries)
+    approx = ((reduced_queries[:, None, :] - reduced[None, :, :]) ** 2).sum(-1)
+    shortlist = 10 * index.params.rerank_factor + 8
+    exact = pairwise_distance(queries, gallery).astype(np.float64)
+    for q, row in enumerate(approx):
+        candidates = np.argsort(row, kind="stable")[:shortlist]
+        want = candidates[np.lexsort((candidates, exact[q, candidates]))][:10]
+        np.testing.assert_array_equal(index.nearest(queries[q : q + 1], 10)[0][0], want)
