@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from rmgl.cli.choices import DATASET_HELP, PROTOCOLS
+from rmgl.cli.options import add_device_option
 
 
 def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help: str) -> None:
@@ -26,7 +27,7 @@ def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help:
         choices=("auto", "bf16", "fp16", "off"),
         help="precision of feature extraction (default: the checkpoint's run.amp; auto = float32)",
     )
-    parser.add_argument("--device", default="auto")
+    add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
 
