@@ -159,11 +159,28 @@ def run_block(block: Block) -> None:
         assert code == 0, f"{block.name}: rmgl {shlex.join(argv)} exited with {code}"
 
 
+def keep_registries(monkeypatch) -> None:
+    """Names an example registers (a dataset, a model, a loss, a store) vanish after it, so
+    that other tests, in this process or in the same pytest-xdist worker, see the built-in
+    registries."""
+    from rmgl.data import datasets
+    from rmgl.deploy import stores
+    from rmgl.losses import registry as losses
+    from rmgl.model import registry as models
+
+    monkeypatch.setattr(datasets, "READERS", dict(datasets.READERS))
+    monkeypatch.setattr(datasets, "_ALIASES", dict(datasets._ALIASES))
+    monkeypatch.setattr(stores, "STORES", dict(stores.STORES))
+    for registry in (models.MODELS, losses.LOSSES):
+        monkeypatch.setattr(registry, "entries", dict(registry.entries))
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.name)
 def test_docs_example(block: Block, page_sandboxes, monkeypatch, one_torch_thread):
     if block.not_run is not None:
         pytest.skip(f"not run: {block.not_run.strip()}")
     folder, ran = page_sandboxes(block.page)
+    keep_registries(monkeypatch)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for earlier in RUNNABLE:  # what the page did before this block

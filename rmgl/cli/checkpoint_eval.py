@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from rmgl.cli.choices import DATASET_HELP, PROTOCOLS
+from rmgl.cli.options import add_device_option
 from rmgl.cli.overrides import add_renamed_option
 
 DATA_KEYS = ("data.dataset", "data.root")
@@ -51,7 +52,7 @@ def add_checkpoint_dataset_options(parser: argparse.ArgumentParser, rerank_help:
         choices=("auto", "bf16", "fp16", "off"),
         help="precision of feature extraction (default: the checkpoint's run.amp; auto = float32)",
     )
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
+    add_device_option(parser)
     parser.add_argument(
         "--batch-size", type=int, default=128, help="images per batch of feature extraction"
     )
