@@ -67,6 +67,7 @@ def test_report_takes_the_new_form(tiny_checkpoint, tiny_data, tmp_path):
         ("eval.rerank=true", "the checkpoint's eval.rerank is chosen here with --rerank"),
         ("data.workers=0", "is chosen here with --workers"),
         ("data.root=", "data.root=: give a value, e.g. data.root=/data/market1501"),
+        ("data.dataset=market1501", "not the dataset the checkpoint was trained on (folder)"),
     ],
 )
 def test_other_keys_are_refused_in_one_line(item, message, tiny_checkpoint, capsys):
@@ -82,3 +83,10 @@ def test_new_form_rewrites_renamed_options_in_place():
     assert new_form(argv, renamed) == (
         "rmgl eval --checkpoint ck data.dataset=folder 'data.root=/a b' --rerank"
     )
+
+
+def test_a_dataset_named_by_an_alias_is_the_same_dataset():
+    from rmgl.data.datasets import same_dataset
+
+    assert same_dataset("market", "Market-1501") and same_dataset("synthetic", "folder")
+    assert not same_dataset("market1501", "dukemtmcreid")

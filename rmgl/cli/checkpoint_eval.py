@@ -75,7 +75,7 @@ def load_checkpoint_and_dataset(args: argparse.Namespace) -> tuple[Any, Any, Any
     """Check the options, then load the model (with its preprocessing and distance, see
     :func:`rmgl.engine.evaluation.model_settings`) and the dataset, with every query and
     gallery image readable. Returns (model, dataset, autocast dtype or None)."""
-    from rmgl.data.datasets import load_dataset
+    from rmgl.data.datasets import load_dataset, same_dataset
     from rmgl.data.loading import check_readable
     from rmgl.engine.load import load_model
     from rmgl.engine.runtime import amp_dtype
@@ -86,7 +86,14 @@ def load_checkpoint_and_dataset(args: argparse.Namespace) -> tuple[Any, Any, Any
         raise ValueError(f"--worst must be >= 0 and --topk >= 1, got {args.worst} and {args.topk}")
     data = data_overrides(args.overrides)
     model = load_model(args.checkpoint, args.device)
-    args.dataset = data.get("data.dataset", str(model.config.data.dataset))
+    trained_on = str(model.config.data.dataset)
+    args.dataset = data.get("data.dataset", trained_on)
+    if not same_dataset(args.dataset, trained_on) and "data.root" not in data:
+        raise ValueError(
+            f"data.dataset={args.dataset} is not the dataset the checkpoint was trained on "
+            f"({trained_on}), so its data.root does not apply: give the folder too, "
+            f"data.root=DIR"
+        )
     args.root = data.get("data.root", str(model.config.data.root))
     dataset = load_dataset(args.dataset, args.root)
     for split in ("query", "gallery"):
