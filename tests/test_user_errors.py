@@ -291,7 +291,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ),
     (
         "data-info on a file",
-        lambda e: ["data-info", "folder", "--root", e.file("f.txt", b"x")],
+        lambda e: ["data-info", "folder", "data.root=" + e.file("f.txt", b"x")],
         "bounding_box_train",
     ),
     # weights and checkpoints
