@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rmgl demo
 
+# One pytest-xdist worker per core (at most 4), each running whole test files, so that a
+# module's shared fixtures (a trained checkpoint, a server, a Ray cluster) are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmgl tests benchmarks

@@ -6,7 +6,7 @@ e.g. for the CPU study of ``docs/results.md``::
 
     rmgl synth --out data/realistic --realism realistic
     OMP_NUM_THREADS=1 rmgl sweep cpu/global cpu/pcb6 cpu/multibranch cpu/rmgl --seeds 3 \\
-        --set data.root=data/realistic run.output_dir=runs/study eval.every=1 eval.rerank=false
+        data.root=data/realistic run.output_dir=runs/study eval.every=1 eval.rerank=false
     python benchmarks/accuracy_study.py runs/study --plot docs/images/study_curves.png
 
 Prints two markdown tables: final rank-1 / mAP / mINP per configuration (mean ± sample
@@ -18,11 +18,12 @@ have not reached the last epoch are left out and named.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from rmgl.reporting.run_logs import read_rows
 
 RUN_NAME = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 
@@ -35,8 +36,7 @@ def read_curves(runs: Path) -> dict[str, dict[int, list[dict]]]:
         path = run / "evaluations.jsonl"
         if not match or not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("eval") == "plain"]
+        rows = [r for r in read_rows(path) if r.get("eval") == "plain"]  # epochs from 1
         curves[match["name"]][int(match["seed"])] = sorted(rows, key=lambda r: r["epoch"])
     return curves
 

@@ -2,8 +2,11 @@ import os
 
 import pytest
 
-# Keep the suite predictable on the 2-core CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep the suite predictable on the 2-core CI machine. `make test` runs it in pytest-xdist
+# workers (one per core, each taking whole files): each worker gets its share of the cores,
+# so that the workers' torch threads do not fight over them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, (os.cpu_count() or 2) // _workers))))
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,34 @@ def test_synth_then_data_info(tmp_path, capsys):
         == 0
     )
     assert "wrote" in capsys.readouterr().out
-    assert main(["data-info", "folder", "--root", str(out)]) == 0
+    assert main(["data-info", "folder", f"data.root={out}"]) == 0
     table = capsys.readouterr().out
     assert "train" in table and "query" in table and "gallery" in table
     train_row = next(line for line in table.splitlines() if line.strip().startswith("train"))
     assert train_row.split()[1] == "12"  # identities
 
 
+def test_data_info_takes_the_data_keys_and_the_old_root_option(synth_dir, capsys):
+    assert main(["data-info", "folder", f"data.root={synth_dir}"]) == 0
+    table = capsys.readouterr().out
+    assert "train" in table and "gallery" in table
+    assert main(["data-info", "data.dataset=folder", f"data.root={synth_dir}"]) == 0
+    assert capsys.readouterr().out == table
+    assert main(["data-info", "folder", "--root", str(synth_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == table
+    assert "--root is deprecated" in captured.err
+    assert f"rmgl data-info folder data.root={synth_dir}" in captured.err
+    assert main(["data-info", "folder"]) == 1
+    err = capsys.readouterr().err
+    assert "rmgl data-info market1501 data.root=/data/market1501" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["data-info", "folder", "optim.epochs=2"]) == 1
+    assert "name the data only" in capsys.readouterr().err
+
+
 def test_data_info_wrong_root_is_a_clear_error(tmp_path, capsys):
-    assert main(["data-info", "market1501", "--root", str(tmp_path / "missing")]) == 1
+    assert main(["data-info", "market1501", f"data.root={tmp_path / 'missing'}"]) == 1
     err = capsys.readouterr().err
     assert "error" in err and "bounding_box_train" in err and "Traceback" not in err
 
@@ -74,7 +93,7 @@ def test_configs_lists_and_prints_builtin_configs(capsys):
         (["train", "demo", "optim.epochs=0"], "rmgl train: error: optim.epochs=0 must be >= 1"),
         (["sweep", "demo", "--seeds", "0"], "rmgl sweep: error: --seeds must be >= 1"),
         (
-            ["eval", "--checkpoint", "missing.safetensors", "--dataset", "folder", "--root", "."],
+            ["eval", "--checkpoint", "missing.safetensors", "data.dataset=folder", "data.root=."],
             "rmgl eval: error: checkpoint missing.safetensors does not exist",
         ),
         (["demo", "--scale", "0"], "rmgl demo: error: --scale must be > 0"),

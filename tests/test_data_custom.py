@@ -583,5 +583,5 @@ def test_entry_point_names_are_listed_for_unknown_names(installed_plugin, tmp_pa
 def test_data_info_command_uses_entry_points(installed_plugin, tmp_path, capsys):
     from rmgl.cli import main
 
-    assert main(["data-info", "mydata", "--root", str(tmp_path)]) == 0
+    assert main(["data-info", "mydata", f"data.root={tmp_path}"]) == 0
     assert "from_plugin" in capsys.readouterr().out

@@ -93,15 +93,15 @@ def test_the_file_has_the_mot_columns_then_the_crops_descriptors(setup, tmp_path
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("1,-1,10,5,20,40", r"det.txt line 3: 6 fields, a MOT detection line has 7 to 10"),
-        ("1,-1,10,5,twenty,40,0.9", r"det.txt line 3: not a number in '1,-1,10,5,twenty,40,0.9'"),
-        ("1.5,-1,10,5,20,40,0.9", r"det.txt line 3: frame 1.5 is not a whole number >= 0"),
-        ("1,-1,10,5,0,40,0.9", r"det.txt line 3: box of zero size \(width 0, height 40\)"),
-        ("1,-1,10,5,nan,40,0.9", r"det.txt line 3: a value is not finite"),
-        ("7,-1,10,5,20,40,0.9", r"det.txt line 3: frame 7 has no image in the frames folder"),
+        ("1,-1,10,5,20,40", r"det.txt:3: 6 comma-separated values, expected 7 to 10"),
+        ("1,-1,10,5,twenty,40,0.9", r"det.txt:3: not a number in '1,-1,10,5,twenty,40,0.9'"),
+        ("1.5,-1,10,5,20,40,0.9", r"det.txt:3: frame 1.5 is not a whole number >= 0"),
+        ("1,-1,10,5,0,40,0.9", r"det.txt:3: box of zero size \(width 0, height 40\)"),
+        ("1,-1,10,5,nan,40,0.9", r"det.txt:3: a value is not finite"),
+        ("7,-1,10,5,20,40,0.9", r"det.txt:3: frame 7 has no image in the frames folder"),
         (
             "1,-1,100,5,20,40,0.9",
-            r"det.txt line 3: box \(left 100, top 5, width 20, height 40\) keeps no pixel of frame 1 \(96 x 64\)",
+            r"det.txt:3: box \(left 100, top 5, width 20, height 40\) keeps no pixel of frame 1 \(96 x 64\)",
         ),
     ],
 )

@@ -183,10 +183,13 @@ def test_killed_add_leaves_the_previous_state_for_every_reader(folders, monkeypa
     # the next writer removes the leftovers and appends at the right ids
     nxt = GalleryIndex.open(tmp / "x.idx")
     assert nxt.add(tmp / "b") == (300, 120)
+    # the base file stays; the 120 rows go to a segment of their own
     assert sorted(p.name for p in (tmp / "x.idx").iterdir()) == [
+        "index-1.faiss",
         "index-2.faiss",
         "manifest.json",
         "store.sqlite",
+        "trained.faiss",
         "vectors.f32",
         "writer.lock",
     ]
@@ -658,16 +661,18 @@ def test_an_image_already_in_the_index_or_listed_twice_is_refused(folders):
 
 
 def test_an_index_of_the_previous_format_is_read_and_upgraded_on_write(folders):
-    """Format 1: index.faiss, no generation, no deletion column. Searches work unchanged; the
-    first write moves it to format 2 and removes index.faiss."""
+    """Format 1: index.faiss, no generation, no deletion column, no trained template.
+    Searches work unchanged; the first write moves it to the current format; the first add
+    keeps index.faiss as its base file and writes the template and one segment."""
     tmp, a, b, queries = folders
     index = GalleryIndex.build(tmp / "a", tmp / "x.idx", kind="hnsw", pca=8)
     expected = snapshot(index, queries)
     folder = tmp / "x.idx"
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "index-1.faiss").rename(folder / "index.faiss")
-    for key in ("generation", "faiss_file", "deleted", "model"):
+    for key in ("generation", "faiss_file", "deleted", "model", "trained_file"):
         manifest.pop(key)
+    (folder / "trained.faiss").unlink()
     manifest["format_version"] = 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
     db = sqlite3.connect(folder / "store.sqlite")
@@ -680,9 +685,14 @@ def test_an_index_of_the_previous_format_is_read_and_upgraded_on_write(folders):
     assert old.delete(ids=[0]) == 1
     assert sorted(p.name for p in folder.glob("*.faiss")) == ["index.faiss"]
     assert old.add(tmp / "b") == (300, 120)
-    assert sorted(p.name for p in folder.glob("*.faiss")) == ["index-2.faiss"]
+    assert sorted(p.name for p in folder.glob("*.faiss")) == [
+        "index-2.faiss",
+        "index.faiss",
+        "trained.faiss",
+    ]
     reopened = GalleryIndex.open(folder)
-    assert reopened.manifest["format_version"] == 2 and reopened.live_count == 419
+    assert reopened.manifest["format_version"] == 3 and reopened.live_count == 419
+    assert snapshot(reopened, queries) == snapshot(old, queries)
 
 
 def test_a_hostile_manifest_cannot_name_a_file_outside_the_index(folders):

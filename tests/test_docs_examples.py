@@ -159,11 +159,28 @@ def run_block(block: Block) -> None:
         assert code == 0, f"{block.name}: rmgl {shlex.join(argv)} exited with {code}"
 
 
+def keep_registries(monkeypatch) -> None:
+    """Names an example registers (a dataset, a model, a loss, a store) vanish after it, so
+    that other tests, in this process or in the same pytest-xdist worker, see the built-in
+    registries."""
+    from rmgl.data import datasets
+    from rmgl.deploy import stores
+    from rmgl.losses import registry as losses
+    from rmgl.model import registry as models
+
+    monkeypatch.setattr(datasets, "READERS", dict(datasets.READERS))
+    monkeypatch.setattr(datasets, "_ALIASES", dict(datasets._ALIASES))
+    monkeypatch.setattr(stores, "STORES", dict(stores.STORES))
+    for registry in (models.MODELS, losses.LOSSES):
+        monkeypatch.setattr(registry, "entries", dict(registry.entries))
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.name)
 def test_docs_example(block: Block, page_sandboxes, monkeypatch, one_torch_thread):
     if block.not_run is not None:
         pytest.skip(f"not run: {block.not_run.strip()}")
     folder, ran = page_sandboxes(block.page)
+    keep_registries(monkeypatch)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for earlier in RUNNABLE:  # what the page did before this block
@@ -188,3 +205,13 @@ def test_shell_command_lines_are_read_as_a_user_types_them():
     assert block.commands == [["train", "demo", "optim.epochs=2"], ["configs"]]
     console = Block(REPO / "README.md", 1, "console", "$ rmgl configs small\nrmgl output\n", None)
     assert console.commands == [["configs", "small"]]
+
+
+def test_diagram_blocks_are_not_run():
+    """The README's pipeline is a mermaid diagram: found as a block, never run."""
+    diagrams = [b for b in BLOCKS if b.language == "mermaid"]
+    assert [b.page.name for b in diagrams] == ["README.md"]
+    assert not [b for b in diagrams if b in RUNNABLE]
+    text = diagrams[0].text
+    for step in ("rmgl train", "rmgl eval", "rmgl export", "rmgl index", "rmgl search"):
+        assert step in text, step

@@ -128,8 +128,8 @@ def test_evaluating_data_without_query_and_gallery_says_what_to_do(synth_dir, tm
     checkpoint = save_checkpoint(
         tmp_path / "ck.safetensors", model, to_yaml(cfg), {"num_classes": 4}
     )
-    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(mine)]
+    argv = ["eval", "--checkpoint", str(checkpoint), "data.dataset=folder", f"data.root={mine}"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "the dataset has no query images, so there is nothing to evaluate" in err
-    assert "--dataset csv --root runs/<name>/split.csv" in err and "Traceback" not in err
+    assert "data.dataset=csv data.root=runs/<name>/split.csv" in err and "Traceback" not in err

@@ -118,13 +118,13 @@ def _torchvision_weights_of_another_depth(env: Env) -> list[str]:
 def _plain_safetensors(env: Env) -> list[str]:
     path = env.tmp / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
-    return ["eval", "--checkpoint", str(path), "--dataset", "folder", "--root", str(env.data)]
+    return ["eval", "--checkpoint", str(path), "data.dataset=folder", f"data.root={env.data}"]
 
 
 def _gallery_corrupt_eval(env: Env) -> list[str]:
     root = env.copy_data()
     _corrupt(_first(root / "bounding_box_test"))
-    return ["eval", "--checkpoint", str(env.checkpoint), "--dataset", "folder", "--root", str(root)]
+    return ["eval", "--checkpoint", str(env.checkpoint), "data.dataset=folder", f"data.root={root}"]
 
 
 def _gallery_truncated_eval_in_a_worker(env: Env) -> list[str]:
@@ -137,10 +137,8 @@ def _gallery_truncated_eval_in_a_worker(env: Env) -> list[str]:
         "eval",
         "--checkpoint",
         str(env.checkpoint),
-        "--dataset",
-        "folder",
-        "--root",
-        str(root),
+        "data.dataset=folder",
+        f"data.root={root}",
         "--workers",
         "1",
     ]
@@ -293,7 +291,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ),
     (
         "data-info on a file",
-        lambda e: ["data-info", "folder", "--root", e.file("f.txt", b"x")],
+        lambda e: ["data-info", "folder", "data.root=" + e.file("f.txt", b"x")],
         "bounding_box_train",
     ),
     # weights and checkpoints
@@ -342,10 +340,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
             "eval",
             "--checkpoint",
             e.file("z.safetensors", b""),
-            "--dataset",
-            "folder",
-            "--root",
-            str(e.data),
+            "data.dataset=folder",
+            f"data.root={e.data}",
         ],
         "is not a readable rmgl checkpoint",
     ),
@@ -355,10 +351,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
             "eval",
             "--checkpoint",
             e.file("t.safetensors", e.checkpoint.read_bytes()[:5000]),
-            "--dataset",
-            "folder",
-            "--root",
-            str(e.data),
+            "data.dataset=folder",
+            f"data.root={e.data}",
         ],
         "is not a readable rmgl checkpoint",
     ),
@@ -368,10 +362,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
             "eval",
             "--checkpoint",
             e.file("w.pth", b"PK\x03\x04junk"),
-            "--dataset",
-            "folder",
-            "--root",
-            str(e.data),
+            "data.dataset=folder",
+            f"data.root={e.data}",
         ],
         "is not a readable rmgl checkpoint",
     ),
@@ -382,10 +374,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
             "eval",
             "--checkpoint",
             str(e.tmp),
-            "--dataset",
-            "folder",
-            "--root",
-            str(e.data),
+            "data.dataset=folder",
+            f"data.root={e.data}",
         ],
         "is a folder",
     ),
@@ -401,10 +391,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
             "eval",
             "--checkpoint",
             str(e.checkpoint),
-            "--dataset",
-            "folder",
-            "--root",
-            str(e.data),
+            "data.dataset=folder",
+            f"data.root={e.data}",
             "--batch-size",
             "0",
         ],
@@ -616,7 +604,7 @@ def test_malicious_weights_and_checkpoints_never_run_code(data, checkpoint, tmp_
     for path in (evil, tmp_path / "evil_zip.pth"):
         assert main(["train", env.config(), f"model.pretrained={path}"]) == 1
         assert (
-            main(["eval", "--checkpoint", str(path), "--dataset", "folder", "--root", str(data)])
+            main(["eval", "--checkpoint", str(path), "data.dataset=folder", f"data.root={data}"])
             == 1
         )
         assert main(["train", env.config(), f"model.init_from={path}", "run.name=x"]) == 1
@@ -673,7 +661,7 @@ def test_a_checkpoint_with_a_yaml_payload_is_one_line_in_every_command(
     shutil.copy(image, tmp_path / "img1" / "000001.jpg")
     (tmp_path / "det.txt").write_text("1,-1,0,0,8,16,0.9,-1,-1,-1\n")
     commands = [
-        ["eval", "--checkpoint", str(evil), "--dataset", "folder", "--root", str(data)],
+        ["eval", "--checkpoint", str(evil), "data.dataset=folder", f"data.root={data}"],
         ["export", "--checkpoint", str(evil), "--format", "weights", "--out", "w.safetensors"],
         ["export", "--checkpoint", str(evil), "--format", "onnx", "--out", "m.onnx"],
         ["extract", "--checkpoint", str(evil), "--images", image, "--out", "f", "--workers", "0"],
@@ -699,7 +687,7 @@ def test_a_checkpoint_with_a_yaml_payload_is_one_line_in_every_command(
             "--out",
             "h.json",
         ],
-        ["report", "--checkpoint", str(evil), "--dataset", "folder", "--root", str(data)],
+        ["report", "--checkpoint", str(evil), "data.dataset=folder", f"data.root={data}"],
         ["inspect", image, "--checkpoint", str(evil)],
         ["train", env.config(), "--resume", "optim.epochs=2"],
         ["train", env.config(), f"model.init_from={evil}", "run.name=fine"],

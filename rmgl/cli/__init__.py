@@ -32,7 +32,7 @@ from rmgl.cli import (
     trackers,
     train,
 )
-from rmgl.cli.overrides import apply_deprecated_set
+from rmgl.cli.overrides import apply_deprecated_set, apply_renamed_options
 
 # Modules that add subcommands, in the order they appear in ``rmgl --help``.
 COMMAND_MODULES = [
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     apply_deprecated_set(args, argv)
+    apply_renamed_options(args, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

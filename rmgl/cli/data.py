@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from rmgl.cli.choices import DATASET_HELP, REALISM_PRESETS
-from rmgl.cli.overrides import add_overrides
+from rmgl.cli.overrides import add_overrides, add_renamed_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,9 +60,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument(
         "dataset",
-        help=DATASET_HELP,
+        nargs="?",
+        metavar="DATASET",
+        help="the dataset's name (or data.dataset=NAME): " + DATASET_HELP,
     )
-    info.add_argument("--root", required=True, help="dataset folder")
+    info.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the dataset folder, data.root=DIR (required), as in rmgl train and rmgl eval",
+    )
+    add_renamed_option(info, "--root", "data.root")
     info.set_defaults(func=run_data_info)
 
 
@@ -106,7 +114,19 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_data_info(args: argparse.Namespace) -> int:
+    from rmgl.cli.checkpoint_eval import data_overrides
     from rmgl.data.datasets import load_dataset
 
-    print(load_dataset(args.dataset, args.root).summary())
+    items = list(args.overrides)
+    if args.dataset is not None and "=" in args.dataset:  # data.dataset=NAME came first
+        items.insert(0, args.dataset)
+        args.dataset = None
+    data = data_overrides(items)
+    dataset = data.get("data.dataset", args.dataset)
+    if dataset is None or "data.root" not in data:
+        raise ValueError(
+            "name the dataset and its folder, e.g. rmgl data-info market1501 "
+            "data.root=/data/market1501"
+        )
+    print(load_dataset(dataset, data["data.root"]).summary())
     return 0

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
+
+from rmgl.cli.options import add_encoder_options, encoder_backend, missing_module_is_user_error
 
 OPSET = 18  # rmgl.deploy.export.OPSET, repeated so that `rmgl --help` does not import torch
 
@@ -17,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write FOLDER/features.npy (float32 N x D), images.csv, extract.json and "
         "failed.csv (docs/deploy.md). Unreadable images are listed and skipped.",
     )
-    model = ex.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="an rmgl checkpoint (.safetensors): torch backend")
-    model.add_argument(
-        "--onnx", help="a model written by rmgl export --format onnx (its .json beside it)"
+    add_encoder_options(
+        ex,
+        backend={
+            "choices": ("torch", "onnxruntime"),
+            "help": "default: torch for --checkpoint, onnxruntime for --onnx",
+        },
+        batch_size=64,
     )
     ex.add_argument(
         "--images",
@@ -29,15 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with the header path[,pid][,camid][,frame]",
     )
     ex.add_argument("--out", required=True, help="the feature folder to write")
-    ex.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime"),
-        help="default: torch for --checkpoint, onnxruntime for --onnx",
-    )
-    ex.add_argument("--batch-size", type=int, default=64)
-    ex.add_argument(
-        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N"
-    )
     ex.add_argument(
         "--workers", type=int, default=2, help="image decoding processes (0 = in this one)"
     )
@@ -115,35 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=run_export)
 
 
-def _missing_module_is_user_error(func):
-    """A missing optional dependency is the environment's problem: one line, exit 1."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ModuleNotFoundError as err:
-            raise OSError(str(err)) from None
-
-    return wrapper
-
-
-@_missing_module_is_user_error
+@missing_module_is_user_error
 def run_extract(args: argparse.Namespace) -> int:
     from rmgl.deploy import Encoder, extract_to_folder, read_image_list
 
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be >= 1 and --workers >= 0")
-    backend = args.backend or ("onnxruntime" if args.onnx else "torch")
-    if args.onnx and backend != "onnxruntime":
-        raise ValueError(
-            "--onnx runs on the onnxruntime backend; for --backend torch give --checkpoint"
-        )
-    if args.checkpoint and backend != "torch":
-        raise ValueError(
-            "--backend onnxruntime runs an exported model: rmgl export --checkpoint CK --format onnx "
-            "--out model.onnx, then rmgl extract --onnx model.onnx"
-        )
+    backend = encoder_backend(args)
     images = read_image_list(args.images)  # before loading a model: a wrong path costs nothing
     ray_engine = args.engine == "ray"
     if not ray_engine and (args.address or args.shard_size):
@@ -189,7 +162,7 @@ def run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-@_missing_module_is_user_error
+@missing_module_is_user_error
 def run_export(args: argparse.Namespace) -> int:
     from rmgl.deploy.export import check_export_outputs, export_onnx, export_weights
     from rmgl.engine.load import load_model

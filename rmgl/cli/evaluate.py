@@ -16,7 +16,12 @@ from rmgl.cli.report import write_report
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
-        "eval", help="evaluate a checkpoint on a dataset (cross-dataset works)"
+        "eval",
+        help="evaluate a checkpoint on a dataset (cross-dataset works)",
+        description="Evaluate a checkpoint on a dataset, named with KEY=VALUE arguments as in "
+        "rmgl train: rmgl eval --checkpoint runs/market1501/best.safetensors "
+        "data.dataset=dukemtmcreid data.root=/data/duke. Without them, on the data the "
+        "checkpoint was trained on. See docs/evaluation.md.",
     )
     add_checkpoint_dataset_options(ev, rerank_help="also report k-reciprocal re-ranking")
     ev.add_argument(

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from rmgl.cli.choices import DEPRECATED_RP_POSITIONS, RP_POSITIONS
+from rmgl.cli.options import add_device_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         help="stripe counts of the receptive-region picture (default: the model's)",
     )
-    parser.add_argument("--device", default="auto")
+    add_device_option(parser)
     parser.set_defaults(func=run_inspect)
 
 

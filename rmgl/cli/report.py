@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
         help="HTML failure-analysis report: metrics, worst queries, activation maps, cameras, training",
-        description="Evaluate a checkpoint on a dataset and write one self-contained HTML page "
+        description="Evaluate a checkpoint on a dataset (data.dataset=NAME data.root=DIR, as in rmgl "
+        "train; without them, the data it was trained on) and write one self-contained HTML page "
         "(pictures embedded, opens offline): metrics and CMC, the per-query AP distribution, "
         "rank-1 per camera pair, the identities most often confused, the worst queries with "
         "their ranked lists, activation maps and ABP stripes, training curves and the config. "

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from rmgl.cli.choices import METRICS
+from rmgl.cli.options import BACKENDS, add_device_option
 
-BACKENDS = ("auto", "torch", "onnxruntime")  # rmgl.deploy.encoder.BACKEND_CHOICES (no torch import)
 ALLOW_OTHER_MODEL = (
     "mix descriptors of another model than the gallery's anyway (recorded); "
     "their distances are not comparable"
@@ -150,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encoder runtime for --images (auto: onnxruntime for an .onnx, else torch)",
     )
     search.add_argument("--allow-other-model", action="store_true", help=ALLOW_OTHER_MODEL)
-    search.add_argument("--device", default="auto")
+    add_device_option(search)
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--cameras", help="only these camids, as in images.csv: 1,2")
     search.add_argument("--frames", help="only frames in A:B (inclusive; A: or :B open)")

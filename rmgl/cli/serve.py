@@ -8,10 +8,10 @@ import os
 import sys
 import tempfile
 
+from rmgl.cli.options import BACKENDS, add_encoder_options
 from rmgl.cli.search import add_store_options
 
 INSTALL_HINT = "pip install 'rmgl[serve]'"
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FOLDER",
         help="--store milvus: keep uploaded images here (without it uploads are refused)",
     )
-    model = serve.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="the rmgl checkpoint the gallery was extracted with")
-    model.add_argument("--onnx", help="or its export (rmgl export --format onnx)")
-    serve.add_argument("--backend", default="auto", choices=BACKENDS)
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_encoder_options(
+        serve,
+        checkpoint_help="the rmgl checkpoint the gallery was extracted with",
+        onnx_help="or its export (rmgl export --format onnx)",
+        backend={"default": "auto", "choices": BACKENDS},
+        batch_size=32,
+        batch_help="images encoded at once",
+    )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)"
     )
@@ -64,7 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-images", type=int, default=64, help="images per request (413)")
     serve.add_argument("--max-k", type=int, default=1000, help="hits per search")
-    serve.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     serve.add_argument(
         "--threads", type=int, help="CPU threads of the model and the search (default: all cores)"
     )

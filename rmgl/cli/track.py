@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from rmgl.cli.options import BACKENDS, add_device_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     video = subparsers.add_parser(
@@ -53,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="rmgl",
         help="none: motion only (no descriptors, no cross-camera association)",
     )
-    track.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"))
-    track.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    track.add_argument("--backend", default="auto", choices=BACKENDS)
+    add_device_option(track)
     track.add_argument("--max-age", type=int, default=30, help="frames a lost track is kept")
     track.add_argument("--n-init", type=int, default=3, help="frames before a track is reported")
     track.add_argument(

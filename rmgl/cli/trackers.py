@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from rmgl.cli.deploy import _missing_module_is_user_error
+from rmgl.cli.options import add_encoder_options, encoder_backend, missing_module_is_user_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,11 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "left, top, width, height, score, x, y, z) then the descriptor, in frame order "
         "(docs/trackers.md). Every line of --dets is checked against the frames first.",
     )
-    model = ex.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="an rmgl checkpoint (.safetensors): torch backend")
-    model.add_argument(
-        "--onnx", help="a model written by rmgl export --format onnx (its .json beside it)"
-    )
+    add_encoder_options(ex, batch_size=64)
     ex.add_argument(
         "--frames",
         required=True,
@@ -33,10 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="MOT detections, one per line: frame,id,left,top,width,height,score[,x,y,z]",
     )
     ex.add_argument("--out", required=True, help="the .npy file to write")
-    ex.add_argument("--batch-size", type=int, default=64)
-    ex.add_argument(
-        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N"
-    )
     ex.add_argument(
         "--dtype",
         choices=("float64", "float32"),
@@ -47,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=run_extract_dets)
 
 
-@_missing_module_is_user_error
+@missing_module_is_user_error
 def run_extract_dets(args: argparse.Namespace) -> int:
     from rmgl.deploy import Encoder
     from rmgl.deploy.detections import (
@@ -68,7 +60,7 @@ def run_extract_dets(args: argparse.Namespace) -> int:
     check_detections(detections, frame_files(args.frames))
     encoder = Encoder(
         args.checkpoint or args.onnx,
-        backend="onnxruntime" if args.onnx else "torch",
+        backend=encoder_backend(args),
         device=args.device,
         batch_size=args.batch_size,
     )

@@ -52,7 +52,7 @@ def check_readable(records: Sequence[ImageRecord], split: str) -> None:
         raise ValueError(
             f"the dataset has no {split} images, so there is nothing to evaluate; for data with "
             "only training identities, evaluate on the split that rmgl train held out: "
-            "--dataset csv --root runs/<name>/split.csv (docs/own-data.md)"
+            "data.dataset=csv data.root=runs/<name>/split.csv (docs/own-data.md)"
         )
     for record in records:
         try:

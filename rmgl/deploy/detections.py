@@ -24,7 +24,6 @@ Examples::
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import secrets
@@ -38,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rmgl.data.loading import UnreadableImageError, read_image
+from rmgl.data.mot import mot_error, read_mot_rows
 from rmgl.deploy.encoder import Encoder
 from rmgl.deploy.files import check_output, fsync_folder
 from rmgl.deploy.inputs import IMAGE_SUFFIXES
@@ -62,45 +62,24 @@ class Detections:
 
 
 def read_mot_detections(path: str | os.PathLike) -> Detections:
-    """The rows of a MOTChallenge ``det.txt`` (comma-separated; blank lines and ``#``
-    comments skipped): 7 to 10 numbers per line, frame a whole number >= 0, width and height
-    > 0. Any other line is a ValueError naming the file and line."""
+    """The rows of a MOTChallenge ``det.txt`` (:func:`rmgl.data.mot.read_mot_rows`): 7 to
+    10 numbers per line, frame a whole number >= 0, width and height > 0. Any other line is
+    a ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"detections file {path} does not exist")
     rows, lines = [], []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, text in enumerate(handle, start=1):
-            text = text.strip()
-            if not text or text.startswith("#"):
-                continue
-            rows.append(_parse_line(path, number, text))
-            lines.append(number)
+    for number, values in read_mot_rows(path, MIN_COLUMNS, MOT_COLUMNS):
+        frame, _, _, _, width, height = values[:6]
+        if frame < 0 or frame != int(frame):
+            raise mot_error(path, number, f"frame {frame:g} is not a whole number >= 0")
+        if not (width > 0 and height > 0):
+            raise mot_error(path, number, f"box of zero size (width {width:g}, height {height:g})")
+        rows.append(values + [-1.0] * (MOT_COLUMNS - len(values)))
+        lines.append(number)
     if not rows:
         raise ValueError(f"{path} holds no detections")
     return Detections(path, np.asarray(rows, dtype=np.float64), np.asarray(lines, dtype=np.int64))
-
-
-def _parse_line(path: Path, number: int, text: str) -> list[float]:
-    fields = [f.strip() for f in text.split(",")]
-    where = f"{path} line {number}"
-    if not MIN_COLUMNS <= len(fields) <= MOT_COLUMNS:
-        raise ValueError(
-            f"{where}: {len(fields)} fields, a MOT detection line has 7 to 10 "
-            "(frame, id, left, top, width, height, score[, x, y, z])"
-        )
-    try:
-        values = [float(f) for f in fields]
-    except ValueError:
-        raise ValueError(f"{where}: not a number in {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{where}: a value is not finite in {text!r}")
-    frame, _, _, _, width, height = values[:6]
-    if frame < 0 or frame != int(frame):
-        raise ValueError(f"{where}: frame {fields[0]} is not a whole number >= 0")
-    if not (width > 0 and height > 0):
-        raise ValueError(f"{where}: box of zero size (width {fields[4]}, height {fields[5]})")
-    return values + [-1.0] * (MOT_COLUMNS - len(values))
 
 
 def frame_files(folder: str | os.PathLike) -> dict[int, Path]:
@@ -134,7 +113,7 @@ def check_detections(detections: Detections, frames: dict[int, Path]) -> None:
     sizes: dict[int, tuple[int, int]] = {}
     for row, line in zip(detections.rows, detections.lines):
         frame = int(row[0])
-        where = f"{detections.source} line {line}"
+        where = f"{detections.source}:{line}"
         if frame not in frames:
             raise ValueError(
                 f"{where}: frame {frame} has no image in the frames folder (such as "

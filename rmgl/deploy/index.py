@@ -2,10 +2,12 @@
 
 Layout of an index folder::
 
-    manifest.json   format, rmgl version, kind, dim, count, generation, the faiss file,
-                    deleted count, parameters, the descriptor model, source folders
-    index-G.faiss   the faiss index written by generation G (ids 0..count-1 in the order
-                    vectors were added)
+    manifest.json   format, rmgl version, kind, dim, count, generation, the faiss files
+                    (base file and segments), deleted count, parameters, the descriptor
+                    model, source folders
+    index-G.faiss   a faiss file written by generation G: the base (ids from 0) or a
+                    segment (ids first_id.. of later adds; faiss numbers them from 0)
+    trained.faiss   the trained, empty faiss index new segments start from
     vectors.f32     the gallery descriptors, float32 row-major (count x dim), exact
     store.sqlite    path / pid / camid / frame / deletion of every id (:mod:`rmgl.deploy.store`)
     writer.lock     taken by the one process that modifies the index (add, delete)
@@ -41,9 +43,11 @@ Writes, and what a reader sees. ``manifest.json`` is the commit record: it names
 generation, the item count, the faiss file and the number of deleted items, and it is
 replaced by one rename at the end of every write. Everything else is written so that the
 previous manifest still describes a complete index: vector rows and store rows are appended
-past ``count`` (readers never look there), the faiss index goes to a new file named by the
-new generation, and a deletion marks store rows with the new generation (readers honour
-only marks up to their manifest's generation). So a reader, and a writer killed at any
+past ``count`` (readers never look there), the added rows go to a new faiss segment named
+by the new generation (the files already written are never read or rewritten: an add costs
+its own rows; searches merge the segments' shortlists before the exact re-scoring), and a
+deletion marks store rows with the new generation (readers honour only marks up to their
+manifest's generation). So a reader, and a writer killed at any
 moment, see either the old state or the new one. One process writes at a time
 (``writer.lock``, ``fcntl.flock``); the next writer removes what a killed one left behind.
 
@@ -115,9 +119,12 @@ __all__ = [
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 FORMAT = "rmgl-gallery-index"
 # 2: generations, faiss file named in the manifest, deletions (1 is read and upgraded on write)
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: segments (one faiss file per add after the base file) and the trained template
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST, VECTORS, STORE = "manifest.json", "vectors.f32", "store.sqlite"
+# The trained, empty faiss index (PCA, IVF centroids and PQ codebooks, graph settings).
+TRAINED = "trained.faiss"
 # How often an open retries when a writer replaced the faiss file between reading the
 # manifest and reading the file it names.
 OPEN_RETRIES = 20
@@ -136,13 +143,31 @@ class DuplicateImageError(ValueError):
 
 
 @dataclass(frozen=True)
+class _Segment:
+    """One faiss file of a committed state: the ids ``first .. first + count - 1`` (faiss
+    numbers them from 0). A file is never changed once a manifest names it."""
+
+    file: str
+    first: int
+    index: Any
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+
+@dataclass(frozen=True)
 class _Committed:
     """One committed state of an index folder, as its manifest describes it: a search uses
     one such snapshot from start to end, so a commit (by this object or another process)
     never changes a search half-way."""
 
     manifest: dict
-    faiss_index: Any
+    segments: tuple[_Segment, ...]  # the base file first, then one per add (ids in order)
     live: np.ndarray | None  # bool over ids; None when nothing is deleted
     stamp: tuple[int, ...]  # identity of the manifest file that was read
 
@@ -161,6 +186,19 @@ class _Committed:
     @property
     def faiss_file(self) -> str:
         return self.manifest.get("faiss_file", "index.faiss")
+
+    @property
+    def faiss_index(self):
+        """The base faiss index (ids from 0; the segments of later adds follow it)."""
+        return self.segments[0].index
+
+    @property
+    def files(self) -> set[str]:
+        """The faiss files this state names (the trained template included)."""
+        names = {segment.file for segment in self.segments}
+        if self.manifest.get("trained_file"):
+            names.add(self.manifest["trained_file"])
+        return names
 
     @property
     def live_count(self) -> int:
@@ -357,9 +395,11 @@ class GalleryIndex:
         self.vectors = VectorFile(path / VECTORS, self.dim)
         self._state = state
         self._lock = threading.RLock()  # this object's writes and refreshes
-        self._gpu_cache = None  # (faiss index, its GPU copy)
-        self._scan_cache = None  # pcaflat: (reduced vectors in the scan dtype, norms, faiss index)
-        ann.configure_search(state.faiss_index, self.params)
+        # per faiss index (keyed by id, holding the index so that the id stays its own):
+        self._gpu_cache: dict[int, tuple] = {}  # (faiss index, its GPU copy)
+        self._scan_cache: dict[int, tuple] = {}  # pcaflat: (reduced vectors, norms, faiss index)
+        self._template = None  # the trained, empty faiss index new segments start from
+        _configure(state, self.params)
 
     @property
     def manifest(self) -> dict:
@@ -525,6 +565,7 @@ class GalleryIndex:
                 "count": total,
                 "generation": 1,
                 "faiss_file": faiss_file,
+                "trained_file": TRAINED,
                 "deleted": 0,
                 "metric": "inner product on L2-normalised descriptors",
                 "params": asdict(settings),
@@ -533,6 +574,7 @@ class GalleryIndex:
                 "created": _now(),
             }
             faiss_index = ann.train_index(settings, vectors, dim, total, manifest)
+            ann.write_faiss(faiss_index, work / TRAINED)  # empty: what new segments start from
             ann.add_rows(faiss_index, vectors, 0, total)
             vectors.close()
             store = Store(work / STORE)
@@ -605,7 +647,7 @@ class GalleryIndex:
                 return False
             state = _read_committed(self.path, self.store, previous=self._state)
             self._check_files(state)
-            ann.configure_search(state.faiss_index, self.params)
+            _configure(state, self.params)
             self._state = state
         return True
 
@@ -636,7 +678,7 @@ class GalleryIndex:
         if len(self.vectors) > state.count:
             self.vectors.truncate(state.count)
         self.store.rollback(state.count, state.generation)
-        self._remove_stale_files(state.faiss_file)
+        self._remove_stale_files(state.files)
 
     def add(
         self, folder: str | Path, allow_other_model: bool = False, wait: float = 0.0
@@ -648,10 +690,11 @@ class GalleryIndex:
         ``allow_other_model``, which is then recorded in the manifest). ``wait``: seconds
         to wait for another writer (:func:`writer_lock`).
 
-        Vector rows and store rows are appended past the committed count, the faiss index
-        is written to a new file, and the manifest that counts them all is written last: a
-        failure or a kill at any step leaves the folder, and this object, at the previous
-        committed state.
+        Vector rows and store rows are appended past the committed count, the new rows'
+        faiss entries go to a new segment file (the files already written are not
+        rewritten, so an add costs its own rows), and the manifest that counts them all is
+        written last: a failure or a kill at any step leaves the folder, and this object, at
+        the previous committed state.
         """
         loaded = load_feature_folder(folder)
         with self._writing(wait, "rmgl index add") as state:
@@ -726,20 +769,15 @@ class GalleryIndex:
         other_models: list,
         crops: Mapping[str, bytes] | None = None,
     ) -> None:
-        import faiss
-
         first = state.count
         total = sum(len(folder.features) for folder in folders)
         generation = state.generation + 1
-        faiss_file = ann.faiss_name(generation)
-        # a private copy: searches keep using the committed index until the commit
-        working = faiss.clone_index(state.faiss_index)
         try:
             for folder in folders:
                 _copy_vectors(folder, self.vectors)
             self.vectors.sync()
-            ann.add_rows(working, self.vectors, first, first + total)
-            ann.write_faiss(working, self.path / faiss_file)
+            trained = self._trained(state)
+            segments = self._append_segment(state, trained, first + total, generation)
             sources = _merge_sources(
                 state.manifest.get("sources", []), _store_folders(self.store, folders, first)
             )
@@ -750,7 +788,11 @@ class GalleryIndex:
                 "format_version": FORMAT_VERSION,
                 "count": first + total,
                 "generation": generation,
-                "faiss_file": faiss_file,
+                "faiss_file": segments[0].file,
+                "segments": [
+                    {"file": s.file, "first_id": s.first, "count": s.count} for s in segments[1:]
+                ],
+                "trained_file": TRAINED,
                 "deleted": state.count - state.live_count,
                 "model": model,
                 "sources": sources,
@@ -762,10 +804,52 @@ class GalleryIndex:
         except BaseException:
             self._undo(state)
             raise
+        self._template = trained
         live = None if state.live is None else np.concatenate([state.live, np.ones(total, bool)])
-        ann.configure_search(working, self.params)
-        self._state = _Committed(manifest, working, live, stamp)
-        self._remove_stale_files(faiss_file)
+        self._state = _Committed(manifest, segments, live, stamp)
+        _configure(self._state, self.params)
+        self._remove_stale_files(self._state.files)
+
+    def _trained(self, state: _Committed):
+        """The trained, empty faiss index, from ``trained.faiss``; an index written before
+        that file existed gets it now (an empty copy of its base index)."""
+        import faiss
+
+        if self._template is not None:
+            return self._template
+        path = self.path / TRAINED
+        if state.manifest.get("trained_file") == TRAINED and path.is_file():
+            return faiss.read_index(str(path))
+        template = faiss.clone_index(state.faiss_index)
+        template.reset()
+        ann.write_faiss(template, path)  # named by the manifest of this add
+        return template
+
+    def _append_segment(
+        self, state: _Committed, trained, stop: int, generation: int
+    ) -> tuple[_Segment, ...]:
+        """The segments after an add of the vector rows ``state.count .. stop - 1``: one new
+        faiss file ``index-G.faiss`` holding them, so that the files already written are
+        neither read nor rewritten. Segments stay few by merging like a binary counter: the
+        new rows absorb the newest segments while those hold no more rows than they do (the
+        base file too), so each row is rewritten O(log N) times over all adds and a gallery
+        keeps O(log N) files. A merged segment is the oldest absorbed one plus the rows after
+        it (faiss ``add``: graph insertions, IVF assignments), never a new training."""
+        import faiss
+
+        kept = list(state.segments)
+        start = state.count
+        while kept and kept[-1].count <= stop - start:
+            start = kept.pop().first
+        if start < state.count:  # the oldest absorbed segment grows (a private copy)
+            absorbed = next(s for s in state.segments if s.first == start)
+            working = faiss.clone_index(absorbed.index)
+        else:
+            working = faiss.clone_index(trained)
+        ann.add_rows(working, self.vectors, start + working.ntotal, stop)
+        segment = _Segment(ann.faiss_name(generation), start, working)
+        ann.write_faiss(working, self.path / segment.file)
+        return (*kept, segment)
 
     def delete(
         self,
@@ -816,7 +900,7 @@ class GalleryIndex:
                 raise
             live = live.copy()
             live[newly] = False
-            self._state = _Committed(manifest, state.faiss_index, live, stamp)
+            self._state = _Committed(manifest, state.segments, live, stamp)
             self._remove_crops(newly, generation)
         return len(newly)
 
@@ -887,14 +971,17 @@ class GalleryIndex:
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
 
-    def _remove_stale_files(self, keep: str) -> None:
-        """Faiss files of earlier generations and temporary files (writer lock held)."""
+    def _remove_stale_files(self, keep: set[str]) -> None:
+        """Faiss files that the committed state does not name (earlier generations, the
+        segments merged into others, the file of a failed add) and temporary files (writer
+        lock held)."""
         for path in self.path.iterdir():
             name = path.name
-            stale_faiss = ann.is_faiss_name(name) and name != keep
+            stale_faiss = (ann.is_faiss_name(name) or name == TRAINED) and name not in keep
             # temporary files of ann.write_faiss, atomic_write_text and crop_files.write_crop, no other file
             temporary = name.endswith(".tmp") and (
                 ann.is_faiss_name(name.removesuffix(".tmp"))
+                or name == TRAINED + ".tmp"
                 or name.startswith(f".{MANIFEST}.")
                 or name.startswith(CROP_TEMPORARY)
             )
@@ -1017,14 +1104,14 @@ class GalleryIndex:
         }
         changed = {key: value for key, value in values.items() if value is not None}
         self.params = IndexParams.from_dict({**asdict(self.params), **changed})
-        ann.configure_search(self.faiss_index, self.params)
-        self._gpu_cache = None
+        _configure(self._state, self.params)
+        self._gpu_cache = {}
 
     def info(self) -> dict:
         """The manifest plus the live and deleted counts and sizes on disk (bytes)."""
         state = self._state
         sizes = {}
-        for name in (state.faiss_file, VECTORS, STORE):
+        for name in (*(segment.file for segment in state.segments), VECTORS, STORE):
             try:
                 sizes[name] = (self.path / name).stat().st_size
             except OSError:  # replaced by a newer generation since this state was read
@@ -1135,38 +1222,89 @@ class GalleryIndex:
         shortlist = n if self.kind == "flat" else min(num_allowed, n * self.params.rerank_factor)
         # a few spare candidates so that ties at the cut are broken by id, as in evaluate_rank
         shortlist = min(num_allowed, shortlist + 8)
-        candidates = self._faiss_search(state, queries, shortlist, allowed, num_allowed)
-        ids, dist = self._rescore(queries, candidates, n, metric)
-        short = np.flatnonzero((ids < 0).any(axis=1))
+        short = np.zeros(len(queries), dtype=bool)
+        segments = []  # (segment, its part of the mask, allowed ids in it)
+        for segment in state.segments:
+            part = None if allowed is None else allowed[segment.first : segment.stop]
+            in_part = segment.count if part is None else int(part.sum())
+            if in_part:
+                segments.append((segment, part, in_part))
+        if self.kind == "flat" or len(segments) == 1:
+            # each file's shortlist re-scored, then the n best of them, ties by id; flat keeps
+            # its shortlists apart so that a tie at the cut of any of them is seen
+            parts = []
+            for segment, part, in_part in segments:
+                candidates = self._faiss_search(
+                    segment, queries, min(shortlist, in_part), part, in_part
+                )
+                candidates = np.where(candidates >= 0, candidates + segment.first, -1)
+                found = self._rescore(queries, candidates, min(n, in_part), metric)
+                short |= (found[0] < 0).any(axis=1)
+                parts.append(found)
+            ids, dist = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
+            if len(parts) > 1:
+                order = np.lexsort((ids, dist), axis=1)[:, :n]
+                ids, dist = np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+        else:
+            # the approximate distances of all files are comparable (one trained template):
+            # the best ``shortlist`` of them all are re-scored, as from one file
+            approx, candidates = [], []
+            for segment, part, in_part in segments:
+                d, c = self._faiss_shortlist(
+                    segment, queries, min(shortlist, in_part), part, in_part
+                )
+                short |= (c >= 0).sum(axis=1) < min(n, in_part)  # a starved search
+                approx.append(np.where(c >= 0, d, np.inf))
+                candidates.append(np.where(c >= 0, c + segment.first, -1))
+            approx, candidates = np.concatenate(approx, 1), np.concatenate(candidates, 1)
+            order = np.argsort(approx, axis=1, kind="stable")[:, :shortlist]
+            candidates = np.take_along_axis(candidates, order, 1)
+            candidates[np.isinf(np.take_along_axis(approx, order, 1))] = -1
+            ids, dist = self._rescore(queries, candidates, n, metric)
+            short |= (ids < 0).any(axis=1)
+        short = np.flatnonzero(short)
         if len(short):
             pool = np.flatnonzero(allowed) if allowed is not None else np.arange(state.count)
             ids[short], dist[short] = self._exact_scan(queries[short], n, pool, metric)
         return ids, dist
 
-    def _faiss_search(self, state, queries, shortlist, allowed, num_allowed) -> np.ndarray:
+    def _faiss_search(
+        self, segment: _Segment, queries, shortlist, allowed, num_allowed
+    ) -> np.ndarray:
+        """The shortlist of one faiss file, in its own ids (0..count-1; -1: none);
+        ``allowed`` is the mask of its ids."""
+        return self._faiss_shortlist(segment, queries, shortlist, allowed, num_allowed)[1]
+
+    def _faiss_shortlist(
+        self, segment: _Segment, queries, shortlist, allowed, num_allowed
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_faiss_search` with faiss' own distances (smaller is nearer for every kind
+        but ``flat``, whose are inner products)."""
         import faiss
 
-        if self.kind == "pcaflat" and self._gpu(state) is None:
-            return self._reduced_scan(state, queries, shortlist, allowed)
+        index, count = segment.index, segment.count
+        if self.kind == "pcaflat" and self._gpu(index) is None:
+            return self._reduced_scan(index, queries, shortlist, allowed)
 
         params = None
         keep_alive = None
-        if allowed is not None and num_allowed < state.count:
+        if allowed is not None and num_allowed < count:
             keep_alive = np.packbits(allowed, bitorder="little")
-            selector = faiss.IDSelectorBitmap(state.count, faiss.swig_ptr(keep_alive))
+            selector = faiss.IDSelectorBitmap(count, faiss.swig_ptr(keep_alive))
             params = ann.search_parameters(
-                state.faiss_index, self.params, selector, shortlist, num_allowed / state.count
+                index, self.params, selector, shortlist, num_allowed / count
             )
         elif self.kind == "hnsw":
-            params = ann.search_parameters(state.faiss_index, self.params, None, shortlist, 1.0)
-        index = state.faiss_index
+            params = ann.search_parameters(index, self.params, None, shortlist, 1.0)
         if params is None:
-            index = self._gpu(state) or index
-        _, candidates = index.search(queries, shortlist, params=params)
+            index = self._gpu(index) or index
+        approx, candidates = index.search(queries, shortlist, params=params)
         del keep_alive  # the bitmap must outlive the search
-        return candidates
+        return approx, candidates
 
-    def _reduced_scan(self, state, queries, shortlist, allowed) -> np.ndarray:
+    def _reduced_scan(
+        self, faiss_index, queries, shortlist, allowed
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``pcaflat`` on the CPU: the L2 scan over the reduced vectors as torch matrix
         products on blocks of the gallery, reading faiss' own storage without a copy.
         faiss' flat search does the same arithmetic but reached only ~8 GFLOP/s on the
@@ -1174,7 +1312,7 @@ class GalleryIndex:
         import faiss
         import torch
 
-        flat = state.faiss_index
+        flat = faiss_index
         if isinstance(flat, faiss.IndexPreTransform):
             queries = faiss.downcast_VectorTransform(flat.chain.at(0)).apply(queries)
             flat = faiss.downcast_index(flat.index)
@@ -1183,14 +1321,15 @@ class GalleryIndex:
         )
         low = self.params.scan_dtype == "bfloat16"
         dtype = torch.bfloat16 if low else torch.float32
-        cache = self._scan_cache
+        cache = self._scan_cache.get(id(faiss_index))
         # the cache holds the faiss index it views, so that storage outlives the view
-        if cache is None or cache[2] is not state.faiss_index or cache[0].dtype != dtype:
+        if cache is None or cache[2] is not faiss_index or cache[0].dtype != dtype:
             norms = torch.from_numpy(np.einsum("ij,ij->i", stored, stored))
             vectors = torch.from_numpy(stored)  # a view of faiss' storage
             if low:  # one bfloat16 copy, [g, |g|^2], so that one product gives the distances
                 vectors = torch.cat([vectors, norms[:, None]], 1).to(dtype)
-            cache = self._scan_cache = (vectors, norms, state.faiss_index)
+            cache = (vectors, norms, faiss_index)
+            self._scan_cache = {**_current(self._scan_cache, self._state), id(faiss_index): cache}
         vectors, norms, _ = cache
         q = torch.from_numpy(
             np.array(queries, dtype=np.float32)
@@ -1216,21 +1355,23 @@ class GalleryIndex:
                 keep = torch.topk(best_d, shortlist, dim=1, largest=False, sorted=False).indices
                 best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
         best_i[torch.isinf(best_d)] = -1
-        return best_i.numpy()
+        return best_d.float().numpy(), best_i.numpy()
 
-    def _gpu(self, state):
+    def _gpu(self, faiss_index):
         """A GPU copy of a flat / IVF-PQ index when faiss has GPU support and sees a GPU."""
         import faiss
 
         if self.kind == "hnsw" or not hasattr(faiss, "StandardGpuResources"):
             return None
-        cache = self._gpu_cache
-        if cache is None or cache[0] is not state.faiss_index:
+        cache = self._gpu_cache.get(id(faiss_index))
+        if cache is None or cache[0] is not faiss_index:
             gpu_index = None
             if faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU faiss here
-                self._gpu_resources = faiss.StandardGpuResources()
-                gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, state.faiss_index)
-            cache = self._gpu_cache = (state.faiss_index, gpu_index)
+                if getattr(self, "_gpu_resources", None) is None:
+                    self._gpu_resources = faiss.StandardGpuResources()
+                gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss_index)
+            cache = (faiss_index, gpu_index)
+            self._gpu_cache = {**_current(self._gpu_cache, self._state), id(faiss_index): cache}
         return cache[1]
 
     def _rescore(self, queries, candidates, n, metric):
@@ -1293,6 +1434,18 @@ class GalleryIndex:
 # committed state on disk
 
 
+def _current(cache: dict[int, tuple], state: _Committed) -> dict[int, tuple]:
+    """The entries of a per-faiss-index cache whose index ``state`` still uses."""
+    used = {id(segment.index) for segment in state.segments}
+    return {key: entry for key, entry in cache.items() if key in used}
+
+
+def _configure(state: _Committed, params: IndexParams) -> None:
+    """Search-time settings (efSearch, nprobe) on every faiss file of ``state``."""
+    for segment in state.segments:
+        ann.configure_search(segment.index, params)
+
+
 def _stamp(path: Path) -> tuple[int, ...]:
     """What changes whenever a file is replaced (a new inode, a new time)."""
     try:
@@ -1337,37 +1490,68 @@ def _read_manifest(path: Path) -> tuple[dict, tuple[int, ...]]:
 
 
 def _read_committed(path: Path, store: Store, previous: _Committed | None = None) -> _Committed:
-    """The committed state: the manifest, the faiss file it names (reused from ``previous``
-    when unchanged) and the live mask at its generation. A writer may replace the manifest
-    and remove the faiss file it named while this runs; then the read starts again."""
+    """The committed state: the manifest, the faiss files it names (those of ``previous``
+    reused: a named file never changes) and the live mask at its generation. A writer may
+    replace the manifest and remove files it named while this runs; then the read starts
+    again."""
     import faiss
 
+    reusable = {} if previous is None else {s.file: s.index for s in previous.segments}
     for _ in range(OPEN_RETRIES):
         manifest, stamp = _read_manifest(path)
         count, dim = int(manifest["count"]), int(manifest["dim"])
-        name = manifest.get("faiss_file", "index.faiss")
-        if previous is not None and previous.faiss_file == name and previous.count == count:
-            faiss_index = previous.faiss_index
-        else:
+        segments = []
+        try:
+            for name, first, expected in _segment_files(path, manifest):
+                faiss_index = reusable.get(name)
+                if faiss_index is None:
+                    faiss_index = faiss.read_index(str(path / name))
+                if faiss_index.ntotal != expected or faiss_index.d != dim:
+                    raise ValueError(
+                        f"{path / name} holds {faiss_index.ntotal} {faiss_index.d}-d vectors but "
+                        f"{MANIFEST} says {expected} {dim}-d; rebuild the index"
+                    )
+                segments.append(_Segment(name, first, faiss_index))
+        except RuntimeError:
+            if _stamp(path / MANIFEST) != stamp:
+                continue  # a writer committed meanwhile and removed an old file
             faiss_path = path / name
-            try:
-                faiss_index = faiss.read_index(str(faiss_path))
-            except RuntimeError:
-                if _stamp(path / MANIFEST) != stamp:
-                    continue  # a writer committed meanwhile and removed the old file
-                if not faiss_path.is_file():
-                    raise ValueError(f"{faiss_path} is missing") from None
-                raise ValueError(
-                    f"{faiss_path} cannot be read by faiss (corrupt or truncated file?)"
-                ) from None
-        if faiss_index.ntotal != count or faiss_index.d != dim:
+            if not faiss_path.is_file():
+                raise ValueError(f"{faiss_path} is missing") from None
             raise ValueError(
-                f"{path / name} holds {faiss_index.ntotal} {faiss_index.d}-d vectors but "
-                f"{MANIFEST} says {count} {dim}-d; rebuild the index"
-            )
+                f"{faiss_path} cannot be read by faiss (corrupt or truncated file?)"
+            ) from None
         live = store.live_mask(count, int(manifest.get("generation", 0)))
-        return _Committed(manifest, faiss_index, live, stamp)
+        return _Committed(manifest, tuple(segments), live, stamp)
     raise ValueError(f"{path} kept changing while it was read ({OPEN_RETRIES} tries); try again")
+
+
+def _segment_files(path: Path, manifest: dict) -> list[tuple[str, int, int]]:
+    """(file, first id, count) of each faiss file the manifest names, checked: file names of
+    the index folder only, ids contiguous from 0 to the count."""
+    where = path / MANIFEST
+    segments = manifest.get("segments", [])
+    if not isinstance(segments, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("file"), str)
+        and isinstance(s.get("first_id"), int)
+        and isinstance(s.get("count"), int)
+        and s["count"] >= 0
+        for s in segments
+    ):
+        raise ValueError(f"{where}: segments must be a list of {{file, first_id, count}}")
+    count = int(manifest["count"])
+    base_count = count - sum(s["count"] for s in segments)
+    files = [(manifest.get("faiss_file", "index.faiss"), 0, base_count)]
+    files += [(s["file"], s["first_id"], s["count"]) for s in segments]
+    for name, _, _ in files[1:]:
+        if not ann.is_faiss_name(name):
+            raise ValueError(f"{where}: segment file {name!r} is not an index file name")
+    starts = [first for _, first, _ in files]
+    stops = [first + size for _, first, size in files]
+    if base_count < 0 or starts[1:] != stops[:-1] or len(set(n for n, _, _ in files)) < len(files):
+        raise ValueError(f"{where}: the segments do not cover ids 0..{count - 1} once each")
+    return files
 
 
 def _store_folders(store: Store, folders: list[FeatureFolder], first: int) -> list[dict]:

@@ -6,6 +6,8 @@ Layout of ``<run.output_dir>/<run.name>/``::
     train.log            readable log
     metrics.jsonl        one JSON row per iteration (losses, LR)
     evaluations.jsonl    one JSON row per evaluation (epoch, mAP, rank-1, mINP): the learning curve
+                         (every row of the three .jsonl files counts epochs from 1 and says so
+                         with "epoch_base": 1; rmgl.reporting.run_logs reads older runs too)
     launches.jsonl       one JSON row per start, resume and torchrun restart: the first epoch it
                          trained, nodes, processes, device, rmgl and torch versions, time
     tensorboard/         scalars for ``tensorboard --logdir``
@@ -25,6 +27,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from rmgl.reporting.run_logs import marked, upgrade_run
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ class RunRecord:
         for leftover in self.dir.glob(f"*{CHECKPOINT_SUFFIX}.tmp"):
             leftover.unlink()  # a checkpoint whose writing was interrupted
         if resume:
+            upgrade_run(self.dir)  # an old run's rows counted epochs from 0
             for path in (self.metrics_path, self.evaluations_path):
                 _drop_rows_from(path, resume_epoch + 1)  # the files count epochs from 1
         self._handler = logging.FileHandler(self.dir / "train.log")
@@ -133,18 +138,18 @@ class RunRecord:
     def metrics_row(self, row: dict[str, Any]) -> None:
         """One training iteration (needs ``epoch``)."""
         if "metrics" in self._files:
-            self._files["metrics"].write(json.dumps(row) + "\n")
+            self._files["metrics"].write(json.dumps(marked(row)) + "\n")
 
     def evaluation_row(self, row: dict[str, Any]) -> None:
         """One evaluation (needs ``epoch``)."""
         if "evaluations" in self._files:
-            self._files["evaluations"].write(json.dumps(row) + "\n")
+            self._files["evaluations"].write(json.dumps(marked(row)) + "\n")
 
     def launch_row(self, row: dict[str, Any]) -> None:
         """How this start (or resume, or restart) runs, kept for every launch of the run, so
         the record says on how many nodes and processes each epoch was trained."""
         if self.writes:
-            stamped = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            stamped = marked({**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             with open(self.launches_path, "a") as handle:
                 handle.write(json.dumps(stamped) + "\n")
 

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from rmgl.metrics.ranking import RankResult
 from rmgl.reporting.analysis import ReportInputs, report_data
 from rmgl.reporting.ranked_list import BLUE, GREEN, GREY, RED
+from rmgl.reporting.run_logs import read_rows
 
 __all__ = ["ReportInputs", "build_report", "report_data"]
 
@@ -124,8 +125,8 @@ def _ap_plot(histogram: dict) -> str:
 
 def _training_plot(run_dir: Path) -> str | None:
     """Loss per iteration and mAP / rank-1 per evaluation, when the run folder has them."""
-    losses = _read_jsonl(run_dir / "metrics.jsonl")
-    evaluations = _read_jsonl(run_dir / "evaluations.jsonl")
+    losses = read_rows(run_dir / "metrics.jsonl")  # epochs from 1, older runs' too
+    evaluations = read_rows(run_dir / "evaluations.jsonl")
     if not losses and not evaluations:
         return None
     plt = _pyplot()
@@ -158,20 +159,6 @@ def _training_plot(run_dir: Path) -> str | None:
         axes[1].legend(fontsize=7)
     figure.tight_layout()
     return _figure_uri(figure)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a row cut short by an interrupted run
-    return rows
 
 
 # ------------------------------------------------------------------------------------- HTML

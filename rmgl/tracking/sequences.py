@@ -7,7 +7,6 @@ command prints it as one line) that names the file and, for text files, the line
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from rmgl.data import mot
 
 CAMERAS_FILE = "cameras.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -169,33 +170,14 @@ def read_camera(
 
 
 def read_mot_rows(path: Path, min_columns: int) -> list[tuple[int, list[float]]]:
-    """``(line number, numbers)`` of each non-empty line of a MOT text file."""
+    """``(line number, numbers)`` of each line of a MOT text file
+    (:func:`rmgl.data.mot.read_mot_rows`), its errors as :class:`TrackInputError`."""
     if not path.is_file():
         raise TrackInputError(f"{path}: no such file")
-    rows = []
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TrackInputError(f"{path}: unreadable ({err})") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) < min_columns:
-            raise TrackInputError(
-                f"{path}:{number}: {len(cells)} comma-separated values, expected at least "
-                f"{min_columns} (frame,id,left,top,width,height,score,...)"
-            )
-        try:
-            values = [float(c) for c in cells]
-        except ValueError:
-            raise TrackInputError(
-                f"{path}:{number}: not a number in {line.strip()[:60]!r}"
-            ) from None
-        if not all(math.isfinite(v) for v in values[:7]):
-            raise TrackInputError(f"{path}:{number}: a value is not finite")
-        rows.append((number, values))
-    return rows
+        return mot.read_mot_rows(path, min_columns)
+    except mot.MotFileError as err:
+        raise TrackInputError(str(err)) from None
 
 
 def check_box(path: Path, number: int, frame: float, box: list[float], camera: CameraSequence):

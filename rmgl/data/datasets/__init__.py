@@ -120,6 +120,12 @@ def _load_entry_point(name: str) -> str | None:
     return entry_point.name
 
 
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset names (or aliases, in any case, with or without ``-``/``_``) name
+    the same reader: ``same_dataset("market", "Market-1501")``."""
+    return (_registered(a) or _key(a)) == (_registered(b) or _key(b))
+
+
 def dataset_names() -> list[str]:
     """Registered names, then installed entry-point names not loaded yet (not imported)."""
     names = list(READERS)
@@ -158,6 +164,7 @@ __all__ = [
     "Reader",
     "dataset_names",
     "load_dataset",
+    "same_dataset",
     "read_csv_dataset",
     "read_cuhk03",
     "read_dukemtmcreid",

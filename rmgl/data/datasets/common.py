@@ -81,7 +81,7 @@ def require_nonempty(split: str, records: list[ImageRecord], where: Path | str) 
     if not records:
         raise DatasetLayoutError(
             f"the {split} split is empty: no usable image was found in {where}. "
-            "Check that --root points at the dataset and the files follow its naming."
+            "Check that the root folder (data.root) is the dataset's and the files follow its naming."
         )
 
 
